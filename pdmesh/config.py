@@ -1,0 +1,38 @@
+"""Helpers that turn flags and `PDMESH_*` environment variables into typed config values.
+
+Each service owns one frozen config dataclass, built only in its entry point (flags first, then
+the environment as the flag's default) and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pdmesh.common.v1 import common_pb2
+
+LOAD_BALANCE_METHODS = {
+    "round_robin": common_pb2.LOAD_BALANCE_METHOD_ROUND_ROBIN,
+    "shortest_queue": common_pb2.LOAD_BALANCE_METHOD_SHORTEST_QUEUE,
+    "follow_bootstrap_room": common_pb2.LOAD_BALANCE_METHOD_FOLLOW_BOOTSTRAP_ROOM,
+}
+METHOD_NAMES = {value: name for name, value in LOAD_BALANCE_METHODS.items()}
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The value of `PDMESH_<name>`, or `default`."""
+    return os.environ.get(f"PDMESH_{name}", default)
+
+
+def env_flag(name: str) -> bool:
+    """A boolean `PDMESH_<name>`: 1/true/yes/on are true, everything else false."""
+    return (env(name, "") or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_load_balance_method(text: str) -> int:
+    """`round_robin` | `shortest_queue` | `follow_bootstrap_room` -> the proto enum value."""
+    try:
+        return LOAD_BALANCE_METHODS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown load-balance method {text!r}; choose one of {', '.join(LOAD_BALANCE_METHODS)}"
+        ) from None

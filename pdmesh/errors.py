@@ -1,0 +1,168 @@
+"""The one error tree of pdmesh, and its mapping to and from gRPC statuses.
+
+Every failure a caller can see is a `PdmeshError`: it knows its gRPC status code and its
+`google.rpc.ErrorInfo` reason (domain `pdmesh`, UPPER_SNAKE), with values in `metadata`.
+Servers send it with `to_status()` (see `grpcutil.abort_with`); clients turn a status back into
+the same class with `from_rpc_error()`, so callers never catch a bare `grpc.RpcError`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "pdmesh"
+
+
+class PdmeshError(Exception):
+    """Base of every typed pdmesh failure."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    default_reason: ClassVar[str] = "UNKNOWN"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 metadata: Mapping[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+
+    def __str__(self) -> str:
+        return f"{self.code.name} {self.reason}: {self.message}"
+
+    def error_info(self) -> error_details_pb2.ErrorInfo:
+        return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+
+    def to_status(self) -> grpc.Status:
+        """The rich status (code, message, packed ErrorInfo) to send with `abort_with_status`."""
+        detail = any_pb2.Any()
+        detail.Pack(self.error_info())
+        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        return rpc_status.to_status(proto)
+
+    @staticmethod
+    def from_rpc_error(err: grpc.RpcError) -> "PdmeshError":
+        """Rebuild the typed error from a failed call (any code, with or without ErrorInfo)."""
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        message = (err.details() if hasattr(err, "details") else None) or str(err)
+        reason, metadata = None, {}
+        try:
+            status = rpc_status.from_call(err)
+        except Exception:  # a malformed status from a foreign peer: keep code and message
+            status = None
+        if status is not None:
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+                    reason, metadata = info.reason, dict(info.metadata)
+                    break
+        cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, PdmeshError)
+        error = cls(message, reason=reason or _reason_for_code(code), metadata=metadata)
+        return error
+
+    def same_as(self, other: "PdmeshError") -> bool:
+        return self.code == other.code and self.reason == other.reason
+
+
+def _reason_for_code(code: grpc.StatusCode) -> str:
+    return code.name
+
+
+class InvalidArgument(PdmeshError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(PdmeshError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(PdmeshError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(PdmeshError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class FollowBootstrapRoomConflict(FailedPrecondition):
+    """A follow_bootstrap_room prefill was dispatched to a rank other than room % dp_size."""
+
+    default_reason = "FOLLOW_BOOTSTRAP_ROOM_CONFLICT"
+
+
+class PrefillDpRankHintMismatch(FailedPrecondition):
+    """The request's disagg_prefill_dp_rank names another rank than the one that took it."""
+
+    default_reason = "PREFILL_DP_RANK_HINT_MISMATCH"
+
+
+class LayoutMismatch(FailedPrecondition):
+    default_reason = "KV_LAYOUT_MISMATCH"
+
+
+class EpochMismatch(FailedPrecondition):
+    default_reason = "INSTANCE_EPOCH_MISMATCH"
+
+
+class ResourceExhausted(PdmeshError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(PdmeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(PdmeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class DataLoss(PdmeshError):
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
+class Cancelled(PdmeshError):
+    code = grpc.StatusCode.CANCELLED
+    default_reason = "CANCELLED"
+
+
+class Aborted(PdmeshError):
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class Internal(PdmeshError):
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+class Unauthenticated(PdmeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+_BY_CODE: dict[grpc.StatusCode, type[PdmeshError]] = {}
+_BY_REASON: dict[str, type[PdmeshError]] = {}
+
+
+def _index(cls: type[PdmeshError]) -> None:
+    for sub in cls.__subclasses__():
+        if sub.default_reason == sub.code.name:
+            _BY_CODE.setdefault(sub.code, sub)
+        _BY_REASON.setdefault(sub.default_reason, sub)
+        _index(sub)
+
+
+_index(PdmeshError)
+assert code_pb2.INVALID_ARGUMENT == grpc.StatusCode.INVALID_ARGUMENT.value[0]

@@ -1,0 +1,150 @@
+"""gRPC plumbing shared by every pdmesh server and client (grpc.aio).
+
+Owns: server creation (`create_server`: a port that is already served fails loudly, health and
+reflection always on, ErrorInfo reflected so grpcurl decodes it), error translation for servicer
+methods (`translate_errors`), and channel creation with one set of options (`open_channel`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from typing import Any, Awaitable, Callable, Iterable
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdmesh.errors import Internal, PdmeshError
+
+log = logging.getLogger(__name__)
+
+# grpc's default SO_REUSEPORT lets a second server bind a port already served: turn it off.
+SERVER_OPTIONS = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+)
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+)
+# Names that reflection must list besides the services, so grpcurl can decode error details.
+EXTRA_REFLECTED = (error_details_pb2.DESCRIPTOR.message_types_by_name["ErrorInfo"].full_name,
+                   error_details_pb2.DESCRIPTOR.message_types_by_name["RetryInfo"].full_name)
+
+
+class BindError(RuntimeError):
+    """The server could not take its port (already served, or not allowed)."""
+
+
+def create_server(
+    address: str,
+    register: Iterable[Callable[[grpc.aio.Server], None]],
+    service_names: Iterable[str],
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+    """Build a grpc.aio server on `address` ("host:port"; port 0 picks a free one).
+
+    `register` are callables such as `lambda s: add_FooServicer_to_server(impl, s)`;
+    `service_names` their full names for health and reflection. Returns the server (not yet
+    started), the bound port and the health servicer (every service starts SERVING).
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    for add in register:
+        add(server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(
+        (*names, *EXTRA_REFLECTED, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise BindError(f"cannot bind {address}: {exc}") from exc
+    if port == 0:
+        raise BindError(f"cannot bind {address}: the port is in use or not allowed")
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: Any, names: Iterable[str], serving: bool = True) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", *names):
+        result = health_servicer.set(name, status)
+        if inspect.isawaitable(result):
+            await result
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: PdmeshError) -> None:
+    """Abort the call with `error`'s code, message and ErrorInfo."""
+    await context.abort_with_status(error.to_status())
+
+
+def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an aio servicer method so a `PdmeshError` becomes its rich status.
+
+    Unexpected exceptions become INTERNAL with the exception named (and are logged), never a
+    silent UNKNOWN. Works for unary (coroutine) and streaming (async generator) methods.
+    """
+
+    def to_error(exc: BaseException) -> PdmeshError:
+        if isinstance(exc, PdmeshError):
+            return exc
+        log.exception("unexpected error in %s", method.__qualname__)
+        return Internal(f"{type(exc).__name__}: {exc}")
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - translated into a typed status
+                await abort_with(context, to_error(exc))
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated into a typed status
+            await abort_with(context, to_error(exc))
+    return unary_wrapper
+
+
+def open_channel(target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 options: Iterable[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    """One aio channel per peer; reuse it for every call to that peer."""
+    opts = (*CHANNEL_OPTIONS, *options)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=opts)
+    return grpc.aio.secure_channel(target, credentials, options=opts)
+
+
+async def call(coro: Awaitable[Any]) -> Any:
+    """Await a client call and turn a failed status into the typed `PdmeshError`."""
+    try:
+        return await coro
+    except grpc.aio.AioRpcError as err:
+        raise PdmeshError.from_rpc_error(err) from None
