@@ -1,0 +1,135 @@
+"""The Triton pack/unpack kernels against torch's indexing, bit for bit.
+
+They run on a CUDA device. Without one they are skipped, except that with `TRITON_INTERPRET=1`
+set and triton installed they run on CPU tensors in Triton's interpreter (a development aid:
+`TRITON_INTERPRET=1 pytest tests/worker/kv/test_pack_triton.py`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton"):
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE is None, reason="no CUDA device here (the Triton kernels need one; "
+                       "TRITON_INTERPRET=1 with triton installed runs them in the interpreter)"),
+]
+
+INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from pdmesh.worker.kv import pack_triton
+    return pack_triton
+
+
+def random_bits(shape, dtype, gen) -> torch.Tensor:
+    """Any bit pattern, NaN payloads and negative zeros included; never zeros throughout."""
+    size = torch.empty((), dtype=dtype).element_size()
+    bits = torch.randint(-(1 << 15), 1 << 15, shape, generator=gen, dtype=torch.int64)
+    if size == 4:
+        bits = bits * 65536 + torch.randint(0, 1 << 16, shape, generator=gen, dtype=torch.int64)
+    return bits.to(INTS[size]).view(dtype).to(DEVICE)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = INTS[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(ints), b.view(ints))
+
+
+def make_pool(layers, pages, page_size, heads, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return random_bits((layers, 2, pages, page_size, heads, head_dim), dtype, gen), gen
+
+
+def check_roundtrip(kernels, kv, ids, a, b, gen):
+    ids = torch.tensor(ids, dtype=torch.int64, device=DEVICE)
+    out = random_bits((b - a, 2, len(ids)) + tuple(kv.shape[3:]), kv.dtype, gen)  # poisoned
+    assert kernels.pack_triton(kv, ids, a, b, out) is out
+    assert same_bits(out, kv[a:b, :, ids].contiguous())
+
+    staging = random_bits(out.shape, kv.dtype, gen)
+    pool, expected = kv.clone(), kv.clone()
+    kernels.unpack_triton(staging, pool, ids, a, b)
+    for layer in range(a, b):
+        for half in (0, 1):
+            expected[layer, half].index_copy_(0, ids, staging[layer - a, half])
+    assert same_bits(pool, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("heads,head_dim", [(2, 128), (3, 5)])
+def test_bit_exact_against_torch(kernels, dtype, page_size, heads, head_dim):
+    kv, gen = make_pool(4, 9, page_size, heads, head_dim, dtype, seed=page_size + head_dim)
+    check_roundtrip(kernels, kv, [8, 0, 3, 5, 1], 0, 4, gen)  # both ends of the pool, any order
+    check_roundtrip(kernels, kv, [4, 2, 7], 1, 3, gen)  # a chunk: a range of layers
+
+
+@pytest.mark.parametrize("ids", [[0], [8], [3]])
+def test_single_page_requests(kernels, ids):
+    kv, gen = make_pool(3, 9, 16, 2, 64, torch.bfloat16, seed=ids[0])
+    check_roundtrip(kernels, kv, ids, 0, 3, gen)
+    check_roundtrip(kernels, kv, ids, 2, 3, gen)
+
+
+def test_many_pages_uneven_tiles(kernels):
+    """More rows than one program takes, a row count no tile divides, every page of the pool."""
+    kv, gen = make_pool(3, 97, 1, 1, 7, torch.float16, seed=7)
+    ids = torch.randperm(97, generator=gen).tolist()
+    check_roundtrip(kernels, kv, ids, 0, 3, gen)
+    check_roundtrip(kernels, kv, ids[:50], 1, 2, gen)
+
+
+@pytest.mark.parametrize("ids,a,b", [([], 0, 4), ([2, 1], 2, 2), ([], 3, 3)])
+def test_empty_requests_touch_nothing(kernels, ids, a, b):
+    kv, gen = make_pool(4, 5, 16, 2, 8, torch.float32, seed=3)
+    before = kv.clone()
+    page_ids = torch.tensor(ids, dtype=torch.int64, device=DEVICE)
+    out = torch.empty((b - a, 2, len(ids), 16, 2, 8), dtype=kv.dtype, device=DEVICE)
+    assert kernels.pack_triton(kv, page_ids, a, b, out) is out
+    kernels.unpack_triton(out, kv, page_ids, a, b)
+    assert same_bits(kv, before)
+
+
+def test_refuses_what_would_write_out_of_bounds(kernels):
+    kv, gen = make_pool(2, 4, 16, 2, 8, torch.float16, seed=5)
+    ids = torch.tensor([1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="staging must be"):
+        kernels.pack_triton(kv, ids, 0, 2, torch.empty(1, 2, 2, 16, 2, 8, dtype=kv.dtype, device=DEVICE))
+    with pytest.raises(ValueError, match="staging must be"):
+        kernels.unpack_triton(torch.empty(2, 2, 2, 16, 2, 8, dtype=torch.float32, device=DEVICE),
+                              kv, ids, 0, 2)
+    with pytest.raises(ValueError, match="layer range"):
+        kernels.pack_triton(kv, ids, 1, 3, torch.empty(2, 2, 2, 16, 2, 8, dtype=kv.dtype, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        out = torch.empty(2, 2, 2, 16, 2, 16, dtype=kv.dtype, device=DEVICE)[..., :8]
+        kernels.pack_triton(kv, ids, 0, 2, out)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a 4.3 GB pool: only on the GPU, not in the interpreter")
+def test_offsets_past_two_to_the_31_elements(kernels):
+    """A pool of more than 2^31 elements: the last pages are reached only with int64 offsets."""
+    pages = (1 << 31) // (2 * 2 * 16 * 8 * 128) + 2
+    kv = torch.empty((2, 2, pages, 16, 8, 128), dtype=torch.float16, device=DEVICE)
+    assert kv.numel() > 1 << 31
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    ids = torch.tensor([pages - 1, 0, pages - 2], device=DEVICE)
+    kv.view(torch.int16)[:, :, ids] = torch.randint(-(1 << 15), 1 << 15, (2, 2, 3, 16, 8, 128),
+                                                    generator=gen, device=DEVICE, dtype=torch.int16)
+    cpu_gen = torch.Generator().manual_seed(12)
+    check_roundtrip(kernels, kv, ids.tolist(), 0, 2, cpu_gen)
+    del kv
+    torch.cuda.empty_cache()
