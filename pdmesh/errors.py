@@ -25,11 +25,14 @@ class PdmeshError(Exception):
     default_reason: ClassVar[str] = "UNKNOWN"
 
     def __init__(self, message: str, *, reason: str | None = None,
-                 metadata: Mapping[str, object] | None = None) -> None:
+                 metadata: Mapping[str, object] | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        #: Sent as a google.rpc.RetryInfo detail when set (e.g. admission control's back-off).
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.message}"
@@ -41,7 +44,13 @@ class PdmeshError(Exception):
         """The rich status (code, message, packed ErrorInfo) to send with `abort_with_status`."""
         detail = any_pb2.Any()
         detail.Pack(self.error_info())
-        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        details = [detail]
+        if self.retry_after_s is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            details.append(any_pb2.Any())
+            details[-1].Pack(retry)
+        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(proto)
 
     @staticmethod
@@ -49,20 +58,21 @@ class PdmeshError(Exception):
         """Rebuild the typed error from a failed call (any code, with or without ErrorInfo)."""
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         message = (err.details() if hasattr(err, "details") else None) or str(err)
-        reason, metadata = None, {}
+        reason, metadata, retry_after_s = None, {}, None
         try:
             status = rpc_status.from_call(err)
         except Exception:  # a malformed status from a foreign peer: keep code and message
             status = None
         if status is not None:
             for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
+                info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
                 if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
                     reason, metadata = info.reason, dict(info.metadata)
-                    break
+                elif detail.Is(retry.DESCRIPTOR) and detail.Unpack(retry):
+                    retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
         cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, PdmeshError)
-        error = cls(message, reason=reason or _reason_for_code(code), metadata=metadata)
-        return error
+        return cls(message, reason=reason or _reason_for_code(code), metadata=metadata,
+                   retry_after_s=retry_after_s)
 
     def same_as(self, other: "PdmeshError") -> bool:
         return self.code == other.code and self.reason == other.reason

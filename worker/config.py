@@ -1,0 +1,101 @@
+"""Configuration of a worker instance (prefill or decode) and of each of its DP rank processes.
+
+`InstanceConfig` is built once by `pdmesh prefill` / `pdmesh decode` from flags and `PDMESH_*`
+variables; the controller derives one `RankConfig` per DP rank from it and hands it to the rank
+process as JSON (the only thing a rank reads at start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from pdmesh.errors import InvalidArgument
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which engine a rank runs and the geometry of its KV pool."""
+
+    #: "tiny" (fast random weights), "tiny-fp64" (exact, for tests), "realistic" (32 layers,
+    #: 8 KV heads, head dim 128; for benchmarks), or "model" with `model_path`.
+    preset: str = "tiny"
+    #: Local Hugging Face folder with config.json, safetensors and tokenizer files.
+    model_path: str | None = None
+    #: Random-weight seed: prefill and decode must use the same seed to agree.
+    seed: int = 0
+    #: Pages in each rank's KV pool, and tokens per page.
+    num_pages: int = 512
+    page_size: int = 16
+    #: "cpu", "cuda", "cuda:N"; "auto" takes the rank's CUDA device when there is one.
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One prefill or decode instance: a DP controller with `dp_size` rank processes."""
+
+    role: str
+    instance_id: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    dp_size: int = 1
+    #: Prefill: round_robin | shortest_queue | follow_bootstrap_room. Decode: round_robin | shortest_queue.
+    load_balance_method: str = "round_robin"
+    #: Prefill: every rank registers every room, even under follow_bootstrap_room.
+    force_query_prefill_dp_rank: bool = False
+    #: Prefill: embed a bootstrap service on this port (0 = a free one) ...
+    bootstrap_port: int | None = None
+    #: ... or register at this external one (host:port).
+    bootstrap_address: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    #: Seconds a prefill rank holds a computed room for the decode's transfer request.
+    transfer_wait_s: float = 30.0
+    #: Seconds a prefill rank waits for a room it was asked to send but does not hold yet.
+    unknown_room_wait_s: float = 5.0
+    #: Seconds a decode waits for free pages before RESOURCE_EXHAUSTED.
+    page_wait_s: float = 5.0
+    #: Most requests a rank serves at once; more wait in its queue.
+    max_running_requests: int = 64
+    #: UCX transports (UCX_TLS) for the data plane, e.g. "tcp" or "sm,self,tcp"; None = pdmesh's default.
+    ucx_tls: str | None = None
+    #: CUDA devices for the ranks, one per rank or one for all ("" = none).
+    devices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.role not in (PREFILL, DECODE):
+            raise InvalidArgument(f"role must be prefill or decode, got {self.role!r}")
+        if not self.instance_id:
+            raise InvalidArgument("instance id must not be empty")
+        if not 1 <= self.dp_size <= 1024:
+            raise InvalidArgument(f"dp_size must be in 1..1024, got {self.dp_size}")
+        if self.role == PREFILL and self.bootstrap_port is None and not self.bootstrap_address:
+            raise InvalidArgument("a prefill needs --bootstrap-port (embedded) or --bootstrap-addr")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """What one DP rank process needs to start."""
+
+    instance: InstanceConfig
+    dp_rank: int
+    #: The bootstrap service the rank registers rooms at (prefill) or looks them up at (decode
+    #: gets the address per request instead).
+    bootstrap_address: str | None = None
+    #: The instance's epoch, published in its instance info.
+    epoch: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RankConfig":
+        raw = json.loads(text)
+        inst = raw["instance"]
+        inst["engine"] = EngineConfig(**inst["engine"])
+        inst["devices"] = tuple(inst.get("devices") or ())
+        raw["instance"] = InstanceConfig(**inst)
+        return cls(**raw)

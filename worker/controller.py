@@ -1,0 +1,177 @@
+"""The DP controller of one instance: its one gRPC endpoint in front of `dp_size` rank processes.
+
+Owns: starting and supervising the ranks (`supervisor.RankSupervisor`), picking a rank per request
+(`dispatch.Dispatcher`), forwarding the request to that rank with the caller's deadline, counting
+what each rank holds, and the instance-wide admin calls (abort a room on every rank, status,
+drain). The prefill/decode specifics (registration at the bootstrap service, the embedded
+bootstrap service) live in `instance.py`; the per-request logic runs in the rank processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from pdmesh import grpcutil
+from pdmesh.errors import PdmeshError, Unavailable
+from pdmesh.rules import validate_room
+from pdmesh.worker.config import DECODE, InstanceConfig, RankConfig
+from pdmesh.worker.dispatch import Dispatcher
+from pdmesh.worker.supervisor import RankSupervisor
+from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+#: Deadline applied to a forwarded call when the caller sent none (every call has one).
+DEFAULT_DEADLINE_S = 300.0
+#: How long a request waits for a restarting rank before UNAVAILABLE.
+RANK_READY_WAIT_S = 3.0
+
+
+class Controller:
+    """Ranks, dispatch and counting for one instance."""
+
+    def __init__(self, config: InstanceConfig, bootstrap_address: str | None,
+                 on_epoch_change=None) -> None:
+        self.config = config
+        self.bootstrap_address = bootstrap_address
+        self.dispatcher = Dispatcher(config.dp_size, config.load_balance_method)
+        self.active = [0] * config.dp_size
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._epochs = [0] * config.dp_size
+        self._on_epoch_change = on_epoch_change
+        self.ranks = [RankSupervisor(lambda r=r: self._rank_config(r), self._rank_restarted)
+                      for r in range(config.dp_size)]
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever a rank (re)starts, so decodes refresh their cached instance info."""
+        return max(self._epochs)
+
+    def _rank_config(self, dp_rank: int) -> RankConfig:
+        self._epochs[dp_rank] = max(time.time_ns(), self.epoch + 1)
+        return RankConfig(self.config, dp_rank, self.bootstrap_address, self._epochs[dp_rank])
+
+    async def start(self) -> None:
+        results = await asyncio.gather(*(r.start() for r in self.ranks), return_exceptions=True)
+        failed = [(r.dp_rank, e) for r, e in zip(self.ranks, results) if isinstance(e, BaseException)]
+        if failed:
+            await self.stop()
+            raise Unavailable("ranks failed to start: " + "; ".join(f"rank {r}: {e}" for r, e in failed),
+                              reason="RANK_START_FAILED")
+
+    async def _rank_restarted(self, dp_rank: int) -> None:
+        if self._on_epoch_change is not None:
+            await self._on_epoch_change()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(r.stop() for r in self.ranks), return_exceptions=True)
+
+    # --- forwarding -----------------------------------------------------------------------------
+
+    def pick(self, room: int, routed_dp_rank: int | None) -> int:
+        if self.draining:
+            raise Unavailable(f"instance {self.config.instance_id} is draining; send to another instance",
+                              reason="INSTANCE_DRAINING")
+        validate_room(room)
+        return self.dispatcher.pick(room, routed_dp_rank, self.active)
+
+    async def ready_channel(self, dp_rank: int) -> grpc.aio.Channel:
+        rank = self.ranks[dp_rank]
+        await rank.wait_ready(RANK_READY_WAIT_S)
+        assert rank.channel is not None
+        return rank.channel
+
+    @staticmethod
+    def deadline(context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return DEFAULT_DEADLINE_S if remaining is None else max(remaining, 0.001)
+
+    def rank_died(self, dp_rank: int, err: PdmeshError) -> PdmeshError:
+        """Name the rank in an UNAVAILABLE that came from its process going away."""
+        if err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE":
+            return Unavailable(f"{self.config.role} rank {dp_rank} of {self.config.instance_id} "
+                               f"went away mid-request ({err.message}); it is being restarted",
+                               reason="RANK_DIED", metadata={"dp_rank": dp_rank})
+        return err
+
+    async def unary(self, dp_rank: int, call_factory, request, context):
+        """Forward a unary call to `dp_rank`, counting it as active there."""
+        channel = await self.ready_channel(dp_rank)
+        self._enter(dp_rank)
+        try:
+            return await call_factory(channel)(request, timeout=self.deadline(context))
+        except grpc.aio.AioRpcError as err:
+            raise self.rank_died(dp_rank, PdmeshError.from_rpc_error(err)) from None
+        finally:
+            self._leave(dp_rank)
+
+    async def stream(self, dp_rank: int, call_factory, request, context) -> AsyncIterator:
+        """Forward a server-streaming call to `dp_rank`; cancelling the caller cancels the rank's call."""
+        channel = await self.ready_channel(dp_rank)
+        self._enter(dp_rank)
+        call = call_factory(channel)(request, timeout=self.deadline(context))
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as err:
+            raise self.rank_died(dp_rank, PdmeshError.from_rpc_error(err)) from None
+        finally:
+            call.cancel()
+            self._leave(dp_rank)
+
+    def _enter(self, dp_rank: int) -> None:
+        self.active[dp_rank] += 1
+        self._idle.clear()
+
+    def _leave(self, dp_rank: int) -> None:
+        self.active[dp_rank] -= 1
+        if not any(self.active):
+            self._idle.set()
+
+    # --- instance-wide admin --------------------------------------------------------------------
+
+    async def abort_room(self, request: worker_pb2.AbortRoomRequest) -> bool:
+        async def one(rank: RankSupervisor) -> bool:
+            if not rank.alive or rank.channel is None:
+                return False
+            stub = worker_pb2_grpc.InstanceServiceStub(rank.channel)
+            try:
+                return (await stub.AbortRoom(request, timeout=2.0)).found
+            except grpc.aio.AioRpcError:
+                return False
+        return any(await asyncio.gather(*(one(r) for r in self.ranks)))
+
+    async def status(self) -> worker_pb2.GetInstanceStatusResponse:
+        async def one(rank: RankSupervisor) -> worker_pb2.RankStatus:
+            fallback = worker_pb2.RankStatus(dp_rank=rank.dp_rank, alive=False, restarts=rank.restarts,
+                                             active_requests=self.active[rank.dp_rank])
+            if not rank.alive or rank.channel is None:
+                return fallback
+            stub = worker_pb2_grpc.InstanceServiceStub(rank.channel)
+            try:
+                reply = await stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=2.0)
+            except grpc.aio.AioRpcError:
+                return fallback
+            status = reply.ranks[0]
+            status.restarts = rank.restarts
+            status.active_requests = max(status.active_requests, self.active[rank.dp_rank])
+            return status
+        ranks = await asyncio.gather(*(one(r) for r in self.ranks))
+        return worker_pb2.GetInstanceStatusResponse(
+            instance_id=self.config.instance_id, epoch=self.epoch, ranks=ranks, draining=self.draining)
+
+    async def drain(self) -> None:
+        """Stop taking requests and wait until none is active."""
+        self.draining = True
+        await self._idle.wait()
+
+    @property
+    def is_decode(self) -> bool:
+        return self.config.role == DECODE

@@ -1,0 +1,56 @@
+"""gRPC servicers of an instance's controller endpoint: they translate and forward, nothing more.
+
+`PrefillService.Prefill` and `DecodeService.Decode` pick a rank (`Controller.pick`) and forward the
+request with the caller's deadline; `InstanceService` aborts rooms on every rank, reports status
+and drains.
+"""
+
+from __future__ import annotations
+
+from pdmesh.grpcutil import translate_errors
+from pdmesh.worker.controller import Controller
+from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+
+
+class PrefillControllerService(worker_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    @translate_errors
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
+        routed = request.routed_dp_rank if request.HasField("routed_dp_rank") else None
+        rank = self.controller.pick(request.bootstrap_room, routed)
+        return await self.controller.unary(
+            rank, lambda ch: worker_pb2_grpc.PrefillServiceStub(ch).Prefill, request, context)
+
+
+class DecodeControllerService(worker_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    @translate_errors
+    async def Decode(self, request: worker_pb2.DecodeRequest, context):
+        rank = self.controller.pick(request.bootstrap_room, None)
+        async for message in self.controller.stream(
+                rank, lambda ch: worker_pb2_grpc.DecodeServiceStub(ch).Decode, request, context):
+            yield message
+
+
+class InstanceControllerService(worker_pb2_grpc.InstanceServiceServicer):
+    def __init__(self, controller: Controller, on_drained) -> None:
+        self.controller = controller
+        self._on_drained = on_drained
+
+    @translate_errors
+    async def AbortRoom(self, request, context) -> worker_pb2.AbortRoomResponse:
+        return worker_pb2.AbortRoomResponse(found=await self.controller.abort_room(request))
+
+    @translate_errors
+    async def GetInstanceStatus(self, request, context) -> worker_pb2.GetInstanceStatusResponse:
+        return await self.controller.status()
+
+    @translate_errors
+    async def Drain(self, request, context) -> worker_pb2.DrainResponse:
+        active = sum(self.controller.active)
+        self._on_drained(self.controller.drain())
+        return worker_pb2.DrainResponse(active_requests=active)
