@@ -1,0 +1,85 @@
+"""`pdmesh router`: flags and `PDMESH_ROUTER_*` variables -> `RouterConfig` -> a running router."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from pdmesh import grpcutil
+from pdmesh.config import env, env_flag
+from pdmesh.router.instances import DECODE, PREFILL, InstanceTable
+from pdmesh.router.service import RouterConfig, RouterServicer
+from pdmesh.router.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=env("ROUTER_HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(env("ROUTER_PORT", "0")), help="port (0 = a free one)")
+    p.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT",
+                   help="a prefill instance (repeatable)")
+    p.add_argument("--decode", action="append", default=[], metavar="HOST:PORT",
+                   help="a decode instance (repeatable)")
+    p.add_argument("--policy", default=env("ROUTER_POLICY", "round_robin"),
+                   choices=["round_robin", "least_outstanding"], help="how to pick instances")
+    p.add_argument("--pin-ranks", action="store_true", default=env_flag("ROUTER_PIN_RANKS"),
+                   help="pin the least-loaded prefill DP rank when the client pins none")
+    p.add_argument("--align-rooms", action="store_true", default=env_flag("ROUTER_ALIGN_ROOMS"),
+                   help="draw rooms with room %% dp_size == pinned rank (follow_bootstrap_room prefills)")
+    p.add_argument("--max-in-flight", type=int, default=int(env("ROUTER_MAX_IN_FLIGHT", "256")),
+                   help="requests in flight per instance before queueing")
+    p.add_argument("--max-queued", type=int, default=int(env("ROUTER_MAX_QUEUED", "1024")),
+                   help="queued requests per instance before RESOURCE_EXHAUSTED")
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(host=args.host, port=args.port, policy=args.policy, pin_ranks=args.pin_ranks,
+                        align_rooms=args.align_rooms, max_in_flight=args.max_in_flight,
+                        max_queued=args.max_queued, prefills=tuple(args.prefill), decodes=tuple(args.decode))
+
+
+class RouterApp:
+    """A started router: its server, port and instance table."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.table = InstanceTable(policy=config.policy, max_in_flight=config.max_in_flight,
+                                   max_queued=config.max_queued, queue_timeout_s=config.queue_timeout_s)
+        self.server, self.port, self.health = grpcutil.create_server(
+            f"{config.host}:{config.port}",
+            [lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(self.table, config), s)],
+            SERVICE_NAMES)
+
+    async def start(self) -> "RouterApp":
+        await self.server.start()
+        for address in self.config.prefills:
+            await self.table.add(PREFILL, address)
+        for address in self.config.decodes:
+            await self.table.add(DECODE, address)
+        await grpcutil.set_serving(self.health, SERVICE_NAMES)
+        return self
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await grpcutil.set_serving(self.health, SERVICE_NAMES, serving=False)
+        await self.server.stop(grace)
+        await self.table.close()
+
+
+async def serve(config: RouterConfig) -> None:
+    app = await RouterApp(config).start()
+    print(f"pdmesh router listening on {config.host}:{app.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    asyncio.run(serve(config_from_args(args)))
+    return 0

@@ -1,0 +1,135 @@
+"""The router's table of prefill and decode instances: channels, health, load and choice.
+
+Each instance gets one reused channel, an admission gate, and a status poller that learns its id,
+dp_size, load-balance method and bootstrap address and marks it healthy or not. `choose` picks a
+healthy instance of a role by round robin or by least outstanding requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdmesh import grpcutil
+from pdmesh.errors import InvalidArgument, NotFound, PdmeshError, Unavailable
+from pdmesh.router.admission import Admission
+from pdmesh.router.v1 import router_pb2
+from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PREFILL, DECODE = router_pb2.INSTANCE_ROLE_PREFILL, router_pb2.INSTANCE_ROLE_DECODE
+ROLE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
+
+
+@dataclass
+class InstanceEntry:
+    """One instance as the router knows it."""
+
+    role: int
+    address: str
+    channel: grpc.aio.Channel
+    admission: Admission
+    bootstrap_address: str = ""
+    instance_id: str = ""
+    dp_size: int = 1
+    load_balance_method: str = ""
+    healthy: bool = False
+    draining: bool = False
+    outstanding: int = 0
+    rank_loads: list[int] = field(default_factory=list)
+    poller: asyncio.Task | None = None
+
+    def to_proto(self) -> router_pb2.Instance:
+        return router_pb2.Instance(role=self.role, address=self.address,
+                                   bootstrap_address=self.bootstrap_address,
+                                   instance_id=self.instance_id, dp_size=self.dp_size,
+                                   healthy=self.healthy, outstanding_requests=self.outstanding)
+
+    def least_loaded_rank(self) -> int:
+        loads = self.rank_loads or [0] * self.dp_size
+        return min(range(len(loads)), key=lambda r: loads[r])
+
+
+class InstanceTable:
+    """Every instance by address; the only place that adds, removes or picks instances."""
+
+    def __init__(self, *, policy: str = "round_robin", max_in_flight: int = 256, max_queued: int = 1024,
+                 queue_timeout_s: float = 5.0, poll_interval_s: float = 1.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        if policy not in ("round_robin", "least_outstanding"):
+            raise InvalidArgument(f"unknown router policy {policy!r}; choose round_robin or least_outstanding")
+        self.policy = policy
+        self._limits = (max_in_flight, max_queued, queue_timeout_s)
+        self._poll_interval_s = poll_interval_s
+        self._credentials = credentials
+        self._entries: dict[str, InstanceEntry] = {}
+        self._counter = itertools.count()
+
+    async def add(self, role: int, address: str, bootstrap_address: str = "") -> InstanceEntry:
+        if role not in ROLE_NAMES:
+            raise InvalidArgument("instance role must be INSTANCE_ROLE_PREFILL or INSTANCE_ROLE_DECODE")
+        if not address or ":" not in address:
+            raise InvalidArgument(f"instance address must be host:port, got {address!r}")
+        if address in self._entries:
+            entry = self._entries[address]
+            if entry.role != role:
+                raise InvalidArgument(f"{address} is already a {ROLE_NAMES[entry.role]} instance")
+            return entry
+        entry = InstanceEntry(role, address, grpcutil.open_channel(address, credentials=self._credentials),
+                              Admission(f"{ROLE_NAMES[role]} {address}", *self._limits),
+                              bootstrap_address=bootstrap_address)
+        self._entries[address] = entry
+        await self.refresh(entry)
+        entry.poller = asyncio.create_task(self._poll(entry))
+        return entry
+
+    async def remove(self, address: str) -> None:
+        entry = self._entries.pop(address, None)
+        if entry is None:
+            raise NotFound(f"no instance at {address}", reason="INSTANCE_NOT_FOUND", metadata={"address": address})
+        if entry.poller:
+            entry.poller.cancel()
+        await entry.channel.close(grace=5.0)
+
+    def list(self) -> list[InstanceEntry]:
+        return list(self._entries.values())
+
+    async def refresh(self, entry: InstanceEntry) -> None:
+        stub = worker_pb2_grpc.InstanceServiceStub(entry.channel)
+        try:
+            status = await stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as err:
+            if entry.healthy:
+                log.warning("instance %s unhealthy: %s", entry.address, PdmeshError.from_rpc_error(err))
+            entry.healthy = False
+            return
+        entry.instance_id = status.instance_id
+        entry.dp_size = status.dp_size or len(status.ranks) or 1
+        entry.load_balance_method = status.load_balance_method
+        entry.bootstrap_address = status.bootstrap_address or entry.bootstrap_address
+        entry.draining = status.draining
+        entry.rank_loads = [r.active_requests for r in status.ranks]
+        entry.healthy = not status.draining and any(r.alive for r in status.ranks)
+
+    async def _poll(self, entry: InstanceEntry) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval_s)
+            await self.refresh(entry)
+
+    def choose(self, role: int) -> InstanceEntry:
+        candidates = [e for e in self._entries.values() if e.role == role and e.healthy]
+        if not candidates:
+            raise Unavailable(f"no healthy {ROLE_NAMES[role]} instance; add one with AddInstance",
+                              reason="NO_HEALTHY_INSTANCE", metadata={"role": ROLE_NAMES[role]})
+        if self.policy == "least_outstanding":
+            return min(candidates, key=lambda e: (e.outstanding, e.admission.queued))
+        return candidates[next(self._counter) % len(candidates)]
+
+    async def close(self) -> None:
+        for address in list(self._entries):
+            await self.remove(address)

@@ -1,0 +1,197 @@
+"""`RouterService`: Generate (pick a pair, draw rooms, call both sides, stream tokens) and admin.
+
+For each sample the router draws a fresh room and a transfer token, and calls the prefill and the
+decode at the same time. When it pins a prefill rank r (the client's `routed_dp_rank`, or its own
+least-loaded choice with `pin_ranks`), it sends r to the prefill as `routed_dp_rank` and to both
+sides as `disagg_prefill_dp_rank`, so the decode needs no lookup and no conflict can arise.
+A failure on one side cancels and aborts the other side; the first cause (the prefill's status
+when the prefill failed) reaches the client unchanged, code and ErrorInfo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from pdmesh.errors import InvalidArgument, PdmeshError
+from pdmesh.grpcutil import translate_errors
+from pdmesh.router.instances import DECODE, PREFILL, InstanceEntry, InstanceTable
+from pdmesh.router.rooms import draw_room, draw_token
+from pdmesh.router.v1 import router_pb2, router_pb2_grpc
+from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLES = 16
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    #: round_robin | least_outstanding
+    policy: str = "round_robin"
+    #: Pin the least-loaded prefill rank when the client pins none.
+    pin_ranks: bool = False
+    #: Draw rooms with room % dp_size == pinned rank (for follow_bootstrap_room prefills).
+    align_rooms: bool = False
+    max_in_flight: int = 256
+    max_queued: int = 1024
+    queue_timeout_s: float = 5.0
+    default_deadline_s: float = 120.0
+    prefills: tuple[str, ...] = ()
+    decodes: tuple[str, ...] = ()
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, table: InstanceTable, config: RouterConfig) -> None:
+        self.table = table
+        self.config = config
+
+    # --- Generate -------------------------------------------------------------------------------
+
+    @translate_errors
+    async def Generate(self, request: router_pb2.GenerateRequest, context):
+        started = time.perf_counter()
+        n = request.n or 1
+        if n > MAX_SAMPLES:
+            raise InvalidArgument(f"n must be at most {MAX_SAMPLES}, got {n}", metadata={"n": n})
+        if not request.prompt.text and not request.prompt.token_ids.ids:
+            raise InvalidArgument("the prompt is empty: set prompt.text or prompt.token_ids",
+                                  reason="EMPTY_PROMPT")
+        prefill, decode = self.table.choose(PREFILL), self.table.choose(DECODE)
+        pinned = self._pinned_rank(request, prefill)
+        deadline = context.time_remaining() or self.config.default_deadline_s
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._sample(i, request, prefill, decode, pinned, deadline,
+                                                  started, queue)) for i in range(n)]
+        finished = 0
+        try:
+            while finished < n:
+                item = await queue.get()
+                if isinstance(item, PdmeshError):
+                    raise item
+                if item is _DONE:
+                    finished += 1
+                    continue
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _pinned_rank(self, request, prefill: InstanceEntry) -> int | None:
+        if request.HasField("routed_dp_rank"):
+            if request.routed_dp_rank >= prefill.dp_size:
+                raise InvalidArgument(
+                    f"routed_dp_rank {request.routed_dp_rank} is out of range: prefill "
+                    f"{prefill.instance_id} has dp_size {prefill.dp_size}", reason="DP_RANK_OUT_OF_RANGE",
+                    metadata={"routed_dp_rank": request.routed_dp_rank, "dp_size": prefill.dp_size})
+            return request.routed_dp_rank
+        if self.config.pin_ranks and prefill.dp_size > 1:
+            return prefill.least_loaded_rank()
+        return None
+
+    async def _sample(self, index, request, prefill: InstanceEntry, decode: InstanceEntry,
+                      pinned: int | None, deadline: float, started: float, queue: asyncio.Queue) -> None:
+        room = draw_room(prefill.dp_size, pinned if self.config.align_rooms else None)
+        token, request_id = draw_token(), uuid.uuid4().hex
+        prefill_request = worker_pb2.PrefillRequest(
+            bootstrap_room=room, prompt=request.prompt, sampling=request.sampling,
+            transfer_token=token, request_id=request_id)
+        decode_request = worker_pb2.DecodeRequest(
+            bootstrap_room=room, prompt=request.prompt, sampling=request.sampling,
+            prefill_instance_id=prefill.instance_id, prefill_bootstrap_address=prefill.bootstrap_address,
+            transfer_token=token, request_id=request_id)
+        if pinned is not None:
+            prefill_request.routed_dp_rank = pinned
+            prefill_request.disagg_prefill_dp_rank = pinned
+            decode_request.disagg_prefill_dp_rank = pinned
+        try:
+            async with prefill.admission.slot(), decode.admission.slot():
+                prefill.outstanding += 1
+                decode.outstanding += 1
+                try:
+                    await self._run_pair(index, room, prefill, decode, prefill_request, decode_request,
+                                         deadline, started, queue)
+                finally:
+                    prefill.outstanding -= 1
+                    decode.outstanding -= 1
+        except PdmeshError as err:
+            await queue.put(err)
+        else:
+            await queue.put(_DONE)
+
+    async def _run_pair(self, index, room, prefill, decode, prefill_request, decode_request,
+                        deadline, started, queue) -> None:
+        prefill_call = worker_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(
+            prefill_request, timeout=deadline)
+        decode_call = worker_pb2_grpc.DecodeServiceStub(decode.channel).Decode(
+            decode_request, timeout=deadline)
+        prefill_task = asyncio.ensure_future(prefill_call)
+        prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or decode_call.cancel())
+        completed = False
+        try:
+            first = True
+            async for message in decode_call:
+                reply = router_pb2.GenerateResponse(sample_index=index, token_ids=message.token_ids,
+                                                    text=message.text, finish_reason=message.finish_reason)
+                if first:
+                    reply.info.CopyFrom(router_pb2.RequestInfo(
+                        bootstrap_room=room, prefill_instance=prefill.instance_id,
+                        decode_instance=decode.instance_id, routing=message.routing,
+                        ttft_ms=(time.perf_counter() - started) * 1e3))
+                    first = False
+                await queue.put(reply)
+            await prefill_task
+            completed = True
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            raise await self._first_cause(exc, prefill_task) from None
+        finally:
+            if not completed:
+                prefill_call.cancel()
+                decode_call.cancel()
+                await self._abort_both(room, prefill, decode)
+
+    async def _first_cause(self, exc: BaseException, prefill_task: asyncio.Future) -> PdmeshError:
+        """The prefill's error when the prefill failed (the decode's is its consequence)."""
+        if prefill_task.done() and not prefill_task.cancelled() and prefill_task.exception() is not None:
+            err = prefill_task.exception()
+            if isinstance(err, grpc.aio.AioRpcError):
+                return PdmeshError.from_rpc_error(err)
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        return PdmeshError.from_rpc_error(exc)
+
+    async def _abort_both(self, room: int, prefill: InstanceEntry, decode: InstanceEntry) -> None:
+        abort = worker_pb2.AbortRoomRequest(bootstrap_room=room, reason="router: the other side failed or the client cancelled")
+
+        async def one(entry: InstanceEntry) -> None:
+            try:
+                await worker_pb2_grpc.InstanceServiceStub(entry.channel).AbortRoom(abort, timeout=2.0)
+            except grpc.aio.AioRpcError as err:
+                log.warning("abort of room %d at %s failed: %s", room, entry.address, err.code())
+        await asyncio.shield(asyncio.gather(one(prefill), one(decode)))
+
+    # --- admin ----------------------------------------------------------------------------------
+
+    @translate_errors
+    async def AddInstance(self, request, context) -> router_pb2.AddInstanceResponse:
+        inst = request.instance
+        entry = await self.table.add(inst.role, inst.address, inst.bootstrap_address)
+        return router_pb2.AddInstanceResponse(instance=entry.to_proto())
+
+    @translate_errors
+    async def RemoveInstance(self, request, context) -> router_pb2.RemoveInstanceResponse:
+        await self.table.remove(request.address)
+        return router_pb2.RemoveInstanceResponse()
+
+    @translate_errors
+    async def ListInstances(self, request, context) -> router_pb2.ListInstancesResponse:
+        return router_pb2.ListInstancesResponse(instances=[e.to_proto() for e in self.table.list()])
