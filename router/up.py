@@ -1,0 +1,181 @@
+"""`pdmesh up`: a whole mesh on loopback in one command (what `make run` runs).
+
+Starts a bootstrap service, a prefill instance (dp 2), a decode instance (dp 2) and a router as
+separate processes on consecutive ports from `--base-port`, waits until each answers its health
+check, sends a demo prompt through the router, prints the text, the rank path it took, the time
+to first token, and whether the text equals what one colocated engine produces; then serves until
+Ctrl-C (`--once` stops after the demo). Every process it started is stopped on the way out, also
+when one of them fails to start, and the failing one is named with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdmesh.config import env
+
+DEMO_PROMPT = "The prefill computes the prompt's KV cache; the decode"
+START_TIMEOUT_S = 180.0
+
+
+@dataclass
+class Child:
+    name: str
+    address: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=env("UP_HOST", "127.0.0.1"), help="address every process binds")
+    p.add_argument("--base-port", type=int, default=int(env("UP_BASE_PORT", "50100")),
+                   help="bootstrap on this port, router +1, prefill +2, decode +3")
+    p.add_argument("--dp-size", type=int, default=2, help="DP ranks of the prefill and of the decode")
+    p.add_argument("--prefill-method", default="follow_bootstrap_room",
+                   choices=["round_robin", "shortest_queue", "follow_bootstrap_room"])
+    p.add_argument("--model", default=env("MODEL"), help="local Hugging Face folder (default: random weights)")
+    p.add_argument("--engine", default=env("ENGINE", "tiny"), help="engine preset without --model")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="the demo prompt")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--once", action="store_true", help="stop after the demo")
+    p.add_argument("--log-dir", default=None, help="where each process's log goes (default: a temp dir)")
+
+
+def plan(args: argparse.Namespace, log_dir: Path) -> list[Child]:
+    host, base = args.host, args.base_port
+    addr = {k: f"{host}:{base + i}" for i, k in enumerate(["bootstrap", "router", "prefill", "decode"])}
+    exe = [sys.executable, "-m", "pdmesh.cli"]
+    engine = ["--model", args.model] if args.model else ["--engine", args.engine]
+    return [
+        Child("bootstrap", addr["bootstrap"], [*exe, "bootstrap", "--host", host, "--port", str(base)],
+              log_dir / "bootstrap.log"),
+        Child("prefill", addr["prefill"],
+              [*exe, "prefill", "--host", host, "--port", str(base + 2), "--dp-size", str(args.dp_size),
+               "--load-balance-method", args.prefill_method, "--bootstrap-addr", addr["bootstrap"],
+               "--instance-id", "prefill-0", *engine], log_dir / "prefill.log"),
+        Child("decode", addr["decode"],
+              [*exe, "decode", "--host", host, "--port", str(base + 3), "--dp-size", str(args.dp_size),
+               "--instance-id", "decode-0", *engine], log_dir / "decode.log"),
+        Child("router", addr["router"],
+              [*exe, "router", "--host", host, "--port", str(base + 1), "--prefill", addr["prefill"],
+               "--decode", addr["decode"]], log_dir / "router.log"),
+    ]
+
+
+async def wait_healthy(child: Child, deadline: float) -> None:
+    """Poll the child's health service until SERVING; fail at once if the process exits."""
+    async with grpc.aio.insecure_channel(child.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{child.name} did not become healthy within {START_TIMEOUT_S:.0f}s")
+            await asyncio.sleep(0.2)
+
+
+def stop_all(children: list[Child]) -> None:
+    for child in reversed(children):
+        if child.proc and child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+    for child in reversed(children):
+        if child.proc:
+            try:
+                child.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+
+async def start_all(children: list[Child]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    env_vars = dict(os.environ, PYTHONUNBUFFERED="1")
+    for child in children:
+        log = open(child.log_path, "w")
+        child.proc = subprocess.Popen(child.argv, stdout=log, stderr=subprocess.STDOUT, env=env_vars,
+                                      start_new_session=True)
+        log.close()
+        try:
+            await wait_healthy(child, deadline)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- last lines of {child.log_path} ---\n{child.log_tail()}") from None
+        print(f"  {child.name:<9} {child.address}  (pid {child.proc.pid}, log {child.log_path})", flush=True)
+
+
+async def demo(args: argparse.Namespace, router_address: str) -> bool:
+    from pdmesh.router.client import RouterClient
+    from pdmesh.worker.engine.reference import colocated_text
+
+    async with RouterClient(router_address) as client:
+        result = await client.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    reference = colocated_text(args.prompt, args.max_new_tokens, model_path=args.model, preset=args.engine)
+    same = result.text == reference
+    info = result.info
+    print(f"\nprompt : {args.prompt!r}\ntext   : {result.text!r}")
+    print(f"path   : prefill {info.prefill_instance} rank {info.routing.prefill_dp_rank} -> "
+          f"decode {info.decode_instance} rank {info.routing.decode_dp_rank} "
+          f"({result.rank_path}, room {info.bootstrap_room})")
+    print(f"TTFT   : {info.ttft_ms:.1f} ms")
+    print(f"same text as one colocated engine: {'yes' if same else 'NO'}")
+    return same
+
+
+async def run(args: argparse.Namespace) -> int:
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdmesh-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children = plan(args, log_dir)
+    print(f"pdmesh up: starting the mesh (logs in {log_dir})", flush=True)
+    try:
+        await start_all(children)
+        ok = await demo(args, children[-1].address)
+        if args.once:
+            return 0 if ok else 1
+        print(f"\nserving; router at {children[-1].address}. Ctrl-C stops every process.", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watchers = [asyncio.create_task(asyncio.to_thread(c.proc.wait)) for c in children]
+        done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *watchers],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for child in children:
+            if child.proc.poll() is not None:
+                print(f"{child.name} exited with code {child.proc.returncode}; stopping the mesh\n"
+                      f"{child.log_tail()}", file=sys.stderr)
+                return 1
+        return 0
+    except RuntimeError as exc:
+        print(f"pdmesh up failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all(children)
+        print("pdmesh up: every process stopped", flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    return asyncio.run(run(args))
