@@ -1,0 +1,102 @@
+"""Building an engine: the `EngineSpec` a worker's config carries, its flags, and the factories.
+
+Prefill and decode must build the same model to exchange KV: the same checkpoint folder, or the
+same preset, dtype, page size and seed (random weights are a pure function of them).
+
+    parser = argparse.ArgumentParser(); add_engine_arguments(parser)
+    engine = build_engine(spec_from_args(parser.parse_args()))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pdmesh.config import env
+from pdmesh.errors import InvalidArgument
+from pdmesh.worker.engine.config import PRESETS, ModelConfig, from_hf_config, parse_dtype, preset
+from pdmesh.worker.engine.engine import TorchEngine
+from pdmesh.worker.engine.tokenizer import ByteTokenizer, load_hf_tokenizer
+from pdmesh.worker.engine.weights import load_hf_weights, random_weights
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What model a rank runs. Every field has a flag and a `PDMESH_*` variable (see below)."""
+
+    model: str | None = None  # local Hugging Face folder; None = random weights of `preset`
+    preset: str = "tiny"  # random-weight model: one of config.PRESETS
+    dtype: str | None = None  # bf16 | fp16 | fp32 | fp64; None = the preset's or config.json's
+    page_size: int | None = None  # tokens per KV page; None = the preset's (16 for checkpoints)
+    seed: int = 0  # random weights
+    device: str = "cpu"
+    batch_invariant: bool | None = None  # None = the preset's (on for tiny), off for checkpoints
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags, each defaulting to its environment variable."""
+    parser.add_argument("--model", default=env("MODEL"),
+                        help="local Hugging Face model folder (config.json, *.safetensors, "
+                             "tokenizer.json) [PDMESH_MODEL]; default: random weights")
+    parser.add_argument("--model-preset", default=env("MODEL_PRESET", "tiny"), choices=sorted(PRESETS),
+                        help="random-weight model size [PDMESH_MODEL_PRESET] (default tiny)")
+    parser.add_argument("--dtype", default=env("DTYPE"), choices=["bf16", "fp16", "fp32", "fp64"],
+                        help="model and KV dtype [PDMESH_DTYPE]")
+    parser.add_argument("--page-size", type=int, default=_int_env("PAGE_SIZE"),
+                        help="tokens per KV page [PDMESH_PAGE_SIZE]")
+    parser.add_argument("--model-seed", type=int, default=_int_env("MODEL_SEED") or 0,
+                        help="seed of random weights [PDMESH_MODEL_SEED] (default 0)")
+    parser.add_argument("--device", default=env("DEVICE", "cpu"), help="torch device [PDMESH_DEVICE]")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
+                        default=_bool_env("BATCH_INVARIANT"),
+                        help="decode each sequence alone for bit-exact results [PDMESH_BATCH_INVARIANT]")
+
+
+def _int_env(name: str) -> int | None:
+    value = env(name)
+    return None if value in (None, "") else int(value)
+
+
+def _bool_env(name: str) -> bool | None:
+    value = (env(name) or "").strip().lower()
+    return None if not value else value in {"1", "true", "yes", "on"}
+
+
+def spec_from_args(args: argparse.Namespace) -> EngineSpec:
+    return EngineSpec(model=args.model or None, preset=args.model_preset, dtype=args.dtype,
+                      page_size=args.page_size, seed=args.model_seed, device=args.device,
+                      batch_invariant=args.batch_invariant)
+
+
+def random_engine(cfg: ModelConfig | None = None, *, seed: int = 0,
+                  device: torch.device | str = "cpu") -> TorchEngine:
+    """Seeded random weights (default: the `tiny` preset) with the byte tokenizer."""
+    cfg = cfg or PRESETS["tiny"]
+    return TorchEngine(cfg, random_weights(cfg, seed, device), ByteTokenizer(), device)
+
+
+def load_hf_engine(folder: str | Path, *, dtype: torch.dtype | None = None, page_size: int = 16,
+                   device: torch.device | str = "cpu", batch_invariant: bool = False,
+                   max_seq_len: int | None = None) -> TorchEngine:
+    """A Llama-family checkpoint from a local Hugging Face folder, with its own tokenizer."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InvalidArgument(f"{config_path} is missing; --model wants a local Hugging Face model "
+                              "folder", reason="INVALID_MODEL_FOLDER", metadata={"path": folder})
+    cfg = from_hf_config(json.loads(config_path.read_text()), dtype=dtype, page_size=page_size,
+                         max_seq_len=max_seq_len).replace(batch_invariant=batch_invariant)
+    return TorchEngine(cfg, load_hf_weights(folder, cfg, device), load_hf_tokenizer(folder), device)
+
+
+def build_engine(spec: EngineSpec) -> TorchEngine:
+    dtype = parse_dtype(spec.dtype) if spec.dtype else None
+    if spec.model:
+        return load_hf_engine(spec.model, dtype=dtype, page_size=spec.page_size or 16,
+                              device=spec.device, batch_invariant=bool(spec.batch_invariant))
+    cfg = preset(spec.preset, dtype=dtype, page_size=spec.page_size, batch_invariant=spec.batch_invariant)
+    return random_engine(cfg, seed=spec.seed, device=spec.device)
