@@ -1,0 +1,155 @@
+"""`make bench` part `gpu`: the Triton pack/unpack kernels and CUDA-memory UCX transfers.
+
+On a machine with a CUDA device this measures (bench/gpu_kernels.py, bench/gpu_ucx.py) and writes
+the fragment to bench/results/gpu-<device>.md (gpu-h100.md on the H100; committed), which the
+README shows. Without a CUDA device it measures nothing and returns the last figures measured
+there, read from bench/results/gpu-h100.md, saying so. `make bench-gpu` (bench/gpu_run.sh) is the
+command a GPU run uses; it installs the wheels that `make gpu-wheels` put in .gpu/wheels.
+
+    python -m bench.gpu [--quick] [--sweep] [--no-ucx] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+KEPT = RESULTS / "gpu-h100.md"
+AIMS = ("Aims: pack at least 0.9 and unpack at least 0.85 of the copy for large requests; for the "
+        "512-token request at least 5x faster than torch's per-layer calls; pool-to-pool at least "
+        "0.85 of the bare ucxx send.")
+
+
+def _kept() -> str:
+    if not KEPT.exists():
+        return ("_No CUDA device on this machine and no figures measured on one yet "
+                "(`make bench-gpu` on the GPU machine writes bench/results/gpu-h100.md)._\n")
+    return ("_No CUDA device on this machine: measured nothing. These are the figures last "
+            "measured on the GPU machine, kept in `bench/results/gpu-h100.md` "
+            "(`make bench-gpu` there remeasures them)._\n\n" + KEPT.read_text())
+
+
+def _device_line() -> tuple[str, str]:
+    import torch
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    slug = next((s for s in ("h100", "h200", "a100", "b200") if s in props.name.lower()),
+                re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-"))
+    line = (f"Device: **{props.name}** ({props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
+            f"triton {triton.__version__}; measured {time.strftime('%Y-%m-%d')}.")
+    return slug, line
+
+
+def _ucx_section(quick: bool, raw: dict) -> str:
+    from bench import gpu_ucx
+    sizes = [64 << 20, 1 << 30] if quick else [64 << 20, 256 << 20, 1 << 30]
+    tokens = [512, 8192]
+    iters = 5 if quick else 20
+    bare = {n: gpu_ucx.bare_send(n, iters) for n in sizes}
+    pipe = {t: gpu_ucx.pipe_send(t, iters) for t in tokens}
+    perf = {}
+    for n in sizes:
+        try:
+            perf[n] = gpu_ucx.perftest(n, iters * 5)
+        except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
+            perf[n] = {"error": str(exc)[-300:]}
+    raw["ucx"] = {"bare": bare, "pipe": pipe, "perftest": perf, "env": gpu_ucx.UCX_ENV}
+    lines = ["| transfer (two processes, one GPU) | bytes | GB/s | x bare ucxx send |",
+             "| --- | ---: | ---: | ---: |"]
+    for n in sizes:
+        lines.append(f"| bare ucxx send of one CUDA buffer | {n / 2**20:.0f} MiB "
+                     f"| {bare[n]['gbps']:.0f} | 1.00 |")
+        p = perf[n]
+        cell = f"{p['gbps']:.0f} | {p['gbps'] / bare[n]['gbps']:.2f}" if "gbps" in p else "failed | -"
+        lines.append(f"| `ucx_perftest -t tag_bw -m cuda` | {n / 2**20:.0f} MiB | {cell} |")
+    for t in tokens:
+        p = pipe[t]
+        ref = bare.get(p["bytes"])
+        ratio = f"{p['gbps'] / ref['gbps']:.2f}" if ref else "-"
+        lines.append(f"| request of {t} tokens: Triton pack + sync + ucxx send + recv + Triton "
+                     f"unpack | {p['bytes'] / 2**20:.0f} MiB | {p['gbps']:.0f} | {ratio} |")
+    env = " ".join(f"{k}={v}" for k, v in gpu_ucx.UCX_ENV.items())
+    return ("#### CUDA memory over UCX\n\n" + "\n".join(lines) + "\n\n"
+            f"Settings: `{env}`. GB/s: payload bytes per second (1e9), one send in flight; "
+            "every ucxx run checks the bytes that arrived.\n")
+
+
+def measure(quick: bool = False, sweep: bool = False, ucx: bool = True,
+            raw: dict | None = None) -> str:
+    from bench import gpu_kernels
+    raw = {} if raw is None else raw
+    slug, device = _device_line()
+    raw["device"] = device
+    rep = 20 if quick else 200
+    rows = [gpu_kernels.measure_case(t, p, rep) for t, p in
+            (gpu_kernels.QUICK_CASES if quick else gpu_kernels.FULL_CASES)]
+    raw["kernels"] = rows
+    m = gpu_kernels.MODEL
+    parts = [device, "",
+             f"#### Pack and unpack kernels\n\nOne request, every layer: {m['layers']} layers, K and V, "
+             f"{m['heads']} KV heads, head dim {m['head_dim']}, bf16, random page ids from a pool "
+             f"twice the request. TB/s count bytes read plus written (2x staging); medians of "
+             f"`triton.testing.do_bench` (L2 flushed). Torch: one `index_select` / `index_copy_` "
+             f"per layer and per K/V ({2 * m['layers']} calls). The kernels are checked bit for bit "
+             f"against torch before timing.\n",
+             gpu_kernels.kernel_table(rows), ""]
+    if sweep:
+        srows = gpu_kernels.sweep(rep // 2)
+        raw["sweep"] = srows
+        parts += ["Tile sweep (pack_triton's `tile_bytes`, `num_warps`):\n",
+                  gpu_kernels.sweep_table(srows), ""]
+    if ucx:
+        try:
+            parts.append(_ucx_section(quick, raw))
+        except Exception as exc:  # noqa: BLE001 - the kernel figures still stand
+            raw["ucx_error"] = traceback.format_exc()
+            parts.append(f"#### CUDA memory over UCX\n\nNot measured: {exc}\n")
+    parts.append(AIMS)
+    fragment = "\n".join(parts) + "\n"
+    if not quick:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"gpu-{slug}.md").write_text(fragment)
+    return fragment
+
+
+def run(args) -> str:
+    """The bench part: measure where CUDA is, else return the last figures measured there."""
+    import torch
+    if not torch.cuda.is_available():
+        return _kept()
+    return measure(quick=getattr(args, "quick", False), sweep=getattr(args, "sweep", False),
+                   ucx=not getattr(args, "no_ucx", False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the kernel tile sizes")
+    parser.add_argument("--no-ucx", action="store_true", help="kernels only")
+    parser.add_argument("--json", type=Path, help="write every raw figure here")
+    args = parser.parse_args(argv)
+    import torch
+    torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
+    if not torch.cuda.is_available():
+        print(_kept())
+        return 0
+    raw: dict = {}
+    try:
+        print(measure(args.quick, args.sweep, not args.no_ucx, raw))
+    finally:
+        if args.json:
+            args.json.write_text(json.dumps(raw, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

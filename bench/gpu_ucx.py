@@ -1,0 +1,230 @@
+"""GPU memory over UCX: two processes on one GPU, a request's KV pool-to-pool beside bare sends.
+
+Three measurements, each between two processes on the same GPU with UCX's CUDA transports:
+- `bare`: a ucxx send of one CUDA buffer (a torch tensor), reused, one send in flight;
+- `pipe`: a request's KV from one pool to another: Triton pack, stream synchronise, one ucxx
+  send of the staging buffer, receive, Triton unpack, synchronise (the least a transfer does);
+- `ucx_perftest -t tag_bw -m cuda`, UCX's own tool, from the libucx wheel.
+Every ucxx run checks the bytes that arrived. Rates are payload bytes over wall time
+(GB/s = 1e9 bytes/s), unlike the kernel figures, which count bytes read plus written.
+
+    python -m bench.gpu_ucx {bare,pipe}-{send,recv} --port P --bytes N --iters K  # one side
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+UCX_ENV = {"UCX_TLS": "cuda_copy,cuda_ipc,tcp,sm,self", "UCX_MM_ERROR_HANDLING": "y",
+           "UCXPY_PROGRESS_MODE": "blocking"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, **UCX_ENV)
+    for key in UCX_ENV:  # an explicit setting in the caller's environment wins
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def _pair(role: str, nbytes: int, iters: int, timeout: float = 300) -> dict:
+    """Start the receiver, then the sender; return the sender's JSON line."""
+    port = _free_port()
+    base = [sys.executable, "-m", "bench.gpu_ucx", "--port", str(port), "--bytes", str(nbytes),
+            "--iters", str(iters)]
+    recv = subprocess.Popen(base + [f"{role}-recv"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        seen = []
+        for line in recv.stdout:  # UCX may print warnings on stdout first
+            if line.strip() == "READY":
+                break
+            seen.append(line)
+        else:
+            raise RuntimeError(f"{role} receiver did not start: {''.join(seen)[-500:]!r}")
+        send = subprocess.run(base + [f"{role}-send"], cwd=ROOT, env=_env(), capture_output=True,
+                              text=True, timeout=timeout)
+        if send.returncode != 0:
+            raise RuntimeError(f"{role} sender failed: {send.stderr[-2000:]}")
+        rest, _ = recv.communicate(timeout=60)
+        if recv.returncode != 0 or "RESULT ok" not in rest:
+            raise RuntimeError(f"{role} receiver failed: {rest[-500:]!r}")
+        return json.loads(send.stdout.strip().splitlines()[-1])
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+
+
+def bare_send(nbytes: int, iters: int) -> dict:
+    return _pair("bare", nbytes, iters)
+
+
+def pipe_send(tokens: int, iters: int) -> dict:
+    return _pair("pipe", tokens, iters)
+
+
+def perftest(nbytes: int, iters: int, mem: str = "cuda") -> dict:
+    """`ucx_perftest -t tag_bw -m cuda` between a server and a client process."""
+    import libucx
+
+    home = Path(libucx.__file__).parent
+    exe = home / "bin" / "ucx_perftest"
+    env = _env()
+    env["LD_LIBRARY_PATH"] = f"{home / 'lib'}:{env.get('LD_LIBRARY_PATH', '')}"
+    port = str(_free_port())
+    args = ["-t", "tag_bw", "-m", mem, "-s", str(nbytes), "-n", str(iters), "-p", port]
+    server = subprocess.Popen([str(exe)] + args, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(50):
+            client = subprocess.run([str(exe), "127.0.0.1"] + args, env=env, capture_output=True,
+                                    text=True, timeout=300)
+            if client.returncode == 0 or "connect" not in (client.stdout + client.stderr).lower():
+                break
+            time.sleep(0.2)
+        final = [ln for ln in client.stdout.splitlines() if ln.strip().startswith("Final:")]
+        if client.returncode != 0 or not final:
+            raise RuntimeError(f"ucx_perftest failed: {client.stdout[-1500:]} {client.stderr[-1500:]}")
+        mib_per_s = float(final[-1].split()[6])  # overall bandwidth, UCX's "MB/s" = MiB/s
+        return {"bytes": nbytes, "gbps": mib_per_s * 2**20 / 1e9, "raw": final[-1].strip()}
+    finally:
+        server.kill()
+        server.wait()
+
+
+# ---- the two sides (run in their own processes) -------------------------------------------
+
+def _pattern(nbytes: int):
+    import torch
+    from bench.gpu_kernels import DEVICE
+    return (torch.arange(nbytes, device=DEVICE, dtype=torch.int64) % 251).to(torch.uint8)
+
+
+def _pool(tokens: int, seed: int):
+    """A random pool twice the request's size and random page ids, the same for a seed."""
+    import torch
+    from bench.gpu_kernels import DEVICE, MODEL
+    page_size = 16
+    n = -(-tokens // page_size)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    kv = torch.empty((MODEL["layers"], 2, 2 * n, page_size, MODEL["heads"], MODEL["head_dim"]),
+                     dtype=MODEL["dtype"], device=DEVICE)
+    kv.view(torch.int16).random_(-(1 << 15), 1 << 15, generator=gen)
+    ids = torch.randperm(2 * n, device=DEVICE, generator=gen)[:n]
+    staging = torch.empty((MODEL["layers"], 2, n) + kv.shape[3:], dtype=kv.dtype, device=DEVICE)
+    return kv, ids, staging
+
+
+def _wire(t):
+    """What ucxx sends: CUDA tensors by __cuda_array_interface__ (which torch exports for no
+    bf16, hence the byte view), CPU tensors (smoke runs) by the buffer protocol."""
+    flat = t.view(-1).view(__import__("torch").uint8)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+async def _send_side(role: str, port: int, nbytes: int, iters: int) -> None:
+    import numpy as np
+    import torch
+    import ucxx
+    from bench.gpu_kernels import sync
+    from pdmesh.worker.kv.pack_triton import pack_triton
+
+    if role == "bare":
+        buf = _pattern(nbytes)
+        step = None
+    else:
+        kv, ids, buf = _pool(nbytes, seed=1)
+
+        def step():
+            pack_triton(kv, ids, 0, kv.shape[0], buf)
+            sync()  # UCX is not stream-ordered
+    wire = _wire(buf)
+    sync()
+    ep = await ucxx.create_endpoint("127.0.0.1", port)
+    warmup = 3
+    for i in range(warmup + iters):
+        if i == warmup:
+            start = time.perf_counter()
+        if step:
+            step()
+        await ep.send(wire)
+    ack = np.zeros(1, dtype=np.int64)
+    await ep.recv(ack)
+    elapsed = time.perf_counter() - start
+    payload = buf.numel() * buf.element_size()
+    print(json.dumps({"role": role, "bytes": payload, "iters": iters, "ok": int(ack[0]),
+                      "s_per_iter": elapsed / iters, "gbps": payload * iters / elapsed / 1e9}))
+    await ep.close()
+
+
+async def _recv_side(role: str, port: int, nbytes: int, iters: int) -> None:
+    import numpy as np
+    import torch
+    import ucxx
+    from bench.gpu_kernels import DEVICE, sync
+    from pdmesh.worker.kv.pack_triton import unpack_triton
+
+    if role == "bare":
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    else:
+        kv, ids, buf = _pool(nbytes, seed=2)
+    wire = _wire(buf)
+    done = asyncio.Event()
+    result = {}
+
+    async def handler(ep):
+        for _ in range(3 + iters):
+            await ep.recv(wire)
+            if role == "pipe":
+                unpack_triton(buf, kv, ids, 0, kv.shape[0])
+                sync()
+        if role == "bare":
+            ok = torch.equal(buf, _pattern(nbytes))
+        else:
+            src_kv, src_ids, _ = _pool(nbytes, seed=1)
+            ok = torch.equal(kv[:, :, ids].view(torch.int16), src_kv[:, :, src_ids].view(torch.int16))
+        result["ok"] = ok
+        await ep.send(np.array([int(ok)], dtype=np.int64))
+        done.set()
+
+    listener = ucxx.create_listener(handler, port)
+    print("READY", flush=True)
+    await done.wait()
+    await asyncio.sleep(0.1)
+    listener.close()
+    print("RESULT ok" if result["ok"] else "RESULT MISMATCH", flush=True)
+    if not result["ok"]:
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("side", choices=["bare-send", "bare-recv", "pipe-send", "pipe-recv"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bytes", type=int, required=True, help="bytes (bare) or tokens (pipe)")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+    role, side = args.side.split("-")
+    fn = _send_side if side == "send" else _recv_side
+    asyncio.run(fn(role, args.port, args.bytes, args.iters))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
