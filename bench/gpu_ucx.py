@@ -42,7 +42,7 @@ def _env() -> dict:
     return env
 
 
-def _pair(role: str, nbytes: int, iters: int, timeout: float = 300) -> dict:
+def _pair(role: str, nbytes: int, iters: int, timeout: float = 120) -> dict:
     """Start the receiver, then the sender; return the sender's JSON line."""
     port = _free_port()
     base = [sys.executable, "-m", "bench.gpu_ucx", "--port", str(port), "--bytes", str(nbytes),
