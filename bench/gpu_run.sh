@@ -24,6 +24,7 @@ rm -rf "$SITE/ns" && mkdir -p "$NS"
 for entry in "$ROOT"/pdmesh/*; do ln -s "$entry" "$NS/"; done
 for sub in server router worker; do [ -d "$ROOT/$sub" ] && ln -s "$ROOT/$sub" "$NS/$sub"; done
 export PYTHONPATH="$SITE/ns:$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1  # else `python -m` puts the root first, whose pdmesh/ lacks worker/
 export PDMESH_TORCH_THREADS=${PDMESH_TORCH_THREADS:-1}
 cd "$ROOT"
 exec "$@"
