@@ -40,6 +40,7 @@ class Generation:
     output_ids: tuple[int, ...]  # the first token included; ends with the EOS id when it stopped there
     finish_reason: str  # "stop" (an EOS id) | "length" (max_new_tokens or the model's max_seq_len)
     prompt_kv: torch.Tensor  # [L, 2, len(prompt), Hkv, D]: what prefill wrote, what a transfer must deliver
+    sequence_kv: torch.Tensor  # [L, 2, len(prompt) + len(output) - 1, Hkv, D]: every K/V written
     page_ids: tuple[int, ...]  # the pages the sequence used, in order
 
 
@@ -70,7 +71,8 @@ def colocated_generate(engine: Engine, prompt_ids: Sequence[int], max_new_tokens
             pages.append(free.pop())
         out += engine.decode_step(kv, [DecodeItem(out[-1], position, tuple(pages), sampling)])
     reason = "stop" if out[-1] in eos else "length"
-    return Generation(tuple(prompt_ids), tuple(out), reason, prompt_kv, tuple(pages))
+    sequence_kv = kv_by_token(kv, pages, len(prompt_ids) + len(out) - 1)
+    return Generation(tuple(prompt_ids), tuple(out), reason, prompt_kv, sequence_kv, tuple(pages))
 
 
 def time_colocated_prefill(engine: Engine, prompt_ids: Sequence[int], repeats: int = 5,
