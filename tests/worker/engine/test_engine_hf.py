@@ -173,3 +173,25 @@ def test_bad_model_folders_fail_typed(tmp_path):
     with pytest.raises(InvalidArgument) as err:
         load_hf_engine(tmp_path)
     assert err.value.reason == "INVALID_MODEL_CONFIG"
+
+
+def test_transformers_4_style_llama31_config_is_read():
+    """Llama 3.1 8B's config.json as transformers 4 wrote it: rope_theta at the top level, rope
+    scaling under `rope_scaling`, `torch_dtype`, no head_dim."""
+    from pdmesh.worker.engine.config import from_hf_config
+
+    cfg = from_hf_config({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-05,
+        "max_position_embeddings": 131072, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False, "rope_scaling": {
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"}})
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.rope_type, cfg.rope_theta) == (128, 8, "llama3", 500000.0)
+    assert (cfg.rope_factor, cfg.rope_original_max_positions, cfg.dtype) == (8.0, 8192, torch.bfloat16)
+    assert cfg.layout.request_bytes(1) == 32 * 2 * 16 * 8 * 128 * 2
+    with pytest.raises(InvalidArgument):
+        from_hf_config({"model_type": "mistral", "sliding_window": 4096, "hidden_size": 8,
+                        "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 8,
+                        "vocab_size": 8})
