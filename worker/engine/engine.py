@@ -28,6 +28,10 @@ from pdmesh.worker.engine.weights import Weights
 from pdmesh.worker.kv.layout import KvLayout
 
 
+# One checked decode item: (token id, position, flat write slot, flat read slots [position + 1]).
+_Row = tuple[int, int, int, torch.Tensor]
+
+
 def _bad(message: str, reason: str, **metadata: object) -> InvalidArgument:
     return InvalidArgument(message, reason=reason, metadata=metadata)
 
@@ -66,24 +70,27 @@ class TorchEngine:
 
     # -- the Engine protocol ------------------------------------------------------------------
 
+    @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int], kv: torch.Tensor, page_ids: Sequence[int],
                 sampling: SamplingParams = GREEDY) -> int:
         hidden = self._prefill_hidden(token_ids, kv, page_ids)
-        logits = self.model.logits(hidden[-1:])[0]
+        logits = self.model.logits(hidden[-1:])[0]  # only the last position is needed
         return sample(logits, sampling, len(token_ids))
 
+    @torch.inference_mode()
     def decode_step(self, kv: torch.Tensor, batch: Sequence[DecodeItem]) -> list[int]:
         logits = self.decode_logits(kv, batch)
         return [sample(logits[i], item.sampling, item.position + 1) for i, item in enumerate(batch)]
 
     # -- logits, for tests and for callers that sample themselves ------------------------------
 
+    @torch.inference_mode()
     def prefill_logits(self, token_ids: Sequence[int], kv: torch.Tensor,
                        page_ids: Sequence[int]) -> torch.Tensor:
         """Like `prefill`, but return the logits [T, vocab] of every prompt position."""
-        with torch.inference_mode():
-            return self.model.logits(self._prefill_hidden(token_ids, kv, page_ids))
+        return self.model.logits(self._prefill_hidden(token_ids, kv, page_ids))
 
+    @torch.inference_mode()
     def decode_logits(self, kv: torch.Tensor, batch: Sequence[DecodeItem]) -> torch.Tensor:
         """Like `decode_step`, but return the logits [B, vocab] of the batch's next tokens."""
         self._check_pool(kv)
@@ -94,18 +101,19 @@ class TorchEngine:
         if len(set(writes)) != len(writes):
             raise _bad("two sequences of the decode batch would write the same page slot; each "
                        "sequence needs pages of its own", "INVALID_PAGE_TABLE")
-        groups = [[i] for i in range(len(rows))] if self.config.batch_invariant else [list(range(len(rows)))]
-        with torch.inference_mode():
-            out = [self._decode_group(kv, [rows[i] for i in group]) for group in groups]
-            return torch.cat(out)
+        groups = [[row] for row in rows] if self.config.batch_invariant else [rows]
+        return torch.cat([self._decode_group(kv, group) for group in groups])
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _decode_group(self, kv: torch.Tensor, rows: list[tuple]) -> torch.Tensor:
+    def _decode_group(self, kv: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         ids, positions, writes, reads = zip(*rows)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
-        hidden = self.model.decode(kv, as_tensor(ids), as_tensor(positions), as_tensor(writes), list(reads))
+        hidden = self.model.decode(kv, self._ints(ids), self._ints(positions), self._ints(writes),
+                                   list(reads))
         return self.model.logits(hidden)
+
+    def _ints(self, values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     def _prefill_hidden(self, token_ids: Sequence[int], kv: torch.Tensor,
                         page_ids: Sequence[int]) -> torch.Tensor:
@@ -121,7 +129,7 @@ class TorchEngine:
         slots = self._slots(page_ids, n, kv.shape[2])
         return self.model.prefill(kv, ids, slots)
 
-    def _decode_row(self, item: DecodeItem, num_pages: int) -> tuple[int, int, int, torch.Tensor]:
+    def _decode_row(self, item: DecodeItem, num_pages: int) -> _Row:
         """(token, position, write slot, read slots [position + 1]) of one decode item, checked."""
         pos = item.position
         if not isinstance(pos, int) or not 0 <= pos < self.max_seq_len:

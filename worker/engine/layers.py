@@ -44,7 +44,8 @@ def _llama3_scaling(cfg: ModelConfig, inv_freq: torch.Tensor) -> torch.Tensor:
     high_wavelen = old / cfg.rope_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    smooth = (old / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)

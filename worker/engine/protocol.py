@@ -79,7 +79,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}",
-                                  reason="INVALID_SAMPLING_PARAMS", metadata={"temperature": self.temperature})
+                                  reason="INVALID_SAMPLING_PARAMS",
+                                  metadata={"temperature": self.temperature})
         if not (0 < self.top_p <= 1):
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}",
                                   reason="INVALID_SAMPLING_PARAMS", metadata={"top_p": self.top_p})

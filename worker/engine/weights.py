@@ -129,7 +129,8 @@ def load_hf_weights(folder: str | Path, cfg: ModelConfig, device: torch.device |
     return Weights(embed, layers, final_norm, lm_head)
 
 
-def _fused(parts: list[torch.Tensor], biases: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fused(parts: list[torch.Tensor],
+           biases: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack weight rows; a bias for the fused rows (zeros where a part has none), or None."""
     weight = torch.cat(parts)
     if all(b is None for b in biases):
