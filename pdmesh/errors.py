@@ -74,6 +74,15 @@ class PdmeshError(Exception):
         return cls(message, reason=reason or _reason_for_code(code), metadata=metadata,
                    retry_after_s=retry_after_s)
 
+    @staticmethod
+    def from_parts(code: grpc.StatusCode | str, message: str, reason: str = "",
+                   metadata: Mapping[str, object] | None = None) -> "PdmeshError":
+        """The typed error for a code (or its name) and reason carried inside a message body."""
+        if isinstance(code, str):
+            code = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+        cls = _BY_REASON.get(reason) or _BY_CODE.get(code, PdmeshError)
+        return cls(message, reason=reason or _reason_for_code(code), metadata=metadata)
+
     def same_as(self, other: "PdmeshError") -> bool:
         return self.code == other.code and self.reason == other.reason
 

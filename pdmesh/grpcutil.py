@@ -148,3 +148,19 @@ async def call(coro: Awaitable[Any]) -> Any:
         return await coro
     except grpc.aio.AioRpcError as err:
         raise PdmeshError.from_rpc_error(err) from None
+
+
+def run_async(main: Awaitable[Any], loop: str = "auto") -> Any:
+    """Run an entry point's coroutine: on uvloop when `loop` is "uvloop" or "auto" and uvloop is
+    installed (measured faster for grpc.aio here, bench/bootstrap.py), else on asyncio's loop."""
+    if loop not in ("auto", "uvloop", "asyncio"):
+        raise ValueError(f"event loop must be auto, uvloop or asyncio, got {loop!r}")
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)

@@ -1,0 +1,157 @@
+"""The server side of the WatchRooms lookup stream: one `WatchSession` per open stream.
+
+A decode process keeps ONE stream per bootstrap address and multiplexes every lookup and wait of
+every request over it (see `pdmesh.server.watcher`). Per request message the session answers at
+once (tagged response: rooms found, missing, invalid) and keeps waiting for the rest; a room that
+registers later, or whose wait runs out, is reported in an untagged response, batched with
+whatever else became ready in the same event-loop turn. Waits are bounded (`wait_timeout_ms`,
+capped by the service) and are all dropped when the stream ends, so nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from pdmesh.bootstrap.v1 import bootstrap_pb2
+from pdmesh.errors import PdmeshError
+from pdmesh.rules import MAX_ROOM
+from pdmesh.server.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+def _invalid(room: int) -> bootstrap_pb2.RoomError:
+    return bootstrap_pb2.RoomError(
+        bootstrap_room=room, code="INVALID_ARGUMENT", reason="INVALID_BOOTSTRAP_ROOM",
+        message=f"bootstrap_room must be in 1..2^63-1 (0 means unset), got {room}")
+
+
+class WatchSession:
+    """State of one WatchRooms stream: its waits, their timers, and the outbox of late answers."""
+
+    def __init__(self, registry: Registry, context: grpc.aio.ServicerContext, *,
+                 default_wait_s: float, max_wait_s: float) -> None:
+        self._registry = registry
+        self._context = context
+        self._default_wait_s = default_wait_s
+        self._max_wait_s = max_wait_s
+        self._loop = asyncio.get_running_loop()
+        self._waiting: dict[int, asyncio.TimerHandle] = {}
+        self._out_rooms: list[int] = []
+        self._out_ranks: list[int] = []
+        self._out_expired: list[int] = []
+        self._out_errors: list[bootstrap_pb2.RoomError] = []
+        self._flushing = False
+        self._flush_task: asyncio.Task | None = None
+        self._write_lock = asyncio.Lock()
+        self._drained = asyncio.Event()
+
+    async def run(self, requests: AsyncIterator[bootstrap_pb2.WatchRoomsRequest]) -> None:
+        """Serve the stream until the caller half-closes and every wait is answered, or it goes away."""
+        try:
+            async for request in requests:
+                response = self._handle(request)
+                if response is not None:
+                    async with self._write_lock:
+                        await self._context.write(response)
+            while self._waiting or (self._flush_task is not None and not self._flush_task.done()):
+                self._drained.clear()
+                await self._drained.wait()
+        finally:
+            self._close()
+
+    def _handle(self, request: bootstrap_pb2.WatchRoomsRequest) -> bootstrap_pb2.WatchRoomsResponse | None:
+        for room in request.cancel_bootstrap_rooms:
+            self._cancel(room)
+        found, ranks, missing, invalid = self._registry.lookup_many(request.bootstrap_rooms)
+        errors = [_invalid(r) for r in invalid]
+        if request.wait_bootstrap_rooms:
+            self._wait(request, found, ranks, errors)
+        if request.tag:
+            return bootstrap_pb2.WatchRoomsResponse(
+                tag=request.tag, bootstrap_rooms=found, dp_ranks=ranks,
+                missing_bootstrap_rooms=missing, errors=errors)
+        if found or errors:  # untagged request: its immediate answers go out with the late ones
+            self._out_rooms.extend(found)
+            self._out_ranks.extend(ranks)
+            self._out_errors.extend(errors)
+            self._schedule_flush()
+        return None
+
+    def _wait(self, request, found: list[int], ranks: list[int],
+              errors: list[bootstrap_pb2.RoomError]) -> None:
+        rooms = [r for r in dict.fromkeys(request.wait_bootstrap_rooms) if r not in self._waiting]
+        timeout = request.wait_timeout_ms / 1000 if request.wait_timeout_ms else self._default_wait_s
+        timeout = min(timeout, self._max_wait_s)
+        try:
+            now_found, now_ranks, waiting, invalid = self._registry.lookup_many(rooms, self._on_registered)
+        except PdmeshError as exc:  # too many waiters: these rooms fail, the stream goes on
+            errors.extend(bootstrap_pb2.RoomError(bootstrap_room=r, code=exc.code.name, reason=exc.reason,
+                                                  message=exc.message) for r in rooms)
+            return
+        found.extend(now_found)
+        ranks.extend(now_ranks)
+        errors.extend(_invalid(r) for r in invalid)
+        call_later = self._loop.call_later
+        for room in waiting:
+            self._waiting[room] = call_later(timeout, self._on_timeout, room)
+        for room in dict.fromkeys(request.wait_bootstrap_rooms):  # re-asked while waiting: new timer
+            if room not in rooms and room in self._waiting and 0 < room <= MAX_ROOM:
+                self._waiting[room].cancel()
+                self._waiting[room] = call_later(timeout, self._on_timeout, room)
+
+    def _on_registered(self, room: int, dp_rank: int) -> None:
+        timer = self._waiting.pop(room, None)
+        if timer is None:
+            return
+        timer.cancel()
+        self._out_rooms.append(room)
+        self._out_ranks.append(dp_rank)
+        self._schedule_flush()
+
+    def _on_timeout(self, room: int) -> None:
+        if self._waiting.pop(room, None) is not None:
+            self._registry.unwatch(room, self._on_registered)
+            self._out_expired.append(room)
+            self._schedule_flush()
+
+    def _cancel(self, room: int) -> None:
+        timer = self._waiting.pop(room, None)
+        if timer is not None:
+            timer.cancel()
+            self._registry.unwatch(room, self._on_registered)
+
+    def _schedule_flush(self) -> None:
+        if not self._flushing:
+            self._flushing = True
+            self._flush_task = self._loop.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            async with self._write_lock:
+                self._flushing = False
+                rooms, ranks, expired, errors = (self._out_rooms, self._out_ranks, self._out_expired,
+                                                 self._out_errors)
+                self._out_rooms, self._out_ranks, self._out_expired, self._out_errors = [], [], [], []
+                if rooms or expired or errors:
+                    await self._context.write(bootstrap_pb2.WatchRoomsResponse(
+                        bootstrap_rooms=rooms, dp_ranks=ranks, expired_bootstrap_rooms=expired,
+                        errors=errors))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the caller went away; run() sees it on its next read
+            log.debug("WatchRooms write failed: %s", exc)
+        finally:
+            self._drained.set()
+
+    def _close(self) -> None:
+        for room, timer in self._waiting.items():
+            timer.cancel()
+            self._registry.unwatch(room, self._on_registered)
+        self._waiting.clear()
+        if self._flush_task is not None and not self._flush_task.done():
+            self._flush_task.cancel()

@@ -1,0 +1,294 @@
+"""The client side of the WatchRooms stream: ONE stream per bootstrap address, shared by every
+waiting request of a process (`RoomWatcher`, used through `BootstrapClient`).
+
+Callers `await wait_for_room(room, timeout)` or `await lookup_rooms(rooms, timeout)`. Requests
+made in the same event-loop turn go out together in one message (a writer task drains them while
+the previous write is in flight), so 64 concurrent lookups cost a few messages, not 64 calls.
+Answers are matched by room (waits) or by the message's tag (lookups, pings).
+
+Failure handling:
+- a local timer ends each wait at its timeout with DeadlineExceeded (reason ROOM_WAIT_TIMEOUT)
+  and cancels the server-side wait once no local caller waits for the room any more;
+- the stream is opened with wait_for_ready and a handshake (an empty tagged message) that must
+  be answered within `connect_timeout_s`; if not, every pending caller fails UNAVAILABLE at once,
+  not at its deadline;
+- a stream that breaks (the server restarted) is reopened and every pending wait is sent again;
+  rooms registered after the restart then resolve. After `max_reconnects` breaks in a row with
+  nothing answered in between, pending callers fail with the stream's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from typing import Iterable
+
+import grpc
+
+from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
+from pdmesh.errors import DeadlineExceeded, PdmeshError, Unavailable
+from pdmesh.rules import MAX_ROOM, validate_room
+
+log = logging.getLogger(__name__)
+_SERVER_WAIT_MARGIN_MS = 1000  # the server's wait outlives the local one, which decides the outcome
+_RESEND_WAIT_MS = 60_000  # re-asked after the server's wait ran out while a caller still waits
+
+
+class RoomWatcher:
+    """Multiplexes room lookups and waits of one process over one WatchRooms stream."""
+
+    def __init__(self, stub: bootstrap_pb2_grpc.BootstrapServiceStub, address: str, *,
+                 connect_timeout_s: float = 1.0, max_reconnects: int = 3) -> None:
+        self._stub = stub
+        self._address = address
+        self._connect_timeout_s = connect_timeout_s
+        self._max_reconnects = max_reconnects
+        self._call = None
+        self._reader: asyncio.Task | None = None
+        self._writer: asyncio.Task | None = None
+        self._tags = itertools.count(1)
+        self._waits: dict[int, list[asyncio.Future]] = {}  # room -> local callers waiting for it
+        self._tagged: dict[int, list[tuple[list[int] | None, asyncio.Future]]] = {}
+        self._out_lookups: list[tuple[list[int] | None, asyncio.Future]] = []
+        self._out_waits: dict[int, int] = {}  # room -> server wait_timeout_ms to ask for
+        self._out_cancels: list[int] = []
+        self._breaks = 0
+        self._closed = False
+
+    # ---- public ----------------------------------------------------------------------------
+
+    async def wait_for_room(self, room: int, timeout: float) -> int:
+        """The prefill DP rank of `room` as soon as it is registered; DeadlineExceeded at `timeout`."""
+        validate_room(room)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        waiters = self._waits.get(room)
+        if waiters is None:
+            self._waits[room] = [future]
+            self._out_waits[room] = max(self._out_waits.get(room, 0),
+                                        int(timeout * 1000) + _SERVER_WAIT_MARGIN_MS)
+            self._kick()
+        else:
+            waiters.append(future)
+        timer = loop.call_later(timeout, self._time_out, room, future, timeout)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            self._forget(room, future)
+
+    async def lookup_rooms(self, rooms: Iterable[int], timeout: float) -> dict[int, int | None]:
+        """The rank of each room now (None where not registered), in one round trip."""
+        rooms = list(rooms)
+        if rooms and (min(rooms) < 1 or max(rooms) > MAX_ROOM):
+            for room in rooms:
+                validate_room(room)
+        return await self._tagged_call(rooms, timeout)
+
+    async def ping(self, timeout: float) -> None:
+        """One empty round trip on the stream (a liveness probe, and the benchmark's baseline)."""
+        await self._tagged_call(None, timeout)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._fail_all(Unavailable(f"the bootstrap client for {self._address} was closed",
+                                   reason="CLIENT_CLOSED"))
+        for task in (self._writer, self._reader):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    # ---- requests --------------------------------------------------------------------------
+
+    async def _tagged_call(self, rooms: list[int] | None, timeout: float):
+        future = asyncio.get_running_loop().create_future()
+        entry = (rooms, future)
+        self._out_lookups.append(entry)
+        self._kick()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise DeadlineExceeded(f"no answer from the bootstrap service at {self._address} within "
+                                   f"{timeout:g} s", reason="BOOTSTRAP_TIMEOUT",
+                                   metadata={"address": self._address}) from None
+
+    def _time_out(self, room: int, future: asyncio.Future, timeout: float) -> None:
+        if not future.done():
+            future.set_exception(DeadlineExceeded(
+                f"room {room} was not registered at {self._address} within {timeout:g} s: the prefill "
+                "failed, was never sent this room, or has not reached it yet",
+                reason="ROOM_WAIT_TIMEOUT", metadata={"bootstrap_room": room,
+                                                      "waited_ms": int(timeout * 1000)}))
+
+    def _forget(self, room: int, future: asyncio.Future) -> None:
+        waiters = self._waits.get(room)
+        if waiters is None or future not in waiters:
+            return
+        waiters.remove(future)
+        if not waiters:  # nobody here waits any more: stop the server's wait too
+            del self._waits[room]
+            self._out_waits.pop(room, None)
+            if self._call is not None:
+                self._out_cancels.append(room)
+                self._kick()
+
+    def _kick(self) -> None:
+        if self._writer is None and not self._closed:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._out_lookups or self._out_waits or self._out_cancels:
+                if self._call is None:
+                    await self._connect()
+                    continue
+                call = self._call
+                try:
+                    await self._write_pending()
+                except grpc.aio.AioRpcError as exc:  # the stream broke: requeue, reconnect, go on
+                    self._on_break(call, PdmeshError.from_rpc_error(exc))
+        except PdmeshError as exc:
+            self._fail_all(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never strand callers
+            log.exception("bootstrap watcher writer failed")
+            self._fail_all(Unavailable(f"bootstrap watcher failed: {exc}"))
+        finally:
+            self._writer = None
+
+    async def _write_pending(self) -> None:
+        tag = next(self._tags)
+        self._tagged[tag] = self._out_lookups
+        rooms = [r for rooms, _ in self._out_lookups if rooms for r in rooms]
+        waits, cancels = self._out_waits, self._out_cancels
+        self._out_lookups, self._out_waits, self._out_cancels = [], {}, []
+        request = bootstrap_pb2.WatchRoomsRequest(
+            tag=tag, bootstrap_rooms=rooms, wait_bootstrap_rooms=list(waits),
+            wait_timeout_ms=max(waits.values(), default=0), cancel_bootstrap_rooms=cancels)
+        await self._call.write(request)
+
+    # ---- the stream ------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Open the stream, re-ask every pending wait, and prove it works with a handshake."""
+        if self._breaks > 1:  # broke again right after reconnecting: back off a little
+            await asyncio.sleep(min(0.05 * 2 ** self._breaks, 0.5))
+        call = self._stub.WatchRooms(wait_for_ready=True)
+        tag = next(self._tags)
+        handshake = asyncio.get_running_loop().create_future()
+        self._tagged[tag] = [(None, handshake)]
+        for room in self._waits:
+            self._out_waits.setdefault(room, _RESEND_WAIT_MS)
+        self._call = call
+        self._reader = asyncio.get_running_loop().create_task(self._read(call))
+        try:
+            await asyncio.wait_for(self._handshake(call, tag, handshake), self._connect_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError, grpc.aio.AioRpcError, PdmeshError) as exc:
+            self._tagged.pop(tag, None)
+            self._drop_call(call)
+            detail = exc.message if isinstance(exc, PdmeshError) else type(exc).__name__
+            raise Unavailable(
+                f"the bootstrap service at {self._address} is unreachable (no answer within "
+                f"{self._connect_timeout_s:g} s: {detail})", reason="BOOTSTRAP_UNREACHABLE",
+                metadata={"address": self._address}) from None
+
+    @staticmethod
+    async def _handshake(call, tag: int, handshake: asyncio.Future) -> None:
+        await call.write(bootstrap_pb2.WatchRoomsRequest(tag=tag))
+        await handshake
+
+    def _drop_call(self, call) -> None:
+        if self._call is call:
+            self._call = None
+        call.cancel()
+
+    async def _read(self, call) -> None:
+        error: PdmeshError
+        try:
+            async for response in call:
+                self._dispatch(response)
+            error = Unavailable(f"the bootstrap service at {self._address} closed the lookup stream")
+        except grpc.aio.AioRpcError as exc:
+            error = PdmeshError.from_rpc_error(exc)
+        except asyncio.CancelledError:
+            return
+        self._on_break(call, error)
+
+    def _on_break(self, call, error: PdmeshError) -> None:
+        if self._call is not call or self._closed:
+            return
+        self._call = None
+        self._breaks += 1
+        for tag in list(self._tagged):  # lookups in flight are asked again on the next stream
+            entries = self._tagged.pop(tag)
+            self._out_lookups.extend(e for e in entries if e[0] is not None or not e[1].done())
+        if self._breaks > self._max_reconnects:
+            self._breaks = 0
+            self._fail_all(error)
+            return
+        for room in self._waits:
+            self._out_waits.setdefault(room, _RESEND_WAIT_MS)
+        if self._waits or self._out_lookups:
+            log.info("lookup stream to %s broke (%s); reconnecting", self._address, error.code.name)
+            self._kick()
+
+    def _dispatch(self, response: bootstrap_pb2.WatchRoomsResponse) -> None:
+        found_rooms = response.bootstrap_rooms
+        if found_rooms and self._waits:
+            waits = self._waits
+            for room, rank in zip(found_rooms, response.dp_ranks):
+                futures = waits.pop(room, None)
+                if futures:
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(rank)
+        for room in response.expired_bootstrap_rooms:
+            if room in self._waits:  # the server stopped waiting but a caller still does
+                self._out_waits[room] = _RESEND_WAIT_MS
+                self._kick()
+        failed = {e.bootstrap_room: PdmeshError.from_parts(e.code, e.message, e.reason,
+                                                           {"bootstrap_room": e.bootstrap_room})
+                  for e in response.errors}
+        for room, error in failed.items():
+            for future in self._waits.pop(room, ()):
+                if not future.done():
+                    future.set_exception(error)
+        if found_rooms or response.expired_bootstrap_rooms:
+            self._breaks = 0
+        if response.tag:
+            self._answer(response, failed)
+
+    def _answer(self, response: bootstrap_pb2.WatchRoomsResponse, failed: dict) -> None:
+        entries = self._tagged.pop(response.tag, None)
+        if not entries:
+            return
+        found = dict(zip(response.bootstrap_rooms, response.dp_ranks)) if response.bootstrap_rooms else {}
+        for rooms, future in entries:
+            if future.done():
+                continue
+            if rooms is None:
+                future.set_result(None)
+            elif failed and any(r in failed for r in rooms):
+                future.set_exception(next(failed[r] for r in rooms if r in failed))
+            else:
+                future.set_result(dict(zip(rooms, map(found.get, rooms))))
+
+    def _fail_all(self, error: PdmeshError) -> None:
+        futures = [f for fs in self._waits.values() for f in fs]
+        futures += [f for entries in self._tagged.values() for _, f in entries]
+        futures += [f for _, f in self._out_lookups]
+        self._waits.clear()
+        self._tagged.clear()
+        self._out_lookups.clear()
+        self._out_waits.clear()
+        self._out_cancels.clear()
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
