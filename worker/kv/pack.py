@@ -1,0 +1,184 @@
+"""Pack a request's KV pages into one contiguous staging buffer, and unpack one into pages.
+
+    staging = pack(kv, page_ids, layers=(a, b))     # kv[a:b, :, page_ids], contiguous
+    unpack(staging, kv, page_ids, layers=(a, b))    # kv[a:b, :, page_ids] = staging
+
+`kv` is a pool tensor [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim] (layout.py);
+the staging order is the one DESIGN.md fixes: for each layer, K pages then V pages, pages in the
+request's order, i.e. shape [b - a, 2, len(page_ids), page_size, num_kv_heads, head_dim].
+
+This module owns the public API and ALL validation (shapes, dtypes, devices, page ids: out of
+range, or repeated in an unpack, is INVALID_ARGUMENT, never a crash; an empty request is fine).
+The torch implementation below is the reference and runs on CPU; tensors on CUDA are handed to
+`pdmesh.worker.kv.pack_triton` (`pack_triton(kv, page_ids, layer_start, layer_end, out)` and
+`unpack_triton(staging, kv, page_ids, layer_start, layer_end)`, page_ids an int64 tensor on the
+device, out/staging contiguous [b-a, 2, n, S, H, D]), imported lazily; without it, torch runs.
+
+The torch path views the pool as rows [num_layers * 2 * num_pages, piece] (one row = one page of
+K or V in one layer) of the widest integer word that divides a piece, and moves all rows of the
+request with one `index_select` / `index_copy_` along dim 0: measured on this machine that is
+about twice as fast as indexing the 6-d tensor, and it never reinterprets floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pdmesh.errors import InvalidArgument
+
+PageIds = Sequence[int] | torch.Tensor
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def pack(kv: torch.Tensor, page_ids: PageIds, layers: tuple[int, int] | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather pages `page_ids` of layers [a, b) into `out` (allocated if None); return it
+    shaped [b - a, 2, n, page_size, num_kv_heads, head_dim]."""
+    a, b = _check_pool(kv, layers)
+    ids = _check_ids(kv, page_ids, unique=False)
+    shape = (b - a, 2, ids.numel()) + tuple(kv.shape[3:])
+    if out is None:
+        out = torch.empty(shape, dtype=kv.dtype, device=kv.device)
+    else:
+        out = _check_buffer(out, kv, shape, "out")
+    if out.numel() == 0:
+        return out
+    if kv.is_cuda and _triton() is not None:
+        _triton().pack_triton(kv, ids, a, b, out)
+        return out
+    rows, pool_rows, out_rows = _rows(kv, ids, a, b, out)
+    torch.index_select(pool_rows, 0, rows, out=out_rows)
+    return out
+
+
+def unpack(staging: torch.Tensor, kv: torch.Tensor, page_ids: PageIds,
+           layers: tuple[int, int] | None = None) -> None:
+    """Scatter `staging` ([b - a, 2, n, S, H, D] or any contiguous tensor of that many elements)
+    into pages `page_ids` (distinct) of layers [a, b) of `kv`."""
+    a, b = _check_pool(kv, layers)
+    ids = _check_ids(kv, page_ids, unique=True)
+    shape = (b - a, 2, ids.numel()) + tuple(kv.shape[3:])
+    staging = _check_buffer(staging, kv, shape, "staging")
+    if staging.numel() == 0:
+        return
+    if kv.is_cuda and _triton() is not None:
+        _triton().unpack_triton(staging, kv, ids, a, b)
+        return
+    rows, pool_rows, staging_rows = _rows(kv, ids, a, b, staging)
+    pool_rows.index_copy_(0, rows, staging_rows)
+
+
+def staging_shape(kv: torch.Tensor, num_pages: int, layers: tuple[int, int] | None = None
+                  ) -> tuple[int, ...]:
+    a, b = _check_pool(kv, layers)
+    return (b - a, 2, num_pages) + tuple(kv.shape[3:])
+
+
+# -- validation -------------------------------------------------------------------------------
+
+def _check_pool(kv: torch.Tensor, layers: tuple[int, int] | None) -> tuple[int, int]:
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 6 or kv.shape[1] != 2:
+        raise InvalidArgument(
+            "kv must be a pool tensor [num_layers, 2, num_pages, page_size, num_kv_heads, "
+            f"head_dim], got {getattr(kv, 'shape', type(kv).__name__)}", reason="INVALID_KV_TENSOR")
+    if not kv.is_contiguous():
+        raise InvalidArgument("kv pool tensor must be contiguous", reason="INVALID_KV_TENSOR")
+    num_layers = kv.shape[0]
+    if layers is None:
+        return 0, num_layers
+    try:
+        a, b = (int(x) for x in layers)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"layers must be a pair (start, end), got {layers!r}",
+                              reason="INVALID_LAYER_RANGE") from None
+    if not 0 <= a <= b <= num_layers:
+        raise InvalidArgument(f"layer range [{a}, {b}) is outside [0, {num_layers})",
+                              reason="INVALID_LAYER_RANGE",
+                              metadata={"start": a, "end": b, "num_layers": num_layers})
+    return a, b
+
+
+def _check_ids(kv: torch.Tensor, page_ids: PageIds, unique: bool) -> torch.Tensor:
+    if isinstance(page_ids, torch.Tensor):
+        if page_ids.dim() != 1 or page_ids.dtype.is_floating_point or page_ids.dtype == torch.bool:
+            raise InvalidArgument("page ids must be a 1-d integer tensor",
+                                  reason="INVALID_PAGE_IDS")
+        ids = page_ids.to(device="cpu", dtype=torch.int64)
+    else:
+        try:
+            ids = torch.tensor([_as_int(i) for i in page_ids], dtype=torch.int64)
+        except TypeError:
+            raise InvalidArgument("page ids must be integers", reason="INVALID_PAGE_IDS") from None
+    num_pages = kv.shape[2]
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_pages:
+            raise InvalidArgument(
+                f"page ids must lie in [0, {num_pages}), got min {lo} max {hi}",
+                reason="PAGE_ID_OUT_OF_RANGE", metadata={"min": lo, "max": hi, "num_pages": num_pages})
+        if unique and torch.unique(ids).numel() != ids.numel():
+            raise InvalidArgument("page ids of an unpack must be distinct",
+                                  reason="DUPLICATE_PAGE_IDS")
+    return ids.to(kv.device)
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(value)
+    return value.__index__()
+
+
+def _check_buffer(buf: torch.Tensor, kv: torch.Tensor, shape: tuple[int, ...], name: str
+                  ) -> torch.Tensor:
+    if not isinstance(buf, torch.Tensor):
+        raise InvalidArgument(f"{name} must be a tensor", reason="INVALID_STAGING_BUFFER")
+    numel = 1
+    for s in shape:
+        numel *= s
+    problems = []
+    if buf.dtype != kv.dtype:
+        problems.append(f"dtype {buf.dtype} != pool dtype {kv.dtype}")
+    if buf.device != kv.device:
+        problems.append(f"device {buf.device} != pool device {kv.device}")
+    if buf.numel() != numel:
+        problems.append(f"{buf.numel()} elements != {numel} for shape {list(shape)}")
+    if not buf.is_contiguous():
+        problems.append("not contiguous")
+    if problems:
+        raise InvalidArgument(f"{name} buffer does not fit the request: " + "; ".join(problems),
+                              reason="INVALID_STAGING_BUFFER")
+    return buf.view(shape)
+
+
+# -- torch reference --------------------------------------------------------------------------
+
+def _rows(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor):
+    """Row indices of the request in the pool's row view, and both tensors as rows of words."""
+    num_pages = kv.shape[2]
+    piece_bytes = kv[0, 0, 0].numel() * kv.element_size()
+    word = next(w for n, w in _WORDS if piece_bytes % n == 0)
+    pool_rows = kv.view(torch.uint8).view(-1, piece_bytes).view(word)
+    buf_rows = buf.view(torch.uint8).view(-1, piece_bytes).view(word)
+    base = torch.arange(2 * a, 2 * b, dtype=torch.int64, device=kv.device) * num_pages
+    rows = (base.unsqueeze(1) + ids.unsqueeze(0)).reshape(-1)
+    return rows, pool_rows, buf_rows
+
+
+_TRITON: object | None = None
+_TRITON_LOOKED = False
+
+
+def _triton():
+    """`pdmesh.worker.kv.pack_triton`, or None where it is not installed (torch then runs)."""
+    global _TRITON, _TRITON_LOOKED
+    if not _TRITON_LOOKED:
+        try:
+            from pdmesh.worker.kv import pack_triton as module
+        except ModuleNotFoundError as err:
+            if err.name not in ("pdmesh.worker.kv.pack_triton", "triton"):
+                raise
+            module = None
+        _TRITON, _TRITON_LOOKED = module, True
+    return _TRITON
