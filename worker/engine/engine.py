@@ -32,6 +32,13 @@ from pdmesh.worker.kv.layout import KvLayout
 _Row = tuple[int, int, int, torch.Tensor]
 
 
+def _resolve(device: torch.device) -> torch.device:
+    """`cuda` -> `cuda:<current>`, so it compares equal to the device of the tensors made on it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _bad(message: str, reason: str, **metadata: object) -> InvalidArgument:
     return InvalidArgument(message, reason=reason, metadata=metadata)
 
@@ -45,7 +52,7 @@ class TorchEngine:
             raise _bad(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                        f"{cfg.vocab_size}", "INVALID_MODEL_CONFIG")
         self.config = cfg
-        self.device = torch.device(device)
+        self.device = _resolve(torch.device(device))
         self.model = Model(cfg, weights, self.device)
         self._tokenizer = tokenizer
         self._layout = cfg.layout

@@ -42,17 +42,18 @@ class Weights:
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu") -> Weights:
-    """Seeded weights: the same (config, seed, device type) gives the same bits in any process.
+    """Seeded weights: the same (config, seed) gives the same bits in any process, on any device.
 
-    Values are drawn in float32 in a fixed order and then cast, so the float32 and float64
-    versions of a model differ only by rounding. Linear weights have std 1/sqrt(fan_in),
-    embeddings std 1, norm weights 1 + N(0, 0.1^2): activations stay of order one in every layer.
+    Values are drawn on the CPU in float32 in a fixed order, then cast and moved, so a GPU engine
+    holds the same weights as a CPU one and float32 and float64 versions differ only by rounding.
+    Linear weights have std 1/sqrt(fan_in), embeddings std 1, norm weights 1 + N(0, 0.1^2):
+    activations stay of order one in every layer.
     """
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
 
     def draw(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
-        x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std + mean
-        return x.to(cfg.dtype)
+        x = torch.randn(shape, generator=gen, dtype=torch.float32) * std + mean
+        return x.to(device=device, dtype=cfg.dtype)
 
     h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
