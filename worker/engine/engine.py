@@ -133,7 +133,7 @@ class TorchEngine:
                        "sequence, prompt and output together", "SEQUENCE_TOO_LONG",
                        prompt_tokens=n, max_seq_len=self.max_seq_len)
         ids = self._check_tokens(token_ids)
-        slots = self._slots(page_ids, n, kv.shape[2])
+        slots = self._slots(page_ids, n, kv.shape[2]).to(self.device)
         return self.model.prefill(kv, ids, slots)
 
     def _decode_row(self, item: DecodeItem, num_pages: int) -> _Row:
@@ -144,7 +144,7 @@ class TorchEngine:
                        "SEQUENCE_TOO_LONG", position=pos, max_seq_len=self.max_seq_len)
         self._check_tokens([item.token_id])
         reads = self._slots(item.page_ids, pos + 1, num_pages)
-        return item.token_id, pos, int(reads[-1]), reads
+        return item.token_id, pos, int(reads[-1]), reads.to(self.device)
 
     def _check_tokens(self, token_ids: Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(list(token_ids), dtype=torch.int64)
@@ -154,7 +154,8 @@ class TorchEngine:
         return ids.to(self.device)
 
     def _slots(self, page_ids: Sequence[int], num_tokens: int, num_pages: int) -> torch.Tensor:
-        """Flat pool slots of positions 0..num_tokens-1 through the page table, after checks."""
+        """Flat pool slots [num_tokens] (on the CPU) of positions 0..num_tokens-1 through the page
+        table, after checking it covers them with distinct pages of the pool."""
         size = self._layout.page_size
         need = self._layout.pages_for_tokens(num_tokens)
         pages = list(page_ids)
@@ -165,8 +166,7 @@ class TorchEngine:
         if int(table.min()) < 0 or int(table.max()) >= num_pages or len(set(pages[:need])) != need:
             raise _bad(f"page ids must be distinct and in 0..{num_pages - 1}", "INVALID_PAGE_TABLE",
                        min=int(table.min()), max=int(table.max()))
-        slots = (table[:, None] * size + torch.arange(size)).flatten()[:num_tokens]
-        return slots.to(self.device)
+        return (table[:, None] * size + torch.arange(size)).flatten()[:num_tokens]
 
     def _check_pool(self, kv: torch.Tensor) -> None:
         lay = self._layout
