@@ -8,7 +8,7 @@ Three measurements, each between two processes on the same GPU with UCX's CUDA t
 Every ucxx run checks the bytes that arrived. Rates are payload bytes over wall time
 (GB/s = 1e9 bytes/s), unlike the kernel figures, which count bytes read plus written.
 
-    python -m bench.gpu_ucx {bare,pipe}-{send,recv} --port P --bytes N --iters K  # one side
+    python -m bench.gpu_ucx {bare,pipe}-{send,recv} --port P --sizes N,.. --iters K  # one side
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ def _env() -> dict:
     return env
 
 
-def _pair(role: str, nbytes: int, iters: int, timeout: float = 120) -> dict:
-    """Start the receiver, then the sender; return the sender's JSON line."""
+def _pair(role: str, sizes: list[int], iters: int, mode: str = "blocking", inflight: int = 1,
+          timeout: float = 180) -> list[dict]:
+    """Start the receiver, then the sender (one connection for every size); the sender's figures."""
     port = _free_port()
-    base = [sys.executable, "-m", "bench.gpu_ucx", "--port", str(port), "--bytes", str(nbytes),
-            "--iters", str(iters)]
-    recv = subprocess.Popen(base + [f"{role}-recv"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+    base = [sys.executable, "-m", "bench.gpu_ucx", "--port", str(port), "--sizes",
+            ",".join(map(str, sizes)), "--iters", str(iters), "--inflight", str(inflight)]
+    env = dict(_env(), UCXPY_PROGRESS_MODE=mode)
+    recv = subprocess.Popen(base + [f"{role}-recv"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             text=True)
     try:
         seen = []
@@ -57,26 +59,31 @@ def _pair(role: str, nbytes: int, iters: int, timeout: float = 120) -> dict:
             seen.append(line)
         else:
             raise RuntimeError(f"{role} receiver did not start: {''.join(seen)[-500:]!r}")
-        send = subprocess.run(base + [f"{role}-send"], cwd=ROOT, env=_env(), capture_output=True,
+        send = subprocess.run(base + [f"{role}-send"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=timeout)
         if send.returncode != 0:
             raise RuntimeError(f"{role} sender failed: {send.stderr[-2000:]}")
         rest, _ = recv.communicate(timeout=60)
         if recv.returncode != 0 or "RESULT ok" not in rest:
             raise RuntimeError(f"{role} receiver failed: {rest[-500:]!r}")
-        return json.loads(send.stdout.strip().splitlines()[-1])
+        rows = json.loads(send.stdout.strip().splitlines()[-1])
+        for row in rows:
+            row.update(mode=mode, inflight=inflight)
+        return rows
     finally:
         if recv.poll() is None:
             recv.kill()
             recv.wait()
 
 
-def bare_send(nbytes: int, iters: int) -> dict:
-    return _pair("bare", nbytes, iters)
+def bare_send(sizes: list[int], iters: int, mode: str = "blocking", inflight: int = 1) -> list[dict]:
+    """A ucxx send of one CUDA buffer per size (split in `inflight` concurrent sends)."""
+    return _pair("bare", sizes, iters, mode, inflight)
 
 
-def pipe_send(tokens: int, iters: int) -> dict:
-    return _pair("pipe", tokens, iters)
+def pipe_send(tokens: list[int], iters: int, mode: str = "blocking", inflight: int = 1) -> list[dict]:
+    """Pack, send, receive, unpack a request of each token count, pool to pool."""
+    return _pair("pipe", tokens, iters, mode, inflight)
 
 
 def perftest(nbytes: int, iters: int, mem: str = "cuda") -> dict:
@@ -138,69 +145,89 @@ def _wire(t):
     return flat if flat.is_cuda else flat.numpy()
 
 
-async def _send_side(role: str, port: int, nbytes: int, iters: int) -> None:
+def _chunks(wire, k: int) -> list:
+    if hasattr(wire, "chunk"):
+        return list(wire.chunk(k))
     import numpy as np
+    return np.array_split(wire, k)
+
+
+def _side_setup(role: str, size: int, seed: int):
+    """(buffer, step) for one size: the bytes to move and what runs around each move."""
+    from bench.gpu_kernels import DEVICE, sync
+    from pdmesh.worker.kv.pack_triton import pack_triton, unpack_triton
     import torch
+    if role == "bare":
+        buf = _pattern(size) if seed == 1 else torch.empty(size, dtype=torch.uint8, device=DEVICE)
+        return buf, None, None
+    kv, ids, buf = _pool(size, seed)
+
+    def pack():
+        pack_triton(kv, ids, 0, kv.shape[0], buf)
+        sync()  # UCX is not stream-ordered: the bytes must be there before the send
+
+    def unpack():
+        unpack_triton(buf, kv, ids, 0, kv.shape[0])
+        sync()
+    return buf, (pack if seed == 1 else unpack), (kv, ids)
+
+
+async def _send_side(role: str, port: int, sizes: list[int], iters: int, inflight: int) -> None:
+    import numpy as np
     import ucxx
     from bench.gpu_kernels import sync
-    from pdmesh.worker.kv.pack_triton import pack_triton
 
-    if role == "bare":
-        buf = _pattern(nbytes)
-        step = None
-    else:
-        kv, ids, buf = _pool(nbytes, seed=1)
-
-        def step():
-            pack_triton(kv, ids, 0, kv.shape[0], buf)
-            sync()  # UCX is not stream-ordered
-    wire = _wire(buf)
-    sync()
     ep = await ucxx.create_endpoint("127.0.0.1", port)
-    warmup = 3
-    for i in range(warmup + iters):
-        if i == warmup:
-            start = time.perf_counter()
-        if step:
-            step()
-        await ep.send(wire)
-    ack = np.zeros(1, dtype=np.int64)
-    await ep.recv(ack)
-    elapsed = time.perf_counter() - start
-    payload = buf.numel() * buf.element_size()
-    print(json.dumps({"role": role, "bytes": payload, "iters": iters, "ok": int(ack[0]),
-                      "s_per_iter": elapsed / iters, "gbps": payload * iters / elapsed / 1e9}))
+    rows = []
+    for size in sizes:
+        buf, step, _ = _side_setup(role, size, seed=1)
+        chunks = _chunks(_wire(buf), inflight)
+        sync()
+        warmup = 3
+        for i in range(warmup + iters):
+            if i == warmup:
+                start = time.perf_counter()
+            if step:
+                step()
+            await asyncio.gather(*(ep.send(c) for c in chunks))
+        ack = np.zeros(1, dtype=np.int64)
+        await ep.recv(ack)
+        elapsed = time.perf_counter() - start
+        payload = buf.numel() * buf.element_size()
+        rows.append({"role": role, "size": size, "bytes": payload, "iters": iters,
+                     "ok": int(ack[0]), "s_per_iter": elapsed / iters,
+                     "gbps": payload * iters / elapsed / 1e9})
+        del buf, step, chunks
+    print(json.dumps(rows))
     await ep.close()
 
 
-async def _recv_side(role: str, port: int, nbytes: int, iters: int) -> None:
+async def _recv_side(role: str, port: int, sizes: list[int], iters: int, inflight: int) -> None:
     import numpy as np
     import torch
     import ucxx
-    from bench.gpu_kernels import DEVICE, sync
-    from pdmesh.worker.kv.pack_triton import unpack_triton
 
-    if role == "bare":
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    else:
-        kv, ids, buf = _pool(nbytes, seed=2)
-    wire = _wire(buf)
     done = asyncio.Event()
-    result = {}
+    result = {"ok": True}
 
     async def handler(ep):
-        for _ in range(3 + iters):
-            await ep.recv(wire)
-            if role == "pipe":
-                unpack_triton(buf, kv, ids, 0, kv.shape[0])
-                sync()
-        if role == "bare":
-            ok = torch.equal(buf, _pattern(nbytes))
-        else:
-            src_kv, src_ids, _ = _pool(nbytes, seed=1)
-            ok = torch.equal(kv[:, :, ids].view(torch.int16), src_kv[:, :, src_ids].view(torch.int16))
-        result["ok"] = ok
-        await ep.send(np.array([int(ok)], dtype=np.int64))
+        for size in sizes:
+            buf, step, pool = _side_setup(role, size, seed=2)
+            chunks = _chunks(_wire(buf), inflight)
+            for _ in range(3 + iters):
+                await asyncio.gather(*(ep.recv(c) for c in chunks))
+                if step:
+                    step()
+            if role == "bare":
+                ok = torch.equal(buf, _pattern(size))
+            else:
+                (kv, ids), (src_kv, src_ids, _) = pool, _pool(size, seed=1)
+                ok = torch.equal(kv[:, :, ids].view(torch.int16),
+                                 src_kv[:, :, src_ids].view(torch.int16))
+                del kv, ids, src_kv, src_ids
+            result["ok"] &= bool(ok)
+            await ep.send(np.array([int(ok)], dtype=np.int64))
+            del buf, step, pool, chunks
         done.set()
 
     listener = ucxx.create_listener(handler, port)
@@ -217,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("side", choices=["bare-send", "bare-recv", "pipe-send", "pipe-recv"])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--bytes", type=int, required=True, help="bytes (bare) or tokens (pipe)")
+    parser.add_argument("--sizes", required=True, help="bytes (bare) or tokens (pipe), comma-separated")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--inflight", type=int, default=1, help="concurrent sends per move")
     args = parser.parse_args(argv)
     role, side = args.side.split("-")
     fn = _send_side if side == "send" else _recv_side
-    asyncio.run(fn(role, args.port, args.bytes, args.iters))
+    sizes = [int(x) for x in args.sizes.split(",")]
+    asyncio.run(fn(role, args.port, sizes, args.iters, args.inflight))
     return 0
 
 

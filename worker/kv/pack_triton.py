@@ -26,10 +26,10 @@ import triton.language as tl
 __all__ = ["pack_triton", "unpack_triton"]
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# Bytes one program moves; measured on the H100 (bench/gpu.py sweeps these, see
-# bench/results/gpu-h100.md): 16 KiB per program with 4 warps was within noise of the best.
-_TILE_BYTES = 16384
-_NUM_WARPS = 4
+# Bytes one program moves and its warps, from the H100 sweep (`python -m bench.gpu --sweep`):
+# 8-64 KiB all ran at 0.95-0.98 of a copy; 32 KiB with 8 warps was best or within 1% in each case.
+_TILE_BYTES = 32768
+_NUM_WARPS = 8
 _MAX_GRID_Y = 65535
 
 
