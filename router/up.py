@@ -53,7 +53,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-method", default="follow_bootstrap_room",
                    choices=["round_robin", "shortest_queue", "follow_bootstrap_room"])
     p.add_argument("--model", default=env("MODEL"), help="local Hugging Face folder (default: random weights)")
-    p.add_argument("--engine", default=env("ENGINE", "tiny"), help="engine preset without --model")
+    p.add_argument("--model-preset", default=env("MODEL_PRESET", "tiny"),
+                   help="random-weight model preset without --model (default tiny)")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the demo prompt")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--once", action="store_true", help="stop after the demo")
@@ -64,7 +65,7 @@ def plan(args: argparse.Namespace, log_dir: Path) -> list[Child]:
     host, base = args.host, args.base_port
     addr = {k: f"{host}:{base + i}" for i, k in enumerate(["bootstrap", "router", "prefill", "decode"])}
     exe = [sys.executable, "-m", "pdmesh.cli"]
-    engine = ["--model", args.model] if args.model else ["--engine", args.engine]
+    engine = ["--model", args.model] if args.model else ["--model-preset", args.model_preset]
     return [
         Child("bootstrap", addr["bootstrap"], [*exe, "bootstrap", "--host", host, "--port", str(base)],
               log_dir / "bootstrap.log"),
@@ -129,11 +130,10 @@ async def start_all(children: list[Child]) -> None:
 
 async def demo(args: argparse.Namespace, router_address: str) -> bool:
     from pdmesh.router.client import RouterClient
-    from pdmesh.worker.engine.reference import colocated_text
 
     async with RouterClient(router_address) as client:
         result = await client.generate(args.prompt, max_new_tokens=args.max_new_tokens)
-    reference = colocated_text(args.prompt, args.max_new_tokens, model_path=args.model, preset=args.engine)
+    reference = colocated_text(args.prompt, args.max_new_tokens, model=args.model, preset=args.model_preset)
     same = result.text == reference
     info = result.info
     print(f"\nprompt : {args.prompt!r}\ntext   : {result.text!r}")
@@ -143,6 +143,18 @@ async def demo(args: argparse.Namespace, router_address: str) -> bool:
     print(f"TTFT   : {info.ttft_ms:.1f} ms")
     print(f"same text as one colocated engine: {'yes' if same else 'NO'}")
     return same
+
+
+def colocated_text(prompt: str, max_new_tokens: int, *, model: str | None, preset: str) -> str:
+    """What one engine, prefill and decode in the same process, generates for `prompt`."""
+    from pdmesh.worker.engine.factory import EngineSpec, build_engine
+    from pdmesh.worker.engine.reference import colocated_generate
+    from pdmesh.worker.engine.runtime import configure_torch_threads
+
+    configure_torch_threads()
+    engine = build_engine(EngineSpec(model=model, preset=preset))
+    generation = colocated_generate(engine, engine.tokenizer.encode(prompt), max_new_tokens)
+    return engine.tokenizer.decode(generation.output_ids)
 
 
 async def run(args: argparse.Namespace) -> int:

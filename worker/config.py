@@ -12,26 +12,9 @@ import json
 from dataclasses import dataclass, field
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.worker.engine.factory import EngineSpec
 
 PREFILL, DECODE = "prefill", "decode"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Which engine a rank runs and the geometry of its KV pool."""
-
-    #: "tiny" (fast random weights), "tiny-fp64" (exact, for tests), "realistic" (32 layers,
-    #: 8 KV heads, head dim 128; for benchmarks), or "model" with `model_path`.
-    preset: str = "tiny"
-    #: Local Hugging Face folder with config.json, safetensors and tokenizer files.
-    model_path: str | None = None
-    #: Random-weight seed: prefill and decode must use the same seed to agree.
-    seed: int = 0
-    #: Pages in each rank's KV pool, and tokens per page.
-    num_pages: int = 512
-    page_size: int = 16
-    #: "cpu", "cuda", "cuda:N"; "auto" takes the rank's CUDA device when there is one.
-    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -51,7 +34,10 @@ class InstanceConfig:
     bootstrap_port: int | None = None
     #: ... or register at this external one (host:port).
     bootstrap_address: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    #: The model every rank runs; prefill and decode must build the same one.
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    #: Pages in each rank's KV pool.
+    num_pages: int = 1024
     #: Seconds a prefill rank holds a computed room for the decode's transfer request.
     transfer_wait_s: float = 30.0
     #: Seconds a prefill rank waits for a room it was asked to send but does not hold yet.
@@ -95,7 +81,7 @@ class RankConfig:
     def from_json(cls, text: str) -> "RankConfig":
         raw = json.loads(text)
         inst = raw["instance"]
-        inst["engine"] = EngineConfig(**inst["engine"])
+        inst["engine"] = EngineSpec(**inst["engine"])
         inst["devices"] = tuple(inst.get("devices") or ())
         raw["instance"] = InstanceConfig(**inst)
         return cls(**raw)

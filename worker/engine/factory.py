@@ -19,6 +19,7 @@ import torch
 from pdmesh.config import env
 from pdmesh.errors import InvalidArgument
 from pdmesh.worker.engine.config import PRESETS, ModelConfig, from_hf_config, parse_dtype, preset
+from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.engine.engine import TorchEngine
 from pdmesh.worker.engine.tokenizer import ByteTokenizer, load_hf_tokenizer
 from pdmesh.worker.engine.weights import load_hf_weights, random_weights
@@ -100,3 +101,17 @@ def build_engine(spec: EngineSpec) -> TorchEngine:
                               device=spec.device, batch_invariant=bool(spec.batch_invariant))
     cfg = preset(spec.preset, dtype=dtype, page_size=spec.page_size, batch_invariant=spec.batch_invariant)
     return random_engine(cfg, seed=spec.seed, device=spec.device)
+
+
+def build_layout(spec: EngineSpec) -> KvLayout:
+    """The KV layout `build_engine(spec)` would have, without loading or drawing any weights
+    (a DP controller publishes it for its ranks)."""
+    dtype = parse_dtype(spec.dtype) if spec.dtype else None
+    if spec.model:
+        config_path = Path(spec.model) / "config.json"
+        if not config_path.is_file():
+            raise InvalidArgument(f"{config_path} is missing; --model wants a local Hugging Face model "
+                                  "folder", reason="INVALID_MODEL_FOLDER", metadata={"path": spec.model})
+        return from_hf_config(json.loads(config_path.read_text()), dtype=dtype,
+                              page_size=spec.page_size or 16).layout
+    return preset(spec.preset, dtype=dtype, page_size=spec.page_size).layout

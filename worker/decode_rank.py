@@ -1,0 +1,130 @@
+"""`DecodeService` on one decode DP rank: resolve the prefill rank, fetch the KV, decode, stream.
+
+For each room: check the request; read the prefill's instance info (cached by instance id,
+refreshed when its epoch changes: `InstanceInfoCache`); resolve the prefill DP rank by the decode
+rule (hint, dp1, fast path, or a lookup over the process's one lookup stream to that bootstrap
+service); take pages for the prompt (bounded wait); fetch the KV over UCX from that rank's
+transfer address; stream the first token, then join the continuous batch (`DecodeLoop`) and
+stream each token as it comes. Pages go back when the sequence ends, fails or is aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pdmesh.common.v1 import common_pb2
+from pdmesh.errors import EpochMismatch, InvalidArgument, NotFound, PdmeshError, Unavailable
+from pdmesh.grpcutil import translate_errors
+from pdmesh.rules import decode_rule, validate_room
+from pdmesh.server.client import shared_client
+from pdmesh.worker import requests
+from pdmesh.worker.decode_loop import DecodeLoop, Sequence
+from pdmesh.worker.kv.layout import KvLayout
+from pdmesh.worker.rank_state import RankState
+from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_PATHS = {"hint": common_pb2.RANK_PATH_HINT, "dp1": common_pb2.RANK_PATH_DP1,
+          "fast_path": common_pb2.RANK_PATH_FAST_PATH, "lookup": common_pb2.RANK_PATH_LOOKUP}
+
+
+class InstanceInfoCache:
+    """Prefill instance info by instance id; `refresh` when a transfer reports a newer epoch."""
+
+    def __init__(self) -> None:
+        self._infos: dict[tuple[str, str], object] = {}
+
+    async def get(self, bootstrap_address: str, instance_id: str, *, refresh: bool = False):
+        key = (bootstrap_address, instance_id)
+        if refresh or key not in self._infos:
+            self._infos[key] = await shared_client(bootstrap_address).get_instance(instance_id)
+        return self._infos[key]
+
+
+class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, state: RankState, loop: DecodeLoop) -> None:
+        self.state = state
+        self.loop = loop
+        self.infos = InstanceInfoCache()
+
+    @translate_errors
+    async def Decode(self, request: worker_pb2.DecodeRequest, context):
+        st = self.state
+        received = time.perf_counter()
+        room = validate_room(request.bootstrap_room)
+        token = requests.transfer_token(request.transfer_token)
+        ids = requests.prompt_ids(st.engine, request.prompt)
+        budget = requests.max_new_tokens(st.engine, request.sampling, len(ids))
+        if not request.prefill_instance_id or not request.prefill_bootstrap_address:
+            raise InvalidArgument("prefill_instance_id and prefill_bootstrap_address are required",
+                                  reason="MISSING_PREFILL")
+        deadline = time.monotonic() + (context.time_remaining() or 300.0)
+        hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
+        with st.track(room):
+            info, prefill_rank, path = await self._resolve(request, room, hint, deadline)
+            resolved = time.perf_counter()
+            pages = await st.pages.alloc_wait(st.layout.pages_for_tokens(len(ids)),
+                                              min(st.config.instance.page_wait_s, deadline - time.monotonic()))
+            seq = None
+            try:
+                first, info = await self._fetch(request, info, prefill_rank, room, pages, token, deadline)
+                fetched = time.perf_counter()
+                st.metrics_path(_PATHS[path])
+                detok = requests.Detokenizer(st.engine)
+                yield worker_pb2.DecodeResponse(
+                    token_ids=[first], text=detok.push([first]),
+                    routing=worker_pb2.RoutingInfo(
+                        decode_dp_rank=st.dp_rank, prefill_dp_rank=prefill_rank, rank_path=_PATHS[path],
+                        resolve_ms=(resolved - received) * 1e3, transfer_ms=(fetched - resolved) * 1e3))
+                stops = requests.stop_ids(st.engine, request.sampling)
+                if first in stops or budget == 1:
+                    reason = common_pb2.FINISH_REASON_EOS if first in stops else common_pb2.FINISH_REASON_LENGTH
+                    yield worker_pb2.DecodeResponse(text=detok.flush(), finish_reason=reason)
+                    return
+                seq = Sequence(room, pages, len(ids), first, budget - 1,
+                               requests.sampling_params(request.sampling), stops)
+                pages = []  # the loop owns them now
+                self.loop.join(seq)
+                while (item := await seq.out.get()) is not None:
+                    if isinstance(item, PdmeshError):
+                        raise item
+                    yield worker_pb2.DecodeResponse(token_ids=[item], text=detok.push([item]))
+                reason = common_pb2.FINISH_REASON_EOS if seq.last_token in stops else common_pb2.FINISH_REASON_LENGTH
+                yield worker_pb2.DecodeResponse(text=detok.flush(), finish_reason=reason)
+            finally:
+                st.pages.free(pages)
+                if seq is not None and not seq.finished:
+                    self.loop.abort(room, PdmeshError("the client went away"))
+
+    async def _resolve(self, request, room: int, hint: int | None, deadline: float):
+        info = await self.infos.get(request.prefill_bootstrap_address, request.prefill_instance_id)
+        KvLayout.from_proto(info.kv_layout).check_compatible(self.state.layout)
+        res = decode_rule(room, hint, info.dp_size, info.load_balance_method, info.force_query_prefill_dp_rank)
+        rank = res.dp_rank
+        if res.needs_lookup:
+            client = shared_client(request.prefill_bootstrap_address)
+            rank = await client.wait_for_room(room, max(deadline - time.monotonic(), 0.001))
+        return info, rank, res.path
+
+    def _endpoint(self, info, prefill_rank: int) -> str:
+        for endpoint in info.rank_endpoints:
+            if endpoint.dp_rank == prefill_rank:
+                return endpoint.transfer_address
+        raise NotFound(f"prefill {info.instance_id} publishes no endpoint for rank {prefill_rank}",
+                       reason="RANK_ENDPOINT_NOT_FOUND", metadata={"dp_rank": prefill_rank})
+
+    async def _fetch(self, request, info, prefill_rank, room, pages, token, deadline):
+        """Fetch the KV; on an epoch mismatch (the prefill restarted) refresh its info once."""
+        for attempt in (0, 1):
+            try:
+                first = await self.state.transfer.fetch_room(
+                    peer=self._endpoint(info, prefill_rank), room=room, epoch=info.epoch,
+                    page_ids=pages, token=token, deadline=deadline)
+                return first, info
+            except (EpochMismatch, Unavailable):  # the prefill restarted or was replaced
+                if attempt:
+                    raise
+                info = await self.infos.get(request.prefill_bootstrap_address,
+                                            request.prefill_instance_id, refresh=True)

@@ -1,0 +1,66 @@
+"""Flags of `pdmesh prefill` and `pdmesh decode` (each with a `PDMESH_*` variable) -> InstanceConfig."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+
+from pdmesh.config import env, env_flag
+from pdmesh.worker.config import PREFILL, InstanceConfig
+from pdmesh.worker.engine.factory import add_engine_arguments, spec_from_args
+
+
+def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
+    prefix = role.upper()
+    p.add_argument("--host", default=env(f"{prefix}_HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(env(f"{prefix}_PORT", "0")), help="gRPC port (0 = a free one)")
+    p.add_argument("--instance-id", default=env(f"{prefix}_INSTANCE_ID"),
+                   help=f"unique id (default {role}-<hostname>-<pid>)")
+    p.add_argument("--dp-size", type=int, default=int(env("DP_SIZE", "1")), help="DP rank processes")
+    methods = ["round_robin", "shortest_queue"] + (["follow_bootstrap_room"] if role == PREFILL else [])
+    p.add_argument("--load-balance-method", choices=methods,
+                   default=env(f"{prefix}_LOAD_BALANCE_METHOD", "round_robin"),
+                   help="how the controller picks a rank when the request pins none")
+    p.add_argument("--num-pages", type=int, default=int(env("NUM_PAGES", "1024")), help="KV pages per rank")
+    p.add_argument("--max-running-requests", type=int, default=int(env("MAX_RUNNING_REQUESTS", "64")))
+    p.add_argument("--ucx-tls", default=env("UCX_TLS_OVERRIDE"),
+                   help="UCX transports for KV, e.g. tcp or sm,self,tcp (default: pdmesh's choice)")
+    p.add_argument("--devices", default=env("DEVICES", ""),
+                   help="comma-separated torch devices, one per rank or one for all (e.g. cuda:0,cuda:1)")
+    if role == PREFILL:
+        p.add_argument("--bootstrap-port", type=int, default=_int(env("BOOTSTRAP_PORT")),
+                       help="embed a bootstrap service on this port (0 = a free one)")
+        p.add_argument("--bootstrap-addr", default=env("BOOTSTRAP_ADDR"),
+                       help="or register at this external bootstrap service (host:port)")
+        p.add_argument("--force-query-prefill-dp-rank", action="store_true",
+                       default=env_flag("FORCE_QUERY_PREFILL_DP_RANK"),
+                       help="every rank registers every room, even under follow_bootstrap_room "
+                            "[PDMESH_FORCE_QUERY_PREFILL_DP_RANK=1]")
+        p.add_argument("--transfer-wait-s", type=float, default=float(env("TRANSFER_WAIT_S", "30")),
+                       help="how long a computed room waits for the decode's transfer request")
+    add_engine_arguments(p)
+
+
+def _int(text: str | None) -> int | None:
+    return None if text in (None, "") else int(text)
+
+
+def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
+    extra = {}
+    if role == PREFILL:
+        extra = dict(bootstrap_port=args.bootstrap_port, bootstrap_address=args.bootstrap_addr,
+                     force_query_prefill_dp_rank=args.force_query_prefill_dp_rank,
+                     transfer_wait_s=args.transfer_wait_s)
+    devices = tuple(d for d in args.devices.split(",") if d)
+    return InstanceConfig(
+        role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
+        host=args.host, port=args.port, dp_size=args.dp_size, load_balance_method=args.load_balance_method,
+        engine=spec_from_args(args), num_pages=args.num_pages, max_running_requests=args.max_running_requests,
+        ucx_tls=args.ucx_tls, devices=devices, **extra)
+
+
+def run(args: argparse.Namespace, role: str) -> int:
+    from pdmesh.worker.instance import serve
+    return asyncio.run(serve(config_from_args(args, role)))

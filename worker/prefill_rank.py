@@ -1,0 +1,84 @@
+"""`PrefillService` on one prefill DP rank: the prefill rule, the prompt's KV, the hand-off.
+
+For each room: check the request, apply the prefill rule (`pdmesh.rules.prefill_rule`: nothing to
+register when hinted or on the fast path, register room -> rank at the bootstrap service before
+the KV is offered, or fail typed with the conflict), take pages (bounded wait), compute the KV
+and the first token on the engine thread, offer the pages to the decode over UCX and wait until
+they are sent (bounded by `transfer_wait_s` and the caller's deadline), then free them. The
+answer says which rank path the room took and what it cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pdmesh.common.v1 import common_pb2
+from pdmesh.config import LOAD_BALANCE_METHODS
+from pdmesh.errors import PdmeshError
+from pdmesh.grpcutil import translate_errors
+from pdmesh.rules import PrefillAction, prefill_rule, validate_room
+from pdmesh.worker import requests
+from pdmesh.worker.rank_state import RankState
+from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_PATHS = {PrefillAction.NONE_HINTED: common_pb2.RANK_PATH_HINT,
+          PrefillAction.REGISTER: common_pb2.RANK_PATH_LOOKUP,
+          PrefillAction.FAST_PATH: common_pb2.RANK_PATH_FAST_PATH}
+
+
+class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, state: RankState) -> None:
+        self.state = state
+        inst = state.config.instance
+        self.method = LOAD_BALANCE_METHODS[inst.load_balance_method]
+        self.force_query = inst.force_query_prefill_dp_rank
+
+    def _path(self, action: PrefillAction) -> int:
+        if action is PrefillAction.FAST_PATH and self.state.dp_size == 1:
+            return common_pb2.RANK_PATH_DP1
+        return _PATHS[action]
+
+    @translate_errors
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
+        st = self.state
+        room = validate_room(request.bootstrap_room)
+        token = requests.transfer_token(request.transfer_token)
+        ids = requests.prompt_ids(st.engine, request.prompt)
+        sampling = requests.sampling_params(request.sampling)
+        hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
+        action = prefill_rule(st.dp_rank, st.dp_size, room, self.method, self.force_query, hint)
+        log.info("prefill room=%d rank=%d action=%s prompt_tokens=%d", room, st.dp_rank, action.value, len(ids))
+        deadline = time.monotonic() + (context.time_remaining() or st.config.instance.transfer_wait_s)
+        with st.track(room):
+            if action is PrefillAction.REGISTER:
+                await st.bootstrap.register_room(st.instance_id, room, st.dp_rank,
+                                                 request.request_id or f"room-{room}", epoch=st.epoch)
+            pages = await st.pages.alloc_wait(st.layout.pages_for_tokens(len(ids)),
+                                              st.config.instance.page_wait_s)
+            try:
+                started = time.perf_counter()
+                first = await st.engine_thread.run(st.engine.prefill, ids, st.pages.kv, pages, sampling)
+                computed = time.perf_counter()
+                await st.transfer.send_room(room=room, page_ids=pages, first_token=first, token=token,
+                                            deadline=deadline)
+                sent = time.perf_counter()
+            finally:
+                st.pages.free(pages)
+        if action is PrefillAction.REGISTER:
+            asyncio.create_task(self._forget(room))
+        st.metrics_path(self._path(action))
+        return worker_pb2.PrefillResponse(dp_rank=st.dp_rank, rank_path=self._path(action),
+                                          first_token_id=first, prompt_tokens=len(ids),
+                                          compute_ms=(computed - started) * 1e3,
+                                          transfer_ms=(sent - computed) * 1e3)
+
+    async def _forget(self, room: int) -> None:
+        """The room record is no longer needed once the transfer ended (TTL would drop it anyway)."""
+        try:
+            await self.state.bootstrap.remove_room(room, timeout=2.0)
+        except PdmeshError as exc:
+            log.debug("remove room %d: %s", room, exc)

@@ -1,0 +1,100 @@
+"""The DP rank process: `python -m pdmesh.worker.rank '<RankConfig JSON>'` (started by its controller).
+
+Builds the rank's engine, KV pool, UCX data-plane endpoint and gRPC server (127.0.0.1, a free
+port), then prints one readiness line `PDMESH_RANK_READY {"grpc_address", "transfer_address"}` on
+stdout for the controller and serves until SIGTERM. A prefill rank serves `PrefillService`, a
+decode rank `DecodeService` (with its continuous-batching loop); both serve `InstanceService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from pdmesh import grpcutil
+from pdmesh.config import env
+from pdmesh.worker.config import DECODE, PREFILL, RankConfig
+from pdmesh.worker.supervisor import READY_PREFIX
+from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def _device(config: RankConfig) -> str:
+    devices = config.instance.devices
+    if devices:
+        return devices[config.dp_rank % len(devices)]
+    return config.instance.engine.device
+
+
+async def serve(config: RankConfig) -> None:
+    import dataclasses
+
+    from pdmesh.server.client import close_shared_clients, shared_client
+    from pdmesh.worker.decode_loop import DecodeLoop
+    from pdmesh.worker.engine.factory import build_engine
+    from pdmesh.worker.kv.pool import KvPool
+    from pdmesh.worker.kv_link import RankTransfer
+    from pdmesh.worker.pages import PageBroker
+    from pdmesh.worker.rank_state import RankInstanceService, RankState
+
+    inst = config.instance
+    spec = dataclasses.replace(inst.engine, device=_device(config))
+    engine = build_engine(spec)
+    pages = PageBroker(KvPool(engine.layout, inst.num_pages, device=spec.device))
+    transfer = RankTransfer(config, pages)
+    transfer_address = await transfer.start()
+    bootstrap = shared_client(config.bootstrap_address) if config.bootstrap_address else None
+    state = RankState(config, engine, pages, transfer, bootstrap)
+    register = [lambda s: worker_pb2_grpc.add_InstanceServiceServicer_to_server(
+        RankInstanceService(state, transfer.abort), s)]
+    names = [worker_pb2.DESCRIPTOR.services_by_name["InstanceService"].full_name]
+    loop_ = None
+    if inst.role == PREFILL:
+        from pdmesh.worker.prefill_rank import PrefillRankService
+        service = PrefillRankService(state)
+        register.append(lambda s: worker_pb2_grpc.add_PrefillServiceServicer_to_server(service, s))
+        names.append(worker_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name)
+    else:
+        from pdmesh.worker.decode_rank import DecodeRankService
+        loop_ = DecodeLoop(engine, pages, state.engine_thread, inst.max_running_requests)
+        loop_.start()
+        service = DecodeRankService(state, loop_)
+        register.append(lambda s: worker_pb2_grpc.add_DecodeServiceServicer_to_server(service, s))
+        names.append(worker_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name)
+    server, port, health = grpcutil.create_server("127.0.0.1:0", register, names)
+    await server.start()
+    await grpcutil.set_serving(health, names)
+    print(READY_PREFIX + json.dumps({"grpc_address": f"127.0.0.1:{port}",
+                                     "transfer_address": transfer_address}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(2.0)
+    if loop_ is not None:
+        await loop_.stop()
+    await transfer.close()
+    await close_shared_clients()
+    state.engine_thread.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = RankConfig.from_json(argv[0])
+    logging.basicConfig(level=env("LOG_LEVEL", "INFO").upper(),
+                        format=f"%(asctime)s %(levelname)s {config.instance.role}[{config.dp_rank}] %(name)s %(message)s")
+    from pdmesh.worker.engine.runtime import configure_torch_threads
+    configure_torch_threads()
+    os.environ.setdefault("PDMESH_RANK", str(config.dp_rank))
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
