@@ -119,6 +119,10 @@ def measure(quick: bool = False, sweep: bool = False, ucx: bool = True,
              f"per layer and per K/V ({2 * m['layers']} calls). The kernels are checked bit for bit "
              f"against torch before timing.\n",
              gpu_kernels.kernel_table(rows), ""]
+    api = gpu_kernels.api_table(rows)
+    if api:
+        parts += ["The public API (`pdmesh.worker.kv.pack.pack/unpack`: validation, then the same "
+                  "kernel) beside the bare launch:\n", api, ""]
     if sweep:
         srows = gpu_kernels.sweep(rep // 2)
         raw["sweep"] = srows

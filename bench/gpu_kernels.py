@@ -95,6 +95,12 @@ def measure_case(tokens: int, page_size: int, rep_ms: int) -> dict:
         "index_select": _bench(case.torch_pack, rep_ms),
         "index_copy_": _bench(case.torch_unpack, rep_ms),
     }
+    try:  # the public API (validation + dispatch) around the same kernels, where it imports
+        from pdmesh.worker.kv import pack as api
+        times["pack()"] = _bench(lambda: api.pack(case.kv, case.ids, out=case.out), rep_ms)
+        times["unpack()"] = _bench(lambda: api.unpack(case.out, case.kv, case.ids), rep_ms)
+    except ImportError:
+        pass
     row = {"tokens": tokens, "page_size": page_size, "bytes": case.nbytes,
            "calls_torch": 2 * case.layers, "us": {k: v * 1e6 for k, v in times.items()},
            "tbps": {k: 2 * case.nbytes / v / 1e12 for k, v in times.items()}}
@@ -135,6 +141,19 @@ def kernel_table(rows: list[dict]) -> str:
             f"| {t['index_select']:.2f} | {t['index_copy_']:.2f} "
             f"| {us['index_select'] / us['pack']:.1f}x ({us['pack']:.0f} vs {us['index_select']:.0f} us) "
             f"| {us['index_copy_'] / us['unpack']:.1f}x ({us['unpack']:.0f} vs {us['index_copy_']:.0f} us) |")
+    return "\n".join(lines)
+
+
+def api_table(rows: list[dict]) -> str:
+    """Time of the public `pack()`/`unpack()` beside the bare kernel launch (us per call)."""
+    rows = [r for r in rows if "pack()" in r["us"]]
+    if not rows:
+        return ""
+    lines = ["| request | pack_triton us | pack() us | unpack_triton us | unpack() us |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['tokens']} tokens, page {r['page_size']} | {r['us']['pack']:.0f} "
+              f"| {r['us']['pack()']:.0f} | {r['us']['unpack']:.0f} | {r['us']['unpack()']:.0f} |"
+              for r in rows]
     return "\n".join(lines)
 
 

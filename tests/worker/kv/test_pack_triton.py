@@ -133,3 +133,22 @@ def test_offsets_past_two_to_the_31_elements(kernels):
     check_roundtrip(kernels, kv, ids.tolist(), 0, 2, cpu_gen)
     del kv
     torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the public API hands only CUDA tensors to Triton")
+def test_public_api_hands_cuda_tensors_to_the_kernels(kernels, monkeypatch):
+    from pdmesh.worker.kv import pack as api
+    calls = []
+    for name in ("pack_triton", "unpack_triton"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    kv, gen = make_pool(3, 9, 16, 2, 128, torch.bfloat16, seed=13)
+    ids = [6, 0, 8]
+    staging = api.pack(kv, torch.tensor(ids, device=DEVICE), layers=(1, 3))
+    assert same_bits(staging, kv[1:3, :, ids].contiguous())
+    expected = kv.clone()
+    expected[1:3, :, ids] = staging.flip(0)
+    api.unpack(staging.flip(0).contiguous(), kv, ids, layers=(1, 3))
+    assert same_bits(kv, expected)
+    assert calls == ["pack_triton", "unpack_triton"]
