@@ -45,13 +45,12 @@ def bench_rooms(n: int = LOOKUP_ROOMS) -> list[int]:
 async def _serve(preload: int) -> None:
     from pdmesh.bootstrap.v1 import bootstrap_pb2
     from pdmesh.server.config import BootstrapConfig
-    from pdmesh.server.demo import demo_instance
+    from pdmesh.server.demo import instance_info
     from pdmesh.server.service import create_bootstrap_server
 
     config = BootstrapConfig(port=0, max_rooms=preload + LOOKUP_ROOMS + 1024, room_ttl_s=3600)
     _, port, service = create_bootstrap_server("127.0.0.1:0", config)
-    info = demo_instance(dp_size=8)
-    info.instance_id = INSTANCE
+    info = instance_info(INSTANCE, dp_size=8)
     registry = service.registry
     registry.register_instance(info)
     for i, room in enumerate(bench_rooms()):

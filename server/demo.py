@@ -18,20 +18,29 @@ from pdmesh.server.client import BootstrapClient
 DEMO_INSTANCE = "demo-prefill"
 
 
-def demo_instance(dp_size: int = 2) -> bootstrap_pb2.InstanceInfo:
-    return bootstrap_pb2.InstanceInfo(
-        instance_id=DEMO_INSTANCE, epoch=time.time_ns(), dp_size=dp_size, tp_size=1, pp_size=1,
+def instance_info(instance_id: str = DEMO_INSTANCE, *, epoch: int | None = None, dp_size: int = 2,
+                  method: int = common_pb2.LOAD_BALANCE_METHOD_ROUND_ROBIN, force_query: bool = False,
+                  base_port: int = 47000, **fields) -> bootstrap_pb2.InstanceInfo:
+    """A valid InstanceInfo (a small bf16 layout, ranks on 127.0.0.1:base_port+rank) for
+    demos and tests; `fields` override any other InstanceInfo field."""
+    info = bootstrap_pb2.InstanceInfo(
+        instance_id=instance_id, epoch=time.time_ns() if epoch is None else epoch, dp_size=dp_size,
+        tp_size=1, pp_size=1,
         kv_layout=common_pb2.KvLayout(num_layers=2, page_size=16, num_kv_heads=2, head_dim=64,
                                       dtype=common_pb2.KV_DTYPE_BF16),
-        load_balance_method=common_pb2.LOAD_BALANCE_METHOD_ROUND_ROBIN,
-        rank_endpoints=[bootstrap_pb2.RankEndpoint(dp_rank=r, transfer_address=f"127.0.0.1:{47000 + r}")
+        load_balance_method=method, force_query_prefill_dp_rank=force_query,
+        rank_endpoints=[bootstrap_pb2.RankEndpoint(dp_rank=r, transfer_address=f"127.0.0.1:{base_port + r}",
+                                                   control_address=f"127.0.0.1:{base_port + 1000 + r}")
                         for r in range(dp_size)])
+    for name, value in fields.items():
+        setattr(info, name, value)
+    return info
 
 
 async def run_demo(address: str, out=print) -> None:
     """Drive the service at `address` as a prefill and a decode would; report each step."""
     async with BootstrapClient(address) as client:
-        info = demo_instance()
+        info = instance_info()
         await client.register_instance(info)
         out(f"demo: registered instance {info.instance_id} (epoch {info.epoch}, dp_size {info.dp_size}, "
             "round_robin)")

@@ -38,6 +38,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
     def __init__(self, registry: Registry, config: BootstrapConfig) -> None:
         self.registry = registry
         self.config = config
+        self.open_streams = 0  # WatchRooms streams being served now
 
     @grpcutil.translate_errors
     async def RegisterInstance(self, request, context):
@@ -123,7 +124,11 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
     async def WatchRooms(self, request_iterator, context):
         session = WatchSession(self.registry, context, default_wait_s=self.config.default_wait_s,
                                max_wait_s=self.config.max_wait_s)
-        await session.run(request_iterator)
+        self.open_streams += 1
+        try:
+            await session.run(request_iterator)
+        finally:
+            self.open_streams -= 1
 
 
 class BootstrapService:
