@@ -25,9 +25,10 @@ protos:
 	rm -f $(GEN)
 	$(MAKE) $(GEN)
 
-# The main job: the whole mesh on loopback, a demo request, then serve until Ctrl-C.
+# The main job. For now: the bootstrap service on 127.0.0.1:8998 with a short demo of registration
+# and lookup, then serve until Ctrl-C (the whole mesh, `pdmesh up`, comes with the router issue).
 run: install
-	$(VENV)/bin/pdmesh up
+	$(VENV)/bin/pdmesh bootstrap --host 127.0.0.1 --port 8998 --demo
 
 test: install
 	PDMESH_TORCH_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
