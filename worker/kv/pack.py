@@ -37,7 +37,7 @@ def pack(kv: torch.Tensor, page_ids: PageIds, layers: tuple[int, int] | None = N
     """Gather pages `page_ids` of layers [a, b) into `out` (allocated if None); return it
     shaped [b - a, 2, n, page_size, num_kv_heads, head_dim]."""
     a, b = _check_pool(kv, layers)
-    ids = _check_ids(kv, page_ids, unique=False)
+    ids = check_page_ids(kv, page_ids, unique=False)
     shape = (b - a, 2, ids.numel()) + tuple(kv.shape[3:])
     if out is None:
         out = torch.empty(shape, dtype=kv.dtype, device=kv.device)
@@ -58,7 +58,7 @@ def unpack(staging: torch.Tensor, kv: torch.Tensor, page_ids: PageIds,
     """Scatter `staging` ([b - a, 2, n, S, H, D] or any contiguous tensor of that many elements)
     into pages `page_ids` (distinct) of layers [a, b) of `kv`."""
     a, b = _check_pool(kv, layers)
-    ids = _check_ids(kv, page_ids, unique=True)
+    ids = check_page_ids(kv, page_ids, unique=True)
     shape = (b - a, 2, ids.numel()) + tuple(kv.shape[3:])
     staging = _check_buffer(staging, kv, shape, "staging")
     if staging.numel() == 0:
@@ -100,7 +100,9 @@ def _check_pool(kv: torch.Tensor, layers: tuple[int, int] | None) -> tuple[int, 
     return a, b
 
 
-def _check_ids(kv: torch.Tensor, page_ids: PageIds, unique: bool) -> torch.Tensor:
+def check_page_ids(kv: torch.Tensor, page_ids: PageIds, unique: bool) -> torch.Tensor:
+    """`page_ids` as an int64 tensor on kv's device, or INVALID_ARGUMENT (out of range, not
+    integers, repeated when `unique`)."""
     if isinstance(page_ids, torch.Tensor):
         if page_ids.dim() != 1 or page_ids.dtype.is_floating_point or page_ids.dtype == torch.bool:
             raise InvalidArgument("page ids must be a 1-d integer tensor",

@@ -1,0 +1,409 @@
+"""The transfer contract, run against both transports (in-process and UCX in this process).
+
+Every test ends with both pools back to full and no transfer left in either side's tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, EpochMismatch,
+                           FailedPrecondition, InvalidArgument, LayoutMismatch, NotFound,
+                           PdmeshError, Unauthenticated, Unavailable)
+from pdmesh.worker.kv.layout import KvLayout
+from pdmesh.worker.kv.pack import pack
+from pdmesh.worker.kv.pool import KvPool
+from pdmesh.worker.transfer import (KvReceiver, KvSender, TransferConfig, TransferState,
+                                    make_transport)
+from pdmesh.worker.transfer import sender as sender_module
+
+LAYOUT = KvLayout(num_layers=6, page_size=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+CONFIG = TransferConfig(room_wait_s=0.5, abort_grace_s=2.0, connect_timeout_s=3.0,
+                        chunk_bytes=4096)
+EPOCH = 7
+
+
+class Mesh:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.sender = KvSender(make_transport(kind), epoch=EPOCH, config=CONFIG)
+        self.receiver = KvReceiver(make_transport(kind), config=CONFIG)
+        self.src = KvPool(LAYOUT, 64)
+        self.dst = KvPool(LAYOUT, 64)
+        self.src.kv.copy_(torch.randn(self.src.kv.shape).to(LAYOUT.dtype))
+        self.address = ""
+        self.rooms = iter(range(1000, 1 << 30))
+
+    def room(self) -> int:
+        return next(self.rooms)
+
+    def offer(self, room, pages, token=b"secret", timeout=10.0, first_token=None):
+        return self.sender.offer(room, self.src, pages, first_token or room % 1000, token=token,
+                                 timeout=timeout)
+
+    async def fetch(self, room, pages, token=b"secret", timeout=10.0, pool=None, epoch=EPOCH,
+                    **kw):
+        return await self.receiver.fetch(self.address, room, epoch=epoch, pool=pool or self.dst,
+                                         page_ids=pages, token=token, timeout=timeout, **kw)
+
+    def same(self, src_pages, dst_pages, pool=None) -> bool:
+        return torch.equal(pack(self.src.kv, src_pages).view(torch.uint8),
+                           pack((pool or self.dst).kv, dst_pages).view(torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module", params=["inproc", "ucx"])
+def mesh(request, loop):
+    mesh = Mesh(request.param)
+    mesh.address = loop.run_until_complete(mesh.sender.start())
+    yield mesh
+    loop.run_until_complete(mesh.sender.close())
+    loop.run_until_complete(mesh.receiver.close())
+    loop.run_until_complete(mesh.receiver.transport.close())
+    loop.run_until_complete(mesh.sender.transport.close())
+
+
+@pytest.fixture
+def run(loop, mesh):
+    def run(coro, timeout=30):
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    yield run
+    # nothing leaks: pages back, no transfer in any table
+    assert mesh.src.is_full() and mesh.dst.is_full()
+    assert not mesh.sender._offers and not mesh.sender._jobs
+    assert not mesh.receiver._fetches and not mesh.receiver._by_id
+
+
+async def _expect(aw, cls, reason=None):
+    with pytest.raises(cls) as info:
+        await aw
+    if reason:
+        assert info.value.reason == reason, info.value
+    return info.value
+
+
+class BlockPack:
+    """Hold the sender's pack of chunk `at` until released: a transfer stopped mid-way."""
+
+    def __init__(self, monkeypatch, at: int = 1) -> None:
+        self.reached, self.release, self.calls = threading.Event(), threading.Event(), 0
+        real = sender_module._pack_chunk
+
+        def blocked(kv, ids, a, b, buf):
+            self.calls += 1
+            if self.calls == at + 1:
+                self.reached.set()
+                self.release.wait(10)
+            return real(kv, ids, a, b, buf)
+
+        monkeypatch.setattr(sender_module, "_pack_chunk", blocked)
+
+    async def wait_reached(self):
+        for _ in range(1000):
+            if self.reached.is_set():
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("pack never reached the blocked chunk")
+
+
+@pytest.mark.parametrize("pages,layers_per_chunk", [(1, None), (5, 1), (9, 4), (3, 6), (0, 2)])
+def test_roundtrip(mesh, run, pages, layers_per_chunk):
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(pages), mesh.dst.alloc(pages)
+        offer = mesh.offer(room, src, first_token=12345)
+        first = await mesh.fetch(room, dst, layers_per_chunk=layers_per_chunk)
+        await offer
+        assert first == 12345 and offer.state == TransferState.SUCCESS
+        assert mesh.same(src, dst)
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+def test_many_rooms_at_once_share_one_link(mesh, run):
+    async def go():
+        rooms = [mesh.room() for _ in range(12)]
+        src = [mesh.src.alloc(3) for _ in rooms]
+        dst = [mesh.dst.alloc(3) for _ in rooms]
+        offers = [mesh.offer(r, s) for r, s in zip(rooms, src)]
+        firsts = await asyncio.gather(*(mesh.fetch(r, d) for r, d in zip(rooms, dst)))
+        await asyncio.gather(*offers)
+        assert firsts == [r % 1000 for r in rooms]
+        assert all(mesh.same(s, d) for s, d in zip(src, dst))
+        assert len(mesh.receiver._links) == 1
+        for s, d in zip(src, dst):
+            mesh.src.free(s)
+            mesh.dst.free(d)
+
+    run(go())
+
+
+def test_decode_first_waits_for_the_offer(mesh, run):
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(2), mesh.dst.alloc(2)
+        mesh.sender.expect(room, 5.0)
+        fetch = asyncio.ensure_future(mesh.fetch(room, dst))
+        for _ in range(200):
+            if mesh.receiver.state(room) == TransferState.WAITING_FOR_INPUT:
+                break
+            await asyncio.sleep(0.005)
+        assert mesh.receiver.state(room) == TransferState.WAITING_FOR_INPUT
+        await asyncio.sleep(CONFIG.room_wait_s + 0.2)  # longer than room_wait: expect() holds it
+        offer = mesh.offer(room, src)
+        assert await fetch == room % 1000
+        await offer
+        assert mesh.same(src, dst)
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+def test_unknown_room_is_not_found_after_a_bounded_wait(mesh, run):
+    async def go():
+        dst = mesh.dst.alloc(2)
+        started = time.monotonic()
+        await _expect(mesh.fetch(mesh.room(), dst), NotFound, "KV_ROOM_NOT_FOUND")
+        assert CONFIG.room_wait_s - 0.05 <= time.monotonic() - started < CONFIG.room_wait_s + 2
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+def test_wrong_token_is_refused_and_the_offer_survives(mesh, run):
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(2), mesh.dst.alloc(2)
+        offer = mesh.offer(room, src, token=b"right")
+        await _expect(mesh.fetch(room, dst, token=b"wrong"), Unauthenticated,
+                      "KV_TRANSFER_TOKEN_MISMATCH")
+        assert offer.state == TransferState.BOOTSTRAPPING
+        await mesh.fetch(room, dst, token=b"right")
+        await offer
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+@pytest.mark.parametrize("case", ["epoch", "layout", "size"])
+def test_mismatch_fails_both_sides(mesh, run, case):
+    async def go():
+        room = mesh.room()
+        src = mesh.src.alloc(3)
+        offer = mesh.offer(room, src)
+        other = KvPool(KvLayout(6, 4, 2, 16, torch.float16), 8) if case == "layout" else None
+        dst = (other or mesh.dst).alloc(2 if case == "size" else 3)
+        kwargs = {"epoch": EPOCH + 1} if case == "epoch" else {"pool": other}
+        cls, reason = {"epoch": (EpochMismatch, "INSTANCE_EPOCH_MISMATCH"),
+                       "layout": (LayoutMismatch, "KV_LAYOUT_MISMATCH"),
+                       "size": (FailedPrecondition, "KV_SIZE_MISMATCH")}[case]
+        await _expect(mesh.fetch(room, dst, **kwargs), cls, reason)
+        await _expect(offer, cls, reason)
+        mesh.src.free(src)
+        (other or mesh.dst).free(dst)
+
+    run(go())
+
+
+def test_sender_abort_mid_transfer(mesh, run, monkeypatch):
+    block = BlockPack(monkeypatch)
+
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(4), mesh.dst.alloc(4)
+        offer = mesh.offer(room, src)
+        fetch = asyncio.ensure_future(mesh.fetch(room, dst, layers_per_chunk=1))
+        await block.wait_reached()
+        assert mesh.sender.abort(room)
+        block.release.set()
+        await _expect(fetch, PdmeshError, "KV_TRANSFER_ABORTED")
+        await _expect(offer, PdmeshError, "KV_TRANSFER_ABORTED")
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    try:
+        run(go())
+    finally:
+        block.release.set()
+
+
+def test_receiver_abort_mid_transfer(mesh, run, monkeypatch):
+    block = BlockPack(monkeypatch, at=2)
+
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(4), mesh.dst.alloc(4)
+        offer = mesh.offer(room, src)
+        fetch = asyncio.ensure_future(mesh.fetch(room, dst, layers_per_chunk=1))
+        await block.wait_reached()
+        assert mesh.receiver.state(room) == TransferState.TRANSFERRING
+        assert mesh.receiver.abort(room)
+        block.release.set()
+        await _expect(fetch, Cancelled, "KV_TRANSFER_ABORTED")
+        await _expect(offer, Cancelled, "KV_TRANSFER_ABORTED")
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    try:
+        run(go())
+    finally:
+        block.release.set()
+
+
+def test_receiver_abort_while_waiting_then_a_new_fetch_works(mesh, run):
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(2), mesh.dst.alloc(2)
+        mesh.sender.expect(room, 5.0)
+        fetch = asyncio.ensure_future(mesh.fetch(room, dst))
+        while mesh.receiver.state(room) != TransferState.WAITING_FOR_INPUT:
+            await asyncio.sleep(0.005)
+        mesh.receiver.abort(room)
+        await _expect(fetch, Cancelled)
+        offer = mesh.offer(room, src)
+        await mesh.fetch(room, dst)
+        await offer
+        assert mesh.same(src, dst)
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+def test_cancelled_fetch_task_winds_down(mesh, run, monkeypatch):
+    block = BlockPack(monkeypatch, at=1)
+
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(3), mesh.dst.alloc(3)
+        offer = mesh.offer(room, src)
+        fetch = asyncio.ensure_future(mesh.fetch(room, dst, layers_per_chunk=1))
+        await block.wait_reached()
+        fetch.cancel()
+        block.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await fetch
+        await _expect(offer, Cancelled, "KV_TRANSFER_CANCELLED")
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    try:
+        run(go())
+    finally:
+        block.release.set()
+
+
+def test_deadlines(mesh, run):
+    async def go():
+        room = mesh.room()
+        dst = mesh.dst.alloc(1)
+        mesh.sender.expect(room, 5.0)
+        started = time.monotonic()
+        err = await _expect(mesh.fetch(room, dst, timeout=0.3), DeadlineExceeded,
+                            "KV_TRANSFER_DEADLINE_EXCEEDED")
+        assert err.metadata["state"] == "WAITING_FOR_INPUT"
+        assert time.monotonic() - started < 2.5
+        src = mesh.src.alloc(1)
+        offer = mesh.offer(mesh.room(), src, timeout=0.2)
+        err = await _expect(offer, DeadlineExceeded)
+        assert err.metadata["state"] == "BOOTSTRAPPING"
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+        mesh.sender._expected.clear()
+
+    run(go())
+
+
+def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
+    real = sender_module._pack_chunk
+
+    def corrupt(kv, ids, a, b, buf):
+        value = real(kv, ids, a, b, buf)
+        if a == 1:
+            buf[5] ^= 0x10  # one bit flips after the checksum was taken
+        return value
+
+    monkeypatch.setattr(sender_module, "_pack_chunk", corrupt)
+
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(3), mesh.dst.alloc(3)
+        offer = mesh.offer(room, src)
+        err = await _expect(mesh.fetch(room, dst, layers_per_chunk=1), DataLoss,
+                            "KV_TRANSFER_CORRUPT")
+        assert "checksum" in err.metadata
+        await offer  # the sender sent everything; the receiver refused to commit it
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+def test_sender_gone_mid_transfer_is_unavailable(mesh, run, monkeypatch, loop):
+    block = BlockPack(monkeypatch, at=1)
+    sender = KvSender(make_transport(mesh.kind), epoch=EPOCH, config=CONFIG)
+
+    async def go():
+        address = await sender.start()
+        room = mesh.room()
+        src, dst = mesh.src.alloc(3), mesh.dst.alloc(3)
+        offer = sender.offer(room, mesh.src, src, 1, token=b"t", timeout=10)
+        fetch = asyncio.ensure_future(mesh.receiver.fetch(
+            address, room, epoch=EPOCH, pool=mesh.dst, page_ids=dst, token=b"t", timeout=10,
+            layers_per_chunk=1))
+        await block.wait_reached()
+        started = time.monotonic()
+        await sender.transport.close()  # every link breaks at once, as when the process dies
+        await _expect(fetch, Unavailable)
+        assert time.monotonic() - started < 5
+        block.release.set()
+        with pytest.raises(PdmeshError):
+            await offer
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    try:
+        run(go())
+    finally:
+        block.release.set()
+        loop.run_until_complete(sender.close())
+
+
+def test_bad_calls_change_nothing(mesh, run):
+    async def go():
+        room = mesh.room()
+        dst = mesh.dst.alloc(2)
+        await _expect(mesh.fetch(room, [0, 999]), InvalidArgument, "PAGE_ID_OUT_OF_RANGE")
+        await _expect(mesh.fetch(room, dst, token=b""), InvalidArgument)
+        src = mesh.src.alloc(2)
+        offer = mesh.offer(room, src)
+        with pytest.raises(FailedPrecondition):
+            mesh.offer(room, src)
+        with pytest.raises(InvalidArgument):
+            mesh.offer(mesh.room(), src, token="not-bytes")
+        first = asyncio.ensure_future(mesh.fetch(room, dst))
+        await asyncio.sleep(0)  # the first fetch registers the room
+        await _expect(mesh.fetch(room, dst), AlreadyExists, "KV_TRANSFER_IN_PROGRESS")
+        await first
+        await offer
+        assert not mesh.sender.abort(room) and not mesh.receiver.abort(room)
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())

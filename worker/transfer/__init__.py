@@ -1,0 +1,40 @@
+"""The KV data plane: moving a room's KV pages from a prefill rank to a decode rank.
+
+Lifecycle of one transfer (the worker issue drives both ends; the control path, gRPC, carries
+the room, the sender's address and epoch, and a random per-transfer token to both ranks):
+
+1. Each rank creates one transport (`make_transport("ucx")`: one UCX worker per process). A
+   prefill rank runs a `KvSender` whose `start()` opens the UCX listener and returns the
+   address (`ucx://HOST:PORT`) the rank publishes in its instance info.
+2. Prefill: once room R's KV is in `pages` of its pool, `offer = sender.offer(R, pool, pages,
+   first_token, token=token, timeout=...)`; `await offer`; then free the pages (either way).
+3. Decode: `pages = pool.alloc(...)`; `first = await receiver.fetch(address, R, epoch=...,
+   pool=pool, page_ids=pages, token=token, timeout=...)`; on failure free the pages.
+4. On the wire (protos/pdmesh/transfer/v1/transfer.proto): request -> status (before any KV
+   moves; a room not offered yet is waited for up to `room_wait_s`, then NOT_FOUND) -> chunks
+   (ranges of layers, tagged by transfer id and index; packing/unpacking the next chunk
+   overlaps the wire) -> trailer (first token, byte count, checksum, token) checked by the
+   receiver: any mismatch is DATA_LOSS and nothing is committed.
+5. States (`state.TransferState`), each with a deadline: BOOTSTRAPPING (sender: offered, no
+   request yet; receiver: connecting, request sent) -> WAITING_FOR_INPUT (receiver: waiting for
+   the sender's status) -> TRANSFERRING -> SUCCESS | FAILED. Monotone; failure wins.
+6. Aborts travel both ways (`sender.abort(room)`, `receiver.abort(room)`, a deadline, a
+   cancelled task); a peer that dies is seen by UCX's endpoint error handling and fails its
+   transfers UNAVAILABLE. Neither `await offer` nor `fetch` returns before UCX has finished or
+   cancelled every request that touches the pages or their staging buffers, so freeing pages
+   right after is always safe.
+
+Modules: `config` (TransferConfig, UCX settings), `wire` (messages, tags, chunk plan,
+checksum), `state`, `link` (the transport interface), `ucx` and `inproc` (its two backends),
+`staging` (reused buffers), `sender`, `receiver`, `loopback` (two-process tool for tests and
+benchmarks).
+"""
+
+from pdmesh.worker.transfer.config import TransferConfig, apply_ucx_defaults
+from pdmesh.worker.transfer.link import Link, Transport, make_transport
+from pdmesh.worker.transfer.receiver import KvReceiver
+from pdmesh.worker.transfer.sender import KvSender, Offer
+from pdmesh.worker.transfer.state import TransferState
+
+__all__ = ["KvReceiver", "KvSender", "Link", "Offer", "TransferConfig", "TransferState",
+           "Transport", "apply_ucx_defaults", "make_transport"]

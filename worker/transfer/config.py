@@ -1,0 +1,83 @@
+"""Settings of the KV data plane: the transfer knobs, and the UCX environment pdmesh sets itself.
+
+`TransferConfig` is a frozen dataclass passed to `KvSender` / `KvReceiver` (the rank's entry point
+builds it from flags and `PDMESH_*` variables). `apply_ucx_defaults()` writes the UCX settings
+that make transfers fast and failures visible into `os.environ` BEFORE ucxx is imported (UCX
+reads them once, when its context is created); a variable already present in the environment is
+left alone, so an operator overrides any of them by exporting it (see README, "KV transfer").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+# What each setting is for (numbers: README's transfer benchmark and shared/MEASURED.md):
+UCX_DEFAULTS: dict[str, str] = {
+    # Progress UCX from the rank's event loop, woken by UCX's epoll fd. ucxx's default, a progress
+    # thread, fights the loop for the GIL and halved throughput on 2 cores.
+    "UCXPY_PROGRESS_MODE": "blocking",
+    # ucxx endpoints ask for peer-failure handling (how a dead peer is detected); UCX's shared
+    # memory transports refuse such endpoints unless this is set on BOTH sides, and traffic
+    # then silently falls back to tcp.
+    "UCX_MM_ERROR_HANDLING": "y",
+    # Shared memory within a host, tcp between hosts (and for connection set-up); add rc/ud/dc
+    # (InfiniBand, RoCE) or cuda_copy,cuda_ipc (GPU memory) on machines that have them.
+    "UCX_TLS": "sm,self,tcp",
+    # A dead peer on shared memory is noticed by UCX's keepalive: seconds, not the default 20 s.
+    "UCX_KEEPALIVE_INTERVAL": "1s",
+    # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 no longer reads; don't warn about it.
+    "UCX_WARN_UNUSED_ENV_VARS": "n",
+}
+
+
+def apply_ucx_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set every UCX default the environment does not already set; return the effective values."""
+    env = os.environ if environ is None else environ
+    for key, value in UCX_DEFAULTS.items():
+        env.setdefault(key, value)
+    return {key: env[key] for key in UCX_DEFAULTS}
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Knobs of one rank's KV transfers (both roles)."""
+
+    chunk_bytes: int = 4 * MiB
+    """Target size of one chunk (a range of layers) of a request; the receiver picks how many
+    layers make one chunk (at least one) and tells the sender in its request."""
+    send_depth: int = 2
+    """Chunks one transfer keeps in flight on the sender: packing chunk i+1 overlaps sending i."""
+    recv_window: int = 2
+    """Chunk receives one transfer keeps posted on the receiver: unpacking i overlaps receiving
+    the next ones."""
+    connect_timeout_s: float = 5.0
+    """Deadline of connecting to a peer's listener (part of BOOTSTRAPPING)."""
+    room_wait_s: float = 5.0
+    """How long the sender holds a request for a room that is not offered (the decode may come
+    first) before it answers NOT_FOUND; `KvSender.expect(room, ...)` extends it for one room."""
+    transfer_timeout_s: float = 60.0
+    """Deadline of the TRANSFERRING state of one transfer (capped by the caller's deadline)."""
+    abort_grace_s: float = 5.0
+    """After a transfer fails, how long to wait for its in-flight UCX requests to finish or be
+    cancelled before closing the link to that peer (which cancels them); its buffers and pages
+    stay out of use until then."""
+    staging_cache_bytes: int = 1024 * MiB
+    """Staging buffers kept for reuse (first-touch page faults cost ~10x a copy here)."""
+    copy_threads: int = 1
+    """Threads that pack and unpack (torch releases the GIL; the event loop keeps UCX moving)."""
+    advertise_host: str = "127.0.0.1"
+    """Host the sender publishes in its address (the listener binds every interface)."""
+    listen_port: int = 0
+    """Port of the sender's UCX listener; 0 lets the OS choose."""
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_bytes", "send_depth", "recv_window", "copy_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TransferConfig.{name} must be >= 1")
+        for name in ("connect_timeout_s", "room_wait_s", "transfer_timeout_s", "abort_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TransferConfig.{name} must be > 0")

@@ -1,0 +1,369 @@
+"""The prefill rank's side of KV transfer: `KvSender` holds offered rooms and serves requests.
+
+    sender = KvSender("ucx", epoch=instance_epoch, config=TransferConfig())
+    address = await sender.start()        # publish in the instance info (per rank)
+    ...                                   # prefill computes room R's KV into `pages`
+    offer = sender.offer(R, pool, pages, first_token, token=token, timeout=30)
+    try:
+        await offer                       # sent (or raises the typed failure)
+    finally:
+        pool.free(pages)                  # safe either way: nothing touches them any more
+
+A request for a room answers with one status before any KV moves: NOT_FOUND when the room is not
+offered within `room_wait_s` (or the `expect()` deadline), UNAUTHENTICATED for a wrong token
+(the offer stays for the right decode), FAILED_PRECONDITION for an epoch, layout or size
+mismatch (the offer fails too: it can never succeed), or OK. After OK it sends every chunk tag
+exactly once: packing chunk i+1 (worker thread) while chunk i is on the wire, then the trailer;
+on an abort (either side) it stops packing and completes the remaining tags with empty messages.
+`await offer` returns or raises only when no UCX request or pack thread uses the pages or their
+staging buffers any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from pdmesh.errors import (Aborted, Cancelled, EpochMismatch, FailedPrecondition, InvalidArgument,
+                           NotFound, PdmeshError, Unauthenticated)
+from pdmesh.transfer.v1 import transfer_pb2 as pb
+from pdmesh.worker.kv.layout import KvLayout
+from pdmesh.worker.kv.pack import pack
+from pdmesh.worker.kv.pool import KvPool
+from pdmesh.worker.transfer import wire
+from pdmesh.worker.transfer.config import TransferConfig
+from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
+from pdmesh.worker.transfer.staging import StagingCache
+from pdmesh.worker.transfer.state import TransferState, TransferStatus
+
+log = logging.getLogger(__name__)
+_EMPTY = torch.empty(0, dtype=torch.uint8)
+
+
+class Offer:
+    """Room `room`'s KV, held for one decode. Await it: None once sent, else the failure."""
+
+    def __init__(self, room: int, pool: KvPool, page_ids: list[int], first_token: int,
+                 token: bytes, timeout: float, config: TransferConfig) -> None:
+        self.room, self.pool, self.page_ids = room, pool, list(page_ids)
+        self.first_token, self.token = first_token, token
+        self.status = TransferStatus(f"offer room {room}", timeout,
+                                     {TransferState.TRANSFERRING: config.transfer_timeout_s})
+        self.claimed = False
+        self._done = asyncio.get_running_loop().create_future()
+        self._done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    @property
+    def state(self) -> TransferState:
+        return self.status.state
+
+    def __await__(self):
+        return self._done.__await__()
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            if self.status.error is not None:
+                self._done.set_exception(self.status.error)
+            else:
+                self._done.set_result(None)
+
+
+class KvSender:
+    """Serves KV transfer requests for the rooms this rank offers."""
+
+    def __init__(self, transport: Transport | str = "ucx", *, epoch: int,
+                 config: TransferConfig | None = None) -> None:
+        self.config = config or TransferConfig()
+        self._owns_transport = isinstance(transport, str)
+        self.transport = make_transport(transport) if isinstance(transport, str) else transport
+        self.epoch = epoch
+        self.address: str | None = None
+        self._offers: dict[int, Offer] = {}
+        self._arrivals: dict[int, asyncio.Event] = {}
+        self._expected: dict[int, float] = {}
+        self._jobs: dict[tuple[int, int], asyncio.Future] = {}  # (link, transfer id) -> abort
+        self._tasks: set[asyncio.Task] = set()
+        self._staging: StagingCache | None = None
+        self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-pack")
+
+    async def start(self) -> str:
+        """Start listening; return the address to publish for this rank."""
+        self.address = await self.transport.listen(self._accept, self.config.advertise_host,
+                                                   self.config.listen_port)
+        return self.address
+
+    def offer(self, room: int, pool: KvPool, page_ids: list[int], first_token: int, *,
+              token: bytes, timeout: float) -> Offer:
+        """Hold `page_ids` of `pool` for room `room` until a decode with `token` takes them, or
+        `timeout` seconds pass (DEADLINE_EXCEEDED). Await the returned Offer."""
+        if room in self._offers:
+            raise FailedPrecondition(f"room {room} is already offered by this rank",
+                                     reason="KV_ROOM_ALREADY_OFFERED", metadata={"room": room})
+        if not isinstance(token, bytes) or not token:
+            raise InvalidArgument("a transfer token must be non-empty bytes",
+                                  reason="INVALID_TRANSFER_TOKEN")
+        offer = Offer(room, pool, page_ids, first_token, token, timeout, self.config)
+        self._offers[room] = offer
+        offer.status.on_fail(lambda err, o=offer: self._offer_failed(o))
+        self._arrival(room).set()
+        return offer
+
+    def expect(self, room: int, timeout: float) -> None:
+        """A request for `room` may wait up to `timeout` s for its offer (not `room_wait_s`)."""
+        self._expected[room] = asyncio.get_running_loop().time() + timeout
+
+    def abort(self, room: int, error: PdmeshError | None = None) -> bool:
+        """Fail room `room`'s offer (its decode sees the error); False if none is held."""
+        offer = self._offers.get(room)
+        if offer is None:
+            return False
+        return offer.status.fail(error or Aborted(f"the prefill rank aborted room {room}",
+                                                  reason="KV_TRANSFER_ABORTED",
+                                                  metadata={"room": room}))
+
+    async def close(self) -> None:
+        for room in list(self._offers):
+            self.abort(room, Cancelled("KV sender closing", reason="KV_TRANSPORT_CLOSED"))
+        if self._owns_transport:
+            await self.transport.close()
+        if self._tasks:  # they wind down on their own once their links are closed or aborted
+            await asyncio.wait(list(self._tasks), timeout=2 * self.config.abort_grace_s)
+        for task in list(self._tasks):
+            task.cancel()
+        self._executor.shutdown(wait=True)
+
+    # -- control messages ---------------------------------------------------------------------
+
+    def _accept(self, link: Link) -> None:
+        link.on_control = lambda data, link=link: self._on_control(link, data)
+        link.on_closed = lambda err, link=link: self._link_closed(link, err)
+
+    def _on_control(self, link: Link, data: bytes) -> None:
+        try:
+            message = wire.decode(data)
+        except PdmeshError as err:
+            log.warning("bad control message from %s: %s", link.peer, err)
+            return
+        kind = message.WhichOneof("body")
+        if kind == "request":
+            aborted = asyncio.get_running_loop().create_future()
+            self._jobs[(id(link), message.request.transfer_id)] = aborted
+            self._spawn(self._serve(link, message.request, aborted))
+        elif kind == "abort":
+            aborted = self._jobs.get((id(link), message.abort.transfer_id))
+            if aborted is not None and not aborted.done():
+                aborted.set_result(wire.failure_from_proto(message.abort.failure))
+
+    def _link_closed(self, link: Link, error: PdmeshError) -> None:
+        for (link_id, _), aborted in list(self._jobs.items()):
+            if link_id == id(link) and not aborted.done():
+                aborted.set_result(error)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(_task_done)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one request --------------------------------------------------------------------------
+
+    async def _serve(self, link: Link, request: pb.TransferRequest,
+                     aborted: asyncio.Future) -> None:
+        key = (id(link), request.transfer_id)
+        try:
+            try:
+                offer = await self._claim(request, aborted)
+            except PdmeshError as err:
+                await self._respond(link, request.transfer_id, err)
+                return
+            await self._respond(link, request.transfer_id, None)
+            offer.status.advance(TransferState.TRANSFERRING)
+            aborted.add_done_callback(lambda f, o=offer: o.status.fail(f.result()))
+            self.transport.transfers_started()
+            try:
+                await self._stream(link, request, offer, aborted)
+            finally:
+                self.transport.transfers_finished()
+                self._retire(offer)
+                offer._finish()
+        except PdmeshError as err:  # the link broke while answering
+            log.info("transfer %x to %s: %s", request.transfer_id, link.peer, err)
+        finally:
+            self._jobs.pop(key, None)
+
+    async def _respond(self, link: Link, transfer_id: int, error: PdmeshError | None) -> None:
+        response = pb.TransferResponse(transfer_id=transfer_id)
+        if error is not None:
+            response.failure.CopyFrom(wire.failure_to_proto(error))
+        await link.send_control(wire.encode(pb.TransferMessage(response=response)))
+
+    async def _claim(self, request: pb.TransferRequest, aborted: asyncio.Future) -> Offer:
+        """The offer this request may take, after every check; raises the status to answer."""
+        layout = KvLayout.from_proto(request.layout)
+        offer = await self._wait_for_offer(request.room, aborted)
+        if not hmac.compare_digest(request.token, offer.token):
+            raise Unauthenticated(f"wrong transfer token for room {request.room}; only the "
+                                  "decode the router paired with this prefill may take it",
+                                  reason="KV_TRANSFER_TOKEN_MISMATCH",
+                                  metadata={"room": request.room})
+        if offer.claimed:
+            raise FailedPrecondition(f"room {request.room} is already being sent",
+                                     reason="KV_TRANSFER_ALREADY_CLAIMED",
+                                     metadata={"room": request.room})
+        try:
+            self._check_fit(request, layout, offer)
+        except PdmeshError as err:
+            offer.status.fail(err)
+            raise
+        if not 1 <= request.layers_per_chunk <= layout.num_layers:
+            raise InvalidArgument(f"layers_per_chunk {request.layers_per_chunk} is outside "
+                                  f"1..{layout.num_layers}", reason="INVALID_CHUNKING")
+        offer.claimed = True
+        return offer
+
+    def _check_fit(self, request: pb.TransferRequest, layout: KvLayout, offer: Offer) -> None:
+        if request.epoch != self.epoch:
+            raise EpochMismatch(f"decode resolved this prefill at epoch {request.epoch}, it is at "
+                                f"epoch {self.epoch}; refresh the instance info and retry",
+                                metadata={"requested": request.epoch, "actual": self.epoch})
+        offer.pool.layout.check_compatible(layout)
+        have = offer.pool.layout.request_bytes(len(offer.page_ids))
+        if request.num_pages != len(offer.page_ids) or request.expected_bytes != have:
+            raise FailedPrecondition(
+                f"room {request.room} holds {len(offer.page_ids)} pages ({have} bytes), the decode "
+                f"expects {request.num_pages} pages ({request.expected_bytes} bytes)",
+                reason="KV_SIZE_MISMATCH",
+                metadata={"pages": len(offer.page_ids), "requested_pages": request.num_pages})
+
+    async def _wait_for_offer(self, room: int, aborted: asyncio.Future) -> Offer:
+        loop = asyncio.get_running_loop()
+        until = max(loop.time() + self.config.room_wait_s, self._expected.get(room, 0.0))
+        while True:
+            offer = self._offers.get(room)
+            if offer is not None and not offer.status.terminal:
+                return offer
+            if aborted.done():
+                raise Cancelled("the decode aborted the transfer before it started",
+                                reason="KV_TRANSFER_CANCELLED")
+            left = until - loop.time()
+            if left <= 0:
+                raise NotFound(f"room {room} is not held by this prefill rank (waited "
+                               f"{self.config.room_wait_s:.1f} s); the decode asked the wrong "
+                               "rank, or the prefill failed or has not started it",
+                               reason="KV_ROOM_NOT_FOUND", metadata={"room": room})
+            arrival = self._arrival(room)
+            waiter = asyncio.ensure_future(arrival.wait())
+            await asyncio.wait({waiter, aborted}, timeout=left,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+
+    def _arrival(self, room: int) -> asyncio.Event:
+        event = self._arrivals.get(room)
+        if event is None:
+            event = self._arrivals[room] = asyncio.Event()
+        return event
+
+    def _offer_failed(self, offer: Offer) -> None:
+        if not offer.claimed:  # else the streaming task finishes it once UCX is done
+            self._retire(offer)
+            offer._finish()
+
+    def _retire(self, offer: Offer) -> None:
+        if self._offers.get(offer.room) is offer:
+            del self._offers[offer.room]
+        self._arrivals.pop(offer.room, None)
+        self._expected.pop(offer.room, None)
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    async def _stream(self, link: Link, request: pb.TransferRequest, offer: Offer,
+                      aborted: asyncio.Future) -> None:
+        plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), request.layers_per_chunk)
+        staging = self._staging_for(offer.pool)
+        ids = torch.tensor(offer.page_ids, dtype=torch.int64)
+        status, tid = offer.status, request.transfer_id
+        inflight: deque[tuple[asyncio.Future, torch.Tensor | None]] = deque()
+        sent, acc, total = 0, wire.FOLD_START, 0
+        loop = asyncio.get_running_loop()
+        try:
+            for index, (a, b) in enumerate(plan.ranges):
+                if status.terminal:
+                    break
+                buf = staging.take(plan.chunk_bytes(index))
+                job = loop.run_in_executor(self._executor, _pack_chunk, offer.pool.kv, ids, a, b,
+                                           buf)
+                try:
+                    chunk_sum = await status.guard(job)
+                except PdmeshError:
+                    await asyncio.wait({job})  # the pack thread still writes into buf
+                    staging.give(buf)
+                    break
+                inflight.append((link.send_data(buf, wire.chunk_tag(tid, index)), buf))
+                sent, acc, total = sent + 1, wire.fold(acc, chunk_sum), total + buf.numel()
+                while len(inflight) >= self.config.send_depth and not status.terminal:
+                    await self._retire_one(inflight, staging, status)
+            while inflight and not status.terminal:
+                await self._retire_one(inflight, staging, status)
+            if not status.terminal:
+                trailer = pb.TransferTrailer(transfer_id=tid, first_token=offer.first_token,
+                                             byte_count=total, checksum=acc, token=offer.token)
+                await status.guard(link.send_control(wire.encode(pb.TransferMessage(
+                    trailer=trailer))))
+                status.succeed()
+                return
+        except PdmeshError as err:
+            status.fail(err)
+        await self._wind_down(link, tid, plan, sent, inflight, staging, status, aborted)
+
+    async def _retire_one(self, inflight, staging: StagingCache, status: TransferStatus) -> None:
+        future, buf = inflight[0]
+        try:
+            await status.guard(future)
+        except PdmeshError:
+            if not future.done():
+                return  # the transfer failed first; wind-down drains it
+            raise
+        inflight.popleft()
+        staging.give(buf)
+
+    async def _wind_down(self, link: Link, tid: int, plan: wire.ChunkPlan, sent: int, inflight,
+                         staging: StagingCache, status: TransferStatus,
+                         aborted: asyncio.Future) -> None:
+        """After a failure: tell the receiver (unless it told us), complete the remaining chunk
+        tags with empty messages, and wait until UCX is done with every buffer."""
+        if not aborted.done() and not link.closed:
+            abort = pb.TransferAbort(transfer_id=tid, failure=wire.failure_to_proto(status.error))
+            try:
+                await link.send_control(wire.encode(pb.TransferMessage(abort=abort)))
+            except PdmeshError:
+                pass
+        for index in range(sent, plan.num_chunks):
+            inflight.append((link.send_data(_EMPTY, wire.chunk_tag(tid, index)), None))
+        futures = [f for f, _ in inflight]
+        if await drain(futures, link, self.config.abort_grace_s):
+            for _, buf in inflight:
+                if buf is not None:
+                    staging.give(buf)
+
+    def _staging_for(self, pool: KvPool) -> StagingCache:
+        if self._staging is None or self._staging.device != pool.kv.device:
+            self._staging = StagingCache(self.config.staging_cache_bytes, pool.kv.device)
+        return self._staging
+
+
+def _task_done(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("KV sender task failed", exc_info=task.exception())
+
+
+def _pack_chunk(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor) -> int:
+    """Worker thread: pack layers [a, b) into `buf`; return its checksum."""
+    pack(kv, ids, (a, b), out=buf.view(kv.dtype))
+    if kv.is_cuda:
+        torch.cuda.current_stream(kv.device).synchronize()
+    return wire.checksum(buf)
