@@ -34,6 +34,20 @@ def sync() -> None:
         torch.cuda.current_stream().synchronize()
 
 
+class _Done:
+    def query(self) -> bool:
+        return True
+
+
+def event():
+    """A CUDA event recorded now on the current stream (a finished stand-in on CPU)."""
+    if DEVICE != "cuda":
+        return _Done()
+    ev = torch.cuda.Event()
+    ev.record()
+    return ev
+
+
 def _bench(fn, rep_ms: int) -> float:
     """Median seconds of one call."""
     if DEVICE != "cuda":

@@ -43,12 +43,12 @@ def _env() -> dict:
 
 
 def _pair(role: str, sizes: list[int], iters: int, mode: str = "blocking", inflight: int = 1,
-          timeout: float = 180) -> list[dict]:
+          timeout: float = 180, log: Path | None = None, extra_env: dict | None = None) -> list[dict]:
     """Start the receiver, then the sender (one connection for every size); the sender's figures."""
     port = _free_port()
     base = [sys.executable, "-m", "bench.gpu_ucx", "--port", str(port), "--sizes",
             ",".join(map(str, sizes)), "--iters", str(iters), "--inflight", str(inflight)]
-    env = dict(_env(), UCXPY_PROGRESS_MODE=mode)
+    env = dict(_env(), UCXPY_PROGRESS_MODE=mode, **(extra_env or {}))
     recv = subprocess.Popen(base + [f"{role}-recv"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             text=True)
     try:
@@ -64,6 +64,9 @@ def _pair(role: str, sizes: list[int], iters: int, mode: str = "blocking", infli
         if send.returncode != 0:
             raise RuntimeError(f"{role} sender failed: {send.stderr[-2000:]}")
         rest, _ = recv.communicate(timeout=60)
+        if log:
+            log.write_text(f"== sender\n{send.stdout}\n{send.stderr}\n== receiver\n"
+                           + "".join(seen) + rest)
         if recv.returncode != 0 or "RESULT ok" not in rest:
             raise RuntimeError(f"{role} receiver failed: {rest[-500:]!r}")
         rows = json.loads(send.stdout.strip().splitlines()[-1])
@@ -82,8 +85,13 @@ def bare_send(sizes: list[int], iters: int, mode: str = "blocking", inflight: in
 
 
 def pipe_send(tokens: list[int], iters: int, mode: str = "blocking", inflight: int = 1) -> list[dict]:
-    """Pack, send, receive, unpack a request of each token count, pool to pool."""
+    """Pack, send, receive, unpack a request of each token count, pool to pool, one after another."""
     return _pair("pipe", tokens, iters, mode, inflight)
+
+
+def chunk_send(tokens: list[int], iters: int, mode: str = "blocking", chunks: int = 4) -> list[dict]:
+    """The same in `chunks` layer ranges, packing, sending and unpacking overlapping."""
+    return _pair("chunk", tokens, iters, mode, chunks)
 
 
 def perftest(nbytes: int, iters: int, mem: str = "cuda") -> dict:
@@ -145,34 +153,82 @@ def _wire(t):
     return flat if flat.is_cuda else flat.numpy()
 
 
-def _chunks(wire, k: int) -> list:
-    if hasattr(wire, "chunk"):
-        return list(wire.chunk(k))
-    import numpy as np
-    return np.array_split(wire, k)
+class _Side:
+    """One side's buffers for one size, and how it moves them once.
+
+    bare: one buffer in `parts` concurrent sends. pipe: pack every layer, synchronise, send the
+    staging buffer in `parts` concurrent sends; the receiver unpacks once all landed. chunk: the
+    layers in `parts` ranges; the sender packs them all at once and sends each range as soon as
+    its pack is done (a CUDA event), the receiver unpacks each range as it lands, so packing,
+    sending and unpacking overlap, as a chunked transfer does.
+    """
+
+    def __init__(self, role: str, size: int, sender: bool, parts: int) -> None:
+        import torch
+        from bench.gpu_kernels import DEVICE
+        self.role, self.size = role, size
+        if role == "bare":
+            self.buf = (_pattern(size) if sender
+                        else torch.empty(size, dtype=torch.uint8, device=DEVICE))
+            self.parts = [(None, None, w) for w in _wire(self.buf).chunk(parts)] if self.buf.is_cuda \
+                else [(None, None, w) for w in __import__("numpy").array_split(_wire(self.buf), parts)]
+            return
+        self.kv, self.ids, self.buf = _pool(size, seed=1 if sender else 2)
+        layers = self.kv.shape[0]
+        cuts = [layers * i // parts for i in range(parts + 1)]
+        self.parts = [(a, b, _wire(self.buf[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size()
+
+    async def send(self, ep) -> None:
+        from bench.gpu_kernels import event, sync
+        from pdmesh.worker.kv.pack_triton import pack_triton
+        if self.role == "pipe":
+            pack_triton(self.kv, self.ids, 0, self.kv.shape[0], self.buf)
+            sync()  # UCX is not stream-ordered: the bytes must be there before the send
+        if self.role != "chunk":
+            await asyncio.gather(*(ep.send(w) for _, _, w in self.parts))
+            return
+        done = []
+        for a, b, _ in self.parts:
+            pack_triton(self.kv, self.ids, a, b, self.buf[a:b])
+            done.append(event())
+
+        async def send_when_packed(ready, wire):
+            while not ready.query():
+                await asyncio.sleep(0)
+            await ep.send(wire)
+        await asyncio.gather(*(send_when_packed(r, w) for r, (_, _, w) in zip(done, self.parts)))
+
+    async def recv(self, ep) -> None:
+        from bench.gpu_kernels import sync
+        from pdmesh.worker.kv.pack_triton import unpack_triton
+
+        async def recv_part(a, b, wire):
+            await ep.recv(wire)
+            if self.role == "chunk":
+                unpack_triton(self.buf[a:b], self.kv, self.ids, a, b)
+        await asyncio.gather(*(recv_part(*p) for p in self.parts))
+        if self.role == "pipe":
+            unpack_triton(self.buf, self.kv, self.ids, 0, self.kv.shape[0])
+        if self.role != "bare":
+            sync()
+
+    def arrived_intact(self) -> bool:
+        import torch
+        if self.role == "bare":
+            return torch.equal(self.buf, _pattern(self.size))
+        src_kv, src_ids, _ = _pool(self.size, seed=1)
+        return torch.equal(self.kv[:, :, self.ids].view(torch.int16),
+                           src_kv[:, :, src_ids].view(torch.int16))
 
 
-def _side_setup(role: str, size: int, seed: int):
-    """(buffer, step) for one size: the bytes to move and what runs around each move."""
-    from bench.gpu_kernels import DEVICE, sync
-    from pdmesh.worker.kv.pack_triton import pack_triton, unpack_triton
-    import torch
-    if role == "bare":
-        buf = _pattern(size) if seed == 1 else torch.empty(size, dtype=torch.uint8, device=DEVICE)
-        return buf, None, None
-    kv, ids, buf = _pool(size, seed)
-
-    def pack():
-        pack_triton(kv, ids, 0, kv.shape[0], buf)
-        sync()  # UCX is not stream-ordered: the bytes must be there before the send
-
-    def unpack():
-        unpack_triton(buf, kv, ids, 0, kv.shape[0])
-        sync()
-    return buf, (pack if seed == 1 else unpack), (kv, ids)
+WARMUP = 3
 
 
-async def _send_side(role: str, port: int, sizes: list[int], iters: int, inflight: int) -> None:
+async def _send_side(role: str, port: int, sizes: list[int], iters: int, parts: int) -> None:
     import numpy as np
     import ucxx
     from bench.gpu_kernels import sync
@@ -180,31 +236,25 @@ async def _send_side(role: str, port: int, sizes: list[int], iters: int, infligh
     ep = await ucxx.create_endpoint("127.0.0.1", port)
     rows = []
     for size in sizes:
-        buf, step, _ = _side_setup(role, size, seed=1)
-        chunks = _chunks(_wire(buf), inflight)
+        side = _Side(role, size, sender=True, parts=parts)
         sync()
-        warmup = 3
-        for i in range(warmup + iters):
-            if i == warmup:
+        for i in range(WARMUP + iters):
+            if i == WARMUP:
                 start = time.perf_counter()
-            if step:
-                step()
-            await asyncio.gather(*(ep.send(c) for c in chunks))
+            await side.send(ep)
         ack = np.zeros(1, dtype=np.int64)
         await ep.recv(ack)
         elapsed = time.perf_counter() - start
-        payload = buf.numel() * buf.element_size()
-        rows.append({"role": role, "size": size, "bytes": payload, "iters": iters,
+        rows.append({"role": role, "size": size, "bytes": side.nbytes, "iters": iters,
                      "ok": int(ack[0]), "s_per_iter": elapsed / iters,
-                     "gbps": payload * iters / elapsed / 1e9})
-        del buf, step, chunks
+                     "gbps": side.nbytes * iters / elapsed / 1e9})
+        del side
     print(json.dumps(rows))
     await ep.close()
 
 
-async def _recv_side(role: str, port: int, sizes: list[int], iters: int, inflight: int) -> None:
+async def _recv_side(role: str, port: int, sizes: list[int], iters: int, parts: int) -> None:
     import numpy as np
-    import torch
     import ucxx
 
     done = asyncio.Event()
@@ -212,22 +262,13 @@ async def _recv_side(role: str, port: int, sizes: list[int], iters: int, infligh
 
     async def handler(ep):
         for size in sizes:
-            buf, step, pool = _side_setup(role, size, seed=2)
-            chunks = _chunks(_wire(buf), inflight)
-            for _ in range(3 + iters):
-                await asyncio.gather(*(ep.recv(c) for c in chunks))
-                if step:
-                    step()
-            if role == "bare":
-                ok = torch.equal(buf, _pattern(size))
-            else:
-                (kv, ids), (src_kv, src_ids, _) = pool, _pool(size, seed=1)
-                ok = torch.equal(kv[:, :, ids].view(torch.int16),
-                                 src_kv[:, :, src_ids].view(torch.int16))
-                del kv, ids, src_kv, src_ids
-            result["ok"] &= bool(ok)
+            side = _Side(role, size, sender=False, parts=parts)
+            for _ in range(WARMUP + iters):
+                await side.recv(ep)
+            ok = side.arrived_intact()
+            result["ok"] &= ok
             await ep.send(np.array([int(ok)], dtype=np.int64))
-            del buf, step, pool, chunks
+            del side
         done.set()
 
     listener = ucxx.create_listener(handler, port)
@@ -242,11 +283,13 @@ async def _recv_side(role: str, port: int, sizes: list[int], iters: int, infligh
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("side", choices=["bare-send", "bare-recv", "pipe-send", "pipe-recv"])
+    parser.add_argument("side", choices=[f"{r}-{s}" for r in ("bare", "pipe", "chunk")
+                                         for s in ("send", "recv")])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sizes", required=True, help="bytes (bare) or tokens (pipe), comma-separated")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--inflight", type=int, default=1, help="concurrent sends per move")
+    parser.add_argument("--inflight", type=int, default=1,
+                        help="concurrent sends per move (chunk: layer ranges)")
     args = parser.parse_args(argv)
     role, side = args.side.split("-")
     fn = _send_side if side == "send" else _recv_side
