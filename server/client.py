@@ -162,23 +162,22 @@ class BootstrapClient:
         await self._watcher.ping(self._t(timeout))
 
 
-_SHARED: dict[tuple[int, str], BootstrapClient] = {}
+_SHARED: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, BootstrapClient]] = {}
 
 
 def shared_client(address: str) -> BootstrapClient:
     """The process's one client (channel and lookup stream) for `address`, in the running loop."""
     loop = asyncio.get_running_loop()
-    key = (id(loop), address)
-    client = _SHARED.get(key)
-    if client is None:
-        client = _SHARED[key] = BootstrapClient(address)
-        for other in [k for k, c in _SHARED.items() if k[0] != id(loop) and c._channel is None]:
-            del _SHARED[other]
-    return client
+    for key in [k for k, (lp, _) in _SHARED.items() if lp.is_closed()]:
+        del _SHARED[key]  # a finished asyncio.run() left it behind (its channel died with its loop)
+    entry = _SHARED.get((id(loop), address))
+    if entry is None or entry[0] is not loop:
+        entry = _SHARED[(id(loop), address)] = (loop, BootstrapClient(address))
+    return entry[1]
 
 
 async def close_shared_clients() -> None:
     """Close every shared client of the running loop (at process shutdown, or between tests)."""
-    loop_id = id(asyncio.get_running_loop())
-    for key in [k for k in _SHARED if k[0] == loop_id]:
-        await _SHARED.pop(key).close()
+    loop = asyncio.get_running_loop()
+    for key in [k for k, (lp, _) in _SHARED.items() if lp is loop]:
+        await _SHARED.pop(key)[1].close()

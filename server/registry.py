@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import threading
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -33,6 +34,7 @@ from pdmesh.rules import FOLLOW, FORCE_QUERY_ENV, MAX_ROOM, validate_dp_rank, va
 from pdmesh.server.instances import MAX_ID_CHARS, Instance, validate_instance, validate_instance_id
 
 log = logging.getLogger(__name__)
+_RANK = operator.itemgetter(0)  # the dp_rank of a stored record
 Callback = Callable[[int, int], None]
 
 
@@ -303,10 +305,13 @@ class Registry:
         waiter table is full, those rooms raise RESOURCE_EXHAUSTED for the whole call and nothing
         is left waiting.
         """
-        found, ranks, missing = [], [], []
         with self._lock:
             self._expire_due(self._clock())
-            for room, rec in zip(rooms, map(self._rooms.get, rooms)):
+            records = list(map(self._rooms.get, rooms))
+            if None not in records:  # every room found: no Python-level loop at all
+                return list(rooms), list(map(_RANK, records)), [], []
+            found, ranks, missing = [], [], []
+            for room, rec in zip(rooms, records):
                 if rec is None:
                     missing.append(room)
                 else:

@@ -126,7 +126,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
                                max_wait_s=self.config.max_wait_s)
         self.open_streams += 1
         try:
-            await session.run(request_iterator)
+            await session.run()
         finally:
             self.open_streams -= 1
 

@@ -255,3 +255,33 @@ def test_port_already_served_fails_at_once(bootstrap):
         with pytest.raises(BindError):
             create_bootstrap_server(bootstrap.address, BootstrapConfig())
     asyncio.run(main())
+
+
+def test_raw_stream_reasked_wait_gets_the_new_timeout_and_untagged_answers(bootstrap, info_factory):
+    iid = fresh_id()
+
+    async def main():
+        async with grpc.aio.insecure_channel(bootstrap.address) as channel:
+            stub = bootstrap_pb2_grpc.BootstrapServiceStub(channel)
+            await stub.RegisterInstance(bootstrap_pb2.RegisterInstanceRequest(info=info_factory(iid)), timeout=5)
+            await stub.RegisterRoom(bootstrap_pb2.RegisterRoomRequest(
+                instance_id=iid, bootstrap_room=61, dp_rank=1), timeout=5)
+            call = stub.WatchRooms()
+            # Untagged: room 61 is answered in an untagged response; room 62 waits 0.1 s ...
+            await call.write(bootstrap_pb2.WatchRoomsRequest(wait_bootstrap_rooms=[61, 62, 62],
+                                                             wait_timeout_ms=100))
+            first = await call.read()
+            assert (first.tag, list(first.bootstrap_rooms), list(first.dp_ranks)) == (0, [61], [1])
+            # ... but is asked again with 10 s before that runs out, so it must not expire.
+            await call.write(bootstrap_pb2.WatchRoomsRequest(tag=2, wait_bootstrap_rooms=[62],
+                                                             wait_timeout_ms=10_000))
+            assert (await call.read()).tag == 2
+            await asyncio.sleep(0.3)
+            await stub.RegisterRoom(bootstrap_pb2.RegisterRoomRequest(
+                instance_id=iid, bootstrap_room=62, dp_rank=0), timeout=5)
+            late = await asyncio.wait_for(call.read(), 5)
+            assert (list(late.bootstrap_rooms), list(late.dp_ranks), list(late.expired_bootstrap_rooms)) == \
+                ([62], [0], [])
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+    asyncio.run(main())
