@@ -1,0 +1,163 @@
+"""Two real processes on loopback move KV over UCX (tcp, and shared memory), and a sender dies.
+
+One sender and one receiver process per transport for the module (`python -m
+pdmesh.worker.transfer.loopback`, the UCX settings set by pdmesh itself except UCX_TLS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+LAYOUT = "4,16,2,64,bf16"  # 4 KiB per page per layer: 32 KiB a page over K, V and 4 layers
+TRANSPORTS = {
+    "tcp": {"UCX_TLS": "tcp"},
+    "sm": {"UCX_TLS": "sm,self,tcp"},  # pdmesh adds UCX_MM_ERROR_HANDLING=y itself
+}
+
+
+class Proc:
+    """A loopback rank: JSON commands in, JSON events out (other stdout lines kept apart)."""
+
+    def __init__(self, role: str, env: dict, *extra: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "pdmesh.worker.transfer.loopback", role, "--pages", "160",
+             "--layout", LAYOUT, "--room-wait", "3", "--grace", "3", *extra],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.events: queue.Queue = queue.Queue()
+        self.other_lines: list[str] = []
+        self.stash: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready = self.wait("ready", timeout=60)
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            if line.startswith("{"):
+                self.events.put(json.loads(line))
+            else:
+                self.other_lines.append(line)
+        self.events.put({"event": "eof"})
+
+    def send(self, **cmd) -> None:
+        self.popen.stdin.write(json.dumps(cmd) + "\n")
+        self.popen.stdin.flush()
+
+    def wait(self, event: str, timeout: float = 30, **match) -> dict:
+        def fits(got: dict) -> bool:
+            return got["event"] == event and all(got.get(k) == v for k, v in match.items())
+
+        for i, got in enumerate(self.stash):
+            if fits(got):
+                return self.stash.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {event} {match} within {timeout} s")
+            try:
+                got = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if fits(got):
+                return got
+            if got["event"] == "eof":
+                raise AssertionError(f"process ended while waiting for {event}")
+            self.stash.append(got)  # kept for a later wait
+
+    def collect(self, event: str, count: int, timeout: float = 60) -> list[dict]:
+        return [self.wait(event, timeout=timeout) for _ in range(count)]
+
+    def pool(self) -> dict:
+        self.send(op="pool")
+        return self.wait("pool")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.send(op="exit")
+                self.popen.wait(timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                self.popen.kill()
+                self.popen.wait()
+
+
+@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+def pair(request):
+    env = dict(os.environ, UCX_PROTO_INFO="y", **TRANSPORTS[request.param])
+    sender, receiver = Proc("sender", env), Proc("receiver", env)
+    yield request.param, env, sender, receiver
+    sender.stop()
+    receiver.stop()
+
+
+def _offer(sender: Proc, rooms: list[int], pages: int) -> None:
+    for room in rooms:
+        sender.send(op="offer", room=room, pages=pages, fill=True, timeout=30)
+    for _ in rooms:
+        sender.wait("offered")
+
+
+def test_many_rooms_at_once_every_byte_checked(pair):
+    kind, _, sender, receiver = pair
+    small, large = list(range(100, 124)), [200, 201]
+    _offer(sender, small, 3)
+    _offer(sender, large, 40)  # 1.25 MiB each, several chunks
+    receiver.send(op="fetch", address=sender.ready["address"], rooms=small, pages=3, verify=True)
+    receiver.send(op="fetch", address=sender.ready["address"], rooms=large, pages=40,
+                  verify=True, layers_per_chunk=1)
+    done = receiver.collect("fetch_done", len(small) + len(large))
+    assert all(d["ok"] and d["verified"] for d in done), [d for d in done if not d["ok"]]
+    offers = sender.collect("offer_done", len(small) + len(large))
+    assert all(o["ok"] for o in offers)
+    assert sender.pool()["free"] == 160 and receiver.pool()["free"] == 160
+    rendezvous = [line for line in sender.other_lines + receiver.other_lines
+                  if "rendezvous" in line or "zero-copy" in line]
+    if kind == "sm":  # shared memory really carried the data (not a silent fall-back to tcp)
+        assert any("memory" in line for line in rendezvous), rendezvous[:20]
+    else:
+        assert rendezvous and not any("memory" in line for line in rendezvous)
+
+
+def test_sender_killed_mid_transfer(pair):
+    kind, env, healthy, receiver = pair
+    dying = Proc("sender", env, "--pack-delay", "0.5")
+    try:
+        dying.send(op="offer", room=300, pages=40, fill=True, timeout=60)
+        dying.wait("offered")
+        _offer(healthy, [301, 302, 303], 8)
+        receiver.send(op="fetch", address=dying.ready["address"], rooms=[300], pages=40,
+                      verify=True, timeout=60, layers_per_chunk=1)
+        dying.wait("packing", timeout=30)
+        receiver.send(op="fetch", address=healthy.ready["address"], rooms=[301, 302, 303],
+                      pages=8, verify=True)
+        dying.popen.kill()
+        killed = time.monotonic()
+        failed = receiver.wait("fetch_done", room=300, timeout=30)
+        took = time.monotonic() - killed
+        assert not failed["ok"] and failed["code"] == "UNAVAILABLE", failed
+        print(f"dead sender noticed after {took:.2f} s ({kind})")
+        assert took < 8, f"a dead sender was noticed after {took:.1f} s ({kind})"
+        others = receiver.collect("fetch_done", 3)
+        assert all(d["ok"] and d["verified"] for d in others), others
+        healthy.collect("offer_done", 3)
+        # the receiver keeps serving: another transfer from the healthy sender
+        _offer(healthy, [304], 5)
+        receiver.send(op="fetch", address=healthy.ready["address"], rooms=[304], pages=5,
+                      verify=True)
+        again = receiver.wait("fetch_done", room=304)
+        assert again["ok"] and again["verified"]
+        healthy.collect("offer_done", 1)
+        assert receiver.pool()["free"] == 160 and healthy.pool()["free"] == 160
+    finally:
+        dying.popen.kill()
+        dying.popen.wait()

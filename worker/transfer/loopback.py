@@ -1,0 +1,239 @@
+"""A sender or receiver rank in its own process, driven by JSON lines: the data plane alone.
+
+    python -m pdmesh.worker.transfer.loopback sender   [--pages N] [--layout 32,16,8,128,bf16]
+    python -m pdmesh.worker.transfer.loopback receiver [--pages N] [--layout ...]
+
+Tests and `bench/transfer.py` start two of these (UCX settings come from the environment, as in
+a rank) and write commands, one JSON object per line, on stdin; events come back as JSON lines
+on stdout (UCX may print its own lines there too: skip lines that do not start with "{").
+
+    sender:   {"op": "offer", "room": R, "pages": N, "timeout": T, "fill": true}
+              -> {"event": "offered", "room": R}, later {"event": "offer_done", "room": R, "ok": ..}
+    receiver: {"op": "fetch", "address": A, "rooms": [R, ..], "pages": N, "timeout": T,
+               "verify": true, "sequential": false, "layers_per_chunk": k (optional)}
+              -> {"event": "fetch_done", "room": R, "ok": .., "seconds": .., "bytes": ..} per room,
+                 then {"event": "batch_done", "seconds": ..}
+    both:     {"op": "pool"} -> {"event": "pool", "free": F, "total": P};  {"op": "exit"}
+
+With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
+("verify") compares every byte it received with the same bytes. The token of room R is derived
+from R on both sides (the real control path sends a random one). Pages are handed out in a
+shuffled order, so a request's pages sit at scattered ids as they do in a serving rank.
+`--pack-delay S` slows each chunk's pack by S seconds and reports {"event": "packing"} (used to
+kill a sender mid-transfer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sys
+import threading
+import time
+
+import torch
+
+from pdmesh.errors import PdmeshError
+from pdmesh.worker.kv.layout import DTYPE_NAMES, KvLayout
+from pdmesh.worker.kv.pack import pack, unpack
+from pdmesh.worker.kv.pool import KvPool
+from pdmesh.worker.transfer import sender as sender_module
+from pdmesh.worker.transfer.config import TransferConfig
+from pdmesh.worker.transfer.link import make_transport
+from pdmesh.worker.transfer.receiver import KvReceiver
+from pdmesh.worker.transfer.sender import KvSender
+
+EPOCH = 1
+_print_lock = threading.Lock()
+
+
+def emit(**event) -> None:
+    with _print_lock:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+
+def token_for(room: int) -> bytes:
+    return hashlib.sha256(b"pdmesh-loopback:%d" % room).digest()[:16]
+
+
+def content(layout: KvLayout, room: int, pages: int) -> torch.Tensor:
+    """Room `room`'s staging bytes, the same in both processes."""
+    gen = torch.Generator().manual_seed(room)
+    data = torch.randint(0, 256, (layout.request_bytes(pages),), dtype=torch.uint8, generator=gen)
+    return data.view(layout.dtype)
+
+
+def parse_layout(text: str) -> KvLayout:
+    layers, size, heads, dim, dtype = text.split(",")
+    return KvLayout(int(layers), int(size), int(heads), int(dim), DTYPE_NAMES[dtype])
+
+
+def make_pool(layout: KvLayout, pages: int) -> KvPool:
+    pool = KvPool(layout, pages)
+    pool.kv.view(torch.uint8).random_()  # touch every page now, not inside a timed transfer
+    ids = pool.alloc(pages)
+    random.Random(pages).shuffle(ids)
+    pool.free(ids)  # the free list is now shuffled
+    return pool
+
+
+def error_fields(err: BaseException | None) -> dict:
+    if err is None:
+        return {"ok": True}
+    if isinstance(err, PdmeshError):
+        return {"ok": False, "code": err.code.name, "reason": err.reason, "message": err.message}
+    return {"ok": False, "code": "UNKNOWN", "reason": type(err).__name__, "message": str(err)}
+
+
+class Rank:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.layout = parse_layout(args.layout)
+        self.pool = make_pool(self.layout, args.pages)
+        config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace)
+        self.transport = make_transport(args.transport)
+        self.sender = KvSender(self.transport, epoch=EPOCH, config=config) \
+            if args.role == "sender" else None
+        self.receiver = KvReceiver(self.transport, config=config) \
+            if args.role == "receiver" else None
+        self.tasks: set[asyncio.Task] = set()
+
+    async def offer(self, cmd: dict) -> None:
+        room, pages = cmd["room"], cmd["pages"]
+        try:
+            ids = self.pool.alloc(pages)
+        except PdmeshError as err:
+            emit(event="offer_done", room=room, **error_fields(err))
+            return
+        if cmd.get("fill"):
+            unpack(content(self.layout, room, pages), self.pool.kv, ids)
+        try:
+            offer = self.sender.offer(room, self.pool, ids, room % 50000, token=token_for(room),
+                                      timeout=cmd.get("timeout", 30.0))
+            emit(event="offered", room=room)
+            await offer
+            emit(event="offer_done", room=room, ok=True)
+        except PdmeshError as err:
+            emit(event="offer_done", room=room, **error_fields(err))
+        finally:
+            self.pool.free(ids)
+
+    async def fetch_one(self, cmd: dict, room: int) -> None:
+        pages = cmd["pages"]
+        try:
+            ids = self.pool.alloc(pages)
+        except PdmeshError as err:
+            emit(event="fetch_done", room=room, **error_fields(err))
+            return
+        started, error, verified = time.perf_counter(), None, None
+        try:
+            first = await self.receiver.fetch(
+                cmd["address"], room, epoch=EPOCH, pool=self.pool, page_ids=ids,
+                token=token_for(room), timeout=cmd.get("timeout", 30.0),
+                layers_per_chunk=cmd.get("layers_per_chunk"))
+            seconds = time.perf_counter() - started
+            if first != room % 50000:
+                error = PdmeshError(f"first token {first} != {room % 50000}")
+            if cmd.get("verify"):
+                got = pack(self.pool.kv, ids).reshape(-1)
+                verified = torch.equal(got.view(torch.uint8),
+                                       content(self.layout, room, pages).view(torch.uint8))
+        except PdmeshError as err:
+            seconds, error = time.perf_counter() - started, err
+        finally:
+            self.pool.free(ids)
+        emit(event="fetch_done", room=room, seconds=seconds, verified=verified,
+             bytes=self.layout.request_bytes(pages), **error_fields(error))
+
+    async def fetch(self, cmd: dict) -> None:
+        started = time.perf_counter()
+        if cmd.get("sequential"):
+            for room in cmd["rooms"]:
+                await self.fetch_one(cmd, room)
+        else:
+            await asyncio.gather(*(self.fetch_one(cmd, room) for room in cmd["rooms"]))
+        emit(event="batch_done", seconds=time.perf_counter() - started)
+
+    def spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def serve(self) -> None:
+        if self.sender is not None:
+            emit(event="ready", address=await self.sender.start(), pid=os.getpid())
+        else:
+            emit(event="ready", pid=os.getpid())
+        lines: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=_read_stdin, args=(loop, lines), daemon=True).start()
+        while True:
+            line = await lines.get()
+            cmd = json.loads(line) if line else {"op": "exit"}
+            op = cmd.get("op")
+            if op == "offer":
+                self.spawn(self.offer(cmd))
+            elif op == "fetch":
+                self.spawn(self.fetch(cmd))
+            elif op == "pool":
+                emit(event="pool", free=self.pool.num_free, total=self.pool.num_pages)
+            elif op == "exit":
+                break
+        for side in (self.sender, self.receiver):
+            if side is not None:
+                await side.close()
+        await self.transport.close()
+        emit(event="bye")
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
+    for line in sys.stdin:
+        if line.strip():
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+    loop.call_soon_threadsafe(lines.put_nowait, "")
+
+
+def _slow_pack(delay: float):
+    real = sender_module._pack_chunk
+
+    def pack_chunk(kv, ids, a, b, buf):
+        emit(event="packing", layers=[a, b])
+        time.sleep(delay)
+        return real(kv, ids, a, b, buf)
+
+    return pack_chunk
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pdmesh.worker.transfer.loopback",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("role", choices=("sender", "receiver"))
+    parser.add_argument("--pages", type=int, default=256, help="pages in this rank's pool")
+    parser.add_argument("--layout", default="32,16,8,128,bf16",
+                        help="layers,page_size,kv_heads,head_dim,dtype")
+    parser.add_argument("--transport", default="ucx", choices=("ucx", "inproc"))
+    parser.add_argument("--room-wait", type=float, default=5.0)
+    parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument("--pack-delay", type=float, default=0.0)
+    parser.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
+    if args.pack_delay:
+        sender_module._pack_chunk = _slow_pack(args.pack_delay)
+    rank = Rank(args)
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(rank.serve())
+    else:
+        asyncio.run(rank.serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
