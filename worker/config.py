@@ -50,6 +50,8 @@ class InstanceConfig:
     ucx_tls: str | None = None
     #: CUDA devices for the ranks, one per rank or one for all ("" = none).
     devices: tuple[str, ...] = ()
+    #: Decode, for tests: save each room's received prompt KV as <dir>/<room>.pt (PDMESH_DEBUG_KV_DIR).
+    debug_kv_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in (PREFILL, DECODE):

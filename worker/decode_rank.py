@@ -72,6 +72,8 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                 first, info = await self._fetch(request, info, prefill_rank, room, pages, token, deadline)
                 fetched = time.perf_counter()
                 st.metrics_path(_PATHS[path])
+                if st.config.instance.debug_kv_dir:
+                    self._dump_kv(room, pages, len(ids))
                 detok = requests.Detokenizer(st.engine)
                 yield worker_pb2.DecodeResponse(
                     token_ids=[first], text=detok.push([first]),
@@ -97,6 +99,15 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                 st.pages.free(pages)
                 if seq is not None and not seq.finished:
                     self.loop.abort(room, PdmeshError("the client went away"))
+
+    def _dump_kv(self, room: int, pages: list[int], num_tokens: int) -> None:
+        import os
+
+        import torch
+
+        from pdmesh.worker.engine.reference import kv_by_token
+        path = os.path.join(self.state.config.instance.debug_kv_dir, f"{room}.pt")
+        torch.save(kv_by_token(self.state.pages.kv, pages, num_tokens).cpu(), path)
 
     async def _resolve(self, request, room: int, hint: int | None, deadline: float):
         info = await self.infos.get(request.prefill_bootstrap_address, request.prefill_instance_id)

@@ -58,7 +58,7 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
         host=args.host, port=args.port, dp_size=args.dp_size, load_balance_method=args.load_balance_method,
         engine=spec_from_args(args), num_pages=args.num_pages, max_running_requests=args.max_running_requests,
-        ucx_tls=args.ucx_tls, devices=devices, **extra)
+        ucx_tls=args.ucx_tls, devices=devices, debug_kv_dir=env("DEBUG_KV_DIR"), **extra)
 
 
 def run(args: argparse.Namespace, role: str) -> int:

@@ -54,9 +54,10 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         log.info("prefill room=%d rank=%d action=%s prompt_tokens=%d", room, st.dp_rank, action.value, len(ids))
         deadline = time.monotonic() + (context.time_remaining() or st.config.instance.transfer_wait_s)
         with st.track(room):
+            st.transfer.expect_room(room, deadline)
             if action is PrefillAction.REGISTER:
                 await st.bootstrap.register_room(st.instance_id, room, st.dp_rank,
-                                                 request.request_id or f"room-{room}", epoch=st.epoch)
+                                                 request.request_id or f"room-{room}")
             pages = await st.pages.alloc_wait(st.layout.pages_for_tokens(len(ids)),
                                               st.config.instance.page_wait_s)
             try:

@@ -84,9 +84,19 @@ async def serve(config: RankConfig) -> None:
     state.engine_thread.shutdown()
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the controller dies, so no rank outlives its instance."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = RankConfig.from_json(argv[0])
+    _die_with_parent()
     logging.basicConfig(level=env("LOG_LEVEL", "INFO").upper(),
                         format=f"%(asctime)s %(levelname)s {config.instance.role}[{config.dp_rank}] %(name)s %(message)s")
     from pdmesh.worker.engine.runtime import configure_torch_threads

@@ -227,9 +227,11 @@ class KvSender:
         return offer
 
     def _check_fit(self, request: pb.TransferRequest, layout: KvLayout, offer: Offer) -> None:
-        if request.epoch != self.epoch:
-            raise EpochMismatch(f"decode resolved this prefill at epoch {request.epoch}, it is at "
-                                f"epoch {self.epoch}; refresh the instance info and retry",
+        # An instance's epoch grows whenever one of its ranks (re)starts; a decode whose info is
+        # older than this rank's own start resolved a process that is gone.
+        if request.epoch < self.epoch:
+            raise EpochMismatch(f"decode resolved this prefill at epoch {request.epoch}, this rank "
+                                f"started at epoch {self.epoch}; refresh the instance info and retry",
                                 metadata={"requested": request.epoch, "actual": self.epoch})
         offer.pool.layout.check_compatible(layout)
         have = offer.pool.layout.request_bytes(len(offer.page_ids))

@@ -1,0 +1,68 @@
+"""A rank's end of the KV data plane: the `KvSender` (prefill) or `KvReceiver` (decode) it owns.
+
+Adapts the transfer package to what a rank's servicer needs, in the rank's terms (its page
+broker, absolute deadlines), and sets the UCX environment before ucxx is first imported (UCX reads
+it once). A prefill rank's transfer address is its UCX listener; a decode rank needs none.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pdmesh.errors import DeadlineExceeded
+from pdmesh.worker.config import PREFILL, RankConfig
+from pdmesh.worker.pages import PageBroker
+from pdmesh.worker.transfer.config import TransferConfig, apply_ucx_defaults
+
+
+class RankTransfer:
+    def __init__(self, config: RankConfig, pages: PageBroker, transport: str = "ucx") -> None:
+        inst = config.instance
+        if inst.ucx_tls:
+            os.environ["UCX_TLS"] = inst.ucx_tls
+        apply_ucx_defaults()
+        self.pages = pages
+        self.is_prefill = inst.role == PREFILL
+        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s)
+        if self.is_prefill:
+            from pdmesh.worker.transfer.sender import KvSender
+            self.sender = KvSender(transport, epoch=config.epoch, config=tconfig)
+        else:
+            from pdmesh.worker.transfer.receiver import KvReceiver
+            self.receiver = KvReceiver(transport, config=tconfig)
+
+    async def start(self) -> str:
+        """Start listening (prefill); the address the rank publishes, or "" for a decode rank."""
+        return await self.sender.start() if self.is_prefill else ""
+
+    @staticmethod
+    def _remaining(deadline: float, what: str) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"the request's deadline passed before {what}", reason="DEADLINE_BEFORE_TRANSFER")
+        return left
+
+    def expect_room(self, room: int, deadline: float) -> None:
+        """A decode that asks for `room` before its KV is computed waits until `deadline`."""
+        self.sender.expect(room, max(deadline - time.monotonic(), 0.001))
+
+    async def send_room(self, *, room: int, page_ids: list[int], first_token: int, token: bytes,
+                        deadline: float) -> None:
+        """Offer the pages to the decode holding `token`; return once sent (raise if not)."""
+        offer = self.sender.offer(room, self.pages.pool, page_ids, first_token, token=token,
+                                  timeout=self._remaining(deadline, "the decode fetched the KV"))
+        await offer
+
+    async def fetch_room(self, *, peer: str, room: int, epoch: int, page_ids: list[int], token: bytes,
+                         deadline: float) -> int:
+        """Pull `room`'s KV from the prefill rank at `peer` into `page_ids`; the first token."""
+        return await self.receiver.fetch(peer, room, epoch=epoch, pool=self.pages.pool, page_ids=page_ids,
+                                         token=token, timeout=self._remaining(deadline, "the KV arrived"))
+
+    def abort(self, room: int, reason: str = "") -> bool:
+        end = self.sender if self.is_prefill else self.receiver
+        return end.abort(room)
+
+    async def close(self) -> None:
+        await (self.sender if self.is_prefill else self.receiver).close()
