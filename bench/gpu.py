@@ -71,13 +71,17 @@ def _ucx_section(quick: bool, raw: dict) -> str:
         _try(pipe, errors, f"pipe {mode}", gpu_ucx.pipe_send, tokens, iters, mode)
     for chunks in chunkings:
         _try(pipe, errors, f"chunk x{chunks}", gpu_ucx.chunk_send, tokens, iters, "blocking", chunks)
+    from bench import gpu_engine
+    engine = []
+    for per_chunk in ([0] if quick else [0, 8, 32]):
+        _try(engine, errors, f"worker/transfer x{per_chunk}", gpu_engine.run, tokens, iters, per_chunk)
     perf = {}
     for n in sizes:
         try:
             perf[n] = gpu_ucx.perftest(n, iters * 5)
         except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
             perf[n] = {"error": str(exc)[-300:]}
-    raw["ucx"] = {"bare": bare, "pipe": pipe, "perftest": perf, "errors": errors,
+    raw["ucx"] = {"bare": bare, "pipe": pipe, "engine": engine, "perftest": perf, "errors": errors,
                   "env": gpu_ucx.UCX_ENV}
     ref = {(r["mode"], r["bytes"]): r["gbps"] for r in bare if r["inflight"] == 1}
     head = " | ".join(f"{n / 2**20:.0f} MiB" for n in sizes)
@@ -105,6 +109,10 @@ def _ucx_section(quick: bool, raw: dict) -> str:
         row(f"pool to pool in {chunks} layer chunks, pack/send/unpack overlapped; blocking",
             {r["bytes"]: r["gbps"] for r in pipe
              if (r["role"], r["inflight"]) == ("chunk", chunks)}, "blocking")
+    for per_chunk in sorted({r["layers_per_chunk"] for r in engine}):
+        got = [r for r in engine if r["layers_per_chunk"] == per_chunk]
+        row(f"pool to pool through worker/transfer (KvSender/KvReceiver, checksums, trailer), "
+            f"{per_chunk} layers a chunk; blocking", {r["bytes"]: r["gbps"] for r in got}, "blocking")
     env = " ".join(f"{k}={v}" for k, v in gpu_ucx.UCX_ENV.items() if k != "UCXPY_PROGRESS_MODE")
     note = ("" if not errors else "\n\nFailed: " + "; ".join(errors))
     return ("#### CUDA memory over UCX\n\n" + "\n".join(lines) + "\n\n"
