@@ -33,4 +33,4 @@ def test_bootstrap_entry_points_answer_help():
 def test_import_names_live_in_the_pdmesh_namespace():
     import pdmesh.server.service as service
     assert Path(service.__file__).resolve().parent == ROOT / "server"
-    assert not (ROOT / "server" / "__init__.py").read_text().strip() == ""
+    assert (ROOT / "server" / "__init__.py").read_text().strip(), "server/__init__.py needs its docstring"
