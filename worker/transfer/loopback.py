@@ -15,6 +15,9 @@ on stdout (UCX may print its own lines there too: skip lines that do not start w
                  then {"event": "batch_done", "seconds": ..}
     both:     {"op": "pool"} -> {"event": "pool", "free": F, "total": P};  {"op": "exit"}
 
+Any command may name another "layout" (same syntax as --layout); its pool is made on first use
+with "pool_pages" pages.
+
 With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
 ("verify") compares every byte it received with the same bytes. The token of room R is derived
 from R on both sides (the real control path sends a random one). Pages are handed out in a
@@ -93,8 +96,8 @@ def error_fields(err: BaseException | None) -> dict:
 class Rank:
     def __init__(self, args) -> None:
         self.args = args
-        self.layout = parse_layout(args.layout)
-        self.pool = make_pool(self.layout, args.pages)
+        self.pools: dict[str, KvPool] = {args.layout: make_pool(parse_layout(args.layout),
+                                                                 args.pages)}
         config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace)
         self.transport = make_transport(args.transport)
         self.sender = KvSender(self.transport, epoch=EPOCH, config=config) \
@@ -103,17 +106,24 @@ class Rank:
             if args.role == "receiver" else None
         self.tasks: set[asyncio.Task] = set()
 
+    def pool_for(self, cmd: dict) -> KvPool:
+        """The pool of the command's layout (created on first use with `pool_pages` pages)."""
+        key = cmd.get("layout", self.args.layout)
+        if key not in self.pools:
+            self.pools[key] = make_pool(parse_layout(key), cmd.get("pool_pages", self.args.pages))
+        return self.pools[key]
+
     async def offer(self, cmd: dict) -> None:
-        room, pages = cmd["room"], cmd["pages"]
+        room, pages, pool = cmd["room"], cmd["pages"], self.pool_for(cmd)
         try:
-            ids = self.pool.alloc(pages)
+            ids = pool.alloc(pages)
         except PdmeshError as err:
             emit(event="offer_done", room=room, **error_fields(err))
             return
         if cmd.get("fill"):
-            unpack(content(self.layout, room, pages), self.pool.kv, ids)
+            unpack(content(pool.layout, room, pages), pool.kv, ids)
         try:
-            offer = self.sender.offer(room, self.pool, ids, room % 50000, token=token_for(room),
+            offer = self.sender.offer(room, pool, ids, room % 50000, token=token_for(room),
                                       timeout=cmd.get("timeout", 30.0))
             emit(event="offered", room=room)
             await offer
@@ -121,34 +131,34 @@ class Rank:
         except PdmeshError as err:
             emit(event="offer_done", room=room, **error_fields(err))
         finally:
-            self.pool.free(ids)
+            pool.free(ids)
 
     async def fetch_one(self, cmd: dict, room: int) -> None:
-        pages = cmd["pages"]
+        pages, pool = cmd["pages"], self.pool_for(cmd)
         try:
-            ids = self.pool.alloc(pages)
+            ids = pool.alloc(pages)
         except PdmeshError as err:
             emit(event="fetch_done", room=room, **error_fields(err))
             return
         started, error, verified = time.perf_counter(), None, None
         try:
             first = await self.receiver.fetch(
-                cmd["address"], room, epoch=EPOCH, pool=self.pool, page_ids=ids,
+                cmd["address"], room, epoch=EPOCH, pool=pool, page_ids=ids,
                 token=token_for(room), timeout=cmd.get("timeout", 30.0),
                 layers_per_chunk=cmd.get("layers_per_chunk"))
             seconds = time.perf_counter() - started
             if first != room % 50000:
                 error = PdmeshError(f"first token {first} != {room % 50000}")
             if cmd.get("verify"):
-                got = pack(self.pool.kv, ids).reshape(-1)
+                got = pack(pool.kv, ids).reshape(-1)
                 verified = torch.equal(got.view(torch.uint8),
-                                       content(self.layout, room, pages).view(torch.uint8))
+                                       content(pool.layout, room, pages).view(torch.uint8))
         except PdmeshError as err:
             seconds, error = time.perf_counter() - started, err
         finally:
-            self.pool.free(ids)
+            pool.free(ids)
         emit(event="fetch_done", room=room, seconds=seconds, verified=verified,
-             bytes=self.layout.request_bytes(pages), **error_fields(error))
+             bytes=pool.layout.request_bytes(pages), **error_fields(error))
 
     async def fetch(self, cmd: dict) -> None:
         started = time.perf_counter()
@@ -181,7 +191,8 @@ class Rank:
             elif op == "fetch":
                 self.spawn(self.fetch(cmd))
             elif op == "pool":
-                emit(event="pool", free=self.pool.num_free, total=self.pool.num_pages)
+                pool = self.pool_for(cmd)
+                emit(event="pool", free=pool.num_free, total=pool.num_pages)
             elif op == "exit":
                 break
         for side in (self.sender, self.receiver):
