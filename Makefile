@@ -28,7 +28,7 @@ protos:
 # The main job. For now: the bootstrap service on 127.0.0.1:8998 with a short demo of registration
 # and lookup, then serve until Ctrl-C (the whole mesh, `pdmesh up`, comes with the router issue).
 run: install
-	$(VENV)/bin/pdmesh bootstrap --host 127.0.0.1 --port 8998 --demo
+	$(VENV)/bin/pdmesh up
 
 test: install
 	PDMESH_TORCH_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
