@@ -1,0 +1,97 @@
+"""Real `pdmesh` processes for tests and benchmarks: start as the README does, wait for readiness, stop.
+
+A `Proc` runs `python -m pdmesh.cli ...`, copies its output to a log file (printed when a test
+fails to start it), and is ready when it prints its "listening on HOST:PORT" line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+LISTENING = re.compile(r"(?:listening|serving) on (\S+)")
+LOG_DIR = Path(tempfile.mkdtemp(prefix="pdmesh-test-logs-"))
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = [sys.executable, "-m", "pdmesh.cli", *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDMESH_TORCH_THREADS": "1", **(env or {})}
+        self.log_path = LOG_DIR / f"{name}.log"
+        self.address: str | None = None
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Proc":
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=self.env, text=True, start_new_session=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        return self
+
+    def _pump(self) -> None:
+        with open(self.log_path, "w") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                self.lines.append(line)
+                match = LISTENING.search(line)
+                if match and not self._ready.is_set():
+                    self.address = match.group(1)
+                    self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 120.0) -> str:
+        if not self._ready.wait(timeout) or self.address is None:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
+        return self.address
+
+    def tail(self, n: int = 30) -> str:
+        return "".join(self.lines[-n:])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the instance and its rank processes)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def start_all(procs: list[Proc], timeout: float = 180.0) -> list[Proc]:
+    """Start every process at once, then wait for each; stop them all if one fails."""
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.wait_ready(timeout)
+    except RuntimeError:
+        for p in procs:
+            p.stop()
+        raise
+    return procs
