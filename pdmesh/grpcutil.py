@@ -11,7 +11,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from typing import Any, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 import grpc
 from google.rpc import error_details_pb2
@@ -19,6 +19,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdmesh.errors import Internal, PdmeshError
+
+if TYPE_CHECKING:
+    from pdmesh.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +56,17 @@ def create_server(
     *,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    tls: "TlsConfig | None" = None,
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
     """Build a grpc.aio server on `address` ("host:port"; port 0 picks a free one).
 
     `register` are callables such as `lambda s: add_FooServicer_to_server(impl, s)`;
     `service_names` their full names for health and reflection. Returns the server (not yet
     started), the bound port and the health servicer (every service starts SERVING).
+    `tls` (pdmesh.tls.TlsConfig) serves TLS, or mTLS when it requires client certificates.
     """
+    if credentials is None and tls is not None:
+        credentials = tls.server_credentials()
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
     for add in register:
         add(server)
@@ -134,9 +141,14 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_channel(target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 options: Iterable[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """One aio channel per peer; reuse it for every call to that peer."""
+                 options: Iterable[tuple[str, Any]] = (), tls: "TlsConfig | None" = None
+                 ) -> grpc.aio.Channel:
+    """One aio channel per peer; reuse it for every call to that peer. `tls`
+    (pdmesh.tls.TlsConfig) opens a TLS channel that presents its certificate, if any."""
     opts = (*CHANNEL_OPTIONS, *options)
+    if tls is not None:
+        credentials = credentials or tls.channel_credentials()
+        opts = (*opts, *tls.channel_options())
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=opts)
     return grpc.aio.secure_channel(target, credentials, options=opts)
