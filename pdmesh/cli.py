@@ -23,33 +23,24 @@ SUBCOMMANDS = {
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    found = {}
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None:
-            continue
-        try:
-            if importlib.util.find_spec(module) is not None:
-                found[name] = (module, help_text)
-        except ModuleNotFoundError:
-            continue
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         level=os.environ.get("PDMESH_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
-    for name, (module_name, help_text) in _available().items():
-        module = importlib.import_module(module_name)
-        module.configure_parser(sub.add_parser(name, help=help_text, description=help_text))
-        modules[name] = module
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    module = None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the chosen subcommand's module (bootstrap never loads torch)
+            module = importlib.import_module(module_name)
+            module.configure_parser(sub_parser)
     args = parser.parse_args(argv)
-    return int(modules[args.command].main(args) or 0)
+    assert module is not None
+    return int(module.main(args) or 0)
 
 
 if __name__ == "__main__":

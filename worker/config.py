@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.tls import TlsConfig
 from pdmesh.worker.engine.factory import EngineSpec
 
 PREFILL, DECODE = "prefill", "decode"
@@ -40,8 +41,9 @@ class InstanceConfig:
     num_pages: int = 1024
     #: Seconds a prefill rank holds a computed room for the decode's transfer request.
     transfer_wait_s: float = 30.0
-    #: Seconds a prefill rank waits for a room it was asked to send but does not hold yet.
-    unknown_room_wait_s: float = 5.0
+    #: Seconds a prefill rank waits for a room it was asked to send but does not hold yet (the
+    #: decode often asks first; the prefill may be queued). Also bounded by the decode's deadline.
+    unknown_room_wait_s: float = 30.0
     #: Seconds a decode waits for free pages before RESOURCE_EXHAUSTED.
     page_wait_s: float = 5.0
     #: Most requests a rank serves at once; more wait in its queue.
@@ -52,6 +54,9 @@ class InstanceConfig:
     devices: tuple[str, ...] = ()
     #: Decode, for tests: save each room's received prompt KV as <dir>/<room>.pt (PDMESH_DEBUG_KV_DIR).
     debug_kv_dir: str | None = None
+    #: TLS of every server and client of the instance: the controller, its embedded bootstrap
+    #: service, its rank processes' servers and every channel they open (None = plaintext).
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         if self.role not in (PREFILL, DECODE):
@@ -85,5 +90,6 @@ class RankConfig:
         inst = raw["instance"]
         inst["engine"] = EngineSpec(**inst["engine"])
         inst["devices"] = tuple(inst.get("devices") or ())
+        inst["tls"] = TlsConfig.from_dict(inst.get("tls"))
         raw["instance"] = InstanceConfig(**inst)
         return cls(**raw)
