@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 
-from pdmesh import grpcutil
+from pdmesh import grpcutil, tls
 from pdmesh.config import env, env_flag
 from pdmesh.router.instances import DECODE, PREFILL, InstanceTable
 from pdmesh.router.service import RouterConfig, RouterServicer
@@ -34,12 +35,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="requests in flight per instance before queueing")
     p.add_argument("--max-queued", type=int, default=int(env("ROUTER_MAX_QUEUED", "1024")),
                    help="queued requests per instance before RESOURCE_EXHAUSTED")
+    tls.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(host=args.host, port=args.port, policy=args.policy, pin_ranks=args.pin_ranks,
                         align_rooms=args.align_rooms, max_in_flight=args.max_in_flight,
-                        max_queued=args.max_queued, prefills=tuple(args.prefill), decodes=tuple(args.decode))
+                        max_queued=args.max_queued, prefills=tuple(args.prefill), decodes=tuple(args.decode),
+                        tls=tls.from_args(args))
 
 
 class RouterApp:
@@ -48,11 +51,12 @@ class RouterApp:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.table = InstanceTable(policy=config.policy, max_in_flight=config.max_in_flight,
-                                   max_queued=config.max_queued, queue_timeout_s=config.queue_timeout_s)
+                                   max_queued=config.max_queued, queue_timeout_s=config.queue_timeout_s,
+                                   tls=config.tls)
         self.server, self.port, self.health = grpcutil.create_server(
             f"{config.host}:{config.port}",
             [lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(self.table, config), s)],
-            SERVICE_NAMES)
+            SERVICE_NAMES, tls=config.tls)
 
     async def start(self) -> "RouterApp":
         await self.server.start()
@@ -71,6 +75,7 @@ class RouterApp:
 
 async def serve(config: RouterConfig) -> None:
     app = await RouterApp(config).start()
+    tls.warn_if_exposed("pdmesh router", config.host, config.tls)
     print(f"pdmesh router listening on {config.host}:{app.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,5 +86,10 @@ async def serve(config: RouterConfig) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    asyncio.run(serve(config_from_args(args)))
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # inconsistent TLS flags
+        print(f"pdmesh router: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
     return 0

@@ -18,6 +18,7 @@ from pdmesh import grpcutil
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import PdmeshError
 from pdmesh.router.v1 import router_pb2, router_pb2_grpc
+from pdmesh.tls import TlsConfig
 from pdmesh.worker.v1 import worker_pb2
 
 
@@ -51,8 +52,9 @@ def build_request(prompt: str | Sequence[int], *, max_new_tokens: int = 16, n: i
 
 
 class RouterClient:
-    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.channel = grpcutil.open_channel(address, credentials=credentials)
+    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 tls: TlsConfig | None = None) -> None:
+        self.channel = grpcutil.open_channel(address, credentials=credentials, tls=tls)
         self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
 
     async def __aenter__(self) -> "RouterClient":

@@ -18,6 +18,7 @@ from pdmesh import grpcutil
 from pdmesh.errors import InvalidArgument, NotFound, PdmeshError, Unavailable
 from pdmesh.router.admission import Admission
 from pdmesh.router.v1 import router_pb2
+from pdmesh.tls import TlsConfig
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,14 @@ class InstanceTable:
 
     def __init__(self, *, policy: str = "round_robin", max_in_flight: int = 256, max_queued: int = 1024,
                  queue_timeout_s: float = 5.0, poll_interval_s: float = 1.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, tls: TlsConfig | None = None) -> None:
         if policy not in ("round_robin", "least_outstanding"):
             raise InvalidArgument(f"unknown router policy {policy!r}; choose round_robin or least_outstanding")
         self.policy = policy
         self._limits = (max_in_flight, max_queued, queue_timeout_s)
         self._poll_interval_s = poll_interval_s
         self._credentials = credentials
+        self._tls = tls
         self._entries: dict[str, InstanceEntry] = {}
         self._counter = itertools.count()
 
@@ -80,7 +82,8 @@ class InstanceTable:
             if entry.role != role:
                 raise InvalidArgument(f"{address} is already a {ROLE_NAMES[entry.role]} instance")
             return entry
-        entry = InstanceEntry(role, address, grpcutil.open_channel(address, credentials=self._credentials),
+        channel = grpcutil.open_channel(address, credentials=self._credentials, tls=self._tls)
+        entry = InstanceEntry(role, address, channel,
                               Admission(f"{ROLE_NAMES[role]} {address}", *self._limits),
                               bootstrap_address=bootstrap_address)
         self._entries[address] = entry

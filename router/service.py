@@ -23,6 +23,7 @@ from pdmesh.grpcutil import translate_errors
 from pdmesh.router.instances import DECODE, PREFILL, InstanceEntry, InstanceTable
 from pdmesh.router.rooms import draw_room, draw_token
 from pdmesh.router.v1 import router_pb2, router_pb2_grpc
+from pdmesh.tls import TlsConfig
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class RouterConfig:
     default_deadline_s: float = 120.0
     prefills: tuple[str, ...] = ()
     decodes: tuple[str, ...] = ()
+    #: TLS of the router's server and of its channels to the instances (None = plaintext).
+    tls: TlsConfig | None = None
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):

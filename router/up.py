@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdmesh import grpcutil, tls
 from pdmesh.config import env
 
 DEMO_PROMPT = "The prefill computes the prompt's KV cache; the decode"
@@ -59,6 +60,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--once", action="store_true", help="stop after the demo")
     p.add_argument("--log-dir", default=None, help="where each process's log goes (default: a temp dir)")
+    tls.add_arguments(p)  # passed on to every process; the health checks and the demo use it too
 
 
 def plan(args: argparse.Namespace, log_dir: Path) -> list[Child]:
@@ -66,7 +68,8 @@ def plan(args: argparse.Namespace, log_dir: Path) -> list[Child]:
     addr = {k: f"{host}:{base + i}" for i, k in enumerate(["bootstrap", "router", "prefill", "decode"])}
     exe = [sys.executable, "-m", "pdmesh.cli"]
     engine = ["--model", args.model] if args.model else ["--model-preset", args.model_preset]
-    return [
+    secure = tls.to_argv(tls.from_args(args))
+    children = [
         Child("bootstrap", addr["bootstrap"], [*exe, "bootstrap", "--host", host, "--port", str(base)],
               log_dir / "bootstrap.log"),
         Child("prefill", addr["prefill"],
@@ -80,11 +83,14 @@ def plan(args: argparse.Namespace, log_dir: Path) -> list[Child]:
               [*exe, "router", "--host", host, "--port", str(base + 1), "--prefill", addr["prefill"],
                "--decode", addr["decode"]], log_dir / "router.log"),
     ]
+    for child in children:
+        child.argv += secure
+    return children
 
 
-async def wait_healthy(child: Child, deadline: float) -> None:
+async def wait_healthy(child: Child, deadline: float, tls_config: tls.TlsConfig | None = None) -> None:
     """Poll the child's health service until SERVING; fail at once if the process exits."""
-    async with grpc.aio.insecure_channel(child.address) as channel:
+    async with grpcutil.open_channel(child.address, tls=tls_config) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if child.proc.poll() is not None:
@@ -113,7 +119,7 @@ def stop_all(children: list[Child]) -> None:
                 child.proc.wait()
 
 
-async def start_all(children: list[Child]) -> None:
+async def start_all(children: list[Child], tls_config: tls.TlsConfig | None = None) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     env_vars = dict(os.environ, PYTHONUNBUFFERED="1")
     for child in children:
@@ -122,7 +128,7 @@ async def start_all(children: list[Child]) -> None:
                                       start_new_session=True)
         log.close()
         try:
-            await wait_healthy(child, deadline)
+            await wait_healthy(child, deadline, tls_config)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- last lines of {child.log_path} ---\n{child.log_tail()}") from None
         print(f"  {child.name:<9} {child.address}  (pid {child.proc.pid}, log {child.log_path})", flush=True)
@@ -131,7 +137,7 @@ async def start_all(children: list[Child]) -> None:
 async def demo(args: argparse.Namespace, router_address: str) -> bool:
     from pdmesh.router.client import RouterClient
 
-    async with RouterClient(router_address) as client:
+    async with RouterClient(router_address, tls=tls.from_args(args)) as client:
         result = await client.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     reference = colocated_text(args.prompt, args.max_new_tokens, model=args.model, preset=args.model_preset)
     same = result.text == reference
@@ -163,7 +169,7 @@ async def run(args: argparse.Namespace) -> int:
     children = plan(args, log_dir)
     print(f"pdmesh up: starting the mesh (logs in {log_dir})", flush=True)
     try:
-        await start_all(children)
+        await start_all(children, tls.from_args(args))
         ok = await demo(args, children[-1].address)
         if args.once:
             return 0 if ok else 1
@@ -190,4 +196,9 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        tls.from_args(args)
+    except ValueError as exc:  # inconsistent TLS flags
+        print(f"pdmesh up: {exc}", file=sys.stderr)
+        return 2
     return asyncio.run(run(args))

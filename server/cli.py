@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 
+from pdmesh import tls
 from pdmesh.config import env
 from pdmesh.grpcutil import BindError, run_async
 from pdmesh.server.config import DEFAULT_PORT, BootstrapConfig
@@ -46,6 +47,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(env PDMESH_EVENT_LOOP; default %(default)s)")
     parser.add_argument("--demo", action="store_true",
                         help="register a demo instance and rooms, look them up, print it, keep serving")
+    tls.add_arguments(parser)
 
 
 def build_config(args: argparse.Namespace) -> BootstrapConfig:
@@ -53,7 +55,7 @@ def build_config(args: argparse.Namespace) -> BootstrapConfig:
         host=args.host, port=args.port, room_ttl_s=args.room_ttl, max_rooms=args.max_rooms,
         max_waiters=args.max_waiters, max_instances=args.max_instances,
         instance_ttl_s=args.instance_ttl, default_wait_s=args.default_wait,
-        max_wait_s=args.max_wait, grace_s=args.grace)
+        max_wait_s=args.max_wait, grace_s=args.grace, tls=tls.from_args(args))
 
 
 async def serve(config: BootstrapConfig, demo: bool = False) -> int:
@@ -65,6 +67,7 @@ async def serve(config: BootstrapConfig, demo: bool = False) -> int:
               file=sys.stderr, flush=True)
         return 2
     await service.start()
+    tls.warn_if_exposed("pdmesh bootstrap", config.host, config.tls)
     print(f"pdmesh bootstrap: serving on {config.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,7 +76,7 @@ async def serve(config: BootstrapConfig, demo: bool = False) -> int:
     try:
         if demo:
             from pdmesh.server.demo import run_demo
-            await run_demo(f"{config.host}:{port}")
+            await run_demo(f"{config.host}:{port}", tls=config.tls)
         await stop.wait()
         print("pdmesh bootstrap: stopping", flush=True)
     finally:

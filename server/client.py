@@ -23,6 +23,7 @@ from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.errors import NotFound, PdmeshError
 from pdmesh.rules import validate_room
 from pdmesh.server.watcher import RoomWatcher
+from pdmesh.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 # Reconnect quickly after the service restarts (grpc's default first backoff is 1 s, growing to 120 s).
@@ -37,10 +38,10 @@ class BootstrapClient:
     """Client of one bootstrap service address: one channel, one lookup stream."""
 
     def __init__(self, address: str, *, default_timeout_s: float = 5.0,
-                 connect_timeout_s: float = 1.0) -> None:
+                 connect_timeout_s: float = 1.0, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.default_timeout_s = default_timeout_s
-        self._channel = grpcutil.open_channel(address, options=RECONNECT_OPTIONS)
+        self._channel = grpcutil.open_channel(address, options=RECONNECT_OPTIONS, tls=tls)
         self._stub = bootstrap_pb2_grpc.BootstrapServiceStub(self._channel)
         self._watcher = RoomWatcher(self._stub, address, connect_timeout_s=connect_timeout_s)
 
@@ -162,17 +163,19 @@ class BootstrapClient:
         await self._watcher.ping(self._t(timeout))
 
 
-_SHARED: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, BootstrapClient]] = {}
+_SHARED: dict[tuple, tuple[asyncio.AbstractEventLoop, BootstrapClient]] = {}
 
 
-def shared_client(address: str) -> BootstrapClient:
-    """The process's one client (channel and lookup stream) for `address`, in the running loop."""
+def shared_client(address: str, tls: TlsConfig | None = None) -> BootstrapClient:
+    """The process's one client (channel and lookup stream) for `address`, in the running loop;
+    `tls` (the process's TlsConfig, None for plaintext) secures its channel."""
     loop = asyncio.get_running_loop()
     for key in [k for k, (lp, _) in _SHARED.items() if lp.is_closed()]:
         del _SHARED[key]  # a finished asyncio.run() left it behind (its channel died with its loop)
-    entry = _SHARED.get((id(loop), address))
+    key = (id(loop), address, tls)
+    entry = _SHARED.get(key)
     if entry is None or entry[0] is not loop:
-        entry = _SHARED[(id(loop), address)] = (loop, BootstrapClient(address))
+        entry = _SHARED[key] = (loop, BootstrapClient(address, tls=tls))
     return entry[1]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdmesh.tls import TlsConfig
+
 DEFAULT_PORT = 8998
 
 
@@ -33,6 +35,8 @@ class BootstrapConfig:
     """No wait lasts longer than this, whatever the caller asks."""
     grace_s: float = 2.0
     """On SIGTERM or Ctrl-C, calls in flight get this long to finish."""
+    tls: TlsConfig | None = None
+    """Serve TLS (mTLS when it requires client certificates); None serves plaintext."""
 
     @property
     def address(self) -> str:

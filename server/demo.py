@@ -37,9 +37,9 @@ def instance_info(instance_id: str = DEMO_INSTANCE, *, epoch: int | None = None,
     return info
 
 
-async def run_demo(address: str, out=print) -> None:
+async def run_demo(address: str, out=print, tls=None) -> None:
     """Drive the service at `address` as a prefill and a decode would; report each step."""
-    async with BootstrapClient(address) as client:
+    async with BootstrapClient(address, tls=tls) as client:
         info = instance_info()
         await client.register_instance(info)
         out(f"demo: registered instance {info.instance_id} (epoch {info.epoch}, dp_size {info.dp_size}, "

@@ -191,7 +191,7 @@ def create_bootstrap_server(address: str | None = None, config: BootstrapConfig 
     servicer = BootstrapServicer(registry, config)
     server, port, health = grpcutil.create_server(
         address, [lambda s: bootstrap_pb2_grpc.add_BootstrapServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME])
+        [SERVICE_NAME], tls=config.tls)
     host = address.rsplit(":", 1)[0]
     return BootstrapServer(server, port, BootstrapService(server, port, registry, servicer, health,
                                                           config, host))

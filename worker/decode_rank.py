@@ -33,13 +33,14 @@ _PATHS = {"hint": common_pb2.RANK_PATH_HINT, "dp1": common_pb2.RANK_PATH_DP1,
 class InstanceInfoCache:
     """Prefill instance info by instance id; `refresh` when a transfer reports a newer epoch."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls=None) -> None:
         self._infos: dict[tuple[str, str], object] = {}
+        self._tls = tls  # the rank's TlsConfig for the bootstrap channel (None: plaintext)
 
     async def get(self, bootstrap_address: str, instance_id: str, *, refresh: bool = False):
         key = (bootstrap_address, instance_id)
         if refresh or key not in self._infos:
-            self._infos[key] = await shared_client(bootstrap_address).get_instance(instance_id)
+            self._infos[key] = await shared_client(bootstrap_address, self._tls).get_instance(instance_id)
         return self._infos[key]
 
 
@@ -47,7 +48,7 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
     def __init__(self, state: RankState, loop: DecodeLoop) -> None:
         self.state = state
         self.loop = loop
-        self.infos = InstanceInfoCache()
+        self.infos = InstanceInfoCache(state.config.instance.tls)
 
     @translate_errors
     async def Decode(self, request: worker_pb2.DecodeRequest, context):
@@ -115,7 +116,7 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         res = decode_rule(room, hint, info.dp_size, info.load_balance_method, info.force_query_prefill_dp_rank)
         rank = res.dp_rank
         if res.needs_lookup:
-            client = shared_client(request.prefill_bootstrap_address)
+            client = shared_client(request.prefill_bootstrap_address, self.state.config.instance.tls)
             rank = await client.wait_for_room(room, max(deadline - time.monotonic(), 0.001))
         return info, rank, res.path
 

@@ -45,7 +45,8 @@ class Instance:
             from pdmesh.server.config import BootstrapConfig
             from pdmesh.server.service import create_bootstrap_server
             self.embedded = create_bootstrap_server(
-                f"{cfg.host}:{cfg.bootstrap_port}", BootstrapConfig(host=cfg.host, port=cfg.bootstrap_port)).service
+                f"{cfg.host}:{cfg.bootstrap_port}",
+                BootstrapConfig(host=cfg.host, port=cfg.bootstrap_port, tls=cfg.tls)).service
             await self.embedded.start()
             self.bootstrap_address = self.embedded.address
         self.controller = Controller(cfg, self.bootstrap_address, on_epoch_change=self._republish)
@@ -61,7 +62,8 @@ class Instance:
         self.server, self.port, health = grpcutil.create_server(
             f"{cfg.host}:{cfg.port}",
             [lambda s: add_role(role_service, s),
-             lambda s: worker_pb2_grpc.add_InstanceServiceServicer_to_server(instance_service, s)], names)
+             lambda s: worker_pb2_grpc.add_InstanceServiceServicer_to_server(instance_service, s)], names,
+            tls=cfg.tls)
         await self.server.start()
         if cfg.role == PREFILL:
             await self._republish()
@@ -92,7 +94,7 @@ class Instance:
         from pdmesh.server.client import shared_client
         if self._registration is not None:
             self._registration.cancel()
-        client = shared_client(self.bootstrap_address)
+        client = shared_client(self.bootstrap_address, self.config.tls)
         info = self.instance_info()
         await client.register_instance(info)
         self._registration = asyncio.create_task(self._keep(client, info))
@@ -118,7 +120,7 @@ class Instance:
         if self.config.role == PREFILL and self.bootstrap_address:
             from pdmesh.server.client import close_shared_clients, shared_client
             try:
-                await shared_client(self.bootstrap_address).deregister_instance(
+                await shared_client(self.bootstrap_address, self.config.tls).deregister_instance(
                     self.config.instance_id, self.controller.epoch if self.controller else 0, timeout=1.0)
             except PdmeshError as exc:
                 log.info("deregister: %s", exc)
@@ -155,6 +157,8 @@ async def serve(config: InstanceConfig) -> int:
     except BaseException:
         await instance.stop()
         raise
+    from pdmesh.tls import warn_if_exposed
+    warn_if_exposed(f"pdmesh {config.role}", config.host, config.tls)
     print(f"pdmesh {config.role} {config.instance_id} listening on {config.host}:{instance.port}"
           + (f" (bootstrap {instance.bootstrap_address})" if instance.bootstrap_address else ""), flush=True)
     loop = asyncio.get_running_loop()

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import os
 import socket
+import sys
 
+from pdmesh import tls
 from pdmesh.config import env, env_flag
 from pdmesh.worker.config import PREFILL, InstanceConfig
 from pdmesh.worker.engine.factory import add_engine_arguments, spec_from_args
@@ -41,6 +43,7 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
         p.add_argument("--transfer-wait-s", type=float, default=float(env("TRANSFER_WAIT_S", "30")),
                        help="how long a computed room waits for the decode's transfer request")
     add_engine_arguments(p)
+    tls.add_arguments(p)
 
 
 def _int(text: str | None) -> int | None:
@@ -58,9 +61,15 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
         host=args.host, port=args.port, dp_size=args.dp_size, load_balance_method=args.load_balance_method,
         engine=spec_from_args(args), num_pages=args.num_pages, max_running_requests=args.max_running_requests,
-        ucx_tls=args.ucx_tls, devices=devices, debug_kv_dir=env("DEBUG_KV_DIR"), **extra)
+        ucx_tls=args.ucx_tls, devices=devices, debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
+        **extra)
 
 
 def run(args: argparse.Namespace, role: str) -> int:
     from pdmesh.worker.instance import serve
-    return asyncio.run(serve(config_from_args(args, role)))
+    try:
+        config = config_from_args(args, role)
+    except ValueError as exc:  # inconsistent TLS flags (InvalidArgument is no ValueError)
+        print(f"pdmesh {role}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config))

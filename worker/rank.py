@@ -48,7 +48,7 @@ async def serve(config: RankConfig) -> None:
     pages = PageBroker(KvPool(engine.layout, inst.num_pages, device=spec.device))
     transfer = RankTransfer(config, pages)
     transfer_address = await transfer.start()
-    bootstrap = shared_client(config.bootstrap_address) if config.bootstrap_address else None
+    bootstrap = shared_client(config.bootstrap_address, inst.tls) if config.bootstrap_address else None
     state = RankState(config, engine, pages, transfer, bootstrap)
     register = [lambda s: worker_pb2_grpc.add_InstanceServiceServicer_to_server(
         RankInstanceService(state, transfer.abort), s)]
@@ -66,7 +66,7 @@ async def serve(config: RankConfig) -> None:
         service = DecodeRankService(state, loop_)
         register.append(lambda s: worker_pb2_grpc.add_DecodeServiceServicer_to_server(service, s))
         names.append(worker_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name)
-    server, port, health = grpcutil.create_server("127.0.0.1:0", register, names)
+    server, port, health = grpcutil.create_server("127.0.0.1:0", register, names, tls=inst.tls)
     await server.start()
     await grpcutil.set_serving(health, names)
     print(READY_PREFIX + json.dumps({"grpc_address": f"127.0.0.1:{port}",

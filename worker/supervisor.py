@@ -77,7 +77,7 @@ class RankSupervisor:
         self.endpoint = RankEndpoint(info["grpc_address"], info["transfer_address"], self._proc.pid)
         if self.channel is not None:
             await self.channel.close()
-        self.channel = grpcutil.open_channel(self.endpoint.grpc_address)
+        self.channel = grpcutil.open_channel(self.endpoint.grpc_address, tls=config.instance.tls)
         self._ready.set()
         self._watch = asyncio.create_task(self._watch_exit(self._proc))
         log.info("rank %d ready pid=%d grpc=%s transfer=%s", self.dp_rank, self._proc.pid,
