@@ -209,7 +209,7 @@ def test_mismatch_fails_both_sides(mesh, run, case):
         offer = mesh.offer(room, src)
         other = KvPool(KvLayout(6, 4, 2, 16, torch.float16), 8) if case == "layout" else None
         dst = (other or mesh.dst).alloc(2 if case == "size" else 3)
-        kwargs = {"epoch": EPOCH + 1} if case == "epoch" else {"pool": other}
+        kwargs = {"epoch": EPOCH - 1} if case == "epoch" else {"pool": other}
         cls, reason = {"epoch": (EpochMismatch, "INSTANCE_EPOCH_MISMATCH"),
                        "layout": (LayoutMismatch, "KV_LAYOUT_MISMATCH"),
                        "size": (FailedPrecondition, "KV_SIZE_MISMATCH")}[case]
