@@ -1,0 +1,428 @@
+"""Prometheus metrics of every pdmesh process: the catalogue, the `/metrics` endpoint, rank fan-in.
+
+Every metric pdmesh exports is defined here (names start `pdmesh_`; the README lists them), so
+one file says what exists and what each label means. Code that counts imports the object and
+calls it; gauges of live state (pool pages, queues, registry sizes) are not updated by the code
+that changes the state: the owner registers a *source* (`track_*`), a function read at scrape
+time, so a gauge can never drift from the state it describes.
+
+Serving: `serve(host, port)` starts prometheus-client's HTTP server in a daemon thread (port 0
+picks a free one; a port already taken fails at start). Each process kind exposes one endpoint
+when started with `--metrics-port` / `PDMESH_METRICS_PORT` (off by default: a fixed default port
+would collide when several instances share a host, which every test and `pdmesh up` do).
+
+DP ranks are separate processes. Each rank serves its own registry on a loopback port that it
+reports in its readiness line; the instance's controller serves one `/metrics` with its own
+metrics and every rank's, each rank sample labelled `dp_rank`, families of the same name merged
+(`RankFanIn`). So an operator scrapes one target per instance, a rank restart shows up as a
+counter reset of that `dp_rank` series only, and a rank that does not answer within
+`RANK_SCRAPE_TIMEOUT_S` reads `pdmesh_rank_scrape_ok{dp_rank} 0` instead of stalling the scrape.
+(prometheus-client's multiprocess mode was the alternative; it keeps per-pid files, has no live
+gauges from callbacks and leaves dead ranks' files behind, so fan-in over loopback it is.)
+
+Failures are counted in one place, `grpcutil.translate_errors`, through `rpc(handler)`: every
+RPC of every service counts its outcome (`pdmesh_rpcs_total{handler,code}`), and a typed failure
+also counts `pdmesh_failures_total{handler,code,reason}` (and `pdmesh_conflicts_total` for
+FOLLOW_BOOTSTRAP_ROOM_CONFLICT), where `handler` is the servicer method (`PrefillRankService.Prefill`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.request
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               start_http_server)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+disable_created_metrics()  # no `*_created` series: half the lines, nothing lost for rates
+
+RANK_PATHS = ("hint", "dp1", "fast_path", "lookup")
+CONFLICT_REASON = "FOLLOW_BOOTSTRAP_ROOM_CONFLICT"
+RANK_SCRAPE_TIMEOUT_S = 1.0
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# --- every service -------------------------------------------------------------------------------
+RPCS = Counter("pdmesh_rpcs", "RPCs answered, by servicer method and status code", ["handler", "code"])
+RPC_SECONDS = Histogram("pdmesh_rpc_seconds", "Time from an RPC's start to its answer (whole stream "
+                        "for streaming RPCs)", ["handler"], buckets=_FAST)
+FAILURES = Counter("pdmesh_failures", "Typed failures answered, by servicer method, code and "
+                   "ErrorInfo reason", ["handler", "code", "reason"])
+CONFLICTS = Counter("pdmesh_conflicts", "FOLLOW_BOOTSTRAP_ROOM_CONFLICT failures answered, by "
+                    "servicer method", ["handler"])
+
+# --- workers (rank processes; the controller adds dp_rank). Not registered here: see GROUPS ---------
+_OFF = {"registry": None}
+RANK_REQUESTS = Counter(
+    "pdmesh_rank_requests", "Requests a DP rank served, by role and rank path (prefill: counted "
+    "when the KV was sent; decode: when the KV arrived)", ["role", "path"], **_OFF)
+DECODE_RESOLVE_SECONDS = Histogram(
+    "pdmesh_decode_resolve_seconds", "Decode: time to resolve the prefill DP rank (instance info "
+    "and, on the lookup path, the bootstrap wait), by rank path", ["path"], buckets=_FAST, **_OFF)
+TRANSFER_BYTES = Counter(
+    "pdmesh_transfer_bytes", "KV bytes moved by completed transfers (side=send on prefill ranks, "
+    "receive on decode ranks)", ["side"], **_OFF)
+TRANSFERS = Counter("pdmesh_transfers", "KV transfers ended, by side and result (ok|error)",
+                    ["side", "result"], **_OFF)
+TRANSFER_SECONDS = Histogram(
+    "pdmesh_transfer_seconds", "Completed transfers: from the offer (send) or the request "
+    "(receive) to the last byte, waiting for the peer included", ["side"], buckets=_FAST, **_OFF)
+DECODE_BATCH = Histogram("pdmesh_decode_batch_size", "Sequences advanced by one decode step",
+                         buckets=_BATCH, **_OFF)
+
+# --- router --------------------------------------------------------------------------------------
+ROUTER_TTFT = Histogram("pdmesh_router_ttft_seconds", "Router: time from Generate to a sample's "
+                        "first token", buckets=_FAST, **_OFF)
+ROUTER_SAMPLES = Counter(
+    "pdmesh_router_samples", "Router: samples ended, by rank path (\"none\" when it failed "
+    "before its first token) and code", ["path", "code"], **_OFF)
+
+# --- bootstrap service ---------------------------------------------------------------------------
+BOOTSTRAP_ROOMS_REGISTERED = Counter(
+    "pdmesh_bootstrap_rooms_registered", "Bootstrap: room records created (idempotent retries "
+    "not counted)", **_OFF)
+BOOTSTRAP_LOOKUPS = Counter(
+    "pdmesh_bootstrap_lookups", "Bootstrap: rooms looked up, by RPC and result (found at once, "
+    "missing, invalid)", ["rpc", "result"], **_OFF)
+BOOTSTRAP_WAIT_SECONDS = Histogram(
+    "pdmesh_bootstrap_wait_seconds", "Bootstrap: how long a lookup waited for its room, by RPC "
+    "and result (registered|expired)", ["rpc", "result"], buckets=_FAST, **_OFF)
+
+#: Gauges read from sources at scrape time: name -> (help, label names).
+GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pdmesh_kv_pages_free": ("Free pages in a rank's KV pool", ("role",)),
+    "pdmesh_kv_pages_total": ("Pages in a rank's KV pool", ("role",)),
+    "pdmesh_rank_active_requests": ("Rooms a rank is working on now", ("role",)),
+    "pdmesh_decode_running": ("Sequences in a decode rank's continuous batch", ()),
+    "pdmesh_controller_in_flight": ("Requests the controller has forwarded to a rank and not "
+                                    "seen end", ("role", "dp_rank")),
+    "pdmesh_rank_up": ("1 when the rank process is up and ready", ("role", "dp_rank")),
+    "pdmesh_rank_restarts": ("Times the controller restarted the rank", ("role", "dp_rank")),
+    "pdmesh_rank_scrape_ok": ("1 when the rank's metrics were read for this scrape", ("dp_rank",)),
+    "pdmesh_router_in_flight": ("Router: requests holding an admission slot of an instance",
+                                ("role", "instance")),
+    "pdmesh_router_queued": ("Router: requests queued for an admission slot of an instance",
+                             ("role", "instance")),
+    "pdmesh_router_instance_healthy": ("Router: 1 when the instance is healthy and chosen",
+                                       ("role", "instance")),
+    "pdmesh_bootstrap_rooms": ("Bootstrap: live room records", ()),
+    "pdmesh_bootstrap_waiters": ("Bootstrap: lookups waiting for a room", ()),
+    "pdmesh_bootstrap_instances": ("Bootstrap: registered prefill instances", ()),
+    "pdmesh_bootstrap_open_streams": ("Bootstrap: WatchRooms lookup streams open now", ()),
+}
+
+GaugeSample = tuple[str, tuple[str, ...], float]
+Source = Callable[[Any], Iterable[GaugeSample]]
+
+
+class _Sources(Collector):
+    """Live gauges: each registered (owner, function) yields samples when scraped.
+
+    Owners are held weakly, so a forgotten service drops out by itself. Samples with the same
+    name and labels from several owners (two services in one test process) are summed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[int, tuple[weakref.ref, Source]] = {}
+        self._next = 0
+
+    def add(self, owner: Any, source: Source) -> int:
+        with self._lock:
+            self._next += 1
+            self._items[self._next] = (weakref.ref(owner), source)
+            return self._next
+
+    def remove(self, key: int) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            items = list(self._items.items())
+        values: dict[str, dict[tuple[str, ...], float]] = {}
+        for key, (ref, source) in items:
+            owner = ref()
+            if owner is None:
+                self.remove(key)
+                continue
+            try:
+                for name, labels, value in source(owner):
+                    series = values.setdefault(name, {})
+                    series[labels] = series.get(labels, 0.0) + float(value)
+            except Exception:  # a scrape must never fail because one owner is mid-change
+                log.debug("metrics source %r failed", source, exc_info=True)
+        for name, series in values.items():
+            help_text, label_names = GAUGES[name]
+            family = GaugeMetricFamily(name, help_text, labels=label_names)
+            for labels, value in series.items():
+                family.add_metric(labels, value)
+            yield family
+
+
+SOURCES = _Sources()
+REGISTRY.register(SOURCES)
+
+#: Metrics of one process kind, exported (registered) only by processes of that kind, so a router
+#: shows no always-zero bootstrap counters. Counting into a group that is not exported is harmless.
+GROUPS = {
+    "rank": (RANK_REQUESTS, DECODE_RESOLVE_SECONDS, TRANSFER_BYTES, TRANSFERS, TRANSFER_SECONDS,
+             DECODE_BATCH),
+    "router": (ROUTER_TTFT, ROUTER_SAMPLES),
+    "bootstrap": (BOOTSTRAP_ROOMS_REGISTERED, BOOTSTRAP_LOOKUPS, BOOTSTRAP_WAIT_SECONDS),
+}
+_enabled: set[str] = set()
+_enable_lock = threading.Lock()
+
+
+def enable(group: str) -> None:
+    """Export the metrics of `group` from this process (idempotent; `track_*` call it)."""
+    with _enable_lock:
+        if group not in _enabled:
+            for collector in GROUPS[group]:
+                REGISTRY.register(collector)
+            _enabled.add(group)
+
+
+def track(owner: Any, source: Source) -> Callable[[], None]:
+    """Read `source(owner)` at every scrape (while `owner` lives); returns a function that stops it."""
+    key = SOURCES.add(owner, source)
+    return lambda: SOURCES.remove(key)
+
+
+# --- the RPC hook --------------------------------------------------------------------------------
+
+class RpcOutcome:
+    """What `rpc()` yields: the servicer wrapper reports a typed failure with `failed(error)`."""
+
+    __slots__ = ("handler", "code")
+
+    def __init__(self, handler: str) -> None:
+        self.handler = handler
+        self.code = "OK"
+
+    def failed(self, error) -> None:
+        """Count a typed failure (a `PdmeshError`) answered by this RPC."""
+        self.code = error.code.name
+        FAILURES.labels(self.handler, self.code, error.reason).inc()
+        if error.reason == CONFLICT_REASON:
+            CONFLICTS.labels(self.handler).inc()
+
+
+@contextmanager
+def rpc(handler: str) -> Iterator[RpcOutcome]:
+    """Count one RPC of `handler` and time it; cancelled RPCs count as CANCELLED."""
+    outcome = RpcOutcome(handler)
+    started = time.perf_counter()
+    try:
+        yield outcome
+    except BaseException as exc:
+        if outcome.code == "OK":
+            outcome.code = "CANCELLED" if _is_cancel(exc) else "UNKNOWN"
+        raise
+    finally:
+        RPC_SECONDS.labels(handler).observe(time.perf_counter() - started)
+        RPCS.labels(handler, outcome.code).inc()
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    import asyncio
+    return isinstance(exc, asyncio.CancelledError)
+
+
+def path_name(path: int) -> str:
+    """A `common.v1.RankPath` value -> `hint` | `dp1` | `fast_path` | `lookup` (or `unspecified`)."""
+    from pdmesh.common.v1 import common_pb2
+    return common_pb2.RankPath.Name(path).removeprefix("RANK_PATH_").lower()
+
+
+def transfer_done(side: str, nbytes: int, seconds: float, ok: bool) -> None:
+    """Count one ended transfer (bytes and time only when it completed)."""
+    TRANSFERS.labels(side, "ok" if ok else "error").inc()
+    if ok:
+        TRANSFER_BYTES.labels(side).inc(nbytes)
+        TRANSFER_SECONDS.labels(side).observe(seconds)
+
+
+# --- sources of the services (duck-typed: no imports of the services here) -----------------------
+
+def _rank_samples(state) -> Iterator[GaugeSample]:
+    role = state.config.instance.role
+    pool = state.pages.pool
+    yield "pdmesh_kv_pages_free", (role,), pool.num_free
+    yield "pdmesh_kv_pages_total", (role,), pool.num_pages
+    yield "pdmesh_rank_active_requests", (role,), len(state.rooms)
+
+
+def _decode_loop_samples(loop) -> Iterator[GaugeSample]:
+    yield "pdmesh_decode_running", (), len(loop.running)
+
+
+def _controller_samples(controller) -> Iterator[GaugeSample]:
+    role = controller.config.role
+    for rank in controller.ranks:
+        r = str(rank.dp_rank)
+        yield "pdmesh_controller_in_flight", (role, r), controller.active[rank.dp_rank]
+        yield "pdmesh_rank_up", (role, r), 1 if rank.alive else 0
+        yield "pdmesh_rank_restarts", (role, r), rank.restarts
+
+
+def _router_samples(table) -> Iterator[GaugeSample]:
+    for entry in table.list():
+        labels = ("prefill" if entry.role == _prefill_role() else "decode", entry.address)
+        yield "pdmesh_router_in_flight", labels, entry.admission.in_flight
+        yield "pdmesh_router_queued", labels, entry.admission.queued
+        yield "pdmesh_router_instance_healthy", labels, 1 if entry.healthy else 0
+
+
+def _prefill_role() -> int:
+    from pdmesh.router.instances import PREFILL
+    return PREFILL
+
+
+def _bootstrap_samples(service) -> Iterator[GaugeSample]:
+    stats = service.registry.stats()
+    yield "pdmesh_bootstrap_rooms", (), stats["rooms"]
+    yield "pdmesh_bootstrap_waiters", (), stats["waiters"]
+    yield "pdmesh_bootstrap_instances", (), stats["instances"]
+    yield "pdmesh_bootstrap_open_streams", (), service.servicer.open_streams
+
+
+def track_rank(state, decode_loop=None) -> None:
+    """Pool pages and active rooms of a rank (`RankState`), and its decode batch if any."""
+    enable("rank")
+    role = state.config.instance.role
+    for path in RANK_PATHS:  # every path reads 0 before its first request, never absent
+        RANK_REQUESTS.labels(role, path)
+    side = "send" if role == "prefill" else "receive"
+    TRANSFER_BYTES.labels(side)
+    for result in ("ok", "error"):
+        TRANSFERS.labels(side, result)
+    track(state, _rank_samples)
+    if decode_loop is not None:
+        track(decode_loop, _decode_loop_samples)
+
+
+def track_controller(controller) -> Callable[[], None]:
+    return track(controller, _controller_samples)
+
+
+def track_router(table) -> Callable[[], None]:
+    enable("router")
+    return track(table, _router_samples)
+
+
+def track_bootstrap(service) -> Callable[[], None]:
+    enable("bootstrap")
+    return track(service, _bootstrap_samples)
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+class RankFanIn(CollectorRegistry):
+    """The controller's registry: its own metrics plus every rank's, labelled `dp_rank`.
+
+    `ranks()` returns (dp_rank, "host:port" of the rank's metrics endpoint or "") pairs.
+    """
+
+    def __init__(self, ranks: Callable[[], Iterable[tuple[int, str]]]) -> None:
+        super().__init__(auto_describe=False)
+        self._ranks = ranks
+
+    def collect(self):
+        merged: dict[str, Any] = {}
+        for family in REGISTRY.collect():
+            merged.setdefault(family.name, family)
+        scraped = GaugeMetricFamily("pdmesh_rank_scrape_ok", GAUGES["pdmesh_rank_scrape_ok"][0],
+                                    labels=("dp_rank",))
+        for dp_rank, address in self._ranks():
+            ok = 0
+            if address:
+                try:
+                    self._merge(merged, dp_rank, address)
+                    ok = 1
+                except Exception as exc:  # a dead or stopped rank: report it, keep the scrape
+                    log.debug("metrics of rank %d at %s: %s", dp_rank, address, exc)
+            scraped.add_metric((str(dp_rank),), ok)
+        merged[scraped.name] = scraped
+        yield from merged.values()
+
+    @staticmethod
+    def _merge(merged: dict[str, Any], dp_rank: int, address: str) -> None:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=RANK_SCRAPE_TIMEOUT_S) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            samples = [s._replace(labels={**s.labels, "dp_rank": str(dp_rank)}) for s in family.samples]
+            target = merged.get(family.name)
+            if target is None:
+                family.samples = samples
+                merged[family.name] = family
+            else:
+                target.samples.extend(samples)
+
+
+@dataclass
+class MetricsServer:
+    """A running `/metrics` endpoint."""
+
+    host: str
+    port: int
+    _server: Any
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.address}/metrics"
+
+    tls: bool = False
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(host: str, port: int, *, registry: CollectorRegistry = REGISTRY, tls=None) -> MetricsServer:
+    """Serve `/metrics` on host:port (port 0: a free one) in a daemon thread.
+
+    `tls` is the process's `pdmesh.tls.TlsConfig`: with a certificate the endpoint is HTTPS, and
+    under mTLS it asks scrapers for a certificate of the same CA. OSError if the port is taken.
+    """
+    kwargs = {}
+    if tls is not None and getattr(tls, "cert_file", None):
+        kwargs = dict(certfile=tls.cert_file, keyfile=tls.key_file, client_cafile=tls.ca_file,
+                      client_auth_required=bool(tls.require_client_cert))
+    server, _ = start_http_server(port, addr=host, registry=registry, **kwargs)
+    return MetricsServer(host, server.server_port, server, tls=bool(kwargs))
+
+
+def add_arguments(parser) -> None:
+    """`--metrics-port` and `--metrics-host` (env `PDMESH_METRICS_PORT` / `PDMESH_METRICS_HOST`)."""
+    from pdmesh.config import env
+    port = env("METRICS_PORT", "")
+    parser.add_argument("--metrics-port", type=int, default=int(port) if port.strip() else None,
+                        help="serve Prometheus /metrics on this port (0 = a free one, printed at "
+                             "start; env PDMESH_METRICS_PORT; default: off)")
+    parser.add_argument("--metrics-host", default=env("METRICS_HOST"),
+                        help="address of the /metrics endpoint (env PDMESH_METRICS_HOST; default: "
+                             "the service's --host)")
+
+
+def announce(kind: str, server: MetricsServer) -> None:
+    """The one line a process prints when its endpoint is up (tests and operators read it)."""
+    print(f"pdmesh {kind} metrics at {server.url}", flush=True)
