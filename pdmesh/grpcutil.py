@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdmesh import logs, metrics
 from pdmesh.errors import Internal, PdmeshError
 
 if TYPE_CHECKING:
@@ -104,11 +105,18 @@ async def abort_with(context: grpc.aio.ServicerContext, error: PdmeshError) -> N
     await context.abort_with_status(error.to_status())
 
 
+def _room_field(error: PdmeshError) -> dict[str, str]:
+    room = error.metadata.get("bootstrap_room")
+    return {"room": room} if room else {}
+
+
 def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate an aio servicer method so a `PdmeshError` becomes its rich status.
 
     Unexpected exceptions become INTERNAL with the exception named (and are logged), never a
-    silent UNKNOWN. Works for unary (coroutine) and streaming (async generator) methods.
+    silent UNKNOWN. Works for unary (coroutine) and streaming (async generator) methods. Every
+    call is counted and timed (`pdmesh.metrics.rpc`); a failure is counted by reason and logged
+    with the request's bound fields (`pdmesh.logs`).
     """
 
     def to_error(exc: BaseException) -> PdmeshError:
@@ -117,26 +125,38 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         log.exception("unexpected error in %s", method.__qualname__)
         return Internal(f"{type(exc).__name__}: {exc}")
 
+    handler = method.__qualname__
+
+    def report(outcome: metrics.RpcOutcome, error: PdmeshError) -> PdmeshError:
+        """Count the failure (pdmesh_failures_total) and log it with the request's fields."""
+        outcome.failed(error)
+        level = logging.DEBUG if error.code == grpc.StatusCode.INVALID_ARGUMENT else logging.INFO
+        logs.event(log, level, "rpc failed", handler=handler, code=error.code.name,
+                   reason=error.reason, **_room_field(error))
+        return error
+
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream_wrapper(self, request, context):
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - translated into a typed status
-                await abort_with(context, to_error(exc))
+            with metrics.rpc(handler) as outcome:
+                try:
+                    async for item in method(self, request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - translated into a typed status
+                    await abort_with(context, report(outcome, to_error(exc)))
         return stream_wrapper
 
     @functools.wraps(method)
     async def unary_wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - translated into a typed status
-            await abort_with(context, to_error(exc))
+        with metrics.rpc(handler) as outcome:
+            try:
+                return await method(self, request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - translated into a typed status
+                await abort_with(context, report(outcome, to_error(exc)))
     return unary_wrapper
 
 

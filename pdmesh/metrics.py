@@ -240,7 +240,7 @@ def rpc(handler: str) -> Iterator[RpcOutcome]:
 
 def _is_cancel(exc: BaseException) -> bool:
     import asyncio
-    return isinstance(exc, asyncio.CancelledError)
+    return isinstance(exc, (asyncio.CancelledError, GeneratorExit))
 
 
 def path_name(path: int) -> str:
@@ -426,3 +426,19 @@ def add_arguments(parser) -> None:
 def announce(kind: str, server: MetricsServer) -> None:
     """The one line a process prints when its endpoint is up (tests and operators read it)."""
     print(f"pdmesh {kind} metrics at {server.url}", flush=True)
+
+
+def start(kind: str, port: int | None, host: str, *, tls=None,
+          registry: CollectorRegistry = REGISTRY) -> MetricsServer | None:
+    """An entry point's endpoint: None when `port` is None (metrics off); else serve and announce.
+
+    A port that cannot be taken ends the process at start with the reason (exit code 1).
+    """
+    if port is None:
+        return None
+    try:
+        server = serve(host, port, registry=registry, tls=tls)
+    except OSError as exc:
+        raise SystemExit(f"pdmesh {kind}: cannot serve metrics on {host}:{port}: {exc}") from None
+    announce(kind, server)
+    return server

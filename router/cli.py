@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from pdmesh import grpcutil, tls
+from pdmesh import grpcutil, metrics, tls
 from pdmesh.config import env, env_flag
 from pdmesh.router.instances import DECODE, PREFILL, InstanceTable
 from pdmesh.router.service import RouterConfig, RouterServicer
@@ -36,13 +36,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued", type=int, default=int(env("ROUTER_MAX_QUEUED", "1024")),
                    help="queued requests per instance before RESOURCE_EXHAUSTED")
     tls.add_arguments(p)
+    metrics.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(host=args.host, port=args.port, policy=args.policy, pin_ranks=args.pin_ranks,
                         align_rooms=args.align_rooms, max_in_flight=args.max_in_flight,
                         max_queued=args.max_queued, prefills=tuple(args.prefill), decodes=tuple(args.decode),
-                        tls=tls.from_args(args))
+                        tls=tls.from_args(args), metrics_port=args.metrics_port,
+                        metrics_host=args.metrics_host)
 
 
 class RouterApp:
@@ -65,6 +67,7 @@ class RouterApp:
         for address in self.config.decodes:
             await self.table.add(DECODE, address)
         await grpcutil.set_serving(self.health, SERVICE_NAMES)
+        metrics.track_router(self.table)  # admission in-flight/queued and health per instance
         return self
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -76,6 +79,8 @@ class RouterApp:
 async def serve(config: RouterConfig) -> None:
     app = await RouterApp(config).start()
     tls.warn_if_exposed("pdmesh router", config.host, config.tls)
+    endpoint = metrics.start("router", config.metrics_port, config.metrics_host or config.host,
+                             tls=config.tls)
     print(f"pdmesh router listening on {config.host}:{app.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,6 +88,8 @@ async def serve(config: RouterConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await app.stop()
+    if endpoint is not None:
+        endpoint.close()
 
 
 def main(args: argparse.Namespace) -> int:

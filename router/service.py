@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdmesh import logs, metrics
 from pdmesh.errors import InvalidArgument, PdmeshError
 from pdmesh.grpcutil import translate_errors
 from pdmesh.router.instances import DECODE, PREFILL, InstanceEntry, InstanceTable
@@ -50,6 +51,10 @@ class RouterConfig:
     decodes: tuple[str, ...] = ()
     #: TLS of the router's server and of its channels to the instances (None = plaintext).
     tls: TlsConfig | None = None
+    #: Serve Prometheus /metrics on this port (0 = a free one); None: no metrics endpoint.
+    metrics_port: int | None = None
+    #: Address of the /metrics endpoint; None: `host`.
+    metrics_host: str | None = None
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -105,6 +110,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                       pinned: int | None, deadline: float, started: float, queue: asyncio.Queue) -> None:
         room = draw_room(prefill.dp_size, pinned if self.config.align_rooms else None)
         token, request_id = draw_token(), uuid.uuid4().hex
+        logs.bind(room=room, prefill_instance=prefill.instance_id, decode_instance=decode.instance_id,
+                  prefill_rank=pinned, sample=index)
         prefill_request = worker_pb2.PrefillRequest(
             bootstrap_room=room, prompt=request.prompt, sampling=request.sampling,
             transfer_token=token, request_id=request_id)
@@ -127,6 +134,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     prefill.outstanding -= 1
                     decode.outstanding -= 1
         except PdmeshError as err:
+            metrics.ROUTER_SAMPLES.labels(logs.current().get("path", "none"), err.code.name).inc()
+            logs.event(log, logging.INFO, "sample failed", code=err.code.name, reason=err.reason)
             await queue.put(err)
         else:
             await queue.put(_DONE)
@@ -141,19 +150,26 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or decode_call.cancel())
         completed = False
         try:
-            first = True
+            first, ttft_s = True, 0.0
             async for message in decode_call:
                 reply = router_pb2.GenerateResponse(sample_index=index, token_ids=message.token_ids,
                                                     text=message.text, finish_reason=message.finish_reason)
                 if first:
+                    ttft_s = time.perf_counter() - started
                     reply.info.CopyFrom(router_pb2.RequestInfo(
                         bootstrap_room=room, prefill_instance=prefill.instance_id,
                         decode_instance=decode.instance_id, routing=message.routing,
-                        ttft_ms=(time.perf_counter() - started) * 1e3))
+                        ttft_ms=ttft_s * 1e3))
                     first = False
+                    metrics.ROUTER_TTFT.observe(ttft_s)
+                    logs.bind(path=metrics.path_name(message.routing.rank_path),
+                              prefill_rank=message.routing.prefill_dp_rank,
+                              decode_rank=message.routing.decode_dp_rank)
                 await queue.put(reply)
             await prefill_task
             completed = True
+            metrics.ROUTER_SAMPLES.labels(logs.current().get("path", "none"), "OK").inc()
+            logs.event(log, logging.INFO, "sample done", ttft_ms=round(ttft_s * 1e3, 2))
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             raise await self._first_cause(exc, prefill_task) from None
         finally:

@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 
-from pdmesh import tls
+from pdmesh import metrics, tls
 from pdmesh.config import env
 from pdmesh.grpcutil import BindError, run_async
 from pdmesh.server.config import DEFAULT_PORT, BootstrapConfig
@@ -48,6 +48,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true",
                         help="register a demo instance and rooms, look them up, print it, keep serving")
     tls.add_arguments(parser)
+    metrics.add_arguments(parser)
 
 
 def build_config(args: argparse.Namespace) -> BootstrapConfig:
@@ -55,7 +56,8 @@ def build_config(args: argparse.Namespace) -> BootstrapConfig:
         host=args.host, port=args.port, room_ttl_s=args.room_ttl, max_rooms=args.max_rooms,
         max_waiters=args.max_waiters, max_instances=args.max_instances,
         instance_ttl_s=args.instance_ttl, default_wait_s=args.default_wait,
-        max_wait_s=args.max_wait, grace_s=args.grace, tls=tls.from_args(args))
+        max_wait_s=args.max_wait, grace_s=args.grace, tls=tls.from_args(args),
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host)
 
 
 async def serve(config: BootstrapConfig, demo: bool = False) -> int:
@@ -68,6 +70,8 @@ async def serve(config: BootstrapConfig, demo: bool = False) -> int:
         return 2
     await service.start()
     tls.warn_if_exposed("pdmesh bootstrap", config.host, config.tls)
+    endpoint = metrics.start("bootstrap", config.metrics_port, config.metrics_host or config.host,
+                             tls=config.tls)
     print(f"pdmesh bootstrap: serving on {config.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,6 +85,8 @@ async def serve(config: BootstrapConfig, demo: bool = False) -> int:
         print("pdmesh bootstrap: stopping", flush=True)
     finally:
         await service.stop()
+        if endpoint is not None:
+            endpoint.close()
     return 0
 
 

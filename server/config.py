@@ -37,6 +37,10 @@ class BootstrapConfig:
     """On SIGTERM or Ctrl-C, calls in flight get this long to finish."""
     tls: TlsConfig | None = None
     """Serve TLS (mTLS when it requires client certificates); None serves plaintext."""
+    metrics_port: int | None = None
+    """Serve Prometheus /metrics on this port (0 = a free one); None: no metrics endpoint."""
+    metrics_host: str | None = None
+    """Address of the /metrics endpoint; None: `host`."""
 
     @property
     def address(self) -> str:

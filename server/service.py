@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import NamedTuple
 
 import grpc
 
-from pdmesh import grpcutil
+from pdmesh import grpcutil, logs, metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.errors import DeadlineExceeded, InvalidArgument, NotFound
 from pdmesh.server.config import BootstrapConfig
@@ -71,17 +72,24 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
             raise InvalidArgument("dp_rank is required (rank 0 is valid and must be set explicitly)",
                                   reason="INVALID_DP_RANK",
                                   metadata={"bootstrap_room": request.bootstrap_room})
+        logs.bind(room=request.bootstrap_room, instance=request.instance_id,
+                  prefill_rank=request.dp_rank)
         created = self.registry.register_room(request.instance_id, request.bootstrap_room,
                                               request.dp_rank, request.request_id, request.epoch)
+        if created:
+            metrics.BOOTSTRAP_ROOMS_REGISTERED.inc()
+            logs.event(log, logging.DEBUG, "room registered")
         return bootstrap_pb2.RegisterRoomResponse(created=created,
                                                   ttl_ms=int(self.config.room_ttl_s * 1000))
 
     @grpcutil.translate_errors
     async def LookupRoom(self, request, context):
         room = request.bootstrap_room
+        logs.bind(room=room)
         if request.wait:
             await self._wait_for(room, request.wait_timeout_ms, context)
         record = self.registry.lookup(room)
+        metrics.BOOTSTRAP_LOOKUPS.labels("LookupRoom", "missing" if record is None else "found").inc()
         if record is None:
             raise NotFound(f"room {room} is not registered (yet: ask with wait=true to wait for it)",
                            reason="ROOM_NOT_FOUND", metadata={"bootstrap_room": room})
@@ -99,8 +107,10 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
         if self.registry.watch(room, wake) is not None:
             return
         timeout = self._wait_timeout(wait_timeout_ms, context.time_remaining())
+        started, result = time.perf_counter(), "expired"
         try:
             await asyncio.wait_for(future, timeout)
+            result = "registered"
         except (asyncio.TimeoutError, TimeoutError):
             raise DeadlineExceeded(
                 f"room {room} was not registered within {timeout:.3f} s: the prefill failed, was "
@@ -108,6 +118,8 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
                 metadata={"bootstrap_room": room, "waited_ms": int(timeout * 1000)}) from None
         finally:
             self.registry.unwatch(room, wake)
+            metrics.BOOTSTRAP_WAIT_SECONDS.labels("LookupRoom", result).observe(
+                time.perf_counter() - started)
 
     def _wait_timeout(self, wait_timeout_ms: int, remaining: float | None) -> float:
         timeout = wait_timeout_ms / 1000 if wait_timeout_ms else self.config.default_wait_s
@@ -145,11 +157,14 @@ class BootstrapService:
         await self.server.start()
         await grpcutil.set_serving(self.health, [SERVICE_NAME])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._untrack = metrics.track_bootstrap(self)  # rooms, waiters, instances, open streams
         log.info("bootstrap service listening on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls; calls in flight get `grace` seconds (config.grace_s by default)."""
         await grpcutil.set_serving(self.health, [SERVICE_NAME], serving=False)
+        if getattr(self, "_untrack", None) is not None:
+            self._untrack()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -14,11 +14,16 @@ import asyncio
 import logging
 import grpc
 
+from pdmesh import metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2
 from pdmesh.errors import PdmeshError
 from pdmesh.server.registry import Registry
 
 log = logging.getLogger(__name__)
+_LOOKED_UP = {result: metrics.BOOTSTRAP_LOOKUPS.labels("WatchRooms", result)
+              for result in ("found", "missing", "invalid", "waited")}
+_WAITED = {result: metrics.BOOTSTRAP_WAIT_SECONDS.labels("WatchRooms", result)
+           for result in ("registered", "expired")}
 
 
 def _invalid(room: int) -> bootstrap_pb2.RoomError:
@@ -38,6 +43,7 @@ class WatchSession:
         self._max_wait_s = max_wait_s
         self._loop = asyncio.get_running_loop()
         self._waiting: dict[int, asyncio.TimerHandle] = {}
+        self._since: dict[int, float] = {}  # loop time each waiting room's wait began (metrics)
         self._out_rooms: list[int] = []
         self._out_ranks: list[int] = []
         self._out_expired: list[int] = []
@@ -69,6 +75,10 @@ class WatchSession:
         for room in request.cancel_bootstrap_rooms:
             self._cancel(room)
         found, ranks, missing, invalid = self._registry.lookup_many(request.bootstrap_rooms)
+        if request.bootstrap_rooms:
+            _LOOKED_UP["found"].inc(len(found))
+            _LOOKED_UP["missing"].inc(len(missing))
+            _LOOKED_UP["invalid"].inc(len(invalid))
         errors = [_invalid(r) for r in invalid]
         if request.wait_bootstrap_rooms:
             self._wait(request, found, ranks, errors)
@@ -100,8 +110,12 @@ class WatchSession:
         ranks.extend(now_ranks)
         errors.extend(_invalid(r) for r in invalid)
         call_later = self._loop.call_later
+        _LOOKED_UP["found"].inc(len(now_found))
+        _LOOKED_UP["waited"].inc(len(waiting))
+        now = self._loop.time()
         for room in waiting:
             self._waiting[room] = call_later(timeout, self._on_timeout, room)
+            self._since[room] = now
         for room in again:
             self._waiting[room].cancel()
             self._waiting[room] = call_later(timeout, self._on_timeout, room)
@@ -111,6 +125,7 @@ class WatchSession:
         if timer is None:
             return
         timer.cancel()
+        self._waited(room, "registered")
         self._out_rooms.append(room)
         self._out_ranks.append(dp_rank)
         self._schedule_flush()
@@ -118,10 +133,17 @@ class WatchSession:
     def _on_timeout(self, room: int) -> None:
         if self._waiting.pop(room, None) is not None:
             self._registry.unwatch(room, self._on_registered)
+            self._waited(room, "expired")
             self._out_expired.append(room)
             self._schedule_flush()
 
+    def _waited(self, room: int, result: str) -> None:
+        since = self._since.pop(room, None)
+        if since is not None:
+            _WAITED[result].observe(self._loop.time() - since)
+
     def _cancel(self, room: int) -> None:
+        self._since.pop(room, None)
         timer = self._waiting.pop(room, None)
         if timer is not None:
             timer.cancel()
@@ -155,5 +177,6 @@ class WatchSession:
             timer.cancel()
             self._registry.unwatch(room, self._on_registered)
         self._waiting.clear()
+        self._since.clear()
         if self._flush_task is not None and not self._flush_task.done():
             self._flush_task.cancel()
