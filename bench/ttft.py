@@ -17,7 +17,7 @@ import asyncio
 
 from bench.pd_client import PdClient, arun, percentile
 from pdmesh.common.v1 import common_pb2
-from pdmesh.proc import Proc, start_all
+from pdmesh.proc import Proc, start_all, stop_all
 from pdmesh.worker.engine.factory import EngineSpec, build_engine
 from pdmesh.worker.engine.reference import time_colocated_prefill
 from pdmesh.worker.engine.runtime import configure_torch_threads
@@ -56,8 +56,7 @@ def ttft_vs_length(lengths: list[int], repeats: int) -> list[str]:
     try:
         arun(measure())
     finally:
-        for p in [*procs, boot]:
-            p.stop()
+        stop_all([*procs, boot])
     return rows
 
 
@@ -89,8 +88,7 @@ def control_path(requests: int) -> list[str]:
     try:
         arun(measure())
     finally:
-        for p in [*procs, boot]:
-            p.stop()
+        stop_all([*procs, boot])
     return rows
 
 

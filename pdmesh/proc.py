@@ -83,6 +83,15 @@ class Proc:
             self.proc.wait()
 
 
+def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:
+    """SIGTERM every process at once, then wait for each (SIGKILL after `timeout`)."""
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.stop(timeout)
+
+
 def start_all(procs: list[Proc], timeout: float = 180.0) -> list[Proc]:
     """Start every process at once, then wait for each; stop them all if one fails."""
     for p in procs:
@@ -91,7 +100,6 @@ def start_all(procs: list[Proc], timeout: float = 180.0) -> list[Proc]:
         for p in procs:
             p.wait_ready(timeout)
     except RuntimeError:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
         raise
     return procs

@@ -24,7 +24,7 @@ from pdmesh.errors import PdmeshError
 from pdmesh.worker.engine.factory import EngineSpec, build_engine
 from pdmesh.worker.engine.reference import colocated_generate
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
-from procs import Proc, start_all
+from procs import Proc, start_all, stop_all
 
 PROMPTS = [f"prompt {i}: the quick brown fox {'jumps ' * (i % 5)}over the lazy dog" for i in range(12)]
 MAX_NEW = 12
@@ -54,8 +54,7 @@ def mesh(kv_dir):
     yield {"bootstrap": boot_addr, "procs": {p.name: p for p in procs}, "channels": channels}
     for ch in channels.values():
         ch.close()
-    for p in [*procs, boot]:
-        p.stop()
+    stop_all([*procs, boot])
 
 
 @pytest.fixture(scope="module")
