@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
+
+from pdmesh import logs
 
 SUBCOMMANDS = {
     "bootstrap": ("pdmesh.server.cli", "run the bootstrap service (prefill registry and room lookups)"),
@@ -25,10 +25,7 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=os.environ.get("PDMESH_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure()  # PDMESH_LOG_LEVEL (default INFO), PDMESH_LOG_FORMAT=text|json
     parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None

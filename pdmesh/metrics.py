@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics,
                                start_http_server)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -343,9 +343,12 @@ class RankFanIn(CollectorRegistry):
         self._ranks = ranks
 
     def collect(self):
-        merged: dict[str, Any] = {}
-        for family in REGISTRY.collect():
-            merged.setdefault(family.name, family)
+        merged: dict[str, Metric] = {}
+        for family in REGISTRY.collect():  # copies: some collectors yield the same object each time
+            if family.name not in merged:
+                merged[family.name] = copy = Metric(family.name, family.documentation, family.type,
+                                                    family.unit)
+                copy.samples = list(family.samples)
         scraped = GaugeMetricFamily("pdmesh_rank_scrape_ok", GAUGES["pdmesh_rank_scrape_ok"][0],
                                     labels=("dp_rank",))
         for dp_rank, address in self._ranks():
@@ -361,7 +364,7 @@ class RankFanIn(CollectorRegistry):
         yield from merged.values()
 
     @staticmethod
-    def _merge(merged: dict[str, Any], dp_rank: int, address: str) -> None:
+    def _merge(merged: dict[str, Metric], dp_rank: int, address: str) -> None:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=RANK_SCRAPE_TIMEOUT_S) as reply:
             text = reply.read().decode()
         for family in text_string_to_metric_families(text):
@@ -372,6 +375,14 @@ class RankFanIn(CollectorRegistry):
                 merged[family.name] = family
             else:
                 target.samples.extend(samples)
+
+
+def controller_fan_in(controller) -> RankFanIn:
+    """The fan-in registry of an instance's `Controller`: ranks that are up and serve metrics."""
+    def ranks() -> list[tuple[int, str]]:
+        return [(r.dp_rank, r.endpoint.metrics_address if r.alive and r.endpoint else "")
+                for r in controller.ranks]
+    return RankFanIn(ranks)
 
 
 @dataclass

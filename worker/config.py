@@ -57,6 +57,11 @@ class InstanceConfig:
     #: TLS of every server and client of the instance: the controller, its embedded bootstrap
     #: service, its rank processes' servers and every channel they open (None = plaintext).
     tls: TlsConfig | None = None
+    #: Serve Prometheus /metrics (the controller's and every rank's) on this port (0 = a free
+    #: one); None: no metrics endpoint, and the ranks serve none either.
+    metrics_port: int | None = None
+    #: Address of the /metrics endpoint; None: `host`.
+    metrics_host: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in (PREFILL, DECODE):

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from pdmesh import metrics
 from pdmesh.errors import Internal, PdmeshError, ResourceExhausted, Unavailable
 from pdmesh.worker.engine.protocol import DecodeItem, Engine, SamplingParams
 from pdmesh.worker.pages import EngineThread, PageBroker
@@ -110,6 +111,7 @@ class DecodeLoop:
             if not batch:
                 continue
             items = [DecodeItem(s.last_token, s.position, tuple(s.page_ids), s.sampling) for s in batch]
+            metrics.DECODE_BATCH.observe(len(batch))
             self._stepping = {s.room for s in batch}
             try:
                 tokens = await self.engine_thread.run(self.engine.decode_step, self.pool.kv, items)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+from pdmesh import logs, metrics
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import EpochMismatch, InvalidArgument, NotFound, PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
@@ -55,6 +56,8 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         st = self.state
         received = time.perf_counter()
         room = validate_room(request.bootstrap_room)
+        logs.bind(room=room, decode_rank=st.dp_rank, instance=st.instance_id,
+                  prefill_instance=request.prefill_instance_id)
         token = requests.transfer_token(request.transfer_token)
         ids = requests.prompt_ids(st.engine, request.prompt)
         budget = requests.max_new_tokens(st.engine, request.sampling, len(ids))
@@ -66,6 +69,8 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         with st.track(room):
             info, prefill_rank, path = await self._resolve(request, room, hint, deadline)
             resolved = time.perf_counter()
+            metrics.DECODE_RESOLVE_SECONDS.labels(path).observe(resolved - received)
+            logs.bind(prefill_rank=prefill_rank, path=path)
             pages = await st.pages.alloc_wait(st.layout.pages_for_tokens(len(ids)),
                                               min(st.config.instance.page_wait_s, deadline - time.monotonic()))
             seq = None
@@ -84,6 +89,8 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                 stops = requests.stop_ids(st.engine, request.sampling)
                 if first in stops or budget == 1:
                     reason = common_pb2.FINISH_REASON_EOS if first in stops else common_pb2.FINISH_REASON_LENGTH
+                    logs.event(log, logging.INFO, "decode done", tokens=1,
+                               resolve_ms=round((resolved - received) * 1e3, 2))
                     yield worker_pb2.DecodeResponse(text=detok.flush(), finish_reason=reason)
                     return
                 seq = Sequence(room, pages, len(ids), first, budget - 1,
@@ -95,6 +102,8 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                         raise item
                     yield worker_pb2.DecodeResponse(token_ids=[item], text=detok.push([item]))
                 reason = common_pb2.FINISH_REASON_EOS if seq.last_token in stops else common_pb2.FINISH_REASON_LENGTH
+                logs.event(log, logging.INFO, "decode done", tokens=seq.position - len(ids) + 1,
+                           resolve_ms=round((resolved - received) * 1e3, 2))
                 yield worker_pb2.DecodeResponse(text=detok.flush(), finish_reason=reason)
             finally:
                 st.pages.free(pages)

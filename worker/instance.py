@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 
-from pdmesh import grpcutil
+from pdmesh import grpcutil, metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2
 from pdmesh.config import LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError
@@ -51,6 +51,7 @@ class Instance:
             self.bootstrap_address = self.embedded.address
         self.controller = Controller(cfg, self.bootstrap_address, on_epoch_change=self._republish)
         await self.controller.start()
+        metrics.track_controller(self.controller)  # in flight, up and restarts per rank
         role_service = (PrefillControllerService(self.controller) if cfg.role == PREFILL
                         else DecodeControllerService(self.controller))
         add_role = (worker_pb2_grpc.add_PrefillServiceServicer_to_server if cfg.role == PREFILL
@@ -159,6 +160,8 @@ async def serve(config: InstanceConfig) -> int:
         raise
     from pdmesh.tls import warn_if_exposed
     warn_if_exposed(f"pdmesh {config.role}", config.host, config.tls)
+    endpoint = metrics.start(config.role, config.metrics_port, config.metrics_host or config.host,
+                             tls=config.tls, registry=metrics.controller_fan_in(instance.controller))
     print(f"pdmesh {config.role} {config.instance_id} listening on {config.host}:{instance.port}"
           + (f" (bootstrap {instance.bootstrap_address})" if instance.bootstrap_address else ""), flush=True)
     loop = asyncio.get_running_loop()
@@ -166,4 +169,6 @@ async def serve(config: InstanceConfig) -> int:
         loop.add_signal_handler(sig, instance.stopped.set)
     await instance.stopped.wait()
     await instance.stop()
+    if endpoint is not None:
+        endpoint.close()
     return 0

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from pdmesh import tls
+from pdmesh import metrics, tls
 from pdmesh.config import env, env_flag
 from pdmesh.worker.config import PREFILL, InstanceConfig
 from pdmesh.worker.engine.factory import add_engine_arguments, spec_from_args
@@ -44,6 +44,7 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                        help="how long a computed room waits for the decode's transfer request")
     add_engine_arguments(p)
     tls.add_arguments(p)
+    metrics.add_arguments(p)
 
 
 def _int(text: str | None) -> int | None:
@@ -62,7 +63,7 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
         host=args.host, port=args.port, dp_size=args.dp_size, load_balance_method=args.load_balance_method,
         engine=spec_from_args(args), num_pages=args.num_pages, max_running_requests=args.max_running_requests,
         ucx_tls=args.ucx_tls, devices=devices, debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
-        **extra)
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, **extra)
 
 
 def run(args: argparse.Namespace, role: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 
+from pdmesh import metrics
 from pdmesh.errors import DeadlineExceeded
 from pdmesh.worker.config import PREFILL, RankConfig
 from pdmesh.worker.pages import PageBroker
@@ -52,13 +53,25 @@ class RankTransfer:
         """Offer the pages to the decode holding `token`; return once sent (raise if not)."""
         offer = self.sender.offer(room, self.pages.pool, page_ids, first_token, token=token,
                                   timeout=self._remaining(deadline, "the decode fetched the KV"))
-        await offer
+        await self._counted("send", len(page_ids), offer)
 
     async def fetch_room(self, *, peer: str, room: int, epoch: int, page_ids: list[int], token: bytes,
                          deadline: float) -> int:
         """Pull `room`'s KV from the prefill rank at `peer` into `page_ids`; the first token."""
-        return await self.receiver.fetch(peer, room, epoch=epoch, pool=self.pages.pool, page_ids=page_ids,
-                                         token=token, timeout=self._remaining(deadline, "the KV arrived"))
+        return await self._counted("receive", len(page_ids), self.receiver.fetch(
+            peer, room, epoch=epoch, pool=self.pages.pool, page_ids=page_ids, token=token,
+            timeout=self._remaining(deadline, "the KV arrived")))
+
+    async def _counted(self, side: str, num_pages: int, transfer):
+        """Await `transfer`, counting it in pdmesh_transfers_total and, when whole, its bytes and time."""
+        started, ok = time.perf_counter(), False
+        try:
+            result = await transfer
+            ok = True
+            return result
+        finally:
+            metrics.transfer_done(side, self.pages.layout.request_bytes(num_pages),
+                                  time.perf_counter() - started, ok)
 
     def abort(self, room: int, reason: str = "") -> bool:
         end = self.sender if self.is_prefill else self.receiver

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 
+from pdmesh import logs, metrics
 from pdmesh.common.v1 import common_pb2
 from pdmesh.config import LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError
@@ -46,12 +47,13 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
     async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
         st = self.state
         room = validate_room(request.bootstrap_room)
+        logs.bind(room=room, prefill_rank=st.dp_rank, instance=st.instance_id)
         token = requests.transfer_token(request.transfer_token)
         ids = requests.prompt_ids(st.engine, request.prompt)
         sampling = requests.sampling_params(request.sampling)
         hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
         action = prefill_rule(st.dp_rank, st.dp_size, room, self.method, self.force_query, hint)
-        log.info("prefill room=%d rank=%d action=%s prompt_tokens=%d", room, st.dp_rank, action.value, len(ids))
+        logs.event(log, logging.DEBUG, "prefill start", action=action.value, prompt_tokens=len(ids))
         deadline = time.monotonic() + (context.time_remaining() or st.config.instance.transfer_wait_s)
         with st.track(room):
             st.transfer.expect_room(room, deadline)
@@ -72,6 +74,9 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         if action is PrefillAction.REGISTER:
             asyncio.create_task(self._forget(room))
         st.metrics_path(self._path(action))
+        logs.event(log, logging.INFO, "prefill done", path=metrics.path_name(self._path(action)),
+                   prompt_tokens=len(ids), compute_ms=round((computed - started) * 1e3, 2),
+                   transfer_ms=round((sent - computed) * 1e3, 2))
         return worker_pb2.PrefillResponse(dp_rank=st.dp_rank, rank_path=self._path(action),
                                           first_token_id=first, prompt_tokens=len(ids),
                                           compute_ms=(computed - started) * 1e3,

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from pdmesh import grpcutil
+from pdmesh import grpcutil, logs, metrics
 from pdmesh.config import env
 from pdmesh.worker.config import DECODE, PREFILL, RankConfig
 from pdmesh.worker.supervisor import READY_PREFIX
@@ -69,8 +69,13 @@ async def serve(config: RankConfig) -> None:
     server, port, health = grpcutil.create_server("127.0.0.1:0", register, names, tls=inst.tls)
     await server.start()
     await grpcutil.set_serving(health, names)
+    metrics.track_rank(state, loop_)
+    # Loopback only: the controller reads it and serves it, labelled dp_rank, on its own /metrics.
+    endpoint = metrics.serve("127.0.0.1", 0) if inst.metrics_port is not None else None
     print(READY_PREFIX + json.dumps({"grpc_address": f"127.0.0.1:{port}",
-                                     "transfer_address": transfer_address}), flush=True)
+                                     "transfer_address": transfer_address,
+                                     "metrics_address": endpoint.address if endpoint else ""}),
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -97,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = RankConfig.from_json(argv[0])
     _die_with_parent()
-    logging.basicConfig(level=env("LOG_LEVEL", "INFO").upper(),
-                        format=f"%(asctime)s %(levelname)s {config.instance.role}[{config.dp_rank}] %(name)s %(message)s")
+    logs.configure(f"{config.instance.role}[{config.dp_rank}]")  # PDMESH_LOG_LEVEL, PDMESH_LOG_FORMAT
     from pdmesh.worker.engine.runtime import configure_torch_threads
     configure_torch_threads()
     os.environ.setdefault("PDMESH_RANK", str(config.dp_rank))

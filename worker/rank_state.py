@@ -12,6 +12,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
+from pdmesh import metrics
 from pdmesh.errors import Aborted, AlreadyExists
 from pdmesh.grpcutil import translate_errors
 from pdmesh.worker.config import RankConfig
@@ -63,6 +64,7 @@ class RankState:
 
     def metrics_path(self, path: int) -> None:
         self.paths[path] += 1
+        metrics.RANK_REQUESTS.labels(self.config.instance.role, metrics.path_name(path)).inc()
 
     def abort(self, room: int, reason: str) -> bool:
         task = self.rooms.get(room)

@@ -37,6 +37,8 @@ class RankEndpoint:
     grpc_address: str
     transfer_address: str
     pid: int
+    #: Loopback host:port of the rank's Prometheus endpoint ("" when the instance serves no metrics).
+    metrics_address: str = ""
 
 
 class RankSupervisor:
@@ -74,7 +76,8 @@ class RankSupervisor:
             raise Unavailable(f"rank {self.dp_rank} did not start: {exc or 'no readiness line'}",
                               reason="RANK_START_FAILED", metadata={"dp_rank": self.dp_rank}) from None
         info = json.loads(line)
-        self.endpoint = RankEndpoint(info["grpc_address"], info["transfer_address"], self._proc.pid)
+        self.endpoint = RankEndpoint(info["grpc_address"], info["transfer_address"], self._proc.pid,
+                                     info.get("metrics_address", ""))
         if self.channel is not None:
             await self.channel.close()
         self.channel = grpcutil.open_channel(self.endpoint.grpc_address, tls=config.instance.tls)
