@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import socket
+import sys
 import urllib.request
 
 import pytest
@@ -134,3 +135,30 @@ def test_a_metrics_port_already_taken_fails_at_start_with_the_reason():
         with pytest.raises(SystemExit, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             metrics.start("router", port, "127.0.0.1")
     assert metrics.start("router", None, "127.0.0.1") is None
+
+
+def _pki(directory):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "security" / "pki.py"
+    spec = importlib.util.spec_from_file_location("pdmesh_test_pki", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module.make_pki(directory)
+
+
+def test_with_mtls_the_endpoint_is_https_and_wants_a_certificate_of_the_mesh_ca(tmp_path):
+    import ssl
+    pki = _pki(tmp_path)
+    server = metrics.serve("127.0.0.1", 0, tls=pki.node(mtls=True))
+    try:
+        assert server.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=pki.ca)
+        with pytest.raises(OSError):  # no client certificate: the handshake fails
+            urllib.request.urlopen(server.url, timeout=5, context=trusted).read()
+        trusted.load_cert_chain(pki.client_cert, pki.client_key)
+        with urllib.request.urlopen(server.url, timeout=5, context=trusted) as reply:
+            assert reply.status == 200 and b"# TYPE pdmesh_rpcs_total counter" in reply.read()
+    finally:
+        server.close()
