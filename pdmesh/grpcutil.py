@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pdmesh import logs, metrics
 from pdmesh.errors import Internal, PdmeshError
+from pdmesh.malformed import MalformedRequests
 
 if TYPE_CHECKING:
     from pdmesh.tls import TlsConfig
@@ -73,7 +74,9 @@ def create_server(
     """
     if credentials is None and tls is not None:
         credentials = tls.server_credentials()
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    # Undecodable request bytes answer INVALID_ARGUMENT/MALFORMED_REQUEST (pdmesh.malformed).
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=[*interceptors, MalformedRequests()])
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

@@ -48,7 +48,8 @@ def _bad(message: str, **metadata: object) -> InvalidArgument:
 
 def _check_address(address: str, what: str, rank: int) -> None:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: str.isdigit() is also true for "²" or "٣", which int() refuses or reads as 3
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise _bad(f"rank {rank} {what} must be host:port, got {address!r}", dp_rank=rank,
                    field=what, address=address)
 

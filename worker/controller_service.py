@@ -8,6 +8,7 @@ and drains.
 from __future__ import annotations
 
 from pdmesh.grpcutil import translate_errors
+from pdmesh.rules import validate_room
 from pdmesh.worker.controller import Controller
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -43,6 +44,7 @@ class InstanceControllerService(worker_pb2_grpc.InstanceServiceServicer):
 
     @translate_errors
     async def AbortRoom(self, request, context) -> worker_pb2.AbortRoomResponse:
+        validate_room(request.bootstrap_room)  # room 0 or >= 2^63 is bad input, not an unknown room
         return worker_pb2.AbortRoomResponse(found=await self.controller.abort_room(request))
 
     @translate_errors

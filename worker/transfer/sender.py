@@ -29,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pdmesh.errors import (Aborted, Cancelled, EpochMismatch, FailedPrecondition, InvalidArgument,
-                           NotFound, PdmeshError, Unauthenticated)
+from pdmesh.errors import (Aborted, AlreadyExists, Cancelled, EpochMismatch, FailedPrecondition,
+                           InvalidArgument, NotFound, PdmeshError, Unauthenticated)
+from pdmesh.rules import MAX_ROOM
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.kv.pack import pack
@@ -86,6 +87,8 @@ class KvSender:
         self._offers: dict[int, Offer] = {}
         self._arrivals: dict[int, asyncio.Event] = {}
         self._expected: dict[int, float] = {}
+        self._waiters: dict[int, int] = {}  # room -> requests waiting for its offer
+        self._expected_prune_at = 1024
         self._jobs: dict[tuple[int, int], asyncio.Future] = {}  # (link, transfer id) -> abort
         self._tasks: set[asyncio.Task] = set()
         self._staging: StagingCache | None = None
@@ -115,7 +118,11 @@ class KvSender:
 
     def expect(self, room: int, timeout: float) -> None:
         """A request for `room` may wait up to `timeout` s for its offer (not `room_wait_s`)."""
-        self._expected[room] = asyncio.get_running_loop().time() + timeout
+        now = asyncio.get_running_loop().time()
+        self._expected[room] = now + timeout
+        if len(self._expected) > self._expected_prune_at:  # rooms whose prefill failed unoffered
+            self._expected = {r: t for r, t in self._expected.items() if t > now}
+            self._expected_prune_at = max(1024, 2 * len(self._expected))
 
     def abort(self, room: int, error: PdmeshError | None = None) -> bool:
         """Fail room `room`'s offer (its decode sees the error); False if none is held."""
@@ -151,8 +158,12 @@ class KvSender:
             return
         kind = message.WhichOneof("body")
         if kind == "request":
+            key = (id(link), message.request.transfer_id)
+            if key in self._jobs:  # the running job keeps its id (and stays abortable)
+                self._spawn(self._refuse_duplicate(link, message.request.transfer_id))
+                return
             aborted = asyncio.get_running_loop().create_future()
-            self._jobs[(id(link), message.request.transfer_id)] = aborted
+            self._jobs[key] = aborted
             self._spawn(self._serve(link, message.request, aborted))
         elif kind == "abort":
             aborted = self._jobs.get((id(link), message.abort.transfer_id))
@@ -196,6 +207,14 @@ class KvSender:
         finally:
             self._jobs.pop(key, None)
 
+    async def _refuse_duplicate(self, link: Link, transfer_id: int) -> None:
+        try:
+            await self._respond(link, transfer_id, AlreadyExists(
+                f"transfer id {transfer_id:#x} is already in use on this link; draw a fresh "
+                "random id per request", reason="KV_TRANSFER_ID_IN_USE"))
+        except PdmeshError as err:  # the link broke while answering
+            log.info("transfer %x to %s: %s", transfer_id, link.peer, err)
+
     async def _respond(self, link: Link, transfer_id: int, error: PdmeshError | None) -> None:
         response = pb.TransferResponse(transfer_id=transfer_id)
         if error is not None:
@@ -204,7 +223,7 @@ class KvSender:
 
     async def _claim(self, request: pb.TransferRequest, aborted: asyncio.Future) -> Offer:
         """The offer this request may take, after every check; raises the status to answer."""
-        layout = KvLayout.from_proto(request.layout)
+        layout = _check_request(request)
         offer = await self._wait_for_offer(request.room, aborted)
         if not hmac.compare_digest(request.token, offer.token):
             raise Unauthenticated(f"wrong transfer token for room {request.room}; only the "
@@ -220,9 +239,6 @@ class KvSender:
         except PdmeshError as err:
             offer.status.fail(err)
             raise
-        if not 1 <= request.layers_per_chunk <= layout.num_layers:
-            raise InvalidArgument(f"layers_per_chunk {request.layers_per_chunk} is outside "
-                                  f"1..{layout.num_layers}", reason="INVALID_CHUNKING")
         offer.claimed = True
         return offer
 
@@ -243,6 +259,17 @@ class KvSender:
                 metadata={"pages": len(offer.page_ids), "requested_pages": request.num_pages})
 
     async def _wait_for_offer(self, room: int, aborted: asyncio.Future) -> Offer:
+        self._waiters[room] = self._waiters.get(room, 0) + 1
+        try:
+            return await self._wait_for_offer_once(room, aborted)
+        finally:  # a request for a room never offered leaves nothing behind
+            left = self._waiters.pop(room) - 1
+            if left:
+                self._waiters[room] = left
+            elif room not in self._offers:
+                self._arrivals.pop(room, None)
+
+    async def _wait_for_offer_once(self, room: int, aborted: asyncio.Future) -> Offer:
         loop = asyncio.get_running_loop()
         until = max(loop.time() + self.config.room_wait_s, self._expected.get(room, 0.0))
         while True:
@@ -356,6 +383,21 @@ class KvSender:
         if self._staging is None or self._staging.device != pool.kv.device:
             self._staging = StagingCache(self.config.staging_cache_bytes, pool.kv.device)
         return self._staging
+
+
+def _check_request(request: pb.TransferRequest) -> KvLayout:
+    """The checks a request must pass whatever the sender holds: answered at once, before any
+    wait for the room (a malformed request never holds a task for `room_wait_s`)."""
+    if not 0 < request.room <= MAX_ROOM:
+        raise InvalidArgument(f"room must be in 1..2^63-1, got {request.room}",
+                              reason="INVALID_BOOTSTRAP_ROOM", metadata={"room": request.room})
+    layout = KvLayout.from_proto(request.layout)
+    if not 1 <= request.layers_per_chunk <= layout.num_layers:
+        raise InvalidArgument(f"layers_per_chunk {request.layers_per_chunk} is outside "
+                              f"1..{layout.num_layers}", reason="INVALID_CHUNKING")
+    if not request.token:
+        raise InvalidArgument("the transfer request carries no token", reason="INVALID_TRANSFER_TOKEN")
+    return layout
 
 
 def _task_done(task: asyncio.Task) -> None:
