@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdmesh import grpcutil
-from pdmesh.errors import InvalidArgument, NotFound, PdmeshError, Unavailable
+from pdmesh.addresses import validate_address
+from pdmesh.errors import FailedPrecondition, InvalidArgument, NotFound, PdmeshError, Unavailable
 from pdmesh.router.admission import Admission
 from pdmesh.router.v1 import router_pb2
 from pdmesh.tls import TlsConfig
@@ -40,6 +41,8 @@ class InstanceEntry:
     dp_size: int = 1
     load_balance_method: str = ""
     healthy: bool = False
+    #: The role the instance itself reports ("prefill" / "decode"; "" until it answered).
+    reported_role: str = ""
     draining: bool = False
     outstanding: int = 0
     rank_loads: list[int] = field(default_factory=list)
@@ -75,8 +78,9 @@ class InstanceTable:
     async def add(self, role: int, address: str, bootstrap_address: str = "") -> InstanceEntry:
         if role not in ROLE_NAMES:
             raise InvalidArgument("instance role must be INSTANCE_ROLE_PREFILL or INSTANCE_ROLE_DECODE")
-        if not address or ":" not in address:
-            raise InvalidArgument(f"instance address must be host:port, got {address!r}")
+        validate_address(address, "instance address")
+        if bootstrap_address:
+            validate_address(bootstrap_address, "bootstrap_address")
         if address in self._entries:
             entry = self._entries[address]
             if entry.role != role:
@@ -88,6 +92,12 @@ class InstanceTable:
                               bootstrap_address=bootstrap_address)
         self._entries[address] = entry
         await self.refresh(entry)
+        if entry.reported_role not in ("", ROLE_NAMES[role]):  # e.g. a decode added as a prefill
+            await self.remove(address)
+            raise FailedPrecondition(
+                f"{address} serves a {entry.reported_role} instance, not a {ROLE_NAMES[role]} one",
+                reason="INSTANCE_ROLE_MISMATCH",
+                metadata={"address": address, "role": ROLE_NAMES[role], "serves": entry.reported_role})
         entry.poller = asyncio.create_task(self._poll(entry))
         return entry
 
@@ -111,13 +121,15 @@ class InstanceTable:
                 log.warning("instance %s unhealthy: %s", entry.address, PdmeshError.from_rpc_error(err))
             entry.healthy = False
             return
+        entry.reported_role = status.role
         entry.instance_id = status.instance_id
         entry.dp_size = status.dp_size or len(status.ranks) or 1
         entry.load_balance_method = status.load_balance_method
         entry.bootstrap_address = status.bootstrap_address or entry.bootstrap_address
         entry.draining = status.draining
         entry.rank_loads = [r.active_requests for r in status.ranks]
-        entry.healthy = not status.draining and any(r.alive for r in status.ranks)
+        entry.healthy = (not status.draining and any(r.alive for r in status.ranks)
+                         and status.role in ("", ROLE_NAMES[entry.role]))
 
     async def _poll(self, entry: InstanceEntry) -> None:
         while True:

@@ -14,6 +14,7 @@ import logging
 import time
 
 from pdmesh import logs, metrics
+from pdmesh.addresses import validate_address
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import EpochMismatch, InvalidArgument, NotFound, PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
@@ -61,9 +62,11 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         token = requests.transfer_token(request.transfer_token)
         ids = requests.prompt_ids(st.engine, request.prompt)
         budget = requests.max_new_tokens(st.engine, request.sampling, len(ids))
+        sampling = requests.sampling_params(request.sampling)  # checked before any KV moves
         if not request.prefill_instance_id or not request.prefill_bootstrap_address:
             raise InvalidArgument("prefill_instance_id and prefill_bootstrap_address are required",
                                   reason="MISSING_PREFILL")
+        validate_address(request.prefill_bootstrap_address, "prefill_bootstrap_address")
         deadline = time.monotonic() + (context.time_remaining() or 300.0)
         hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
         with st.track(room):
@@ -93,8 +96,7 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                                resolve_ms=round((resolved - received) * 1e3, 2))
                     yield worker_pb2.DecodeResponse(text=detok.flush(), finish_reason=reason)
                     return
-                seq = Sequence(room, pages, len(ids), first, budget - 1,
-                               requests.sampling_params(request.sampling), stops)
+                seq = Sequence(room, pages, len(ids), first, budget - 1, sampling, stops)
                 pages = []  # the loop owns them now
                 self.loop.join(seq)
                 while (item := await seq.out.get()) is not None:
