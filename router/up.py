@@ -48,7 +48,7 @@ class Child:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=env("UP_HOST", "127.0.0.1"), help="address every process binds")
-    p.add_argument("--base-port", type=int, default=int(env("UP_BASE_PORT", "50100")),
+    p.add_argument("--base-port", type=int, default=int(env("UP_BASE_PORT", "8998")),
                    help="bootstrap on this port, router +1, prefill +2, decode +3")
     p.add_argument("--dp-size", type=int, default=2, help="DP ranks of the prefill and of the decode")
     p.add_argument("--prefill-method", default="follow_bootstrap_room",
