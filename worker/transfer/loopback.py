@@ -98,7 +98,8 @@ class Rank:
         self.args = args
         self.pools: dict[str, KvPool] = {args.layout: make_pool(parse_layout(args.layout),
                                                                  args.pages)}
-        config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace)
+        config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace,
+                                send_depth=args.depth, recv_window=args.depth)
         self.transport = make_transport(args.transport)
         self.sender = KvSender(self.transport, epoch=EPOCH, config=config) \
             if args.role == "sender" else None
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", default="ucx", choices=("ucx", "inproc"))
     parser.add_argument("--room-wait", type=float, default=5.0)
     parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument("--depth", type=int, default=TransferConfig.send_depth,
+                        help="chunks in flight per transfer, each way")
     parser.add_argument("--pack-delay", type=float, default=0.0)
     parser.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
     args = parser.parse_args(argv)

@@ -1,0 +1,119 @@
+"""Baseline for bench/transfer.py: bare ucxx send/recv of one contiguous, reused buffer.
+
+    python -m bench._transfer_bare recv --sizes 1048576,16777216 --iters 10   # prints PORT
+    python -m bench._transfer_bare send --port P --sizes ... --iters 10
+
+Same process settings as a pdmesh rank (pdmesh's UCX defaults, blocking progress, and the same
+hot polling while data moves when PDMESH_UCX_HOT_POLL is on), one message in flight (or
+`--depth`), tagged messages (`--mode tag`) or active messages (`--mode am`, ucxx allocates
+each receive). The receiver prints one JSON line per size: {"size": N, "gbps": G}, counting
+from the first completed message to the last, so connection set-up is not in the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from pdmesh.worker.transfer.config import apply_ucx_defaults
+
+
+def _progress_task():
+    """pdmesh's hot polling (ucx.UcxTransport) while a size is measured, if enabled."""
+    import ucxx
+
+    if os.environ.get("PDMESH_UCX_HOT_POLL", "1") == "0":
+        return None
+    worker = ucxx.core._get_ctx().worker
+
+    async def poll():
+        while True:
+            worker.progress()
+            await asyncio.sleep(0)
+
+    return asyncio.ensure_future(poll())
+
+
+async def _recv(args) -> None:
+    import numpy as np
+    import ucxx
+
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    listener = ucxx.create_listener(lambda ep: ready.set_result(ep))
+    print(json.dumps({"port": listener.port}), flush=True)
+    ep = await ready
+    for size in args.sizes:
+        bufs = [np.ones(size, np.uint8) for _ in range(args.depth)]
+        poller = _progress_task()
+        if args.mode == "am":
+            await ep.am_recv()
+            started = time.perf_counter()
+            for _ in range(args.iters):
+                await ep.am_recv()
+        else:
+            started, posted, pending = None, 0, []
+
+            def post(i):
+                return asyncio.ensure_future(ep.recv(bufs[i % args.depth], tag=i))
+
+            while posted < min(args.depth, args.iters + 1):
+                pending.append(post(posted))
+                posted += 1
+            while pending:
+                await pending.pop(0)
+                started = started or time.perf_counter()
+                if posted < args.iters + 1:
+                    pending.append(post(posted))
+                    posted += 1
+        elapsed = time.perf_counter() - started
+        if poller:
+            poller.cancel()
+        print(json.dumps({"size": size, "gbps": size * args.iters / elapsed / 1e9}), flush=True)
+        await ep.send(np.zeros(1, np.uint8), tag=1 << 40)  # next size
+    await ep.close()
+
+
+async def _send(args) -> None:
+    import numpy as np
+    import ucxx
+
+    ep = await ucxx.create_endpoint("127.0.0.1", args.port)
+    for size in args.sizes:
+        buf = np.ones(size, np.uint8)
+        poller = _progress_task()
+        pending = []
+        for i in range(args.iters + 1):
+            if len(pending) >= args.depth:
+                await pending.pop(0)
+            if args.mode == "am":
+                pending.append(asyncio.ensure_future(ep.am_send(buf)))
+            else:
+                pending.append(asyncio.ensure_future(ep.send(buf, tag=i)))
+        for p in pending:
+            await p
+        if poller:
+            poller.cancel()
+        await ep.recv(np.zeros(1, np.uint8), tag=1 << 40)
+    await ep.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=("recv", "send"))
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], required=True)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--depth", type=int, default=1)
+    parser.add_argument("--mode", choices=("tag", "am"), default="tag")
+    args = parser.parse_args()
+    apply_ucx_defaults()
+    asyncio.run(_recv(args) if args.role == "recv" else _send(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Tables, the plot and the settings exploration of bench/transfer.py."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PLOT = ROOT / "docs" / "transfer-goodput.png"
+MiB = 1 << 20
+
+
+@dataclass
+class Row:
+    transport: str
+    page_tokens: int
+    nbytes: int
+    pdmesh: float
+    bare: float
+    perftest: float | None
+    nixl: float | None
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown(rows: list[Row], explore: list[tuple[str, float, float]] | None, plot: bool) -> str:
+    lines = [
+        "Pool to pool across two processes, one request at a time (request, status, chunks "
+        "packed/unpacked on both sides, trailer checked), 32 layers x K,V, 8 KV heads, head "
+        "dim 128, bf16, pages at scattered ids. GB/s = 1e9 B/s, medians. Baselines from the same "
+        "script and environment: bare ucxx (one contiguous reused buffer, back to back) and "
+        "`ucx_perftest -t tag_bw -e`; NIXL's figure (issue 3, same machine) for reference.",
+        "",
+        "| transport | page tokens | MiB | pdmesh | bare ucxx | ucx_perftest | pdmesh / bare | "
+        "NIXL (issue) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r.transport} | {r.page_tokens} | {r.nbytes / MiB:g} | {r.pdmesh:.2f} | "
+                     f"{r.bare:.2f} | {_f(r.perftest)} | {r.pdmesh / r.bare:.2f} | "
+                     f"{_f(r.nixl)} |")
+    if explore:
+        lines += ["", "Settings explored (64 MiB requests, 16-token pages unless named; each row "
+                  "its own pair of processes, the bare row of its transport measured alongside):",
+                  "", "| variant | GB/s | / bare ucxx |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {gbps:.2f} | {ratio:.2f} |" for name, gbps, ratio in explore]
+    if plot and rows:
+        _plot(rows)
+        lines += ["", f"![goodput against request size](docs/{PLOT.name})"]
+    return "\n".join(lines)
+
+
+def _plot(rows: list[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    transports = list(dict.fromkeys(r.transport for r in rows))
+    fig, axes = plt.subplots(1, len(transports), figsize=(6 * len(transports), 4.2), sharey=False)
+    for ax, transport in zip(axes if len(transports) > 1 else [axes], transports):
+        mine = [r for r in rows if r.transport == transport]
+        for tokens, style in ((16, "o-"), (1, "s-")):
+            pts = sorted((r.nbytes / MiB, r.pdmesh) for r in mine if r.page_tokens == tokens)
+            ax.plot(*zip(*pts), style, label=f"pdmesh, {tokens}-token pages")
+        base = sorted({(r.nbytes / MiB, r.bare) for r in mine if r.page_tokens == 1})
+        ax.plot(*zip(*base), "k--", label="bare ucxx (contiguous)")
+        perf = sorted({(r.nbytes / MiB, r.perftest) for r in mine
+                       if r.page_tokens == 1 and r.perftest})
+        if perf:
+            ax.plot(*zip(*perf), "k:", label="ucx_perftest tag_bw")
+        for r in mine:
+            if r.nixl:
+                ax.plot([r.nbytes / MiB], [r.nixl], "x", color="red", markersize=9,
+                        label=f"NIXL (issue), {r.page_tokens}-token")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("request size (MiB)")
+        ax.set_ylabel("goodput (GB/s)")
+        ax.set_title(f"KV transfer over UCX, {transport}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    PLOT.parent.mkdir(exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+
+
+def explore(bench) -> list[tuple[str, float, float]]:
+    """Settings that were tried, measured here at 64 MiB (see README for what was kept)."""
+    size, iters, out = 64 * MiB, {64 * MiB: 6}, []
+    for transport, variants in (
+        ("tcp", [
+            ("pdmesh defaults", {}, [], None),
+            ("hot polling off (epoll wake-ups only)", {"PDMESH_UCX_HOT_POLL": "0"}, [], None),
+            ("one chunk per request (no pack/send overlap)", {}, [], 32),
+            ("1-layer chunks (2 MiB)", {}, [], 1),
+            ("4 chunks in flight each way", {}, ["--depth", "4"], None),
+            ("UCX_RNDV_SCHEME=get_zcopy", {"UCX_RNDV_SCHEME": "get_zcopy"}, [], None),
+            ("UCX_RNDV_SCHEME=put_zcopy", {"UCX_RNDV_SCHEME": "put_zcopy"}, [], None),
+            ("UCX_TCP_SNDBUF/RCVBUF=8M", {"UCX_TCP_SNDBUF": "8M", "UCX_TCP_RCVBUF": "8M"}, [],
+             None),
+            ("UCX_TCP_TX_SEG_SIZE/RX_SEG_SIZE=512K", {"UCX_TCP_TX_SEG_SIZE": "512K",
+                                                      "UCX_TCP_RX_SEG_SIZE": "512K"}, [], None),
+        ]),
+        ("shared memory", [
+            ("pdmesh defaults", {}, [], None),
+            ("hot polling off (epoll wake-ups only)", {"PDMESH_UCX_HOT_POLL": "0"}, [], None),
+            ("4 chunks in flight each way", {}, ["--depth", "4"], None),
+            ("UCX_RNDV_FRAG_SIZE=host:4M", {"UCX_RNDV_FRAG_SIZE": "host:4M"}, [], None),
+        ]),
+    ):
+        bare = bench.bare_goodput(bench._env(transport), [size], 8)[size]
+        for mode, depth in (("tag", 4), ("am", 1)):
+            other = bench.bare_goodput(bench._env(transport), [size], 8, mode=mode, depth=depth)
+            out.append((f"{transport}: bare ucxx, {mode}, {depth} in flight", other[size],
+                        other[size] / bare))
+        for name, env, flags, layers in variants:
+            print(f"   explore {transport}: {name}", file=sys.stderr, flush=True)
+            try:
+                got = bench.pdmesh_goodput(bench._env(transport, env), [size], iters, flags,
+                                           layers, page_tokens=(16,))[(16, size)]
+            except RuntimeError as err:  # a setting UCX refuses: say so, keep going
+                print(f"   ({name}: {err})", file=sys.stderr)
+                continue
+            out.append((f"{transport}: {name}", got, got / bare))
+    return out
