@@ -27,6 +27,8 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                    help="how the controller picks a rank when the request pins none")
     p.add_argument("--num-pages", type=int, default=int(env("NUM_PAGES", "1024")), help="KV pages per rank")
     p.add_argument("--max-running-requests", type=int, default=int(env("MAX_RUNNING_REQUESTS", "64")))
+    p.add_argument("--page-wait-s", type=float, default=float(env("PAGE_WAIT_S", "5")),
+                   help="how long a request waits for free KV pages before RESOURCE_EXHAUSTED")
     p.add_argument("--ucx-tls", default=env("UCX_TLS_OVERRIDE"),
                    help="UCX transports for KV, e.g. tcp or sm,self,tcp (default: pdmesh's choice)")
     p.add_argument("--devices", default=env("DEVICES", ""),
