@@ -49,6 +49,9 @@ def mesh(kv_dir):
         Proc("prefill-dp1", ["prefill", "--instance-id", "p-dp1", "--dp-size", "1", *common]),
         Proc("decode", ["decode", "--instance-id", "d-0", "--dp-size", "2", "--num-pages", "256"],
              env={"PDMESH_DEBUG_KV_DIR": str(kv_dir)}),
+        # 8 pages of 16 tokens: a pool that fills up.
+        Proc("decode-small", ["decode", "--instance-id", "d-small", "--dp-size", "1", "--num-pages", "8"],
+             env={"PDMESH_PAGE_WAIT_S": "20"}),
     ])
     channels = {p.name: grpc.insecure_channel(p.address) for p in procs}
     yield {"bootstrap": boot_addr, "procs": {p.name: p for p in procs}, "channels": channels}
@@ -63,11 +66,11 @@ def engine():
 
 
 def call_pair(mesh, prefill: str, prompt: str, *, room: int | None = None, routed: int | None = None,
-              hint: int | None = None, max_new: int = MAX_NEW):
+              hint: int | None = None, max_new: int = MAX_NEW, decode: str = "decode", ignore_eos=False):
     """Send one room to a prefill and the decode at once; return (prefill reply, decode messages)."""
     room = room or secrets.randbits(63) or 1
     token = secrets.token_bytes(16)
-    sampling = common_pb2.SamplingParams(max_new_tokens=max_new)
+    sampling = common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=ignore_eos)
     p_req = worker_pb2.PrefillRequest(bootstrap_room=room, prompt=worker_pb2.Prompt(text=prompt),
                                       sampling=sampling, transfer_token=token)
     d_req = worker_pb2.DecodeRequest(bootstrap_room=room, prompt=worker_pb2.Prompt(text=prompt),
@@ -79,7 +82,7 @@ def call_pair(mesh, prefill: str, prompt: str, *, room: int | None = None, route
         p_req.disagg_prefill_dp_rank = hint
         d_req.disagg_prefill_dp_rank = hint
     p_stub = worker_pb2_grpc.PrefillServiceStub(mesh["channels"][prefill])
-    d_stub = worker_pb2_grpc.DecodeServiceStub(mesh["channels"]["decode"])
+    d_stub = worker_pb2_grpc.DecodeServiceStub(mesh["channels"][decode])
     p_future = p_stub.Prefill.future(p_req, timeout=60)
     d_call = d_stub.Decode(d_req, timeout=60)
     p_future.add_done_callback(lambda f: f.exception() is not None and d_call.cancel())
@@ -159,8 +162,33 @@ def test_bad_input_is_invalid_argument(mesh):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_full_decode_pool_waits_then_serves_and_never_shares_pages(mesh, engine):
+    # Each request needs 5 prompt pages + growth of 16 tokens (one more page) in a pool of 8:
+    # the second waits for the first to finish, then both produce the colocated text.
+    prompt = "x" * 70  # 71 tokens with BOS: 5 pages
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: call_pair(mesh, "prefill-dp1", prompt, max_new=16,
+                                                    decode="decode-small", ignore_eos=True), range(2)))
+    ref = colocated_generate(engine, engine.tokenizer.encode(prompt), 16, stop_on_eos=False)
+    for _, _, messages in results:
+        assert tokens_of(messages) == list(ref.output_ids)
+
+
+def test_a_sequence_that_outgrows_the_pool_is_preempted_typed(mesh):
+    # 71 prompt tokens (5 pages) + 100 new tokens needs 11 pages of 8: preempted, pages returned.
+    with pytest.raises(PdmeshError) as err:
+        call_pair(mesh, "prefill-dp1", "y" * 70, max_new=100, decode="decode-small", ignore_eos=True)
+    assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "KV_POOL_EXHAUSTED")
+
+
+def test_a_request_larger_than_the_pool_is_refused_at_once(mesh):
+    with pytest.raises(PdmeshError) as err:
+        call_pair(mesh, "prefill-dp1", "z" * 200, max_new=2, decode="decode-small")
+    assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "REQUEST_LARGER_THAN_POOL")
+
+
 def test_pools_are_full_afterwards(mesh):
-    for name in ("prefill-follow", "prefill-force", "prefill-dp1", "decode"):
+    for name in ("prefill-follow", "prefill-force", "prefill-dp1", "decode", "decode-small"):
         stub = worker_pb2_grpc.InstanceServiceStub(mesh["channels"][name])
         status = stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=10)
         for rank in status.ranks:
