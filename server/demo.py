@@ -69,4 +69,14 @@ async def run_demo(address: str, out=print, tls=None) -> None:
         except PdmeshError as exc:
             out(f"demo: looking up room 2^63 -> {exc}")
         out(f"demo: done; serving on {address} until Ctrl-C "
-            f"(try: grpcurl -plaintext {address} list)")
+            f"(try: grpcurl {_grpcurl_flags(tls)} {address} list)")
+
+
+def _grpcurl_flags(tls) -> str:
+    """grpcurl's flags for the service's TLS settings (a client certificate under mTLS)."""
+    if tls is None:
+        return "-plaintext"
+    flags = [f"-cacert {tls.ca_file}"] if tls.ca_file else []
+    if tls.require_client_cert:
+        flags.append("-cert <client.pem> -key <client.key>")
+    return " ".join(flags) or "-cacert <ca.pem>"

@@ -6,7 +6,7 @@ errors (`grpcutil.translate_errors`: each `PdmeshError` becomes its status with 
 Standalone: `pdmesh bootstrap` (see `pdmesh.server.cli`). Embedded, inside another process's
 event loop (a prefill instance with `--bootstrap-port`)::
 
-    server, port, service = create_bootstrap_server("0.0.0.0:8998", BootstrapConfig())
+    server, port, service = create_bootstrap_server("127.0.0.1:8998", BootstrapConfig())
     await service.start()          # starts the gRPC server and the expiry sweeper
     ...
     await service.stop()           # graceful: in-flight calls get config.grace_s

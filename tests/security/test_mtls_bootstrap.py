@@ -2,7 +2,7 @@
 looks anything up; a plaintext client, a TLS client without a certificate and one whose
 certificate comes from another CA all fail and leave the registry untouched. Also: TLS without
 client certificates, the server-name override, grpcurl with and without certificates, and
-`pdmesh bootstrap` configured by the PDMESH_TLS_* variables alone.
+`pdmesh bootstrap --demo` configured by the PDMESH_TLS_* variables alone.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,17 +133,22 @@ def test_grpcurl_needs_the_client_certificate(mtls_server, pki):
 
 
 def test_pdmesh_bootstrap_takes_tls_from_the_environment(pki):
-    proc = Proc("bootstrap-mtls-env", ["bootstrap", "--port", "0"], env={
+    proc = Proc("bootstrap-mtls-env", ["bootstrap", "--port", "0", "--demo"], env={
         "PDMESH_TLS_CERT": pki.node_cert, "PDMESH_TLS_KEY": pki.node_key, "PDMESH_TLS_CA": pki.ca,
         "PDMESH_MTLS": "1"})
     proc.start()
     try:
         address = proc.wait_ready(30)
+        deadline = time.monotonic() + 30  # the demo client talks to it under mTLS too
+        while not any("demo: done" in line for line in proc.lines):
+            assert proc.alive() and time.monotonic() < deadline, proc.tail()
+            time.sleep(0.05)
+        assert f"grpcurl -cacert {pki.ca} -cert <client.pem> -key <client.key> {address} list" in proc.tail()
 
         async def go():
             async with BootstrapClient(address, tls=pki.client()) as client:
                 await client.register_instance(instance_info("prefill-env"))
-                assert [i.instance_id for i in await client.list_instances()] == ["prefill-env"]
+                assert {i.instance_id for i in await client.list_instances()} == {"prefill-env", "demo-prefill"}
             async with BootstrapClient(address, default_timeout_s=3.0) as plaintext:
                 with pytest.raises(Unavailable):
                     await plaintext.list_instances()
