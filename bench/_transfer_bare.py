@@ -6,7 +6,8 @@
 Same process settings as a pdmesh rank (pdmesh's UCX defaults, blocking progress, and the same
 hot polling while data moves when PDMESH_UCX_HOT_POLL is on), one message in flight (or
 `--depth`), tagged messages (`--mode tag`) or active messages (`--mode am`, ucxx allocates
-each receive). The receiver prints one JSON line per size: {"size": N, "gbps": G}, counting
+each receive) through ucxx's async API, or tagged messages through pdmesh's UCX link and its
+progress engine (`--mode engine`: the wire as pdmesh drives it, without pack/unpack). The receiver prints one JSON line per size: {"size": N, "gbps": G}, counting
 from the first completed message to the last, so connection set-up is not in the figure.
 """
 
@@ -101,6 +102,55 @@ async def _send(args) -> None:
     await ep.close()
 
 
+async def _engine_recv(args) -> None:
+    """The same measurement through pdmesh's UCX link (its progress engine), no pack/unpack."""
+    import torch
+
+    from pdmesh.worker.transfer.ucx import UcxTransport
+
+    transport = UcxTransport()
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    address = await transport.listen(lambda link: ready.set_result(link), "127.0.0.1", 0)
+    print(json.dumps({"port": int(address.rpartition(":")[2])}), flush=True)
+    link = await ready
+    for size in args.sizes:
+        bufs = [torch.ones(size, dtype=torch.uint8) for _ in range(args.depth)]
+        started, posted, pending = None, 0, []
+        while posted < min(args.depth, args.iters + 1):
+            pending.append(link.recv_data(bufs[posted % args.depth], posted))
+            posted += 1
+        while pending:
+            await pending.pop(0)
+            started = started or time.perf_counter()
+            if posted < args.iters + 1:
+                pending.append(link.recv_data(bufs[posted % args.depth], posted))
+                posted += 1
+        elapsed = time.perf_counter() - started
+        print(json.dumps({"size": size, "gbps": size * args.iters / elapsed / 1e9}), flush=True)
+        await link.send_data(torch.zeros(1, dtype=torch.uint8), 1 << 40)
+    await transport.close()
+
+
+async def _engine_send(args) -> None:
+    import torch
+
+    from pdmesh.worker.transfer.ucx import UcxTransport
+
+    transport = UcxTransport()
+    link = await transport.connect(f"ucx://127.0.0.1:{args.port}", 10)
+    for size in args.sizes:
+        buf = torch.ones(size, dtype=torch.uint8)
+        pending = []
+        for i in range(args.iters + 1):
+            if len(pending) >= args.depth:
+                await pending.pop(0)
+            pending.append(link.send_data(buf, i))
+        for p in pending:
+            await p
+        await link.recv_data(torch.zeros(1, dtype=torch.uint8), 1 << 40)
+    await transport.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=("recv", "send"))
@@ -108,10 +158,13 @@ def main() -> int:
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], required=True)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--depth", type=int, default=1)
-    parser.add_argument("--mode", choices=("tag", "am"), default="tag")
+    parser.add_argument("--mode", choices=("tag", "am", "engine"), default="tag")
     args = parser.parse_args()
     apply_ucx_defaults()
-    asyncio.run(_recv(args) if args.role == "recv" else _send(args))
+    if args.mode == "engine":
+        asyncio.run(_engine_recv(args) if args.role == "recv" else _engine_send(args))
+    else:
+        asyncio.run(_recv(args) if args.role == "recv" else _send(args))
     return 0
 
 

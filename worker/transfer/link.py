@@ -87,12 +87,6 @@ class Transport(abc.ABC):
     async def close(self) -> None:
         """Stop listening and close every link."""
 
-    def transfers_started(self) -> None:  # noqa: B027 - optional hook
-        """A transfer began moving data (a backend may poll harder meanwhile)."""
-
-    def transfers_finished(self) -> None:  # noqa: B027 - optional hook
-        """A transfer stopped moving data."""
-
 
 def make_transport(kind: str = "ucx") -> Transport:
     """The transport of this `kind` ("ucx" or "inproc"); UCX is imported only when chosen."""

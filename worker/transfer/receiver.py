@@ -131,7 +131,6 @@ class KvReceiver:
     async def _run(self, fetch: _Fetch, address: str, epoch: int, pool: KvPool,
                    ids: torch.Tensor, token: bytes, plan: wire.ChunkPlan) -> int:
         status = fetch.status
-        started = False
         try:
             fetch.link = await status.guard(self._link(address))
             self._by_id[(id(fetch.link), fetch.transfer_id)] = fetch
@@ -150,8 +149,6 @@ class KvReceiver:
                 raise wire.failure_from_proto(response.failure)
             fetch.accepted = True
             status.advance(TransferState.TRANSFERRING)
-            self.transport.transfers_started()
-            started = True
             acc, total = await self._receive(fetch, pool, ids, plan)
             trailer = await status.guard(fetch.trailer)
             _verify(trailer, plan, acc, total, token)
@@ -166,9 +163,6 @@ class KvReceiver:
                                   reason="KV_TRANSFER_CANCELLED"))
             await self._wind_down(fetch, plan, pool)
             raise
-        finally:
-            if started:
-                self.transport.transfers_finished()
 
     async def _receive(self, fetch: _Fetch, pool: KvPool, ids: torch.Tensor,
                        plan: wire.ChunkPlan) -> tuple[int, int]:

@@ -124,6 +124,11 @@ class KvSender:
             self._expected = {r: t for r, t in self._expected.items() if t > now}
             self._expected_prune_at = max(1024, 2 * len(self._expected))
 
+    def requested(self, room: int) -> bool:
+        """Whether a decode's request for `room` has arrived (waiting for the offer, or taken)."""
+        offer = self._offers.get(room)
+        return bool(offer is not None and offer.claimed) or self._waiters.get(room, 0) > 0
+
     def abort(self, room: int, error: PdmeshError | None = None) -> bool:
         """Fail room `room`'s offer (its decode sees the error); False if none is held."""
         offer = self._offers.get(room)
@@ -195,11 +200,9 @@ class KvSender:
             await self._respond(link, request.transfer_id, None)
             offer.status.advance(TransferState.TRANSFERRING)
             aborted.add_done_callback(lambda f, o=offer: o.status.fail(f.result()))
-            self.transport.transfers_started()
             try:
                 await self._stream(link, request, offer, aborted)
             finally:
-                self.transport.transfers_finished()
                 self._retire(offer)
                 offer._finish()
         except PdmeshError as err:  # the link broke while answering
