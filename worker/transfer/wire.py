@@ -111,6 +111,8 @@ class ChunkPlan:
 def checksum(data: torch.Tensor) -> int:
     """Block checksum of a contiguous uint8 CPU or CUDA tensor (see the module docstring)."""
     flat = data.reshape(-1)
+    if flat.storage_offset() % 8:  # word views need 8-byte alignment (staging buffers have it)
+        flat = flat.clone()
     n = flat.numel()
     words = n // 8
     full = words // _BLOCK_WORDS
