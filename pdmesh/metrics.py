@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.request
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -355,32 +356,46 @@ class RankFanIn(CollectorRegistry):
                 merged[family.name] = copy = Metric(family.name, family.documentation, family.type,
                                                     family.unit)
                 copy.samples = list(family.samples)
+        ranks = list(self._ranks())
+        with ThreadPoolExecutor(max_workers=max(1, len(ranks))) as pool:  # in parallel: one slow
+            texts = list(pool.map(_fetch, [address for _, address in ranks]))  # rank costs 1 s
         scraped = GaugeMetricFamily("pdmesh_rank_scrape_ok", GAUGES["pdmesh_rank_scrape_ok"][0],
                                     labels=("dp_rank",))
-        for dp_rank, address in self._ranks():
-            ok = 0
-            if address:
+        for (dp_rank, _), text in zip(ranks, texts):
+            ok = text is not None
+            if ok:
                 try:
-                    self._merge(merged, dp_rank, address)
-                    ok = 1
-                except Exception as exc:  # a dead or stopped rank: report it, keep the scrape
-                    log.debug("metrics of rank %d at %s: %s", dp_rank, address, exc)
-            scraped.add_metric((str(dp_rank),), ok)
+                    _merge(merged, dp_rank, text)
+                except ValueError as exc:  # an unparsable answer: report the rank, keep the scrape
+                    log.debug("metrics of rank %d: %s", dp_rank, exc)
+                    ok = False
+            scraped.add_metric((str(dp_rank),), 1 if ok else 0)
         merged[scraped.name] = scraped
         yield from merged.values()
 
-    @staticmethod
-    def _merge(merged: dict[str, Metric], dp_rank: int, address: str) -> None:
+
+def _fetch(address: str) -> str | None:
+    """A rank's exposition, or None when it has none or does not answer in time."""
+    if not address:
+        return None
+    try:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=RANK_SCRAPE_TIMEOUT_S) as reply:
-            text = reply.read().decode()
-        for family in text_string_to_metric_families(text):
-            samples = [s._replace(labels={**s.labels, "dp_rank": str(dp_rank)}) for s in family.samples]
-            target = merged.get(family.name)
-            if target is None:
-                family.samples = samples
-                merged[family.name] = family
-            else:
-                target.samples.extend(samples)
+            return reply.read().decode()
+    except (OSError, ValueError) as exc:  # a dead, stopped or restarting rank
+        log.debug("metrics of the rank at %s: %s", address, exc)
+        return None
+
+
+def _merge(merged: dict[str, Metric], dp_rank: int, text: str) -> None:
+    families = list(text_string_to_metric_families(text))  # parse all before merging any
+    for family in families:
+        samples = [s._replace(labels={**s.labels, "dp_rank": str(dp_rank)}) for s in family.samples]
+        target = merged.get(family.name)
+        if target is None:
+            family.samples = samples
+            merged[family.name] = family
+        else:
+            target.samples.extend(samples)
 
 
 def controller_fan_in(controller) -> RankFanIn:
