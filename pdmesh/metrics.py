@@ -6,7 +6,7 @@ calls it; gauges of live state (pool pages, queues, registry sizes) are not upda
 that changes the state: the owner registers a *source* (`track_*`), a function read at scrape
 time, so a gauge can never drift from the state it describes.
 
-Serving: `serve(host, port)` starts prometheus-client's HTTP server in a daemon thread (port 0
+Serving (`pdmesh.metrics_http`, re-exported here): `serve(host, port)` starts prometheus-client's HTTP server in a daemon thread (port 0
 picks a free one; a port already taken fails at start). Each process kind exposes one endpoint
 when started with `--metrics-port` / `PDMESH_METRICS_PORT` (off by default: a fixed default port
 would collide when several instances share a host, which every test and `pdmesh up` do).
@@ -16,7 +16,7 @@ reports in its readiness line; the instance's controller serves one `/metrics` w
 metrics and every rank's, each rank sample labelled `dp_rank`, families of the same name merged
 (`RankFanIn`). So an operator scrapes one target per instance, a rank restart shows up as a
 counter reset of that `dp_rank` series only, and a rank that does not answer within
-`RANK_SCRAPE_TIMEOUT_S` reads `pdmesh_rank_scrape_ok{dp_rank} 0` instead of stalling the scrape.
+`metrics_http.RANK_SCRAPE_TIMEOUT_S` reads `pdmesh_rank_scrape_ok{dp_rank} 0` instead of stalling the scrape.
 (prometheus-client's multiprocess mode was the alternative; it keeps per-pid files, has no live
 gauges from callbacks and leaves dead ranks' files behind, so fan-in over loopback it is.)
 
@@ -32,16 +32,11 @@ import asyncio
 import logging
 import threading
 import time
-import urllib.request
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics,
-                               start_http_server)
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -49,7 +44,6 @@ disable_created_metrics()  # no `*_created` series: half the lines, nothing lost
 
 RANK_PATHS = ("hint", "dp1", "fast_path", "lookup")
 CONFLICT_REASON = "FOLLOW_BOOTSTRAP_ROOM_CONFLICT"
-RANK_SCRAPE_TIMEOUT_S = 1.0
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -337,140 +331,7 @@ def track_bootstrap(service) -> Callable[[], None]:
     return track(service, _bootstrap_samples)
 
 
-# --- serving -------------------------------------------------------------------------------------
-
-class RankFanIn(CollectorRegistry):
-    """The controller's registry: its own metrics plus every rank's, labelled `dp_rank`.
-
-    `ranks()` returns (dp_rank, "host:port" of the rank's metrics endpoint or "") pairs.
-    """
-
-    def __init__(self, ranks: Callable[[], Iterable[tuple[int, str]]]) -> None:
-        super().__init__(auto_describe=False)
-        self._ranks = ranks
-
-    def collect(self):
-        merged: dict[str, Metric] = {}
-        for family in REGISTRY.collect():  # copies: some collectors yield the same object each time
-            if family.name not in merged:
-                merged[family.name] = copy = Metric(family.name, family.documentation, family.type,
-                                                    family.unit)
-                copy.samples = list(family.samples)
-        ranks = list(self._ranks())
-        with ThreadPoolExecutor(max_workers=max(1, len(ranks))) as pool:  # in parallel: one slow
-            texts = list(pool.map(_fetch, [address for _, address in ranks]))  # rank costs 1 s
-        scraped = GaugeMetricFamily("pdmesh_rank_scrape_ok", GAUGES["pdmesh_rank_scrape_ok"][0],
-                                    labels=("dp_rank",))
-        for (dp_rank, _), text in zip(ranks, texts):
-            ok = text is not None
-            if ok:
-                try:
-                    _merge(merged, dp_rank, text)
-                except ValueError as exc:  # an unparsable answer: report the rank, keep the scrape
-                    log.debug("metrics of rank %d: %s", dp_rank, exc)
-                    ok = False
-            scraped.add_metric((str(dp_rank),), 1 if ok else 0)
-        merged[scraped.name] = scraped
-        yield from merged.values()
-
-
-def _fetch(address: str) -> str | None:
-    """A rank's exposition, or None when it has none or does not answer in time."""
-    if not address:
-        return None
-    try:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=RANK_SCRAPE_TIMEOUT_S) as reply:
-            return reply.read().decode()
-    except (OSError, ValueError) as exc:  # a dead, stopped or restarting rank
-        log.debug("metrics of the rank at %s: %s", address, exc)
-        return None
-
-
-def _merge(merged: dict[str, Metric], dp_rank: int, text: str) -> None:
-    families = list(text_string_to_metric_families(text))  # parse all before merging any
-    for family in families:
-        samples = [s._replace(labels={**s.labels, "dp_rank": str(dp_rank)}) for s in family.samples]
-        target = merged.get(family.name)
-        if target is None:
-            family.samples = samples
-            merged[family.name] = family
-        else:
-            target.samples.extend(samples)
-
-
-def controller_fan_in(controller) -> RankFanIn:
-    """The fan-in registry of an instance's `Controller`: ranks that are up and serve metrics."""
-    def ranks() -> list[tuple[int, str]]:
-        return [(r.dp_rank, r.endpoint.metrics_address if r.alive and r.endpoint else "")
-                for r in controller.ranks]
-    return RankFanIn(ranks)
-
-
-@dataclass
-class MetricsServer:
-    """A running `/metrics` endpoint."""
-
-    host: str
-    port: int
-    _server: Any
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.address}/metrics"
-
-    tls: bool = False
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def serve(host: str, port: int, *, registry: CollectorRegistry = REGISTRY, tls=None) -> MetricsServer:
-    """Serve `/metrics` on host:port (port 0: a free one) in a daemon thread.
-
-    `tls` is the process's `pdmesh.tls.TlsConfig`: with a certificate the endpoint is HTTPS, and
-    under mTLS it asks scrapers for a certificate of the same CA. OSError if the port is taken.
-    """
-    kwargs = {}
-    if tls is not None and getattr(tls, "cert_file", None):
-        kwargs = dict(certfile=tls.cert_file, keyfile=tls.key_file, client_cafile=tls.ca_file,
-                      client_auth_required=bool(tls.require_client_cert))
-    server, _ = start_http_server(port, addr=host, registry=registry, **kwargs)
-    return MetricsServer(host, server.server_port, server, tls=bool(kwargs))
-
-
-def add_arguments(parser) -> None:
-    """`--metrics-port` and `--metrics-host` (env `PDMESH_METRICS_PORT` / `PDMESH_METRICS_HOST`)."""
-    from pdmesh.config import env
-    port = env("METRICS_PORT", "")
-    parser.add_argument("--metrics-port", type=int, default=int(port) if port.strip() else None,
-                        help="serve Prometheus /metrics on this port (0 = a free one, printed at "
-                             "start; env PDMESH_METRICS_PORT; default: off)")
-    parser.add_argument("--metrics-host", default=env("METRICS_HOST"),
-                        help="address of the /metrics endpoint (env PDMESH_METRICS_HOST; default: "
-                             "the service's --host)")
-
-
-def announce(kind: str, server: MetricsServer) -> None:
-    """The one line a process prints when its endpoint is up (tests and operators read it)."""
-    print(f"pdmesh {kind} metrics at {server.url}", flush=True)
-
-
-def start(kind: str, port: int | None, host: str, *, tls=None,
-          registry: CollectorRegistry = REGISTRY) -> MetricsServer | None:
-    """An entry point's endpoint: None when `port` is None (metrics off); else serve and announce.
-
-    A port that cannot be taken ends the process at start with the reason (exit code 1).
-    """
-    if port is None:
-        return None
-    try:
-        server = serve(host, port, registry=registry, tls=tls)
-    except OSError as exc:
-        raise SystemExit(f"pdmesh {kind}: cannot serve metrics on {host}:{port}: {exc}") from None
-    announce(kind, server)
-    return server
+# The /metrics endpoint, its flags and the controller's rank fan-in live in pdmesh.metrics_http;
+# re-exported so every service reaches metrics through this one module.
+from pdmesh.metrics_http import (MetricsServer, RankFanIn, add_arguments, announce,  # noqa: E402
+                                 controller_fan_in, serve, start)

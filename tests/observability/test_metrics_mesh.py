@@ -28,7 +28,7 @@ from pdmesh.errors import PdmeshError
 from pdmesh.router.client import RouterClient
 from pdmesh.worker.engine.factory import EngineSpec, build_layout
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
-from procs import Proc, start_all
+from procs import Proc, start_all, stop_all
 
 MAX_NEW = 4
 NUM_PAGES = 64
@@ -73,8 +73,7 @@ def mesh():
         for channel in channels.values():
             channel.close()
     finally:
-        for p in reversed(list(by_name.values())):
-            p.stop()
+        stop_all(list(by_name.values()))
 
 
 # --- scraping --------------------------------------------------------------------------------
