@@ -83,6 +83,14 @@ class Proc:
             self.proc.wait()
 
 
+def free_port() -> int:
+    """A loopback port that is free now (the OS picks it)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:
     """SIGTERM every process at once, then wait for each (SIGKILL after `timeout`)."""
     for p in procs:

@@ -23,8 +23,7 @@ from pdmesh.errors import PdmeshError
 from pdmesh.router.client import RouterClient
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
-from conftest import free_port
-from procs import Proc
+from procs import Proc, free_port
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 PROMPT = "Disaggregated serving splits prefill from decode"

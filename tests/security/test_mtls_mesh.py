@@ -43,7 +43,7 @@ def pki(tmp_path_factory) -> Pki:
 
 @pytest.fixture(scope="module")
 def mesh(pki, tmp_path_factory):
-    from conftest import free_port
+    from procs import free_port
     base = _free_range(free_port)
     logs = tmp_path_factory.mktemp("mtls-up-logs")
     up = Proc("up-mtls", ["up", "--base-port", str(base), "--dp-size", "1", "--log-dir", str(logs),

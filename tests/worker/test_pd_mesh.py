@@ -89,11 +89,11 @@ def call_pair(mesh, prefill: str, prompt: str, *, room: int | None = None, route
     try:
         messages = list(d_call)
     except grpc.RpcError as err:
-        d_call.cancel()
-        try:
-            p_future.result()
-        except grpc.RpcError as p_err:
-            raise PdmeshError.from_rpc_error(p_err) from None
+        if p_future.done() and p_future.exception() is not None:  # the prefill failed first
+            raise PdmeshError.from_rpc_error(p_future.exception()) from None
+        # the decode failed first: abort the prefill's room, as the router does
+        worker_pb2_grpc.InstanceServiceStub(mesh["channels"][prefill]).AbortRoom(
+            worker_pb2.AbortRoomRequest(bootstrap_room=room, reason="test: decode failed"), timeout=10)
         raise PdmeshError.from_rpc_error(err) from None
     return room, p_future.result(), messages
 
