@@ -21,6 +21,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,8 +49,9 @@ class Proc:
     """A child process speaking JSON lines (non-JSON lines are ignored)."""
 
     def __init__(self, argv: list[str], env: dict) -> None:
+        self.stderr = tempfile.TemporaryFile("w+")
         self.popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True)
+                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -68,7 +70,8 @@ class Proc:
         while True:
             item = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             if item is None:
-                raise RuntimeError(f"{self.popen.args[:4]} exited")
+                self.stderr.seek(0)
+                raise RuntimeError(f"{self.popen.args[:4]} exited: {self.stderr.read()[-2000:]}")
             if key in item and (value is None or item[key] == value):
                 return item
 

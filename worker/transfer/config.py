@@ -27,8 +27,11 @@ UCX_DEFAULTS: dict[str, str] = {
     # Shared memory within a host, tcp between hosts (and for connection set-up); add rc/ud/dc
     # (InfiniBand, RoCE) or cuda_copy,cuda_ipc (GPU memory) on machines that have them.
     "UCX_TLS": "sm,self,tcp",
-    # A dead peer on shared memory is noticed by UCX's keepalive: seconds, not the default 20 s.
-    "UCX_KEEPALIVE_INTERVAL": "1s",
+    # UCX's older protocol selection (v1). With v2 (the 1.21 default) a tagged rendezvous over tcp
+    # goes through "fragmented copy-in copy-out" (bounce buffers) and carried ~1.2 GB/s here,
+    # ucx_perftest tag_bw included; v1 uses the zero-copy rendezvous: ~3.2 GB/s, and more with
+    # shared memory too (README, transfer benchmark). ucxx itself sets this for UCX < 1.18.
+    "UCX_PROTO_ENABLE": "n",
     # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 no longer reads; don't warn about it.
     "UCX_WARN_UNUSED_ENV_VARS": "n",
 }

@@ -8,10 +8,12 @@ a rank) and write commands, one JSON object per line, on stdin; events come back
 on stdout (UCX may print its own lines there too: skip lines that do not start with "{").
 
     sender:   {"op": "offer", "room": R, "pages": N, "timeout": T, "fill": true}
-              -> {"event": "offered", "room": R}, later {"event": "offer_done", "room": R, "ok": ..}
+              -> {"event": "offered", "room": R}, later {"event": "offer_done", "room": R, "ok": ..,
+                  "cpu_s": process CPU seconds (all threads) from offered to sent}
     receiver: {"op": "fetch", "address": A, "rooms": [R, ..], "pages": N, "timeout": T,
                "verify": true, "sequential": false, "layers_per_chunk": k (optional)}
-              -> {"event": "fetch_done", "room": R, "ok": .., "seconds": .., "bytes": ..} per room,
+              -> {"event": "fetch_done", "room": R, "ok": .., "seconds": .., "bytes": .., "cpu_s": ..}
+                 per room,
                  then {"event": "batch_done", "seconds": ..}
     both:     {"op": "pool"} -> {"event": "pool", "free": F, "total": P};  {"op": "exit"}
 
@@ -127,8 +129,9 @@ class Rank:
             offer = self.sender.offer(room, pool, ids, room % 50000, token=token_for(room),
                                       timeout=cmd.get("timeout", 30.0))
             emit(event="offered", room=room)
+            cpu = time.process_time()
             await offer
-            emit(event="offer_done", room=room, ok=True)
+            emit(event="offer_done", room=room, ok=True, cpu_s=time.process_time() - cpu)
         except PdmeshError as err:
             emit(event="offer_done", room=room, **error_fields(err))
         finally:
@@ -142,12 +145,14 @@ class Rank:
             emit(event="fetch_done", room=room, **error_fields(err))
             return
         started, error, verified = time.perf_counter(), None, None
+        cpu = time.process_time()
         try:
             first = await self.receiver.fetch(
                 cmd["address"], room, epoch=EPOCH, pool=pool, page_ids=ids,
                 token=token_for(room), timeout=cmd.get("timeout", 30.0),
                 layers_per_chunk=cmd.get("layers_per_chunk"))
             seconds = time.perf_counter() - started
+            cpu = time.process_time() - cpu
             if first != room % 50000:
                 error = PdmeshError(f"first token {first} != {room % 50000}")
             if cmd.get("verify"):
@@ -155,10 +160,10 @@ class Rank:
                 verified = torch.equal(got.view(torch.uint8),
                                        content(pool.layout, room, pages).view(torch.uint8))
         except PdmeshError as err:
-            seconds, error = time.perf_counter() - started, err
+            seconds, error, cpu = time.perf_counter() - started, err, 0.0
         finally:
             pool.free(ids)
-        emit(event="fetch_done", room=room, seconds=seconds, verified=verified,
+        emit(event="fetch_done", room=room, seconds=seconds, verified=verified, cpu_s=cpu,
              bytes=pool.layout.request_bytes(pages), **error_fields(error))
 
     async def fetch(self, cmd: dict) -> None:

@@ -36,11 +36,13 @@ from collections.abc import Callable
 
 import torch
 
-from pdmesh.errors import Cancelled, DataLoss, PdmeshError, Unavailable
+from pdmesh.errors import Cancelled, DataLoss, DeadlineExceeded, PdmeshError, Unavailable
 from pdmesh.worker.transfer.config import apply_ucx_defaults
 from pdmesh.worker.transfer.link import Link, Transport
 
 log = logging.getLogger(__name__)
+_HELLO = b"pdmeshKV"  # the stream handshake of every new link (see UcxLink._handshake)
+_HANDSHAKE_S = 10.0
 _CONTEXT = None
 _ENGINES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Engine]" = \
     weakref.WeakKeyDictionary()
@@ -148,7 +150,6 @@ class UcxLink(Link):
         self._engine, self._ep, self._transport = engine_, ep, transport
         self._am: deque = deque()  # the active-message receive in progress
         ep.set_close_callback(self._ucx_closed)
-        engine_._am_links.add(self)
 
     def _poll_control(self) -> None:
         ep = self._ep
@@ -170,6 +171,23 @@ class UcxLink(Link):
                 return
             data = bytes(request.recv_buffer)
             self._engine.loop.call_soon(self._deliver, data)
+
+    async def _handshake(self, listener: bool) -> None:
+        """Exchange 8 bytes over UCX streams, listener first (as ucxx does). A message sent
+        while an endpoint is still wiring up is replayed by UCX once wired, and with protocol v1
+        an active message replayed onto shared memory crashed UCX (am_zcopy, which shared memory
+        lacks); after this exchange both endpoints are wired, so nothing is ever replayed."""
+        import numpy as np
+
+        mine, theirs = np.frombuffer(_HELLO, dtype=np.uint8), np.zeros(len(_HELLO), np.uint8)
+        steps = [(self._ep.stream_send, mine), (self._ep.stream_recv, theirs)]
+        for method, buf in (steps if listener else steps[::-1]):
+            await self._submit(lambda m=method, b=buf: m(self._engine.Array(b)), buf)
+        if bytes(theirs) != _HELLO:
+            raise Unavailable(f"{self.peer} is not a pdmesh KV transfer endpoint",
+                              reason="KV_TRANSFER_PEER_UNREACHABLE")
+        if self._ep is not None:  # control messages flow from now on (queued in ucxx till then)
+            self._engine._am_links.add(self)
 
     def _deliver(self, data: bytes) -> None:
         if self.closed_error is None:
@@ -256,8 +274,17 @@ class UcxTransport(Transport):
             return
         link = UcxLink(eng, ep, "ucx-client", self)
         self._links.add(link)
+        task = asyncio.ensure_future(self._greet(link, on_link))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _greet(self, link: "UcxLink", on_link) -> None:
+        try:
+            await asyncio.wait_for(link._handshake(listener=True), _HANDSHAKE_S)
+        except (PdmeshError, asyncio.TimeoutError) as err:
+            log.info("UCX client went away during the handshake: %s", err)
+            link.close(Unavailable("handshake failed", reason="KV_TRANSFER_PEER_LOST"))
+            return
         on_link(link)
-        eng._soon()
 
     async def connect(self, address: str, timeout: float) -> Link:
         if not address.startswith("ucx://") or ":" not in address[6:]:
@@ -273,7 +300,18 @@ class UcxTransport(Transport):
                               metadata={"address": address}) from None
         link = UcxLink(eng, ep, address, self)
         self._links.add(link)
-        eng._soon()
+        try:
+            await asyncio.wait_for(link._handshake(listener=False), timeout)
+        except asyncio.TimeoutError:
+            link.close(Unavailable("handshake timed out", reason="KV_TRANSFER_PEER_UNREACHABLE"))
+            raise DeadlineExceeded(f"connecting to the KV sender at {address} took over "
+                                   f"{timeout:.1f} s", reason="KV_TRANSFER_CONNECT_TIMEOUT",
+                                   metadata={"address": address}) from None
+        except PdmeshError as err:
+            link.close(err)
+            raise Unavailable(f"cannot connect to the KV sender at {address}: {err.message}",
+                              reason="KV_TRANSFER_PEER_UNREACHABLE",
+                              metadata={"address": address}) from None
         return link
 
     async def close(self) -> None:
