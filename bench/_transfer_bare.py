@@ -27,7 +27,7 @@ def _progress_task():
     """pdmesh's hot polling (ucx.UcxTransport) while a size is measured, if enabled."""
     import ucxx
 
-    if os.environ.get("PDMESH_UCX_HOT_POLL", "1") == "0":
+    if os.environ.get("PDMESH_UCX_HOT_POLL", "0") != "1":
         return None
     worker = ucxx.core._get_ctx().worker
 

@@ -94,7 +94,7 @@ def explore(bench) -> list[tuple[str, float, float]]:
     for transport, variants in (
         ("tcp", [
             ("pdmesh defaults", {}, [], None),
-            ("hot polling off (epoll wake-ups only)", {"PDMESH_UCX_HOT_POLL": "0"}, [], None),
+            ("hot polling on (PDMESH_UCX_HOT_POLL=1)", {"PDMESH_UCX_HOT_POLL": "1"}, [], None),
             ("one chunk per request (no pack/send overlap)", {}, [], 32),
             ("1-layer chunks (2 MiB)", {}, [], 1),
             ("4 chunks in flight each way", {}, ["--depth", "4"], None),
@@ -107,7 +107,7 @@ def explore(bench) -> list[tuple[str, float, float]]:
         ]),
         ("shared memory", [
             ("pdmesh defaults", {}, [], None),
-            ("hot polling off (epoll wake-ups only)", {"PDMESH_UCX_HOT_POLL": "0"}, [], None),
+            ("hot polling on (PDMESH_UCX_HOT_POLL=1)", {"PDMESH_UCX_HOT_POLL": "1"}, [], None),
             ("4 chunks in flight each way", {}, ["--depth", "4"], None),
             ("UCX_RNDV_FRAG_SIZE=host:4M", {"UCX_RNDV_FRAG_SIZE": "host:4M"}, [], None),
         ]),

@@ -16,9 +16,11 @@ with ucxx's Cython layer (`ucxx._lib.libucxx`) and completes asyncio futures its
 - UCX's epoll fd is an asyncio reader. On an event: progress the worker, complete finished
   requests, deliver queued active messages, then re-arm (progress again while arm says busy).
   An idle rank sleeps in epoll and costs no CPU.
-- `hot_poll` (on by default; env PDMESH_UCX_HOT_POLL=0 turns it off): while any request is in
+- `hot_poll` (off by default; PDMESH_UCX_HOT_POLL=1 turns it on): while any request is in
   flight the engine progresses on every event-loop turn instead of waiting for wake-ups; with
-  nothing in flight it goes back to epoll. See README's transfer benchmark for what it buys.
+  nothing in flight it goes back to epoll. On 2 shared cores polling took the CPU that packing,
+  unpacking and the kernel's copies need (0.3 against 0.6-2.2 GB/s under load, README); a rank
+  with cores of its own may gain from it.
 - A 0.25 s timer progresses too, as a safety net (and drives UCX keepalive).
 
 `config.apply_ucx_defaults()` runs before ucxx is imported, so its settings are in force unless
@@ -78,7 +80,7 @@ class _Engine:
         self.Array, self.Tag, self.TagMaskFull = Array, Tag, TagMaskFull
         self.worker = api.UCXWorker(context)
         self.worker.init_blocking_progress_mode()
-        self.hot_poll = os.environ.get("PDMESH_UCX_HOT_POLL", "1") != "0"
+        self.hot_poll = os.environ.get("PDMESH_UCX_HOT_POLL", "0") == "1"
         self._pending: dict = {}  # UCXRequest -> (future, buffer kept alive, peer)
         self._am_links: set[UcxLink] = set()
         self._scheduled = False
