@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -20,6 +21,9 @@ from pdmesh.worker.pages import EngineThread, PageBroker
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+EARLY_ABORT_TTL_S = 120.0
+MAX_EARLY_ABORTS = 65536
 
 
 class RankState:
@@ -37,6 +41,9 @@ class RankState:
         self.epoch = config.epoch
         self.rooms: dict[int, asyncio.Task] = {}
         self._aborted: dict[int, str] = {}
+        # Aborts that arrived before their room did (the router aborts both sides at once; the
+        # request may still be on its way): the room fails at once when it comes. Bounded.
+        self._early_aborts: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self.paths: Counter = Counter()
         self.draining = False
 
@@ -47,6 +54,9 @@ class RankState:
             raise AlreadyExists(f"room {room} is already being served by {self.config.instance.role} "
                                 f"rank {self.dp_rank}; rooms must be unique per request",
                                 reason="ROOM_IN_USE", metadata={"bootstrap_room": room})
+        early = self._early_aborts.pop(room, None)
+        if early is not None and early[1] > time.monotonic():
+            raise self._aborted_error(room, early[0])
         self.rooms[room] = asyncio.current_task()
         try:
             yield
@@ -55,9 +65,7 @@ class RankState:
             if why is None:
                 raise
             asyncio.current_task().uncancel()
-            raise Aborted(f"room {room} was aborted on {self.config.instance.role} rank "
-                          f"{self.dp_rank}: {why}", reason="ROOM_ABORTED",
-                          metadata={"bootstrap_room": room, "dp_rank": self.dp_rank}) from None
+            raise self._aborted_error(room, why) from None
         finally:
             self.rooms.pop(room, None)
             self._aborted.pop(room, None)
@@ -66,9 +74,17 @@ class RankState:
         self.paths[path] += 1
         metrics.RANK_REQUESTS.labels(self.config.instance.role, metrics.path_name(path)).inc()
 
+    def _aborted_error(self, room: int, why: str) -> Aborted:
+        return Aborted(f"room {room} was aborted on {self.config.instance.role} rank "
+                       f"{self.dp_rank}: {why}", reason="ROOM_ABORTED",
+                       metadata={"bootstrap_room": room, "dp_rank": self.dp_rank})
+
     def abort(self, room: int, reason: str) -> bool:
         task = self.rooms.get(room)
         if task is None:
+            self._early_aborts[room] = (reason, time.monotonic() + EARLY_ABORT_TTL_S)
+            while len(self._early_aborts) > MAX_EARLY_ABORTS:
+                self._early_aborts.popitem(last=False)
             return False
         log.info("abort room=%d rank=%d: %s", room, self.dp_rank, reason)
         self._aborted[room] = reason
