@@ -18,6 +18,7 @@ class Row:
     nbytes: int
     pdmesh: float
     bare: float
+    link: float
     perftest: float | None
     nixl: float | None
 
@@ -31,16 +32,18 @@ def markdown(rows: list[Row], explore: list[tuple[str, float, float]] | None, pl
         "Pool to pool across two processes, one request at a time (request, status, chunks "
         "packed/unpacked on both sides, trailer checked), 32 layers x K,V, 8 KV heads, head "
         "dim 128, bf16, pages at scattered ids. GB/s = 1e9 B/s, medians. Baselines from the same "
-        "script and environment: bare ucxx (one contiguous reused buffer, back to back) and "
-        "`ucx_perftest -t tag_bw -e`; NIXL's figure (issue 3, same machine) for reference.",
+        "script and environment: bare ucxx (one contiguous reused buffer, back to back, ucxx's "
+        "async API), the same buffer through pdmesh's UCX link (its engine without pack, unpack "
+        "or protocol), and `ucx_perftest -t tag_bw -e`; NIXL's figure (issue 3, same machine) "
+        "for reference.",
         "",
-        "| transport | page tokens | MiB | pdmesh | bare ucxx | ucx_perftest | pdmesh / bare | "
-        "NIXL (issue) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| transport | page tokens | MiB | pdmesh | bare ucxx | pdmesh link, contiguous | "
+        "ucx_perftest | pdmesh / bare ucxx | NIXL (issue) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(f"| {r.transport} | {r.page_tokens} | {r.nbytes / MiB:g} | {r.pdmesh:.2f} | "
-                     f"{r.bare:.2f} | {_f(r.perftest)} | {r.pdmesh / r.bare:.2f} | "
+                     f"{r.bare:.2f} | {r.link:.2f} | {_f(r.perftest)} | {r.pdmesh / r.bare:.2f} | "
                      f"{_f(r.nixl)} |")
     if explore:
         lines += ["", "Settings explored (64 MiB requests, 16-token pages unless named; each row "
@@ -68,6 +71,8 @@ def _plot(rows: list[Row]) -> None:
             ax.plot(*zip(*pts), style, label=f"pdmesh, {tokens}-token pages")
         base = sorted({(r.nbytes / MiB, r.bare) for r in mine if r.page_tokens == 1})
         ax.plot(*zip(*base), "k--", label="bare ucxx (contiguous)")
+        link = sorted({(r.nbytes / MiB, r.link) for r in mine if r.page_tokens == 1})
+        ax.plot(*zip(*link), "--", color="gray", label="pdmesh link, contiguous")
         perf = sorted({(r.nbytes / MiB, r.perftest) for r in mine
                        if r.page_tokens == 1 and r.perftest})
         if perf:
@@ -88,42 +93,58 @@ def _plot(rows: list[Row]) -> None:
     plt.close(fig)
 
 
-def explore(bench) -> list[tuple[str, float, float]]:
-    """Settings that were tried, measured here at 64 MiB (see README for what was kept)."""
-    size, iters, out = 64 * MiB, {64 * MiB: 6}, []
-    for transport, variants in (
-        ("tcp", [
-            ("pdmesh defaults", {}, [], None),
-            ("hot polling on (PDMESH_UCX_HOT_POLL=1)", {"PDMESH_UCX_HOT_POLL": "1"}, [], None),
-            ("one chunk per request (no pack/send overlap)", {}, [], 32),
-            ("1-layer chunks (2 MiB)", {}, [], 1),
-            ("4 chunks in flight each way", {}, ["--depth", "4"], None),
-            ("UCX_RNDV_SCHEME=get_zcopy", {"UCX_RNDV_SCHEME": "get_zcopy"}, [], None),
-            ("UCX_RNDV_SCHEME=put_zcopy", {"UCX_RNDV_SCHEME": "put_zcopy"}, [], None),
-            ("UCX_TCP_SNDBUF/RCVBUF=8M", {"UCX_TCP_SNDBUF": "8M", "UCX_TCP_RCVBUF": "8M"}, [],
-             None),
-            ("UCX_TCP_TX_SEG_SIZE/RX_SEG_SIZE=512K", {"UCX_TCP_TX_SEG_SIZE": "512K",
-                                                      "UCX_TCP_RX_SEG_SIZE": "512K"}, [], None),
-        ]),
-        ("shared memory", [
-            ("pdmesh defaults", {}, [], None),
-            ("hot polling on (PDMESH_UCX_HOT_POLL=1)", {"PDMESH_UCX_HOT_POLL": "1"}, [], None),
-            ("4 chunks in flight each way", {}, ["--depth", "4"], None),
-            ("UCX_RNDV_FRAG_SIZE=host:4M", {"UCX_RNDV_FRAG_SIZE": "host:4M"}, [], None),
-        ]),
-    ):
-        bare = bench.bare_goodput(bench._env(transport), [size], 8)[size]
-        for mode, depth in (("tag", 4), ("am", 1)):
-            other = bench.bare_goodput(bench._env(transport), [size], 8, mode=mode, depth=depth)
-            out.append((f"{transport}: bare ucxx, {mode}, {depth} in flight", other[size],
-                        other[size] / bare))
-        for name, env, flags, layers in variants:
-            print(f"   explore {transport}: {name}", file=sys.stderr, flush=True)
-            try:
-                got = bench.pdmesh_goodput(bench._env(transport, env), [size], iters, flags,
-                                           layers, page_tokens=(16,))[(16, size)]
-            except RuntimeError as err:  # a setting UCX refuses: say so, keep going
-                print(f"   ({name}: {err})", file=sys.stderr)
-                continue
-            out.append((f"{transport}: {name}", got, got / bare))
+def explore(bench, rounds: int = 2) -> list[tuple[str, float, float]]:
+    """Settings that were tried, measured here at 64 MiB (see README for what was kept). Each
+    round measures the bare baseline and every variant once; medians over the rounds."""
+    import statistics
+
+    size, iters = 64 * MiB, {64 * MiB: 5}
+    samples: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for transport, variants in VARIANTS:
+            env = bench._env(transport)
+            bare = bench.bare_goodput(env, [size], 8)[size]
+            samples.setdefault(f"{transport}: bare ucxx, tag, 1 in flight", []).append(bare)
+            for mode, depth in (("tag", 4), ("am", 1)):
+                other = bench.bare_goodput(env, [size], 8, mode=mode, depth=depth)[size]
+                samples.setdefault(f"{transport}: bare ucxx, {mode}, {depth} in flight",
+                                   []).append(other)
+            for name, extra, flags, layers in variants:
+                print(f"   explore {transport}: {name}", file=sys.stderr, flush=True)
+                try:
+                    got = bench.pdmesh_goodput(bench._env(transport, extra), [size], iters, flags,
+                                               layers, page_tokens=(16,))[(16, size)]
+                except RuntimeError as err:  # a setting UCX refuses: say so, keep going
+                    print(f"   ({name}: {err})", file=sys.stderr)
+                    continue
+                samples.setdefault(f"{transport}: {name}", []).append(got)
+    out = []
+    for name, values in samples.items():
+        transport = name.partition(":")[0]
+        bare = statistics.median(samples[f"{transport}: bare ucxx, tag, 1 in flight"])
+        out.append((name, statistics.median(values), statistics.median(values) / bare))
     return out
+
+
+VARIANTS = [
+    ("tcp", [
+        ("pdmesh defaults", {}, [], None),
+        ("hot polling on (PDMESH_UCX_HOT_POLL=1)", {"PDMESH_UCX_HOT_POLL": "1"}, [], None),
+        ("UCX protocol v2 (UCX_PROTO_ENABLE=y)", {"UCX_PROTO_ENABLE": "y"}, [], None),
+        ("one chunk per request (no pack/send overlap)", {}, [], 32),
+        ("1-layer chunks (2 MiB)", {}, [], 1),
+        ("4 chunks in flight each way", {}, ["--depth", "4"], None),
+        ("UCX_RNDV_SCHEME=get_zcopy", {"UCX_RNDV_SCHEME": "get_zcopy"}, [], None),
+        ("UCX_RNDV_SCHEME=put_zcopy", {"UCX_RNDV_SCHEME": "put_zcopy"}, [], None),
+        ("UCX_TCP_SNDBUF/RCVBUF=8M", {"UCX_TCP_SNDBUF": "8M", "UCX_TCP_RCVBUF": "8M"}, [], None),
+        ("UCX_TCP_TX_SEG_SIZE/RX_SEG_SIZE=512K", {"UCX_TCP_TX_SEG_SIZE": "512K",
+                                                  "UCX_TCP_RX_SEG_SIZE": "512K"}, [], None),
+    ]),
+    ("shared memory", [
+        ("pdmesh defaults", {}, [], None),
+        ("hot polling on (PDMESH_UCX_HOT_POLL=1)", {"PDMESH_UCX_HOT_POLL": "1"}, [], None),
+        ("UCX protocol v2 (UCX_PROTO_ENABLE=y)", {"UCX_PROTO_ENABLE": "y"}, [], None),
+        ("4 chunks in flight each way", {}, ["--depth", "4"], None),
+        ("UCX_RNDV_FRAG_SIZE=host:4M", {"UCX_RNDV_FRAG_SIZE": "host:4M"}, [], None),
+    ]),
+]

@@ -81,8 +81,9 @@ def run(args) -> str:
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
-        "pdmesh's torch path moves whole page rows (`index_select`/`index_copy_` along dim 0 of "
-        "the pool seen as [layers*2*pages, piece] rows of 64-bit words) instead of indexing the "
-        "6-d tensor. Small pieces (1-token pages: 2 KiB) cost per-row overhead; on CUDA the "
-        "Triton kernels take over (see the GPU section).",
+        "pdmesh's torch path moves whole pages as rows of 64-bit words (`index_select` / "
+        "`index_copy_` along the page axis of the pool seen as [layers*2, pages, words]); the "
+        "word view is what makes its unpack faster than torch's bf16 `index_copy_`. Small pieces "
+        "(1-token pages: 2 KiB) cost per-row overhead; on CUDA the Triton kernels take over "
+        "(see the GPU section).",
     ])

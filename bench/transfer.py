@@ -6,7 +6,9 @@ For each transport (tcp; shared memory), in one script and one environment:
   16-token and with 1-token pages, fetched one request at a time: request, status, chunks packed
   and unpacked on both sides, trailer checked. Goodput = request bytes / fetch time (median).
 - bare ucxx: one contiguous buffer of the same size, reused, sent back to back
-  (`bench/_transfer_bare.py`, the same process settings): what the wire gives Python.
+  (`bench/_transfer_bare.py`, the same process settings) with ucxx's async API: what the wire
+  gives Python; and the same through pdmesh's own UCX link (its progress engine, no pack,
+  unpack or protocol), which separates the engine from what the data plane adds.
 - `ucx_perftest -t tag_bw -e` (UCX's own C tool from the libucx wheel, error handling on as ucxx
   endpoints have it), same UCX environment.
 GB/s are 1e9 bytes per second. The ratio pdmesh / bare ucxx is what pdmesh itself costs.
@@ -174,23 +176,30 @@ def perftest_goodput(env: dict, size: int, iters: int) -> float | None:
     return None
 
 
+def _median(samples: list[dict], key) -> float:
+    return statistics.median(sample[key] for sample in samples)
+
+
 def run(args) -> str:
     from bench import _transfer_report as report
 
     sizes = [16 * MiB] if args.quick else [1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
     iters = {s: (3 if args.quick else max(4, min(20, (320 * MiB) // s))) for s in sizes}
+    rounds = 1 if args.quick else 3  # rounds alternate pdmesh and its baselines: noise hits all
     rows = []
     for transport in TRANSPORTS:
-        env = _env(transport)
-        print(f"   {transport}: pdmesh", file=sys.stderr, flush=True)
-        ours = pdmesh_goodput(env, sizes, iters)
-        print(f"   {transport}: bare ucxx, ucx_perftest", file=sys.stderr, flush=True)
-        bare = bare_goodput(env, sizes, max(iters.values()))
+        env, ours, bare, link = _env(transport), [], [], []
+        for i in range(rounds):
+            print(f"   {transport}: round {i + 1}/{rounds}", file=sys.stderr, flush=True)
+            ours.append(pdmesh_goodput(env, sizes, iters))
+            bare.append(bare_goodput(env, sizes, max(iters.values())))
+            link.append(bare_goodput(env, sizes, max(iters.values()), mode="engine"))
         perf = {s: perftest_goodput(env, s, iters[s] * 2) for s in sizes}
         for tokens in LAYOUTS:
             for size in sizes:
-                rows.append(report.Row(transport, tokens, _pages(tokens, size) * PAGE_BYTES[tokens],
-                                       ours[(tokens, size)], bare[size], perf[size],
-                                       NIXL.get((transport, tokens)) if size == 64 * MiB else None))
+                rows.append(report.Row(
+                    transport, tokens, _pages(tokens, size) * PAGE_BYTES[tokens],
+                    _median(ours, (tokens, size)), _median(bare, size), _median(link, size),
+                    perf[size], NIXL.get((transport, tokens)) if size == 64 * MiB else None))
     explore = None if args.quick else report.explore(sys.modules[__name__])
     return report.markdown(rows, explore, plot=not args.quick)

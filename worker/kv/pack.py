@@ -44,13 +44,7 @@ def pack(kv: torch.Tensor, page_ids: PageIds, layers: tuple[int, int] | None = N
         out = torch.empty(shape, dtype=kv.dtype, device=kv.device)
     else:
         out = _check_buffer(out, kv, shape, "out")
-    if out.numel() == 0:
-        return out
-    if kv.is_cuda and _triton() is not None:
-        _triton().pack_triton(kv, ids, a, b, out)
-        return out
-    pool_rows, out_rows = _rows(kv, a, b, out)
-    torch.index_select(pool_rows, 1, ids, out=out_rows)
+    pack_checked(kv, ids, a, b, out)
     return out
 
 
@@ -61,7 +55,24 @@ def unpack(staging: torch.Tensor, kv: torch.Tensor, page_ids: PageIds,
     a, b = _check_pool(kv, layers)
     ids = check_page_ids(kv, page_ids, unique=True)
     shape = (b - a, 2, ids.numel()) + tuple(kv.shape[3:])
-    staging = _check_buffer(staging, kv, shape, "staging")
+    unpack_checked(_check_buffer(staging, kv, shape, "staging"), kv, ids, a, b)
+
+
+def pack_checked(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
+    """`pack` without its validation, for a caller that validated once for many calls (the KV
+    sender, per chunk): `ids` from `check_page_ids`, `out` contiguous [b - a, 2, n, S, H, D]."""
+    if out.numel() == 0:
+        return
+    if kv.is_cuda and _triton() is not None:
+        _triton().pack_triton(kv, ids, a, b, out)
+        return
+    pool_rows, out_rows = _rows(kv, a, b, out)
+    torch.index_select(pool_rows, 1, ids, out=out_rows)
+
+
+def unpack_checked(staging: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int, b: int
+                   ) -> None:
+    """`unpack` without its validation (ids distinct and in range, staging of the right size)."""
     if staging.numel() == 0:
         return
     if kv.is_cuda and _triton() is not None:

@@ -37,7 +37,7 @@ import torch
 
 from pdmesh.errors import AlreadyExists, Cancelled, DataLoss, InvalidArgument, PdmeshError
 from pdmesh.transfer.v1 import transfer_pb2 as pb
-from pdmesh.worker.kv.pack import check_page_ids, unpack
+from pdmesh.worker.kv.pack import check_page_ids, unpack_checked
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import wire
 from pdmesh.worker.transfer.config import TransferConfig
@@ -104,7 +104,7 @@ class KvReceiver:
                     layers_per_chunk: int | None = None) -> int:
         """Receive room `room`'s KV from the sender at `address` into `page_ids` of `pool`;
         return the first output token. Raises the typed failure (see the module docstring)."""
-        ids = check_page_ids(pool.kv, page_ids, unique=True).cpu()
+        ids = check_page_ids(pool.kv, page_ids, unique=True)  # on the pool's device, checked once
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
                                   reason="INVALID_TRANSFER_TOKEN")
@@ -298,7 +298,8 @@ def _verify(trailer: pb.TransferTrailer, plan: wire.ChunkPlan, acc: int, total: 
 def _unpack_chunk(buf: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int, b: int) -> int:
     """Worker thread: checksum `buf`, then unpack it into layers [a, b) of the pages."""
     value = wire.checksum(buf)
-    unpack(buf.view(kv.dtype), kv, ids.to(kv.device), (a, b))
+    staging = buf.view(kv.dtype).view((b - a, 2, ids.numel()) + tuple(kv.shape[3:]))
+    unpack_checked(staging, kv, ids, a, b)
     if kv.is_cuda:
         torch.cuda.current_stream(kv.device).synchronize()
     return value

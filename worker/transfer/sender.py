@@ -34,7 +34,7 @@ from pdmesh.errors import (Aborted, AlreadyExists, Cancelled, EpochMismatch, Fai
 from pdmesh.rules import MAX_ROOM
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
-from pdmesh.worker.kv.pack import pack
+from pdmesh.worker.kv.pack import check_page_ids, pack_checked
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import wire
 from pdmesh.worker.transfer.config import TransferConfig
@@ -110,6 +110,7 @@ class KvSender:
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
                                   reason="INVALID_TRANSFER_TOKEN")
+        check_page_ids(pool.kv, page_ids, unique=False)  # out of range: INVALID_ARGUMENT now
         offer = Offer(room, pool, page_ids, first_token, token, timeout, self.config)
         self._offers[room] = offer
         offer.status.on_fail(lambda err, o=offer: self._offer_failed(o))
@@ -317,7 +318,7 @@ class KvSender:
                       aborted: asyncio.Future) -> None:
         plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), request.layers_per_chunk)
         staging = self._staging_for(offer.pool)
-        ids = torch.tensor(offer.page_ids, dtype=torch.int64)
+        ids = check_page_ids(offer.pool.kv, offer.page_ids, unique=False)  # once, not per chunk
         status, tid = offer.status, request.transfer_id
         inflight: deque[tuple[asyncio.Future, torch.Tensor | None]] = deque()
         sent, acc, total = 0, wire.FOLD_START, 0
@@ -410,7 +411,8 @@ def _task_done(task: asyncio.Task) -> None:
 
 def _pack_chunk(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor) -> int:
     """Worker thread: pack layers [a, b) into `buf`; return its checksum."""
-    pack(kv, ids, (a, b), out=buf.view(kv.dtype))
+    n = ids.numel()
+    pack_checked(kv, ids, a, b, buf.view(kv.dtype).view((b - a, 2, n) + tuple(kv.shape[3:])))
     if kv.is_cuda:
         torch.cuda.current_stream(kv.device).synchronize()
     return wire.checksum(buf)
