@@ -96,7 +96,8 @@ class Proc:
 @pytest.fixture(scope="module", params=sorted(TRANSPORTS))
 def pair(request):
     env = dict(os.environ, **TRANSPORTS[request.param])
-    sender, receiver = Proc("sender", env), Proc("receiver", env)
+    loop = ("--loop", "uvloop") if request.param == "sm" else ()  # ranks may run on either loop
+    sender, receiver = Proc("sender", env, *loop), Proc("receiver", env, *loop)
     yield request.param, env, sender, receiver
     sender.stop()
     receiver.stop()
