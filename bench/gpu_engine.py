@@ -93,7 +93,7 @@ async def _sender(sizes: list[int], iters: int) -> None:
     for si, tokens in enumerate(sizes):
         pool, ids = _pool(tokens, seed=1)
         for i in range(WARMUP + iters):
-            room = si * 1000 + i
+            room = si * 1000 + i + 1  # rooms are 1 .. 2^63-1
             await sender.offer(room, pool, ids, room, token=_token(room), timeout=120)
         del pool
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # parent: done
@@ -110,7 +110,7 @@ async def _receiver(address: str, sizes: list[int], iters: int, layers_per_chunk
         pool, ids = _pool(tokens, seed=2)
         times = []
         for i in range(WARMUP + iters):
-            room = si * 1000 + i
+            room = si * 1000 + i + 1  # rooms are 1 .. 2^63-1
             start = time.perf_counter()
             first = await receiver.fetch(address, room, epoch=1, pool=pool, page_ids=ids,
                                          token=_token(room), timeout=120,
