@@ -2,7 +2,14 @@
 
 Each instance gets one reused channel, an admission gate, and a status poller that learns its id,
 dp_size, load-balance method and bootstrap address and marks it healthy or not. `choose` picks a
-healthy instance of a role by round robin or by least outstanding requests.
+healthy instance of a role by round robin (one turn per role) or by least outstanding requests.
+
+Liveness: an instance that cannot be reached (the connection is refused or lost: UNAVAILABLE) is
+unhealthy at the next poll; one that answers its status too slowly (a busy 2-core box under load)
+stays as it was until `MAX_SLOW_POLLS` polls in a row were slow. Channels reconnect within a
+second (`RECONNECT_OPTIONS`), so an instance replaced on the same address is healthy again at the
+first poll after it serves. A draining instance is skipped (`mark_draining` does it at once when a
+worker refuses a request with INSTANCE_DRAINING, before the next poll would).
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 PREFILL, DECODE = router_pb2.INSTANCE_ROLE_PREFILL, router_pb2.INSTANCE_ROLE_DECODE
+#: Slow status answers in a row (DEADLINE_EXCEEDED) before an instance counts as unhealthy.
+MAX_SLOW_POLLS = 3
+#: Reconnect quickly after an instance restarts (grpc's default backoff grows to 120 s).
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000))
 ROLE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
 
 
@@ -47,6 +59,7 @@ class InstanceEntry:
     outstanding: int = 0
     rank_loads: list[int] = field(default_factory=list)
     poller: asyncio.Task | None = None
+    slow_polls: int = 0
 
     def to_proto(self) -> router_pb2.Instance:
         return router_pb2.Instance(role=self.role, address=self.address,
@@ -73,7 +86,7 @@ class InstanceTable:
         self._credentials = credentials
         self._tls = tls
         self._entries: dict[str, InstanceEntry] = {}
-        self._counter = itertools.count()
+        self._counters = {PREFILL: itertools.count(), DECODE: itertools.count()}
 
     async def add(self, role: int, address: str, bootstrap_address: str = "") -> InstanceEntry:
         if role not in ROLE_NAMES:
@@ -86,7 +99,8 @@ class InstanceTable:
             if entry.role != role:
                 raise InvalidArgument(f"{address} is already a {ROLE_NAMES[entry.role]} instance")
             return entry
-        channel = grpcutil.open_channel(address, credentials=self._credentials, tls=self._tls)
+        channel = grpcutil.open_channel(address, credentials=self._credentials, tls=self._tls,
+                                        options=RECONNECT_OPTIONS)
         entry = InstanceEntry(role, address, channel,
                               Admission(f"{ROLE_NAMES[role]} {address}", *self._limits),
                               bootstrap_address=bootstrap_address)
@@ -117,10 +131,14 @@ class InstanceTable:
         try:
             status = await stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=2.0)
         except grpc.aio.AioRpcError as err:
+            entry.slow_polls += err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and entry.slow_polls < MAX_SLOW_POLLS:
+                return  # busy, not gone: keep its state
             if entry.healthy:
                 log.warning("instance %s unhealthy: %s", entry.address, PdmeshError.from_rpc_error(err))
             entry.healthy = False
             return
+        entry.slow_polls = 0
         entry.reported_role = status.role
         entry.instance_id = status.instance_id
         entry.dp_size = status.dp_size or len(status.ranks) or 1
@@ -143,7 +161,13 @@ class InstanceTable:
                               reason="NO_HEALTHY_INSTANCE", metadata={"role": ROLE_NAMES[role]})
         if self.policy == "least_outstanding":
             return min(candidates, key=lambda e: (e.outstanding, e.admission.queued))
-        return candidates[next(self._counter) % len(candidates)]
+        return candidates[next(self._counters[role]) % len(candidates)]
+
+    def mark_draining(self, entry: InstanceEntry) -> None:
+        """The instance refused a request because it drains: route around it from now on."""
+        if entry.healthy:
+            log.info("instance %s is draining; routing around it", entry.address)
+        entry.draining, entry.healthy = True, False
 
     async def close(self) -> None:
         for address in list(self._entries):

@@ -5,7 +5,9 @@ decode at the same time. When it pins a prefill rank r (the client's `routed_dp_
 least-loaded choice with `pin_ranks`), it sends r to the prefill as `routed_dp_rank` and to both
 sides as `disagg_prefill_dp_rank`, so the decode needs no lookup and no conflict can arise.
 A failure on one side cancels and aborts the other side; the first cause (the prefill's status
-when the prefill failed) reaches the client unchanged, code and ErrorInfo.
+when the prefill failed) reaches the client unchanged, code and ErrorInfo. A sample that a worker
+refuses because it drains (INSTANCE_DRAINING: nothing of it ran) is sent to another instance with
+a fresh room, and the draining one is skipped from then on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_SAMPLES = 16
+#: Tries of one sample: a worker that refuses it because it drains is routed around (fresh room).
+MAX_ATTEMPTS = 3
 _DONE = object()
 
 
@@ -108,6 +112,40 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def _sample(self, index, request, prefill: InstanceEntry, decode: InstanceEntry,
                       pinned: int | None, deadline: float, started: float, queue: asyncio.Queue) -> None:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                await self._attempt(index, request, prefill, decode, pinned, deadline, started, queue)
+            except PdmeshError as err:
+                moved = self._route_around(err, prefill, decode, pinned) if attempt < MAX_ATTEMPTS else None
+                if moved is not None:
+                    prefill, decode = moved
+                    continue
+                metrics.ROUTER_SAMPLES.labels(logs.current().get("path", "none"), err.code.name).inc()
+                logs.event(log, logging.INFO, "sample failed", code=err.code.name, reason=err.reason)
+                await queue.put(err)
+                return
+            await queue.put(_DONE)
+            return
+
+    def _route_around(self, err: PdmeshError, prefill: InstanceEntry, decode: InstanceEntry,
+                      pinned: int | None) -> tuple[InstanceEntry, InstanceEntry] | None:
+        """A new pair when a worker refused the sample because it drains (nothing of it ran), else
+        None. The refusing instance is skipped from now on, without waiting for its next poll."""
+        if err.reason != "INSTANCE_DRAINING":
+            return None
+        gone = decode if decode.instance_id and err.metadata.get("instance_id") == decode.instance_id else prefill
+        self.table.mark_draining(gone)
+        try:
+            other = self.table.choose(gone.role)
+        except PdmeshError:
+            return None
+        if gone is prefill and pinned is not None and pinned >= other.dp_size:
+            return None
+        log.info("%s drains; sample goes to %s instead", gone.address, other.address)
+        return (other, decode) if gone is prefill else (prefill, other)
+
+    async def _attempt(self, index, request, prefill: InstanceEntry, decode: InstanceEntry,
+                       pinned: int | None, deadline: float, started: float, queue: asyncio.Queue) -> None:
         room = draw_room(prefill.dp_size, pinned if self.config.align_rooms else None)
         token, request_id = draw_token(), uuid.uuid4().hex
         logs.bind(room=room, prefill_instance=prefill.instance_id, decode_instance=decode.instance_id,
@@ -123,22 +161,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             prefill_request.routed_dp_rank = pinned
             prefill_request.disagg_prefill_dp_rank = pinned
             decode_request.disagg_prefill_dp_rank = pinned
-        try:
-            async with prefill.admission.slot(), decode.admission.slot():
-                prefill.outstanding += 1
-                decode.outstanding += 1
-                try:
-                    await self._run_pair(index, room, prefill, decode, prefill_request, decode_request,
-                                         deadline, started, queue)
-                finally:
-                    prefill.outstanding -= 1
-                    decode.outstanding -= 1
-        except PdmeshError as err:
-            metrics.ROUTER_SAMPLES.labels(logs.current().get("path", "none"), err.code.name).inc()
-            logs.event(log, logging.INFO, "sample failed", code=err.code.name, reason=err.reason)
-            await queue.put(err)
-        else:
-            await queue.put(_DONE)
+        async with prefill.admission.slot(), decode.admission.slot():
+            prefill.outstanding += 1
+            decode.outstanding += 1
+            try:
+                await self._run_pair(index, room, prefill, decode, prefill_request, decode_request,
+                                     deadline, started, queue)
+            finally:
+                prefill.outstanding -= 1
+                decode.outstanding -= 1
 
     async def _run_pair(self, index, room, prefill, decode, prefill_request, decode_request,
                         deadline, started, queue) -> None:

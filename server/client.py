@@ -45,6 +45,11 @@ class BootstrapClient:
         self._stub = bootstrap_pb2_grpc.BootstrapServiceStub(self._channel)
         self._watcher = RoomWatcher(self._stub, address, connect_timeout_s=connect_timeout_s)
 
+    @property
+    def channel(self):
+        """The one channel to the service (its connectivity tells when the connection was made anew)."""
+        return self._channel
+
     async def __aenter__(self) -> "BootstrapClient":
         return self
 

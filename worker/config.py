@@ -54,6 +54,9 @@ class InstanceConfig:
     devices: tuple[str, ...] = ()
     #: Decode, for tests: save each room's received prompt KV as <dir>/<room>.pt (PDMESH_DEBUG_KV_DIR).
     debug_kv_dir: str | None = None
+    #: Prefill: the host its ranks' UCX listeners publish (decodes connect there for KV); the
+    #: listeners bind every interface. Across hosts, an address the decodes can reach.
+    transfer_host: str = "127.0.0.1"
     #: TLS of every server and client of the instance: the controller, its embedded bootstrap
     #: service, its rank processes' servers and every channel they open (None = plaintext).
     tls: TlsConfig | None = None

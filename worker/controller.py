@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 300.0
 #: How long a request waits for a restarting rank before UNAVAILABLE.
 RANK_READY_WAIT_S = 3.0
+#: A draining instance stops only after it has been idle this long (see `Controller.drain`).
+DRAIN_LINGER_S = 1.0
 
 
 class Controller:
@@ -78,52 +80,68 @@ class Controller:
     def pick(self, room: int, routed_dp_rank: int | None) -> int:
         if self.draining:
             raise Unavailable(f"instance {self.config.instance_id} is draining; send to another instance",
-                              reason="INSTANCE_DRAINING")
+                              reason="INSTANCE_DRAINING", metadata={"instance_id": self.config.instance_id})
         validate_room(room)
-        return self.dispatcher.pick(room, routed_dp_rank, self.active)
+        return self.dispatcher.pick(room, routed_dp_rank, self.active, [r.alive for r in self.ranks])
 
     async def ready_channel(self, dp_rank: int) -> grpc.aio.Channel:
+        """The channel of a running rank, connected: a call on a channel that is still connecting
+        (or backing off after a failed attempt) would fail at once instead of waiting for it."""
         rank = self.ranks[dp_rank]
         await rank.wait_ready(RANK_READY_WAIT_S)
-        assert rank.channel is not None
-        return rank.channel
+        channel = rank.channel
+        assert channel is not None
+        if channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), RANK_READY_WAIT_S)
+            except asyncio.TimeoutError:
+                raise Unavailable(f"{self.config.role} rank {dp_rank} of {self.config.instance_id} accepts no "
+                                  f"connection within {RANK_READY_WAIT_S:.0f}s; retry shortly",
+                                  reason="RANK_UNAVAILABLE", metadata={"dp_rank": dp_rank}) from None
+        return channel
 
     @staticmethod
     def deadline(context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         return DEFAULT_DEADLINE_S if remaining is None else max(remaining, 0.001)
 
-    def rank_died(self, dp_rank: int, err: PdmeshError) -> PdmeshError:
-        """Name the rank in an UNAVAILABLE that came from its process going away."""
-        if err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE":
+    def rank_died(self, dp_rank: int, rpc_error: grpc.aio.AioRpcError) -> PdmeshError:
+        """The typed error of a forwarded call; an UNAVAILABLE that the rank did not send itself (no
+        status details: the connection to its process broke) names the rank as gone."""
+        err = PdmeshError.from_rpc_error(rpc_error)
+        sent_by_rank = any(key == "grpc-status-details-bin" for key, _ in rpc_error.trailing_metadata() or ())
+        if err.code == grpc.StatusCode.UNAVAILABLE and not sent_by_rank:
             return Unavailable(f"{self.config.role} rank {dp_rank} of {self.config.instance_id} "
                                f"went away mid-request ({err.message}); it is being restarted",
                                reason="RANK_DIED", metadata={"dp_rank": dp_rank})
         return err
 
     async def unary(self, dp_rank: int, call_factory, request, context):
-        """Forward a unary call to `dp_rank`, counting it as active there."""
-        channel = await self.ready_channel(dp_rank)
+        """Forward a unary call to `dp_rank`, counting it as active there (from the step that picked
+        it: a drain must not see the instance idle while a picked request waits for its rank)."""
         self._enter(dp_rank)
         try:
+            channel = await self.ready_channel(dp_rank)
             return await call_factory(channel)(request, timeout=self.deadline(context))
         except grpc.aio.AioRpcError as err:
-            raise self.rank_died(dp_rank, PdmeshError.from_rpc_error(err)) from None
+            raise self.rank_died(dp_rank, err) from None
         finally:
             self._leave(dp_rank)
 
     async def stream(self, dp_rank: int, call_factory, request, context) -> AsyncIterator:
         """Forward a server-streaming call to `dp_rank`; cancelling the caller cancels the rank's call."""
-        channel = await self.ready_channel(dp_rank)
         self._enter(dp_rank)
-        call = call_factory(channel)(request, timeout=self.deadline(context))
+        call = None
         try:
+            channel = await self.ready_channel(dp_rank)
+            call = call_factory(channel)(request, timeout=self.deadline(context))
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
-            raise self.rank_died(dp_rank, PdmeshError.from_rpc_error(err)) from None
+            raise self.rank_died(dp_rank, err) from None
         finally:
-            call.cancel()
+            if call is not None:
+                call.cancel()
             self._leave(dp_rank)
 
     def _enter(self, dp_rank: int) -> None:
@@ -150,7 +168,8 @@ class Controller:
 
     async def status(self) -> worker_pb2.GetInstanceStatusResponse:
         async def one(rank: RankSupervisor) -> worker_pb2.RankStatus:
-            fallback = worker_pb2.RankStatus(dp_rank=rank.dp_rank, alive=False, restarts=rank.restarts,
+            # A rank too busy to answer within the timeout is still alive: its process is up.
+            fallback = worker_pb2.RankStatus(dp_rank=rank.dp_rank, alive=rank.alive, restarts=rank.restarts,
                                              active_requests=self.active[rank.dp_rank])
             if not rank.alive or rank.channel is None:
                 return fallback
@@ -168,9 +187,15 @@ class Controller:
             instance_id=self.config.instance_id, epoch=self.epoch, ranks=ranks, draining=self.draining)
 
     async def drain(self) -> None:
-        """Stop taking requests and wait until none is active."""
+        """Stop taking requests and wait until none has been active for `DRAIN_LINGER_S`: a prefill's
+        answer returns once its last KV bytes are handed to UCX, and its decode may still be taking
+        them in; closing the links at once would cut that transfer."""
         self.draining = True
-        await self._idle.wait()
+        while True:
+            await self._idle.wait()
+            await asyncio.sleep(DRAIN_LINGER_S)
+            if self._idle.is_set():
+                return
 
     @property
     def is_decode(self) -> bool:

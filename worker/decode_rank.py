@@ -139,15 +139,25 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                        reason="RANK_ENDPOINT_NOT_FOUND", metadata={"dp_rank": prefill_rank})
 
     async def _fetch(self, request, info, prefill_rank, room, pages, token, deadline):
-        """Fetch the KV; on an epoch mismatch (the prefill restarted) refresh its info once."""
+        """Fetch the KV. On an epoch mismatch or an unreachable rank, refresh the prefill's info: if
+        it changed (a rank restarted, or a new process replaced the instance on the same address),
+        retry once at the new endpoint; if not, the failure is real and is raised at once."""
         for attempt in (0, 1):
             try:
                 first = await self.state.transfer.fetch_room(
                     peer=self._endpoint(info, prefill_rank), room=room, epoch=info.epoch,
                     page_ids=pages, token=token, deadline=deadline)
                 return first, info
-            except (EpochMismatch, Unavailable):  # the prefill restarted or was replaced
+            except (EpochMismatch, Unavailable) as err:  # stale info, or the rank is gone
                 if attempt:
                     raise
-                info = await self.infos.get(request.prefill_bootstrap_address,
-                                            request.prefill_instance_id, refresh=True)
+                try:
+                    fresh = await self.infos.get(request.prefill_bootstrap_address,
+                                                 request.prefill_instance_id, refresh=True)
+                except PdmeshError:
+                    raise err from None
+                if fresh.epoch == info.epoch:
+                    raise
+                log.info("prefill %s moved to epoch %d; fetching room %d again", fresh.instance_id,
+                         fresh.epoch, room)
+                info = fresh

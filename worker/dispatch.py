@@ -3,6 +3,11 @@
 A pinned rank (`routed_dp_rank`) wins; otherwise the instance's load-balance method decides:
 round_robin, shortest_queue (fewest active requests; ties go round robin), or
 follow_bootstrap_room (`room % dp_size`, which a decode can infer without a lookup).
+
+Where the method leaves a choice (round_robin, shortest_queue), a rank that is restarting (`alive`
+false) is passed over while another one is up, so requests don't wait for it; a pinned or
+room-implied rank is taken even then (its number carries meaning; the controller waits briefly for
+it, then answers UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ class Dispatcher:
         self.method = method
         self._next = 0
 
-    def pick(self, room: int, routed_dp_rank: int | None, loads: Sequence[int]) -> int:
-        """The rank for `room`; `loads[r]` is rank r's number of active requests."""
+    def pick(self, room: int, routed_dp_rank: int | None, loads: Sequence[int],
+             alive: Sequence[bool] | None = None) -> int:
+        """The rank for `room`; `loads[r]` is rank r's number of active requests, `alive[r]` whether
+        its process is up (default: all are)."""
         if routed_dp_rank is not None:
             if not 0 <= routed_dp_rank < self.dp_size:
                 raise InvalidArgument(
@@ -38,7 +45,9 @@ class Dispatcher:
             return room % self.dp_size
         start = self._next
         self._next = (self._next + 1) % self.dp_size
-        if self.method == ROUND_ROBIN:
-            return start
         order = [(start + i) % self.dp_size for i in range(self.dp_size)]
+        if alive is not None and any(alive):
+            order = [r for r in order if alive[r]]
+        if self.method == ROUND_ROBIN:
+            return order[0]
         return min(order, key=lambda r: loads[r])

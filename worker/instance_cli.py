@@ -44,6 +44,9 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                             "[PDMESH_FORCE_QUERY_PREFILL_DP_RANK=1]")
         p.add_argument("--transfer-wait-s", type=float, default=float(env("TRANSFER_WAIT_S", "30")),
                        help="how long a computed room waits for the decode's transfer request")
+        p.add_argument("--transfer-host", default=env("TRANSFER_HOST"),
+                       help="address the ranks' UCX listeners publish for decodes to fetch KV from "
+                            "(default: --host, or 127.0.0.1 when --host is a wildcard) [PDMESH_TRANSFER_HOST]")
     add_engine_arguments(p)
     tls.add_arguments(p)
     metrics.add_arguments(p)
@@ -53,12 +56,19 @@ def _int(text: str | None) -> int | None:
     return None if text in (None, "") else int(text)
 
 
+def _transfer_host(args: argparse.Namespace) -> str:
+    """What the UCX listeners publish: the flag, else the bound host unless it is a wildcard."""
+    if args.transfer_host:
+        return args.transfer_host
+    return "127.0.0.1" if args.host in ("", "0.0.0.0", "::", "[::]") else args.host
+
+
 def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
     extra = {}
     if role == PREFILL:
         extra = dict(bootstrap_port=args.bootstrap_port, bootstrap_address=args.bootstrap_addr,
                      force_query_prefill_dp_rank=args.force_query_prefill_dp_rank,
-                     transfer_wait_s=args.transfer_wait_s)
+                     transfer_wait_s=args.transfer_wait_s, transfer_host=_transfer_host(args))
     devices = tuple(d for d in args.devices.split(",") if d)
     return InstanceConfig(
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",

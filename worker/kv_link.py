@@ -7,11 +7,12 @@ it once). A prefill rank's transfer address is its UCX listener; a decode rank n
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
 from pdmesh import metrics
-from pdmesh.errors import DeadlineExceeded
+from pdmesh.errors import Cancelled, DeadlineExceeded
 from pdmesh.worker.config import PREFILL, RankConfig
 from pdmesh.worker.pages import PageBroker
 from pdmesh.worker.transfer.config import TransferConfig, apply_ucx_defaults
@@ -25,7 +26,7 @@ class RankTransfer:
         apply_ucx_defaults()
         self.pages = pages
         self.is_prefill = inst.role == PREFILL
-        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s)
+        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s, advertise_host=inst.transfer_host)
         if self.is_prefill:
             from pdmesh.worker.transfer.sender import KvSender
             self.sender = KvSender(transport, epoch=config.epoch, config=tconfig)
@@ -53,7 +54,24 @@ class RankTransfer:
         """Offer the pages to the decode holding `token`; return once sent (raise if not)."""
         offer = self.sender.offer(room, self.pages.pool, page_ids, first_token, token=token,
                                   timeout=self._remaining(deadline, "the decode fetched the KV"))
-        await self._counted("send", len(page_ids), offer)
+        await self._counted("send", len(page_ids), self._settled(room, offer))
+
+    async def _settled(self, room: int, offer) -> None:
+        """Await `offer`. If the caller is cancelled (its client went away), abort the offer and wait
+        until no pack thread or UCX send uses its pages any more: the caller frees them next."""
+        waiter = asyncio.ensure_future(_awaited(offer))
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # raised through the shield
+        try:
+            await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            self.sender.abort(room, Cancelled(f"the prefill request for room {room} was cancelled",
+                                              reason="KV_TRANSFER_CANCELLED", metadata={"room": room}))
+            await asyncio.wait([waiter])
+            raise
+
+    def decode_asked(self, room: int) -> bool:
+        """Whether a decode's transfer request for `room` has reached this (prefill) rank."""
+        return self.sender.requested(room)
 
     async def fetch_room(self, *, peer: str, room: int, epoch: int, page_ids: list[int], token: bytes,
                          deadline: float) -> int:
@@ -79,3 +97,7 @@ class RankTransfer:
 
     async def close(self) -> None:
         await (self.sender if self.is_prefill else self.receiver).close()
+
+
+async def _awaited(awaitable):
+    return await awaitable

@@ -5,7 +5,10 @@ register when hinted or on the fast path, register room -> rank at the bootstrap
 the KV is offered, or fail typed with the conflict), take pages (bounded wait), compute the KV
 and the first token on the engine thread, offer the pages to the decode over UCX and wait until
 they are sent (bounded by `transfer_wait_s` and the caller's deadline), then free them. The
-answer says which rank path the room took and what it cost.
+answer says which rank path the room took and what it cost. A registered room is kept known to a
+bootstrap service that restarts meanwhile (`room_keeper.RoomKeeper`) and removed from the
+registry when the room ends, however it ends. A caller that goes away aborts the offer, and the
+pages go back only once no UCX send or pack thread uses them (`kv_link.RankTransfer`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import time
 from pdmesh import logs, metrics
 from pdmesh.common.v1 import common_pb2
 from pdmesh.config import LOAD_BALANCE_METHODS
-from pdmesh.errors import PdmeshError
+from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import PrefillAction, prefill_rule, validate_room
 from pdmesh.worker import requests
 from pdmesh.worker.rank_state import RankState
+from pdmesh.worker.room_keeper import RoomKeeper
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,8 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         inst = state.config.instance
         self.method = LOAD_BALANCE_METHODS[inst.load_balance_method]
         self.force_query = inst.force_query_prefill_dp_rank
+        self._tasks: set[asyncio.Task] = set()
+        self._keeper: RoomKeeper | None = None
 
     def _path(self, action: PrefillAction) -> int:
         if action is PrefillAction.FAST_PATH and self.state.dp_size == 1:
@@ -55,24 +61,30 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         action = prefill_rule(st.dp_rank, st.dp_size, room, self.method, self.force_query, hint)
         logs.event(log, logging.DEBUG, "prefill start", action=action.value, prompt_tokens=len(ids))
         deadline = time.monotonic() + (context.time_remaining() or st.config.instance.transfer_wait_s)
-        with st.track(room):
-            st.transfer.expect_room(room, deadline)
-            if action is PrefillAction.REGISTER:
-                await st.bootstrap.register_room(st.instance_id, room, st.dp_rank,
-                                                 request.request_id or f"room-{room}")
-            pages = await st.pages.alloc_wait(st.layout.pages_for_tokens(len(ids)),
-                                              st.config.instance.page_wait_s)
-            try:
-                started = time.perf_counter()
-                first = await st.engine_thread.run(st.engine.prefill, ids, st.pages.kv, pages, sampling)
-                computed = time.perf_counter()
-                await st.transfer.send_room(room=room, page_ids=pages, first_token=first, token=token,
-                                            deadline=deadline)
-                sent = time.perf_counter()
-            finally:
-                st.pages.free(pages)
-        if action is PrefillAction.REGISTER:
-            asyncio.create_task(self._forget(room))
+        registered = False
+        try:
+            with st.track(room):
+                st.transfer.expect_room(room, deadline)
+                if action is PrefillAction.REGISTER:
+                    request_id = request.request_id or f"room-{room}"
+                    await self._register(room, request_id)
+                    registered = True
+                    self.keeper.add(room, request_id)
+                pages = await st.pages.alloc_wait(st.layout.pages_for_tokens(len(ids)),
+                                                  st.config.instance.page_wait_s)
+                try:
+                    started = time.perf_counter()
+                    first = await st.engine_thread.run(st.engine.prefill, ids, st.pages.kv, pages, sampling)
+                    computed = time.perf_counter()
+                    await st.transfer.send_room(room=room, page_ids=pages, first_token=first, token=token,
+                                                deadline=deadline)
+                    sent = time.perf_counter()
+                finally:
+                    st.pages.free(pages)
+        finally:
+            if registered:  # the record is not needed any more, whatever happened
+                self.keeper.discard(room)
+                self._background(self._forget(room))
         st.metrics_path(self._path(action))
         logs.event(log, logging.INFO, "prefill done", path=metrics.path_name(self._path(action)),
                    prompt_tokens=len(ids), compute_ms=round((computed - started) * 1e3, 2),
@@ -81,6 +93,30 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
                                           first_token_id=first, prompt_tokens=len(ids),
                                           compute_ms=(computed - started) * 1e3,
                                           transfer_ms=(sent - computed) * 1e3)
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _register(self, room: int, request_id: str) -> None:
+        st = self.state
+        try:
+            await st.bootstrap.register_room(st.instance_id, room, st.dp_rank, request_id)
+        except PdmeshError as err:
+            if err.code.name != "UNAVAILABLE":
+                raise
+            raise Unavailable(f"the bootstrap service at {st.bootstrap.address} cannot be reached to register "
+                              f"room {room}: {err.message}", reason="BOOTSTRAP_UNAVAILABLE",
+                              metadata={"bootstrap": st.bootstrap.address}) from None
+
+    @property
+    def keeper(self) -> RoomKeeper:
+        """Registers this rank's waiting rooms again after the bootstrap service restarted."""
+        if self._keeper is None:
+            st = self.state
+            self._keeper = RoomKeeper(st.bootstrap.channel, self._register, st.transfer.decode_asked)
+        return self._keeper
 
     async def _forget(self, room: int) -> None:
         """The room record is no longer needed once the transfer ended (TTL would drop it anyway)."""

@@ -48,7 +48,11 @@ async def serve(config: RankConfig) -> None:
     pages = PageBroker(KvPool(engine.layout, inst.num_pages, device=spec.device))
     transfer = RankTransfer(config, pages)
     transfer_address = await transfer.start()
+    from pdmesh.worker import debug_faults
+    debug_faults.install(transfer, asyncio.get_running_loop())
     bootstrap = shared_client(config.bootstrap_address, inst.tls) if config.bootstrap_address else None
+    if bootstrap is not None:  # connect now, not under the first burst of registrations
+        await asyncio.wait([asyncio.ensure_future(bootstrap.channel.channel_ready())], timeout=5.0)
     state = RankState(config, engine, pages, transfer, bootstrap)
     register = [lambda s: worker_pb2_grpc.add_InstanceServiceServicer_to_server(
         RankInstanceService(state, transfer.abort), s)]

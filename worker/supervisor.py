@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 READY_PREFIX = "PDMESH_RANK_READY "
 START_TIMEOUT_S = 120.0
+#: A rank's channel retries a failed connection within a second (grpc's backoff grows to 120 s).
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 @dataclass
@@ -80,7 +83,8 @@ class RankSupervisor:
                                      info.get("metrics_address", ""))
         if self.channel is not None:
             await self.channel.close()
-        self.channel = grpcutil.open_channel(self.endpoint.grpc_address, tls=config.instance.tls)
+        self.channel = grpcutil.open_channel(self.endpoint.grpc_address, tls=config.instance.tls,
+                                             options=RECONNECT_OPTIONS)
         self._ready.set()
         self._watch = asyncio.create_task(self._watch_exit(self._proc))
         log.info("rank %d ready pid=%d grpc=%s transfer=%s", self.dp_rank, self._proc.pid,

@@ -40,3 +40,14 @@ def test_shortest_queue_takes_least_loaded_and_spreads_ties():
 def test_unknown_method_is_rejected():
     with pytest.raises(InvalidArgument):
         Dispatcher(2, "random")
+
+
+def test_a_restarting_rank_is_passed_over_only_where_the_method_leaves_a_choice():
+    for method in ("round_robin", "shortest_queue"):
+        d = Dispatcher(3, method)
+        picks = [d.pick(1, None, [0, 0, 0], alive=[True, False, True]) for _ in range(6)]
+        assert set(picks) == {0, 2}, method
+        assert d.pick(1, None, [0, 0, 0], alive=[False, False, False]) in (0, 1, 2)  # none up: any
+    d = Dispatcher(2, "follow_bootstrap_room")
+    assert d.pick(room=3, routed_dp_rank=None, loads=[0, 0], alive=[True, False]) == 1
+    assert Dispatcher(2, "round_robin").pick(room=3, routed_dp_rank=1, loads=[0, 0], alive=[True, False]) == 1
