@@ -6,7 +6,7 @@ PROTOS  := $(shell find protos -name '*.proto')
 GEN     := $(VENV)/.protos
 PYTEST_ARGS ?=
 
-.PHONY: install protos run test bench bench-gpu test-gpu gpu-wheels lint clean
+.PHONY: install sysdeps protos run test bench bench-gpu test-gpu gpu-wheels lint clean
 
 install: $(GEN)
 
@@ -30,8 +30,14 @@ protos:
 run: install
 	$(VENV)/bin/pdmesh up
 
-test: install
+test: install sysdeps
 	PDMESH_TORCH_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The across-hosts test (tests/faults/test_netns.py) makes network namespaces with iproute2's `ip`;
+# as root on a Debian machine without it, install it (elsewhere that test skips with the reason).
+sysdeps:
+	@if ! command -v ip >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; fi
 
 bench: install
 	$(PY) -m bench
