@@ -91,6 +91,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(n: int) -> int:
+    """A base port with `n` consecutive free loopback ports (for `pdmesh up --base-port`)."""
+    import socket
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65535 and all(free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port range")
+
+
 def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:
     """SIGTERM every process at once, then wait for each (SIGKILL after `timeout`)."""
     for p in procs:

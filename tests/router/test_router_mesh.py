@@ -23,7 +23,7 @@ from pdmesh.errors import PdmeshError
 from pdmesh.router.client import RouterClient
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
-from procs import Proc, free_port
+from procs import Proc, free_port_range
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 PROMPT = "Disaggregated serving splits prefill from decode"
@@ -45,25 +45,6 @@ def mesh(tmp_path_factory):
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(30) == 0, up.tail()
     assert "every process stopped" in "".join(up.lines)
-
-
-def free_port_range(n: int) -> int:
-    """A base port with n consecutive free ports after it."""
-    for _ in range(50):
-        base = free_port()
-        if base + n < 65535 and all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def _free(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def run(coro):
