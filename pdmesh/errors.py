@@ -16,6 +16,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "pdmesh"
+#: Longest status message and ErrorInfo metadata value sent on the wire (trailers are small).
+MAX_MESSAGE, MAX_METADATA_VALUE = 1024, 256
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class PdmeshError(Exception):
@@ -38,10 +44,15 @@ class PdmeshError(Exception):
         return f"{self.code.name} {self.reason}: {self.message}"
 
     def error_info(self) -> error_details_pb2.ErrorInfo:
-        return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+        metadata = {k: _clip(v, MAX_METADATA_VALUE) for k, v in self.metadata.items()}
+        return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=metadata)
 
     def to_status(self) -> grpc.Status:
-        """The rich status (code, message, packed ErrorInfo) to send with `abort_with_status`."""
+        """The rich status (code, message, packed ErrorInfo) to send with `abort_with_status`.
+
+        The message and metadata values are clipped (`MAX_MESSAGE`, `MAX_METADATA_VALUE`): a
+        status travels in trailers, and one that echoes a huge bad input would exceed the
+        peer's metadata limit and arrive as a bare RESOURCE_EXHAUSTED instead of itself."""
         detail = any_pb2.Any()
         detail.Pack(self.error_info())
         details = [detail]
@@ -50,7 +61,8 @@ class PdmeshError(Exception):
             retry.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
             details.append(any_pb2.Any())
             details[-1].Pack(retry)
-        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        proto = status_pb2.Status(code=self.code.value[0], message=_clip(self.message, MAX_MESSAGE),
+                                  details=details)
         return rpc_status.to_status(proto)
 
     @staticmethod

@@ -1,0 +1,181 @@
+"""The mesh the fuzz tests hit: `pdmesh up` (bootstrap, router, prefill dp 2, decode dp 2), raw
+callers for each service, the batch runner that checks every call, and the health check after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from typing import Callable
+
+from grpc_health.v1 import health_pb2
+
+from pdmesh.bootstrap.v1 import bootstrap_pb2 as bpb
+from pdmesh.router.v1 import router_pb2 as rpb
+from pdmesh.worker.v1 import worker_pb2 as wpb
+from fuzz_oracle import Expect, check, expect_parsed
+from fuzz_wire import Caller, LoopThread, Outcome
+from procs import Proc
+
+BOOTSTRAP = "/pdmesh.bootstrap.v1.BootstrapService/"
+PREFILL = "/pdmesh.worker.v1.PrefillService/"
+DECODE = "/pdmesh.worker.v1.DecodeService/"
+INSTANCE = "/pdmesh.worker.v1.InstanceService/"
+ROUTER = "/pdmesh.router.v1.RouterService/"
+HEALTH = "/grpc.health.v1.Health/Check"
+PREFILL_ID = "prefill-0"
+STREAMING = {DECODE + "Decode", ROUTER + "Generate"}
+CHILD_PID = re.compile(r"\(pid (\d+),")  # `pdmesh up` prints each child's pid
+
+
+def free_base_port(n: int = 4) -> int:
+    """A port with n-1 free ports after it (pdmesh up takes consecutive ones)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535 and all(_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class Mesh:
+    """A running `pdmesh up` and one raw caller per service, on `loop`."""
+
+    def __init__(self, loop: LoopThread, log_dir: str) -> None:
+        self.loop = loop
+        attach = os.environ.get("PDMESH_FUZZ_BASE_PORT")  # a `pdmesh up` already running there
+        base = int(attach) if attach else free_base_port()
+        self.address = {name: f"127.0.0.1:{base + i}"
+                        for i, name in enumerate(["bootstrap", "router", "prefill", "decode"])}
+        self.up = None
+        if not attach:
+            self.up = Proc("fuzz-up", ["up", "--base-port", str(base), "--log-dir", log_dir]).start()
+            deadline = time.monotonic() + 300
+            while not any("serving; router at" in line for line in self.up.lines):
+                if not self.up.alive() or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"pdmesh up did not come up:\n{self.up.tail()}")
+                time.sleep(0.1)
+        self.callers = self.run(self._callers())
+        info = self.run(self.callers["bootstrap"].unary(
+            BOOTSTRAP + "GetInstance", bpb.GetInstanceRequest(instance_id=PREFILL_ID).SerializeToString(), 10))
+        self.prefill_info = bpb.GetInstanceResponse.FromString(info.responses[0]).info
+
+    async def _callers(self) -> dict[str, Caller]:
+        return {name: Caller(address) for name, address in self.address.items()}
+
+    def run(self, coro, timeout: float = 300.0):
+        return self.loop.run(coro, timeout)
+
+    def alive(self) -> bool:
+        return self.up is None or self.up.alive()
+
+    def stop(self) -> int | None:
+        """Ctrl-C to `pdmesh up` (it stops its children, also mid-start); then make sure."""
+        if getattr(self, "callers", None):
+            async def close() -> None:
+                await asyncio.gather(*(c.close() for c in self.callers.values()))
+            self.run(close())
+        if self.up is None:
+            return 0
+        self.up.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.up.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.up.proc.kill()
+            code = self.up.proc.wait()
+        for pid in {int(m) for m in CHILD_PID.findall("".join(self.up.lines))}:
+            _terminate(pid)  # a child `up` did not get to stop (it runs in its own session)
+        return code
+
+    async def invoke(self, service: str, method: str, data, timeout: float) -> Outcome:
+        caller = self.callers[service]
+        if isinstance(data, list):
+            return await caller.bidi(method, data, timeout)
+        if method in STREAMING:
+            return await caller.server_stream(method, data, timeout)
+        return await caller.unary(method, data, timeout)
+
+    def fuzz(self, rpc: str, service: str, method: str, request_type, model, batch: list[bytes], *,
+             wait_s: float = 0.6, timeout_s: float = 20.0, skip: Callable[[object], bool] | None = None,
+             after: Callable[[bytes, Outcome], object] | None = None) -> None:
+        """Send `batch` at once to `service`; check each outcome against `model`; run `after`
+        on each (cleanup). Inputs `skip` refuses (they would harm the mesh itself) are not sent."""
+        async def one() -> None:
+            cases = []
+            for data in batch:
+                parsed = _parse(request_type, data)
+                if skip is not None and parsed is not None and skip(parsed):
+                    continue
+                expect = expect_parsed(request_type, data, model)
+                cases.append((data, expect, wait_s if expect.may_wait else timeout_s))
+            outs = await asyncio.gather(*(self.invoke(service, method, d, t) for d, _, t in cases))
+            for (data, expect, timeout), out in zip(cases, outs):
+                parsed = _parse(request_type, data)
+                check(rpc, expect, out, timeout, data if parsed is None else parsed)
+                if after is not None:
+                    await after(data, out)
+        self.run(one())
+
+    # --- after the fuzz -------------------------------------------------------------------------
+
+    def serving(self, service: str) -> bool:
+        out = self.run(self.callers[service].unary(HEALTH, health_pb2.HealthCheckRequest().SerializeToString(), 10))
+        return out.ok and health_pb2.HealthCheckResponse.FromString(out.responses[0]).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+    def status(self, service: str) -> wpb.GetInstanceStatusResponse:
+        out = self.run(self.callers[service].unary(INSTANCE + "GetInstanceStatus", b"", 10))
+        assert out.ok, out
+        return wpb.GetInstanceStatusResponse.FromString(out.responses[0])
+
+    def registered_ids(self) -> list[str]:
+        out = self.run(self.callers["bootstrap"].unary(BOOTSTRAP + "ListInstances", b"", 10))
+        return [i.instance_id for i in bpb.ListInstancesResponse.FromString(out.responses[0]).instances]
+
+    def router_instances(self) -> list[rpb.Instance]:
+        out = self.run(self.callers["router"].unary(ROUTER + "ListInstances", b"", 10))
+        return list(rpb.ListInstancesResponse.FromString(out.responses[0]).instances)
+
+
+def _terminate(pid: int) -> None:
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def _parse(request_type, data):
+    if isinstance(data, list):
+        return None
+    try:
+        return request_type.FromString(data)
+    except Exception:  # noqa: BLE001 - undecodable: sent as it is
+        return None
+
+
+def expect_all(expect: Expect) -> Callable[[object], Expect]:
+    return lambda _message: expect
