@@ -168,8 +168,13 @@ def test_drain_stops_new_work_finishes_the_rest_deregisters_and_exits(mesh):
                 grpc.aio.insecure_channel(pb.address) as channel:
             first = [asyncio.create_task(request(client, f"drain {i}", max_new_tokens=MAX_NEW,
                                                  timeout=TIMEOUT_S)) for i in range(300)]
-            await asyncio.sleep(0.5)  # pb holds some of them now
-            reply = await worker_pb2_grpc.InstanceServiceStub(channel).Drain(worker_pb2.DrainRequest(), timeout=10)
+            stub = worker_pb2_grpc.InstanceServiceStub(channel)
+            for _ in range(200):  # until pb holds some of them (an event we can poll, bounded)
+                status = await stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=10)
+                if sum(r.active_requests for r in status.ranks):
+                    break
+                await asyncio.sleep(0.05)
+            reply = await stub.Drain(worker_pb2.DrainRequest(), timeout=10)
             later = [asyncio.create_task(request(client, f"after drain {i}", max_new_tokens=MAX_NEW,
                                                  timeout=TIMEOUT_S)) for i in range(100)]
             return reply, await asyncio.gather(*first), await asyncio.gather(*later)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import secrets
+import time
 from pathlib import Path
 
 import grpc
@@ -188,8 +189,16 @@ def test_a_request_larger_than_the_pool_is_refused_at_once(mesh):
 
 
 def test_pools_are_full_afterwards(mesh):
-    for name in ("prefill-follow", "prefill-force", "prefill-dp1", "decode", "decode-small"):
+    # A prefill whose decode failed holds its room until the abort reaches it or, when the
+    # abort raced ahead of the request, until its transfer wait (30 s) ends: bounded, not a leak.
+    def full(name: str):
         stub = worker_pb2_grpc.InstanceServiceStub(mesh["channels"][name])
         status = stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=10)
-        for rank in status.ranks:
-            assert rank.alive and rank.free_pages == rank.total_pages, (name, rank)
+        return all(r.alive and r.free_pages == r.total_pages for r in status.ranks), status
+    for name in ("prefill-follow", "prefill-force", "prefill-dp1", "decode", "decode-small"):
+        deadline = time.monotonic() + 45
+        ok, status = full(name)
+        while not ok and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ok, status = full(name)
+        assert ok, (name, status)
