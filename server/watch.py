@@ -51,6 +51,7 @@ class WatchSession:
         self._flushing = False
         self._flush_task: asyncio.Task | None = None
         self._write_lock = asyncio.Lock()
+        self._closing = False  # the stream is ending with an error: no more writes
         self._drained = asyncio.Event()
 
     async def run(self) -> None:
@@ -68,6 +69,13 @@ class WatchSession:
             while self._waiting or (self._flush_task is not None and not self._flush_task.done()):
                 self._drained.clear()
                 await self._drained.wait()
+        except Exception:
+            # The stream ends with an error status (a malformed message, say). grpc refuses to send
+            # a status while a flush's write is in flight (TOO_MANY_OPERATIONS: the caller would
+            # wait for its deadline): let that write finish and stop any later one first.
+            async with self._write_lock:
+                self._closing = True
+            raise
         finally:
             self._close()
 
@@ -158,6 +166,8 @@ class WatchSession:
         try:
             async with self._write_lock:
                 self._flushing = False
+                if self._closing:
+                    return
                 rooms, ranks, expired, errors = (self._out_rooms, self._out_ranks, self._out_expired,
                                                  self._out_errors)
                 self._out_rooms, self._out_ranks, self._out_expired, self._out_errors = [], [], [], []

@@ -113,21 +113,22 @@ class Mesh:
 
     def fuzz(self, rpc: str, service: str, method: str, request_type, model, batch: list[bytes], *,
              wait_s: float = 0.6, timeout_s: float = 20.0, skip: Callable[[object], bool] | None = None,
-             after: Callable[[bytes, Outcome], object] | None = None) -> None:
-        """Send `batch` at once to `service`; check each outcome against `model`; run `after`
-        on each (cleanup). Inputs `skip` refuses (they would harm the mesh itself) are not sent."""
+             after: Callable[[bytes, Outcome], object] | None = None, expect: Expect | None = None) -> None:
+        """Send `batch` at once to `service`; check each outcome against `model` (or `expect`, for
+        streams of messages); run `after` on each (cleanup). Inputs `skip` refuses (they would harm
+        the mesh itself) are not sent."""
         async def one() -> None:
             cases = []
             for data in batch:
                 parsed = _parse(request_type, data)
                 if skip is not None and parsed is not None and skip(parsed):
                     continue
-                expect = expect_parsed(request_type, data, model)
-                cases.append((data, expect, wait_s if expect.may_wait else timeout_s))
+                want = expect or expect_parsed(request_type, data, model)
+                cases.append((data, want, wait_s if want.may_wait else timeout_s))
             outs = await asyncio.gather(*(self.invoke(service, method, d, t) for d, _, t in cases))
-            for (data, expect, timeout), out in zip(cases, outs):
+            for (data, want, timeout), out in zip(cases, outs):
                 parsed = _parse(request_type, data)
-                check(rpc, expect, out, timeout, data if parsed is None else parsed)
+                check(rpc, want, out, timeout, data if parsed is None else parsed)
                 if after is not None:
                     await after(data, out)
         self.run(one())

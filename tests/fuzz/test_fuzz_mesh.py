@@ -297,6 +297,16 @@ def test_known_bad_inputs(mesh, service, method, request_type, data, code, reaso
               expect_all(Expect(frozenset({code}), reason=reason)), [data])
 
 
+def test_a_malformed_message_while_the_stream_writes_ends_it_typed(mesh):
+    """The session's late answers were being written when the bad message came: grpc refused the
+    status (TOO_MANY_OPERATIONS) and the caller waited for its deadline (about 2 times in 3)."""
+    busy = bpb.WatchRoomsRequest(bootstrap_rooms=[0] * 2000).SerializeToString()  # untagged: a flush
+    streams = [[busy, b"\xff\xff"]] * 12
+    mesh.fuzz("bootstrap.WatchRooms (write, then bad message)", "bootstrap", BOOTSTRAP + "WatchRooms",
+              bpb.WatchRoomsRequest, None, streams, timeout_s=10.0,
+              expect=Expect(frozenset({C.INVALID_ARGUMENT}), reason="MALFORMED_REQUEST"))
+
+
 def test_a_decode_added_as_a_prefill_is_refused(mesh):
     """The router would have sent it Prefill calls (UNIMPLEMENTED) for every other request."""
     decode_alias = "localhost:" + mesh.address["decode"].rsplit(":", 1)[1]
