@@ -62,7 +62,7 @@ class Mesh:
         base = int(attach) if attach else free_base_port()
         self.address = {name: f"127.0.0.1:{base + i}"
                         for i, name in enumerate(["bootstrap", "router", "prefill", "decode"])}
-        self.up = None
+        self.up, self.log_dir = None, None if attach else log_dir
         if not attach:
             self.up = Proc("fuzz-up", ["up", "--base-port", str(base), "--log-dir", log_dir]).start()
             deadline = time.monotonic() + 300
@@ -148,6 +148,16 @@ class Mesh:
     def registered_ids(self) -> list[str]:
         out = self.run(self.callers["bootstrap"].unary(BOOTSTRAP + "ListInstances", b"", 10))
         return [i.instance_id for i in bpb.ListInstancesResponse.FromString(out.responses[0]).instances]
+
+    def log_problems(self) -> list[str]:
+        """Lines of the mesh's logs that tell of an unexpected exception (none is expected)."""
+        if self.log_dir is None:
+            return []
+        lines = []
+        for path in sorted(os.listdir(self.log_dir)):
+            with open(os.path.join(self.log_dir, path), errors="replace") as log:
+                lines += [f"{path}: {line.rstrip()}" for line in log if "Traceback" in line or " ERROR " in line]
+        return lines
 
     def router_instances(self) -> list[rpb.Instance]:
         out = self.run(self.callers["router"].unary(ROUTER + "ListInstances", b"", 10))

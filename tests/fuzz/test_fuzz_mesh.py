@@ -6,11 +6,18 @@ sends each batch at once as raw bytes and checks every outcome (fuzz_oracle: OK 
 status with a pdmesh ErrorInfo; INVALID_ARGUMENT where the input is certainly bad; the client's
 own deadline only for inputs that may wait). What a call created (an instance, a room, a router
 entry) is removed right after. The last test checks that every service is still healthy: health
-SERVING, no rank restarted, pools full, no leftover registration, and a normal request works.
+SERVING, no rank restarted, pools full, no leftover registration, a normal request works, and
+no process logged an exception. `PDMESH_FUZZ_BASE_PORT=<port>` runs the tests against a
+`pdmesh up --base-port <port>` that is already running instead of starting one.
 Examples are derandomized (fixed per test), so CI sees the same inputs every run.
 """
 
 from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +29,8 @@ from pdmesh.router.v1 import router_pb2 as rpb
 from pdmesh.worker.v1 import worker_pb2 as wpb
 import fuzz_messages as fm
 from fuzz_mesh import BOOTSTRAP, DECODE, INSTANCE, PREFILL, PREFILL_ID, ROUTER, Mesh, expect_all
-from fuzz_oracle import C, MALFORMED, Expect, summary
+from fuzz_oracle import C, MALFORMED, Expect, check, summary
+from fuzz_transfer import RawPeer, exchange, transfer_messages
 from fuzz_wire import LoopThread
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False,
@@ -45,7 +53,7 @@ def mesh(tmp_path_factory):
 
 # ---- bootstrap -------------------------------------------------------------------------------
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=60)
 @given(batch=batches(fm.register_instance_requests()))
 def test_bootstrap_register_instance(mesh, batch):
     async def forget(data, out):
@@ -61,7 +69,7 @@ def test_bootstrap_register_instance(mesh, batch):
 @pytest.mark.parametrize("rpc,request_type", [
     ("DeregisterInstance", bpb.DeregisterInstanceRequest), ("HeartbeatInstance", bpb.HeartbeatInstanceRequest),
     ("GetInstance", bpb.GetInstanceRequest)])
-@settings(FUZZ, max_examples=10)
+@settings(FUZZ, max_examples=25)
 @given(data=st.data())
 def test_bootstrap_instance_by_id(mesh, rpc, request_type, data):
     batch = data.draw(batches(fm.by_id_requests(request_type)))
@@ -69,7 +77,7 @@ def test_bootstrap_instance_by_id(mesh, rpc, request_type, data):
               skip=lambda m: m.instance_id == PREFILL_ID and rpc == "DeregisterInstance")
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=50)
 @given(batch=batches(fm.register_room_requests([PREFILL_ID])))
 def test_bootstrap_register_room(mesh, batch):
     async def forget(data, out):
@@ -81,7 +89,7 @@ def test_bootstrap_register_room(mesh, batch):
               fm.register_room_model, batch, after=forget)
 
 
-@settings(FUZZ, max_examples=15)
+@settings(FUZZ, max_examples=35)
 @given(lookups=batches(fm.lookup_room_requests()), removals=batches(fm.remove_room_requests()),
        lists=batches(st.binary(max_size=40), 6))
 def test_bootstrap_lookup_remove_and_list(mesh, lookups, removals, lists):
@@ -104,16 +112,11 @@ def watch_model(messages: list[bytes]) -> tuple[Expect, list[bpb.WatchRoomsReque
     return Expect(frozenset({C.OK}), may_wait=waits), parsed
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=30)
 @given(streams=st.lists(fm.watch_streams(), min_size=1, max_size=4))
 def test_bootstrap_watch_rooms_stream(mesh, streams):
     """Each stream: every tagged request answered exactly once, with its tag."""
-    from collections import Counter
-
-    from fuzz_oracle import check
-
     async def one():
-        import asyncio
         models = [watch_model(s) for s in streams]
         timeouts = [0.5 if e.may_wait else 20.0 for e, _ in models]
         outs = await asyncio.gather(*(mesh.invoke("bootstrap", BOOTSTRAP + "WatchRooms", s, t)
@@ -128,13 +131,13 @@ def test_bootstrap_watch_rooms_stream(mesh, streams):
 
 # ---- workers (on their controllers) -------------------------------------------------------------
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=40)
 @given(batch=batches(fm.prefill_requests()))
 def test_prefill(mesh, batch):
     mesh.fuzz("prefill.Prefill", "prefill", PREFILL + "Prefill", wpb.PrefillRequest, fm.prefill_model, batch)
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=40)
 @given(data=st.data())
 def test_decode(mesh, data):
     strategy = fm.decode_requests([PREFILL_ID], [mesh.address["bootstrap"]])
@@ -143,7 +146,7 @@ def test_decode(mesh, data):
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
-@settings(FUZZ, max_examples=8)
+@settings(FUZZ, max_examples=30)
 @given(aborts=batches(fm.abort_requests()), statuses=batches(st.binary(max_size=40), 4),
        drains=batches(st.binary(min_size=1, max_size=40).filter(
            lambda b: not _parses(wpb.DrainRequest, b)), 4))
@@ -173,7 +176,7 @@ def test_router_generate(mesh, batch):
               batch, wait_s=3.0, timeout_s=60.0)
 
 
-@settings(FUZZ, max_examples=15)
+@settings(FUZZ, max_examples=30)
 @given(data=st.data())
 def test_router_admin(mesh, data):
     real = {mesh.address["prefill"], mesh.address["decode"]}
@@ -195,6 +198,7 @@ def test_router_admin(mesh, data):
 
 # ---- the data plane through the mesh -----------------------------------------------------------
 
+FAKE_IDS = itertools.count(1)  # fake prefill instances, one id each (decodes cache info by id)
 # Transfer addresses the bootstrap accepts (host:port) that are no UCX listener.
 UCX_ADDRESSES = st.one_of(st.sampled_from([
     "ucx://127.0.0.1:1", "127.0.0.1:1", "ucx://:1", "ucx://a b:9", "ucx://[::1]:1", "ucx://::1:1",
@@ -203,22 +207,19 @@ UCX_ADDRESSES = st.one_of(st.sampled_from([
     st.tuples(fm.TEXT, st.integers(1, 65535)).map(lambda t: f"ucx://{t[0]}:{t[1]}"))
 
 
-@settings(FUZZ, max_examples=10)
+@settings(FUZZ, max_examples=15)
 @given(addresses=st.lists(UCX_ADDRESSES, min_size=1, max_size=4))
 def test_decode_fetching_from_malformed_transfer_addresses_fails_typed(mesh, addresses):
     """A prefill whose published transfer address is no UCX listener: the decode fails typed."""
-    from fuzz_mesh import BOOTSTRAP as B
-
-    counter = test_decode_fetching_from_malformed_transfer_addresses_fails_typed.__dict__
     ids = []
     for address in addresses:
-        counter["n"] = n = counter.get("n", 0) + 1
+        n = next(FAKE_IDS)
         info = bpb.InstanceInfo()
         info.CopyFrom(mesh.prefill_info)
         info.instance_id, info.epoch, info.dp_size = f"fuzz-ucx-{n}", 1, 1
         del info.rank_endpoints[:]
         info.rank_endpoints.add(dp_rank=0, transfer_address=address)
-        out = mesh.run(mesh.callers["bootstrap"].unary(B + "RegisterInstance", bpb.RegisterInstanceRequest(
+        out = mesh.run(mesh.callers["bootstrap"].unary(BOOTSTRAP + "RegisterInstance", bpb.RegisterInstanceRequest(
             info=info).SerializeToString(), 10))
         if out.ok:
             ids.append(info.instance_id)
@@ -229,16 +230,14 @@ def test_decode_fetching_from_malformed_transfer_addresses_fails_typed(mesh, add
     mesh.fuzz("decode.Decode (malformed transfer address)", "decode", DECODE + "Decode", wpb.DecodeRequest,
               expect_all(refused), requests, wait_s=15.0)
     for i_d in ids:
-        mesh.run(mesh.callers["bootstrap"].unary(B + "DeregisterInstance", bpb.DeregisterInstanceRequest(
+        mesh.run(mesh.callers["bootstrap"].unary(BOOTSTRAP + "DeregisterInstance", bpb.DeregisterInstanceRequest(
             instance_id=i_d).SerializeToString(), 10))
 
 
-@settings(FUZZ, max_examples=8)
+@settings(FUZZ, max_examples=15)
 @given(data=st.data())
 def test_prefill_rank_sender_answers_malformed_transfer_messages(mesh, data):
     """Raw control messages to the mesh's prefill ranks over UCX: typed answers, links survive."""
-    from fuzz_transfer import RawPeer, exchange, transfer_messages
-
     layout = mesh.prefill_info.kv_layout
     messages = data.draw(st.lists(transfer_messages(12345, b"x" * 16, layout), min_size=1, max_size=10))
     rank = data.draw(st.sampled_from(list(mesh.prefill_info.rank_endpoints)))
@@ -320,8 +319,6 @@ def test_a_decode_added_as_a_prefill_is_refused(mesh):
 # ---- afterwards ---------------------------------------------------------------------------------
 
 def test_every_service_is_healthy_afterwards(mesh):
-    import time
-
     if hasattr(mesh, "transport"):
         mesh.run(mesh.transport.close())
     assert mesh.alive(), mesh.up.tail()
@@ -345,4 +342,6 @@ def test_every_service_is_healthy_afterwards(mesh):
     out = mesh.run(mesh.callers["router"].server_stream(ROUTER + "Generate", request.SerializeToString(), 60))
     replies = [rpb.GenerateResponse.FromString(r) for r in out.responses]
     assert out.ok and sum(len(r.token_ids) for r in replies) == 8, out
+    problems = mesh.log_problems()
+    assert not problems, "\n".join(problems[:20])
     print("\n" + summary())

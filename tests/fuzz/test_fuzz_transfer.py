@@ -82,7 +82,7 @@ def _acceptable(request) -> bool:
                        len(PAGES), EPOCH)
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=40)
 @given(batch=st.lists(transfer_messages(ROOM, TOKEN, LAYOUT.to_proto()), min_size=1, max_size=10),
        aborts=st.lists(st.booleans(), max_size=10))
 def test_malformed_transfer_messages_get_typed_answers(side, batch, aborts):
@@ -99,7 +99,7 @@ def test_malformed_transfer_messages_get_typed_answers(side, batch, aborts):
     side.run(one())
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=60)
 @given(address=st.one_of(ADDRESSES, TEXT.map(lambda t: "ucx://" + t),
                          st.sampled_from(["ucx://127.0.0.1:0", "ucx://127.0.0.1:1", "ucx://0.0.0.0:1",
                                           "ucx://[::1]:1", "ucx://::1:1", "ucx://:", "ucx://",
