@@ -18,7 +18,7 @@ import statistics
 import time
 
 from pdmesh import faultscenarios as sc
-from pdmesh.faultkit import FaultMesh, request
+from pdmesh.faultkit import FaultMesh, request, wait_until
 
 BOUND_S = 5.0
 
@@ -32,7 +32,14 @@ def _restart(name: str):
     def recover(mesh: FaultMesh) -> None:
         mesh.start_part(name)
         _recover_ranks(mesh)
+        if not wait_until(lambda: asyncio.run(_one(mesh)).ok, 30, interval=0.5):  # the router sees it
+            raise RuntimeError(f"requests fail after the {name} came back")
     return recover
+
+
+async def _one(mesh: FaultMesh):
+    async with mesh.client() as client:
+        return await request(client, f"{sc.PROMPT} probe", max_new_tokens=2, timeout=sc.TIMEOUT_S)
 
 
 FAULTS = [  # (name, scenario, recovery)

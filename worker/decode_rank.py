@@ -16,7 +16,7 @@ import time
 from pdmesh import logs, metrics
 from pdmesh.addresses import validate_address
 from pdmesh.common.v1 import common_pb2
-from pdmesh.errors import EpochMismatch, InvalidArgument, NotFound, PdmeshError, Unavailable
+from pdmesh.errors import DeadlineExceeded, EpochMismatch, InvalidArgument, NotFound, PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import decode_rule, validate_room
 from pdmesh.server.client import shared_client
@@ -27,6 +27,9 @@ from pdmesh.worker.rank_state import RankState
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: A fetch that failed this way never reached the rank: new instance info may name one that is up.
+_UNREACHABLE = frozenset({"KV_TRANSFER_PEER_UNREACHABLE", "KV_TRANSFER_CONNECT_TIMEOUT"})
 
 _PATHS = {"hint": common_pb2.RANK_PATH_HINT, "dp1": common_pb2.RANK_PATH_DP1,
           "fast_path": common_pb2.RANK_PATH_FAST_PATH, "lookup": common_pb2.RANK_PATH_LOOKUP}
@@ -148,9 +151,9 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                     peer=self._endpoint(info, prefill_rank), room=room, epoch=info.epoch,
                     page_ids=pages, token=token, deadline=deadline)
                 return first, info
-            except (EpochMismatch, Unavailable) as err:  # stale info, or the rank is gone
-                if attempt:
-                    raise
+            except (EpochMismatch, Unavailable, DeadlineExceeded) as err:  # stale info, or the rank is gone
+                if attempt or not (isinstance(err, EpochMismatch) or err.reason in _UNREACHABLE):
+                    raise  # a transfer cut once it began cannot be taken again: its offer is claimed
                 try:
                     fresh = await self.infos.get(request.prefill_bootstrap_address,
                                                  request.prefill_instance_id, refresh=True)
