@@ -152,6 +152,7 @@ def check_registration_results(request: bpb.RegisterRoomsStreamRequest,
         if not result.HasField("status"):
             assert expect.codes is None, f"bad registration accepted: {item}"
             registered.append(item.bootstrap_room)
+            count("bootstrap.RegisterRoomsStream (registrations)", "OK")
             continue
         code = next(c for c in C if c.value[0] == result.status.code)
         info = error_details_pb2.ErrorInfo()
