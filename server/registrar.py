@@ -53,6 +53,8 @@ class RoomRegistrar:
 
     async def register(self, registration: bootstrap_pb2.RoomRegistration, timeout: float) -> bool:
         """Register one room; True if the record is new, False for a retry of the same request_id."""
+        if self._closed:
+            raise Unavailable(f"the bootstrap client for {self._address} was closed", reason="CLIENT_CLOSED")
         future = asyncio.get_running_loop().create_future()
         self._out.append((registration, future))
         if self._writer is None and not self._closed:
@@ -156,11 +158,11 @@ class RoomRegistrar:
         entries = self._tagged.pop(response.tag, None)
         if entries is None:
             return
-        self._breaks = 0
         if entries[0][0] is None:  # the handshake
             if not entries[0][1].done():
                 entries[0][1].set_result(None)
             return
+        self._breaks = 0  # registrations answered: the stream works
         results = response.results
         if len(results) != len(entries):
             error = Unavailable(f"the bootstrap service at {self._address} answered {len(results)} "
@@ -182,9 +184,11 @@ class RoomRegistrar:
             return
         self._call = None
         self._breaks += 1
-        unanswered = [e for entries in self._tagged.values() for e in entries
-                      if e[0] is not None and not e[1].done()]
+        unanswered = [e for entries in self._tagged.values() for e in entries if not e[1].done()]
         self._tagged.clear()
+        for _, handshake in [e for e in unanswered if e[0] is None]:
+            handshake.set_exception(error)  # a connect in progress fails now, not at its timeout
+        unanswered = [e for e in unanswered if e[0] is not None]
         self._out[:0] = unanswered  # sent again on the next stream, in their order
         if self._breaks > self._max_reconnects:
             self._breaks = 0
