@@ -181,3 +181,44 @@ def test_the_client_stream_survives_a_restart_and_fails_promptly_when_unreachabl
             assert all(isinstance(r, Unavailable) for r in results), results
             assert time.perf_counter() - t0 < 10.0
     asyncio.run(main())
+
+
+class BreaksOnce(bootstrap_pb2_grpc.BootstrapServiceServicer):
+    """A service whose first registration stream records its first batch, then breaks unanswered."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+        self.streams = 0
+
+    async def RegisterRoomsStream(self, request_iterator, context):
+        from pdmesh.server.register_stream import register_batch
+        self.streams += 1
+        async for request in request_iterator:
+            response = register_batch(self.registry, request.registrations, 1000, request.tag)
+            if self.streams == 1 and request.registrations:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+            yield response
+
+
+def test_registrations_in_flight_when_the_stream_breaks_are_sent_again_as_retries():
+    from pdmesh.server.registry import Registry
+
+    async def main():
+        registry = Registry()
+        registry.register_instance(instance_info("prefill-b", epoch=1, dp_size=2))
+        servicer = BreaksOnce(registry)
+        server = grpc.aio.server()
+        bootstrap_pb2_grpc.add_BootstrapServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with BootstrapClient(f"127.0.0.1:{port}") as client:
+                created = await asyncio.gather(*(client.register_room_streamed("prefill-b", r, r % 2, f"q-{r}")
+                                                 for r in (71, 72, 73)))
+                # recorded before the break, so the resent registrations are retries, not conflicts
+                assert created == [False, False, False]
+                assert servicer.streams == 2
+                assert [registry.lookup(r).dp_rank for r in (71, 72, 73)] == [1, 0, 1]
+        finally:
+            await server.stop(0)
+    asyncio.run(main())
