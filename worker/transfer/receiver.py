@@ -101,6 +101,8 @@ class KvReceiver:
     async def close(self) -> None:
         for room in list(self._fetches):
             self.abort(room, Cancelled("KV receiver closing", reason="KV_TRANSPORT_CLOSED"))
+        for link in list(self._links.values()):  # its own links, also on a shared transport
+            link.close(Cancelled("KV receiver closing", reason="KV_TRANSPORT_CLOSED"))
         if self._owns_transport:
             await self.transport.close()
         self._executor.shutdown(wait=True)
