@@ -46,7 +46,7 @@ lint: install
 	npx --yes @bufbuild/buf lint
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info .protodeps
 	find . -path ./.git -prune -o -name __pycache__ -type d -print | xargs rm -rf
 
 # ---- GPU machine (one H100; no registry there; README "Running on a GPU") ----
