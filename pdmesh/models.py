@@ -131,12 +131,17 @@ def cached_folder(source: Path, folder: Path, *, expect_sha256: str | None = Non
     marker = folder / MARKER
     if _complete(marker):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for it
-        if _complete(marker):
-            return folder
-        _build(source, folder, expect_sha256, hint)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for it
+            if _complete(marker):
+                return folder
+            _build(source, folder, expect_sha256, hint)
+    except OSError as exc:  # read-only home, full disk, ...
+        raise FailedPrecondition(f"cannot write the model cache in {folder.parent} ({exc}); point "
+                                 "--cache-dir / PDMESH_CACHE_DIR at a writable folder with ~1 GB free",
+                                 reason="MODEL_CACHE_UNWRITABLE", metadata={"path": folder.parent}) from None
     return folder
 
 
