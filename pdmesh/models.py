@@ -157,7 +157,12 @@ def _build(source: Path, folder: Path, expect_sha256: str | None, hint: str) -> 
 
     start = time.monotonic()
     log.info("converting %s into the model cache %s (once; later starts read the cache)", source, folder)
-    if expect_sha256 is not None and _sha256(source) != expect_sha256:
+    try:
+        actual = _sha256(source) if expect_sha256 is not None else None
+    except OSError as exc:
+        raise InvalidArgument(f"{source} cannot be read ({exc}); {hint}", reason="INVALID_MODEL_FILE",
+                              metadata={"path": source}) from None
+    if actual != expect_sha256:
         raise InvalidArgument(f"{source} is damaged (its SHA-256 differs from its package's record); {hint}",
                               reason="INVALID_MODEL_FILE", metadata={"path": source})
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")

@@ -223,3 +223,7 @@ def test_an_instance_with_a_bad_model_exits_at_once_with_the_reason(tmp_path, pd
     assert out.returncode == 2, out.stderr
     assert "INVALID_MODEL_FILE" in out.stderr and "listening" not in out.stdout
     assert "rank" not in out.stdout + out.stderr  # no rank was started
+    out = subprocess.run([*pdmesh_cmd, "up", "--model", str(bad), "--cache-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "INVALID_MODEL_FILE" in out.stderr, out.stderr
+    assert "starting the mesh" not in out.stdout  # nothing was started
