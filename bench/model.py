@@ -131,7 +131,8 @@ def decode(steps: int) -> list[str]:
              ("pdmesh engine, batch 1", _ours(exact, prompt, steps)),
              ("pdmesh engine, batch 4, batch-invariant off",
               _batch_steps(load_hf_engine(folder, batch_invariant=False), prompts, steps)),
-             ("pdmesh engine, batch 4, batch-invariant on (smollm2's default)", _batch_steps(exact, prompts, steps))]
+             ("pdmesh engine, batch 4, batch-invariant on (smollm2's default)",
+              _batch_steps(exact, prompts, steps))]
     rows = [f"Decode, {threads} torch thread(s), float32, after a {len(prompt)}-token chat prompt, "
             f"median of {steps} steps:", "",
             "| decode | wall ms per step | CPU ms per step | CPU vs baseline |", "| --- | ---: | ---: | ---: |"]

@@ -61,7 +61,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-method", default="follow_bootstrap_room",
                    choices=["round_robin", "shortest_queue", "follow_bootstrap_room"])
     p.add_argument("--model", default=env("MODEL"),
-                   help=f"a model name, Hugging Face folder or .gguf file (default {DEFAULT_MODEL}) [PDMESH_MODEL]")
+                   help=f"a model name, Hugging Face folder or .gguf file (default {DEFAULT_MODEL}) "
+                        "[PDMESH_MODEL]")
     p.add_argument("--model-preset", default=env("MODEL_PRESET"),
                    help="random weights of this preset instead of a model (tiny: exact tests, "
                         "bench-kv: benchmarks) [PDMESH_MODEL_PRESET]")
