@@ -152,5 +152,8 @@ def check_model(spec: EngineSpec) -> str:
     cfg = _folder_config(folder, parse_dtype(spec.dtype) if spec.dtype else None, spec.page_size or 16)
     check_hf_weights(folder, cfg)
     tokenizer = load_hf_tokenizer(folder)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise InvalidArgument(f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model "
+                              f"only {cfg.vocab_size}", reason="INVALID_MODEL_CONFIG")
     return (f"{spec.model} from {folder} ({cfg.num_layers} layers, vocabulary {tokenizer.vocab_size}, "
             f"{cfg.dtype}, EOS {sorted(tokenizer.eos_ids)})")

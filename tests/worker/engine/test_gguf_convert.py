@@ -208,10 +208,18 @@ def test_named_model_errors_say_what_to_do(tmp_path, monkeypatch, source):
 
 def test_a_damaged_cache_folder_fails_typed(source, tmp_path):
     folder = catalog.resolve_model(str(source[0]), tmp_path)
+    spec = EngineSpec(model=str(source[0]), cache_dir=str(tmp_path))
+    tokenizer = folder / "tokenizer.json"
+    good = tokenizer.read_bytes()
+    tokenizer.write_bytes(good[:100])
+    with pytest.raises(InvalidArgument) as err:
+        check_model(spec)
+    assert err.value.reason == "INVALID_MODEL_FOLDER" and "delete the folder" in err.value.message
+    tokenizer.write_bytes(good)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(InvalidArgument) as err:
-        check_model(EngineSpec(model=str(source[0]), cache_dir=str(tmp_path)))
+        check_model(spec)
     assert err.value.reason == "INVALID_MODEL_FOLDER" and "delete the folder" in err.value.message
 
 
