@@ -31,7 +31,7 @@ PROMPT = "Disaggregated serving splits prefill from decode"
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    base = free_port_range(4)
+    base = free_port_range(5)  # pdmesh up: 4 services and the HTTP API
     up = Proc("up", ["up", "--base-port", str(base), "--log-dir", str(tmp_path_factory.mktemp("up-logs"))])
     up.start()
     deadline = time.monotonic() + 180

@@ -61,7 +61,7 @@ def mesh(pki, tmp_path_factory):
     assert up.proc.wait(30) == 0, up.tail()
 
 
-def _free_range(free_port, n: int = 4) -> int:
+def _free_range(free_port, n: int = 5) -> int:
     import socket
     for _ in range(50):
         base = free_port()
