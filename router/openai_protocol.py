@@ -11,7 +11,8 @@ Parameters the engine cannot honour are accepted only at the value that changes 
 (`NEUTRAL`: `presence_penalty` 0, `logprobs` null/false, `echo` false, ...); any other value, and
 any parameter not listed, is a 400 that names it (`UNSUPPORTED_PARAMETER`), never ignored.
 
-pdmesh extensions in the body: `routed_dp_rank` (pin the prefill DP rank), `omit_rank_hint` (with
+Extensions in the body: `ignore_eos` (as vLLM and SGLang take it: generate past the end of
+sequence, to exactly the token budget), `routed_dp_rank` (pin the prefill DP rank), `omit_rank_hint` (with
 it: tell only the prefill, see router.proto), `return_routing` (each choice then carries a
 `pdmesh` object: room, instances, ranks, rank path, TTFT).
 """
@@ -33,7 +34,7 @@ COMPLETION, CHAT = "text_completion", "chat.completion"
 TO_CONTEXT_END = 1 << 20
 MAX_STOPS = 4
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-          "stream_options", "user", "routed_dp_rank", "omit_rank_hint", "return_routing"}
+          "stream_options", "user", "ignore_eos", "routed_dp_rank", "omit_rank_hint", "return_routing"}
 FIELDS = {COMPLETION: COMMON | {"prompt"}, CHAT: COMMON | {"messages", "max_completion_tokens"}}
 #: Parameters the engine cannot honour: accepted only where the value asks for nothing.
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
@@ -122,6 +123,7 @@ def _sampling(kind: str, body: dict, request: router_pb2.GenerateRequest, defaul
     if top_p == 0.0:
         raise bad("top_p", "top_p must be greater than 0 and at most 1")
     sampling.top_p = top_p
+    sampling.ignore_eos = _bool(body, "ignore_eos")
     seed = _int(body, "seed", 0, (1 << 64) - 1, None)
     sampling.seed = seed if seed is not None else (secrets.randbits(63) if sampling.temperature > 0 else 0)
 

@@ -118,7 +118,9 @@ async def deltas(generate: Generate, run: Run) -> AsyncIterator[Delta]:
             sample = samples[message.sample_index]
             if sample.finish is not None:
                 continue  # tokens after a stop string: dropped, the sample is being cancelled
-            yield _take(sample, message)
+            delta = _take(sample, message)
+            if delta.text or delta.finish or delta.info is not None:  # nothing held back alone
+                yield delta
             if all(s.finish for s in samples) and any(s.stopped_early for s in samples):
                 return  # aclosing cancels the samples still running past their stop string
 
