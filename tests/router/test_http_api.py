@@ -8,17 +8,21 @@ through HTTP must equal one colocated engine's, as through gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
 import subprocess
 import time
 
+import aiohttp
 import grpc
 import openai
 import pytest
 
 from pdmesh.router.chat_template import fallback
+from pdmesh.router.cli import RouterApp
+from pdmesh.router.service import RouterConfig
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 from procs import Proc, free_port_range
@@ -206,3 +210,37 @@ def test_a_client_gone_mid_stream_aborts_both_sides(mesh):
     assert wait_until(lambda: both_pools_full(mesh), 60)
     left = 4096 - len(PROMPT) - 21
     assert time.monotonic() - gone < left * per_token / 4, (time.monotonic() - gone, per_token)
+
+
+async def _burst_and_empty_router(mesh) -> tuple[list, dict, tuple]:
+    """An in-process router with one slot and no queue in front of the mesh's instances, and
+    one with no instance at all, both with the HTTP API on a free port."""
+    small = await RouterApp(RouterConfig(prefills=(mesh["prefill"],), decodes=(mesh["decode"],),
+                                         max_in_flight=1, max_queued=0, http_port=0,
+                                         served_model_name="tiny")).start()
+    empty = await RouterApp(RouterConfig(http_port=0, served_model_name="tiny")).start()
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "ignore_eos": True}
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def post(port: int):
+                async with session.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as reply:
+                    return reply.status, dict(reply.headers), await reply.json()
+            burst = await asyncio.gather(*(post(small.http_port) for _ in range(4)))
+            async with session.get(f"http://127.0.0.1:{empty.http_port}/health") as reply:
+                health = reply.status, await reply.json()
+            return burst, health, await post(empty.http_port)
+    finally:
+        await small.stop(0)
+        await empty.stop(0)
+
+
+def test_capacity_is_429_with_retry_after_and_no_instance_is_503(mesh):
+    burst, health, unavailable = asyncio.run(_burst_and_empty_router(mesh))
+    refused = [(headers, body) for status, headers, body in burst if status == 429]
+    assert refused and any(status == 200 for status, _, _ in burst), [s for s, _, _ in burst]
+    for headers, body in refused:
+        assert body["error"]["code"] == "ROUTER_AT_CAPACITY" and body["error"]["type"] == "rate_limit_error"
+        assert int(headers["Retry-After"]) >= 1 and int(headers["retry-after-ms"]) > 0
+    assert health == (503, {"status": "unavailable", "healthy_instances": {"prefill": 0, "decode": 0}})
+    status, _, body = unavailable
+    assert (status, body["error"]["code"]) == (503, "NO_HEALTHY_INSTANCE")
