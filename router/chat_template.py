@@ -16,7 +16,10 @@ random-weight presets) the fallback is plain and documented (README "OpenAI-comp
     Assistant:
 
 one line per message ("<Role>: <content>", the role capitalized), then "Assistant:" to prompt
-the answer. The rendered text goes to the workers as `prompt.text` and is tokenized there.
+the answer. The rendered text goes to the workers as `prompt.text` and is tokenized there, special
+tokens of the template (`<|im_start|>`, ...) matched as such. The worker's tokenizer adds what its
+post-processor adds: a template that writes `{{ bos_token }}` itself, for a tokenizer that also
+adds BOS, gives two (Hugging Face tokenizes chat text without special tokens).
 """
 
 from __future__ import annotations
