@@ -54,6 +54,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="chat template for /v1/chat/completions: a model folder (its tokenizer_config.json "
                         "or chat_template.jinja) or a Jinja file (env PDMESH_CHAT_TEMPLATE; default: "
                         "plain 'Role: content' lines)")
+    p.add_argument("--first-token-timeout-s", type=float,
+                   default=float(env("ROUTER_FIRST_TOKEN_TIMEOUT_S", "60")),
+                   help="a sample fails DEADLINE_EXCEEDED when its first token takes longer (default 60)")
+    p.add_argument("--token-timeout-s", type=float, default=float(env("ROUTER_TOKEN_TIMEOUT_S", "30")),
+                   help="... or when a next token takes longer than this after the last (default 30)")
     tls.add_arguments(p)
     metrics.add_arguments(p)
 
@@ -62,6 +67,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(host=args.host, port=args.port, policy=args.policy, pin_ranks=args.pin_ranks,
                         align_rooms=args.align_rooms, max_in_flight=args.max_in_flight,
                         max_queued=args.max_queued, prefills=tuple(args.prefill), decodes=tuple(args.decode),
+                        first_token_timeout_s=args.first_token_timeout_s,
+                        token_timeout_s=args.token_timeout_s,
                         tls=tls.from_args(args), metrics_port=args.metrics_port,
                         metrics_host=args.metrics_host, http_port=args.http_port,
                         http_host=args.http_host, served_model_name=args.served_model_name,
