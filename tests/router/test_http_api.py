@@ -1,8 +1,9 @@
 """The router's OpenAI-compatible HTTP API against a real `pdmesh up`, with the official `openai`
 client and `curl`.
 
-One mesh serves the module: bootstrap, router (HTTP API on base + 4), a follow_bootstrap_room
-prefill (dp 2) and a decode (dp 2), each a separate process, the exact `tiny` engine. Greedy text
+The package's one `pdmesh up` (tests/router/conftest.py) serves it: bootstrap, router (HTTP API on
+base + 4), a follow_bootstrap_room prefill (dp 2) and a decode (dp 2), each a separate process,
+the exact `tiny` engine. Greedy text
 through HTTP must equal one colocated engine's, as through gRPC.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 import subprocess
 import time
 
@@ -25,30 +25,14 @@ from pdmesh.router.cli import RouterApp
 from pdmesh.router.service import RouterConfig
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
-from procs import Proc, free_port_range
 
 PROMPT = "An OpenAI client talks to the mesh"
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    base = free_port_range(5)
-    up = Proc("up-http", ["up", "--base-port", str(base), "--log-dir", str(tmp_path_factory.mktemp("up-http"))])
-    up.start()
-    deadline = time.monotonic() + 180
-    while not any("serving; router at" in line for line in up.lines):
-        if not up.alive() or time.monotonic() > deadline:
-            up.stop()
-            raise RuntimeError(f"pdmesh up did not come up:\n{up.tail()}")
-        time.sleep(0.1)
-    url = f"http://127.0.0.1:{base + 4}/v1"
-    assert f"HTTP API at {url}" in "".join(up.lines)
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
-    yield {"up": up, "url": url, "client": client, "prefill": f"127.0.0.1:{base + 2}",
-           "decode": f"127.0.0.1:{base + 3}"}
-    client.close()
-    up.proc.send_signal(signal.SIGINT)
-    assert up.proc.wait(30) == 0, up.tail()
+def client(mesh):
+    with openai.OpenAI(base_url=mesh["url"], api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
 
 
 def pools_full(address: str) -> bool:
@@ -71,8 +55,7 @@ def wait_until(predicate, timeout: float) -> bool:
     return predicate()
 
 
-def test_models_and_completion_equal_the_colocated_engine(mesh):
-    client = mesh["client"]
+def test_models_and_completion_equal_the_colocated_engine(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
                                       extra_body={"ignore_eos": True})
@@ -82,8 +65,7 @@ def test_models_and_completion_equal_the_colocated_engine(mesh):
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(PROMPT.encode()) + 1, 12)
 
 
-def test_chat_streams_the_same_text_as_without_stream(mesh):
-    client = mesh["client"]
+def test_chat_streams_the_same_text_as_without_stream(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
     expected = colocated_text(fallback(messages), 10, model=None, preset="tiny")
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
@@ -99,8 +81,7 @@ def test_chat_streams_the_same_text_as_without_stream(mesh):
     assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
 
 
-def test_n_samples_have_their_own_rooms_and_seeds(mesh):
-    client = mesh["client"]
+def test_n_samples_have_their_own_rooms_and_seeds(client):
 
     def sample(**kwargs):
         return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, n=3, temperature=1.0,
@@ -121,9 +102,9 @@ def test_n_samples_have_their_own_rooms_and_seeds(mesh):
     assert streamed == [c.text for c in choices] and len(rooms) == 3
 
 
-def test_a_pinned_rank_takes_the_hint_path(mesh):
+def test_a_pinned_rank_takes_the_hint_path(client):
     for rank in (0, 1):
-        reply = mesh["client"].completions.create(
+        reply = client.completions.create(
             model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
             extra_body={"routed_dp_rank": rank, "return_routing": True})
         info = reply.choices[0].pdmesh
@@ -131,26 +112,25 @@ def test_a_pinned_rank_takes_the_hint_path(mesh):
         assert info["prefill_instance"] == "prefill-0" and info["bootstrap_room"] > 0
 
 
-def test_the_follow_bootstrap_room_conflict_is_409_with_its_reason(mesh):
+def test_the_follow_bootstrap_room_conflict_is_409_with_its_reason(mesh, client):
     """Pinned without the hint, 16 samples: some room is odd or even against the pinned rank
     (all 16 aligned by chance: 2**-16), so the prefill refuses and the whole request fails. A
     stream whose first token came before the refusal ends with an error event of the same code."""
     extra = {"routed_dp_rank": 0, "omit_rank_hint": True}
     with pytest.raises(openai.ConflictError) as err:
-        mesh["client"].completions.create(model="tiny", prompt=PROMPT, max_tokens=2, n=16, temperature=0,
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, n=16, temperature=0,
                                           extra_body=extra)
     assert err.value.status_code == 409
     assert err.value.code == "FOLLOW_BOOTSTRAP_ROOM_CONFLICT"
     assert "PDMESH_FORCE_QUERY_PREFILL_DP_RANK=1" in err.value.message
     with pytest.raises(openai.APIError) as err:
-        list(mesh["client"].completions.create(model="tiny", prompt=PROMPT, max_tokens=2, n=16, stream=True,
+        list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, n=16, stream=True,
                                                temperature=0, extra_body=extra))
     assert err.value.code == "FOLLOW_BOOTSTRAP_ROOM_CONFLICT"
     assert wait_until(lambda: both_pools_full(mesh), 30)
 
 
-def test_what_the_engine_cannot_do_is_a_clear_400(mesh):
-    client = mesh["client"]
+def test_what_the_engine_cannot_do_is_a_clear_400(client):
     cases = [({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"5": 1}}, "logit_bias"),
              ({"top_k": 5}, "top_k"), ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo")]
     for extra, param in cases:
@@ -168,12 +148,12 @@ def test_what_the_engine_cannot_do_is_a_clear_400(mesh):
     assert err.value.code == "MODEL_NOT_FOUND"
 
 
-def test_a_stop_string_cuts_the_text_and_frees_the_pages(mesh):
+def test_a_stop_string_cuts_the_text_and_frees_the_pages(mesh, client):
     full = colocated_text(PROMPT, 40, model=None, preset="tiny")
     stop = next(full[i:i + 2] for i in range(8, len(full) - 2) if "\ufffd" not in full[i:i + 2])
     expected = full[:full.find(stop)]
     for stream in (False, True):
-        reply = mesh["client"].completions.create(model="tiny", prompt=PROMPT, max_tokens=400, temperature=0,
+        reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=400, temperature=0,
                                                   stop=[stop], stream=stream, extra_body={"ignore_eos": True})
         chunks = list(reply) if stream else reply.choices
         text = "".join(c.choices[0].text for c in chunks) if stream else chunks[0].text
@@ -194,10 +174,10 @@ def test_curl_streams_server_sent_events(mesh):
     assert text == colocated_text(PROMPT, 6, model=None, preset="tiny")
 
 
-def test_a_client_gone_mid_stream_aborts_both_sides(mesh):
+def test_a_client_gone_mid_stream_aborts_both_sides(mesh, client):
     """The generation would run to the context's end (about 4000 tokens); the client leaves after
     a few. Both pools must be full again long before the rest could have been generated."""
-    stream = mesh["client"].completions.create(model="tiny", prompt=PROMPT, max_tokens=1 << 20, temperature=0,
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1 << 20, temperature=0,
                                                stream=True, extra_body={"ignore_eos": True})
     stamps = []
     for _ in stream:
