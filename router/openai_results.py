@@ -99,13 +99,13 @@ def _take(sample: Sample, message: router_pb2.GenerateResponse) -> Delta:
     if first:
         sample.info = message.info
     sample.tokens += len(message.token_ids)
+    sample.prompt_tokens = message.prompt_tokens or sample.prompt_tokens
     text, hit = sample.matcher.push(message.text)
     if hit:
         sample.finish, sample.stopped_early = "stop", True
     elif message.finish_reason:
         text += sample.matcher.flush()
         sample.finish = "length" if message.finish_reason == common_pb2.FINISH_REASON_LENGTH else "stop"
-        sample.prompt_tokens = message.prompt_tokens
     sample.text += text
     return Delta(sample.index, text, sample.finish, message.info if first else None)
 

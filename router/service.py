@@ -6,7 +6,8 @@ least-loaded choice with `pin_ranks`), it sends r to the prefill as `routed_dp_r
 sides as `disagg_prefill_dp_rank`, so the decode needs no lookup and no conflict can arise
 (unless the client asks for `omit_rank_hint`: then the prefill alone hears of the pin). When
 sampling, each sample after the first gets a seed derived from the request's (`sample_sampling`).
-Each sample's last message carries the prompt's token count, from the prefill's answer.
+One message of each sample (the first after the prefill answered, at the latest the last) carries
+the prompt's token count, from the prefill's answer.
 A failure on one side cancels and aborts the other side; the first cause (the prefill's status
 when the prefill failed) reaches the client unchanged, code and ErrorInfo. A sample that a worker
 refuses because it drains (INSTANCE_DRAINING: nothing of it ran) is sent to another instance with
@@ -225,7 +226,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         prefill_task = asyncio.ensure_future(prefill_call)
         prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or decode_call.cancel())
         watchdog = _Watchdog(room, self.config, (prefill_call, decode_call))
-        completed = False
+        completed = counted = False
         try:
             first, ttft_s = True, 0.0
             async for message in decode_call:
@@ -243,8 +244,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     logs.bind(path=metrics.path_name(message.routing.rank_path),
                               prefill_rank=message.routing.prefill_dp_rank,
                               decode_rank=message.routing.decode_dp_rank)
-                if message.finish_reason:  # the decode had the KV: the prefill answers at once
-                    reply.prompt_tokens = (await prefill_task).prompt_tokens
+                if not counted and (prefill_task.done() or message.finish_reason):
+                    # once the prefill answered (the latest: the last message, when the decode
+                    # has long had the KV and the prefill's answer is due at once)
+                    reply.prompt_tokens, counted = (await prefill_task).prompt_tokens, True
                 await queue.put(reply)
             await prefill_task
             completed = True
