@@ -30,6 +30,7 @@ from bench.pd_client import arun, percentile
 from pdmesh.proc import Proc, start_all, stop_all
 from pdmesh.router.client import RouterClient, build_request
 from pdmesh.router.http_server import HttpApi
+from pdmesh.router.instances import InstanceTable
 
 PROMPT_IDS = [(i * 13 + 5) % 250 + 1 for i in range(32)]
 MAX_NEW = 16
@@ -94,7 +95,7 @@ async def _mixed(senders: dict, concurrency: int, per_path: int, bar: tqdm) -> d
 
 async def _measure(router: str, router_pid: int, http_url: str, plan: dict, bar: tqdm) -> dict:
     async with RouterClient(router) as client, aiohttp.ClientSession() as session:
-        hop = HttpApi(_Hop(client), None, "tiny")
+        hop = HttpApi(_Hop(client), InstanceTable(), "tiny")  # its /health is not used
         hop_port = await hop.start("127.0.0.1", 0)
         urls = {"http": f"{http_url}/v1/completions", "hop": f"http://127.0.0.1:{hop_port}/v1/completions"}
 
