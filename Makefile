@@ -37,11 +37,14 @@ run: install
 test: install sysdeps
 	PDMESH_TORCH_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The across-hosts test (tests/faults/test_netns.py) makes network namespaces with iproute2's `ip`;
-# as root on a Debian machine without it, install it (elsewhere that test skips with the reason).
+# The across-hosts test (tests/faults/test_netns.py) makes network namespaces with iproute2's `ip`,
+# and the HTTP API's test streams with `curl`; as root on a Debian machine without them, install
+# them (elsewhere those tests skip with the reason).
 sysdeps:
-	@if ! command -v ip >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; fi
+	@missing=""; command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
 bench: install
 	$(PY) -m bench

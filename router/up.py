@@ -1,7 +1,8 @@
 """`pdmesh up`: a whole mesh on loopback in one command (what `make run` runs).
 
 Starts a bootstrap service, a prefill instance (dp 2), a decode instance (dp 2) and a router as
-separate processes on consecutive ports from `--base-port`, waits until each answers its health
+separate processes on consecutive ports from `--base-port` (the router's OpenAI-compatible HTTP
+API on base + 4 unless `--http-port` moves it or `--no-http` turns it off), waits until each answers its health
 check, sends a demo request through the router, prints the answer, the rank path it took, the time
 to first token, and whether the text equals what one colocated engine produces; then serves until
 Ctrl-C (`--once` stops after the demo). Every process it started is stopped on the way out, also
@@ -56,7 +57,12 @@ class Child:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=env("UP_HOST", "127.0.0.1"), help="address every process binds")
     p.add_argument("--base-port", type=int, default=int(env("UP_BASE_PORT", "8998")),
-                   help="bootstrap on this port, router +1, prefill +2, decode +3")
+                   help="bootstrap on this port, router +1, prefill +2, decode +3, HTTP API +4")
+    http = env("HTTP_PORT", "")
+    p.add_argument("--http-port", type=int, default=int(http) if http.strip() else None,
+                   help="the router's OpenAI-compatible HTTP API port (env PDMESH_HTTP_PORT; "
+                        "default: base port + 4)")
+    p.add_argument("--no-http", action="store_true", help="no HTTP API, gRPC only")
     p.add_argument("--dp-size", type=int, default=2, help="DP ranks of the prefill and of the decode")
     p.add_argument("--prefill-method", default="follow_bootstrap_room",
                    choices=["round_robin", "shortest_queue", "follow_bootstrap_room"])
@@ -110,11 +116,44 @@ def plan(args: argparse.Namespace, log_dir: Path) -> list[Child]:
                "--instance-id", "decode-0", *engine], log_dir / "decode.log"),
         Child("router", addr["router"],
               [*exe, "router", "--host", host, "--port", str(base + 1), "--prefill", addr["prefill"],
-               "--decode", addr["decode"]], log_dir / "router.log"),
+               "--decode", addr["decode"], *http_argv(args)], log_dir / "router.log"),
     ]
     for child in children:
         child.argv += secure
     return children
+
+
+def http_port(args: argparse.Namespace) -> int | None:
+    """The HTTP API's port, or None with --no-http."""
+    if args.no_http:
+        return None
+    return args.base_port + 4 if args.http_port is None else args.http_port
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    """What the HTTP API calls the model: its name (`smollm2`), folder or file name, or the preset."""
+    spec = engine_spec(args)
+    return Path(spec.model).name if spec.model else spec.preset
+
+
+def http_argv(args: argparse.Namespace) -> list[str]:
+    port = http_port(args)
+    if port is None:
+        return []
+    argv = ["--http-port", str(port), "--served-model-name", served_model_name(args)]
+    spec = engine_spec(args)
+    if spec.model:  # the model's folder (a named model's cache) carries its chat template
+        from pdmesh.models import resolve_model
+        argv += ["--chat-template", str(resolve_model(spec.model, args.cache_dir))]
+    return argv
+
+
+def http_url(args: argparse.Namespace) -> str | None:
+    port = http_port(args)
+    if port is None:
+        return None
+    secure = tls.from_args(args)
+    return f"{'https' if secure and secure.has_identity else 'http'}://{args.host}:{port}/v1"
 
 
 async def wait_healthy(child: Child, deadline: float, tls_config: tls.TlsConfig | None = None) -> None:
@@ -230,10 +269,14 @@ async def run(args: argparse.Namespace) -> int:
     print(f"pdmesh up: starting the mesh (logs in {log_dir})", flush=True)
     try:
         await start_all(children, tls.from_args(args))
+        url = http_url(args)
+        if url:
+            print(f"  http      {url}  (OpenAI-compatible API, model {served_model_name(args)!r})", flush=True)
         ok = await demo(args, children[-1].address)
         if args.once:
             return 0 if ok else 1
-        print(f"\nserving; router at {children[-1].address}. Ctrl-C stops every process.", flush=True)
+        print(f"\nserving; router at {children[-1].address}"
+              f"{f', HTTP API at {url}' if url else ''}. Ctrl-C stops every process.", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

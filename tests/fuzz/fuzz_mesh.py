@@ -33,7 +33,7 @@ STREAMING = {DECODE + "Decode", ROUTER + "Generate"}
 CHILD_PID = re.compile(r"\(pid (\d+),")  # `pdmesh up` prints each child's pid
 
 
-def free_base_port(n: int = 4) -> int:
+def free_base_port(n: int = 5) -> int:
     """A port with n-1 free ports after it (pdmesh up takes consecutive ones)."""
     for _ in range(50):
         with socket.socket() as s:
