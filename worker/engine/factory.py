@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pdmesh.config import env
+from pdmesh.config import env, env_bool
 from pdmesh.errors import InvalidArgument
 from pdmesh.models import NAMED_MODELS, named_model, resolve_model
 from pdmesh.worker.engine.config import PRESETS, ModelConfig, from_hf_config, parse_dtype, preset
@@ -63,18 +63,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of random weights [PDMESH_MODEL_SEED] (default 0)")
     parser.add_argument("--device", default=env("DEVICE", "cpu"), help="torch device [PDMESH_DEVICE]")
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
-                        default=_bool_env("BATCH_INVARIANT"),
+                        default=env_bool("BATCH_INVARIANT"),
                         help="decode each sequence alone for bit-exact results [PDMESH_BATCH_INVARIANT]")
 
 
 def _int_env(name: str) -> int | None:
     value = env(name)
     return None if value in (None, "") else int(value)
-
-
-def _bool_env(name: str) -> bool | None:
-    value = (env(name) or "").strip().lower()
-    return None if not value else value in {"1", "true", "yes", "on"}
 
 
 def spec_from_args(args: argparse.Namespace) -> EngineSpec:
