@@ -12,7 +12,8 @@ on stdout (UCX may print its own lines there too: skip lines that do not start w
                   "cpu_s": process CPU seconds (all threads) from offered to sent}
     receiver: {"op": "fetch", "address": A, "rooms": [R, ..], "pages": N, "timeout": T,
                "verify": true, "sequential": false, "layers_per_chunk": k (optional)}
-              -> {"event": "fetch_done", "room": R, "ok": .., "seconds": .., "bytes": .., "cpu_s": ..}
+              -> {"event": "fetch_done", "room": R, "ok": .., "seconds": .., "bytes": .., "cpu_s": ..,
+                  "path": "samehost" or "ucx"}
                  per room,
                  then {"event": "batch_done", "seconds": ..}
     both:     {"op": "pool"} -> {"event": "pool", "free": F, "total": P};  {"op": "exit"}
@@ -24,8 +25,12 @@ With "fill", the sender writes room R's pages from a generator seeded by R and t
 ("verify") compares every byte it received with the same bytes. The token of room R is derived
 from R on both sides (the real control path sends a random one). Pages are handed out in a
 shuffled order, so a request's pages sit at scattered ids as they do in a serving rank.
-`--pack-delay S` slows each chunk's pack by S seconds and reports {"event": "packing"} (used to
-kill a sender mid-transfer).
+`--pack-delay S` slows each chunk's pack (or same-host copy) by S seconds and reports
+{"event": "packing"} (used to kill a sender mid-transfer).
+
+`--kv-transfer-path auto|ucx` (default: PDMESH_KV_TRANSFER_PATH, else auto) picks the path as a
+rank does: with auto, the receiver's pools live in shared memory and a sender of the same host
+writes straight into them (worker/transfer/samehost.py); ucx moves every byte over UCX.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from pdmesh.errors import PdmeshError
 from pdmesh.worker.kv.layout import DTYPE_NAMES, KvLayout
 from pdmesh.worker.kv.pack import pack, unpack
 from pdmesh.worker.kv.pool import KvPool
+from pdmesh.worker.transfer import samehost
 from pdmesh.worker.transfer import sender as sender_module
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import make_transport
@@ -78,8 +84,8 @@ def parse_layout(text: str) -> KvLayout:
     return KvLayout(int(layers), int(size), int(heads), int(dim), DTYPE_NAMES[dtype])
 
 
-def make_pool(layout: KvLayout, pages: int) -> KvPool:
-    pool = KvPool(layout, pages)
+def make_pool(layout: KvLayout, pages: int, shared: bool = False) -> KvPool:
+    pool = KvPool(layout, pages, shared=shared)
     pool.kv.view(torch.uint8).random_()  # touch every page now, not inside a timed transfer
     ids = pool.alloc(pages)
     random.Random(pages).shuffle(ids)
@@ -98,10 +104,13 @@ def error_fields(err: BaseException | None) -> dict:
 class Rank:
     def __init__(self, args) -> None:
         self.args = args
+        # a receiver offers its pools to same-host senders unless the path is forced to UCX
+        self.shared = args.role == "receiver" and args.kv_transfer_path == "auto"
         self.pools: dict[str, KvPool] = {args.layout: make_pool(parse_layout(args.layout),
-                                                                 args.pages)}
+                                                                 args.pages, self.shared)}
         config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace,
-                                send_depth=args.depth, recv_window=args.depth)
+                                send_depth=args.depth, recv_window=args.depth,
+                                path=args.kv_transfer_path)
         self.transport = make_transport(args.transport)
         self.sender = KvSender(self.transport, epoch=EPOCH, config=config) \
             if args.role == "sender" else None
@@ -113,7 +122,8 @@ class Rank:
         """The pool of the command's layout (created on first use with `pool_pages` pages)."""
         key = cmd.get("layout", self.args.layout)
         if key not in self.pools:
-            self.pools[key] = make_pool(parse_layout(key), cmd.get("pool_pages", self.args.pages))
+            self.pools[key] = make_pool(parse_layout(key), cmd.get("pool_pages", self.args.pages),
+                                        self.shared)
         return self.pools[key]
 
     async def offer(self, cmd: dict) -> None:
@@ -163,8 +173,10 @@ class Rank:
             seconds, error, cpu = time.perf_counter() - started, err, 0.0
         finally:
             pool.free(ids)
+        link = self.receiver._links.get(cmd["address"])
+        path = "samehost" if link and self.receiver._samehost.mapped(link, pool) else "ucx"
         emit(event="fetch_done", room=room, seconds=seconds, verified=verified, cpu_s=cpu,
-             bytes=pool.layout.request_bytes(pages), **error_fields(error))
+             bytes=pool.layout.request_bytes(pages), path=path, **error_fields(error))
 
     async def fetch(self, cmd: dict) -> None:
         started = time.perf_counter()
@@ -215,15 +227,16 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
     loop.call_soon_threadsafe(lines.put_nowait, "")
 
 
-def _slow_pack(delay: float):
-    real = sender_module._pack_chunk
+def _slow(real, delay: float):
+    """`real` (a chunk's pack or same-host copy: layers a, b are its 4th and 5th arguments),
+    announced and slowed by `delay` seconds."""
 
-    def pack_chunk(kv, ids, a, b, buf):
-        emit(event="packing", layers=[a, b])
+    def slowed(*args):
+        emit(event="packing", layers=[args[3], args[4]])
         time.sleep(delay)
-        return real(kv, ids, a, b, buf)
+        return real(*args)
 
-    return pack_chunk
+    return slowed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,11 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=TransferConfig.send_depth,
                         help="chunks in flight per transfer, each way")
     parser.add_argument("--pack-delay", type=float, default=0.0)
+    parser.add_argument("--kv-transfer-path", choices=samehost.PATHS,
+                        default=samehost.path_from_env(),
+                        help=f"auto: same-host writes where possible; ucx: always UCX "
+                             f"[{samehost.PATH_ENV}]")
     parser.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
     if args.pack_delay:
-        sender_module._pack_chunk = _slow_pack(args.pack_delay)
+        sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay)
+        samehost._copy_job = _slow(samehost._copy_job, args.pack_delay)
     rank = Rank(args)
     if args.loop == "uvloop":
         import uvloop

@@ -108,6 +108,11 @@ class SameHostReceiver:
             mapped = answer.result()
         return pool_id if mapped else None
 
+    def mapped(self, link, pool: KvPool) -> bool:
+        """Whether requests for `pool` over `link` go the same-host way."""
+        answer = self._answers.get((id(link), self._pool_ids.get(pool)))
+        return bool(answer is not None and answer.done() and answer.result())
+
     def on_ready(self, link, ready: pb.SameHostReady) -> None:
         answer = self._answers.get((id(link), ready.pool_id))
         if answer is None or answer.done():
