@@ -5,7 +5,8 @@ as rows [num_layers * 2 * P, W] of integer words (one row = one page of K or V i
 Staging row r of layers [a, b) (r = lc * n + j, lc = (layer - a) * 2 + kv) is pool row
 (2a + lc) * P + ids[j] on each side. One launch per chunk of layers copies every row, whatever
 the page count (tiles of ROWS rows x BLOCK words, int64 offsets, wide coalesced accesses), and
-each program adds its rows' word sums weighted by (2 r + 1) into its own int64 slot; the slots'
+each program adds its rows' word sums weighted by (2 r + 1), r the row's place in the whole
+request, into its own int64 slot; the slots'
 sum (mod 2^64) is the checksum `pdmesh.worker.kv.page_copy` defines, so the copy and its
 checksum are one pass over the bytes. A peer's pool mapped through CUDA IPC is an ordinary
 device pointer here (NVLink/PCIe for a peer GPU).
@@ -67,7 +68,7 @@ def _copy_rows_kernel(
         vals = tl.load(src_ptr + src_off, mask=mask, other=0)
         tl.store(dst_ptr + dst_off, vals, mask=mask)
     row_sums = tl.sum(vals.to(tl.int64), axis=1)  # [ROWS]
-    weighted = row_sums * (2 * rows.to(tl.int64) + 1)
+    weighted = row_sums * (2 * (rows.to(tl.int64) + first_lc * n) + 1)  # place in the request
     tl.store(sums_ptr + pid0 * tl.num_programs(1) + pid1, tl.sum(weighted, axis=0))
 
 

@@ -8,11 +8,13 @@ pool mapped into the prefill's process. Both pools have one layout (layout.py); 
 `src_ids[j]` of layers [a, b) lands in page `dst_ids[j]`. The checksum is taken in the same pass
 as the copy, over the bytes copied, so it costs no extra pass over memory:
 
-    rows r = ((layer - a) * 2 + kv) * n + j   (staging order, DESIGN.md)
-    checksum = sum_r rowsum(r) * (2 r + 1)   mod 2^64
+    rows r = (layer * 2 + kv) * n + j   (the whole request's staging order, DESIGN.md)
+    checksum of layers [a, b) = sum over their rows of rowsum(r) * (2 r + 1)   mod 2^64
 
 where rowsum adds the row's bytes read as little-endian integer words (the widest of 8/4/2/1
-bytes that divides a row), so a changed, lost or misplaced row changes it.
+bytes that divides a row), so a changed, lost or misplaced row changes it. The weights follow the
+row's place in the whole request, so the checksums of any cut into layer ranges add up (mod
+2^64) to the whole request's: the writer may chunk as suits its device.
 
 CPU (torch, the reference): pages that are consecutive on both sides form runs, and each run of
 every layer of the chunk is one strided `copy_` plus one `sum` while its bytes are in cache
@@ -48,14 +50,20 @@ class CopyPlan:
         self.runs = runs
         self._weights: dict[tuple[int, str], torch.Tensor] = {}
 
-    def weights(self, layers: int, device: torch.device) -> torch.Tensor:
-        key = (layers, str(device))
+    def weights(self, a: int, b: int, device: torch.device) -> torch.Tensor:
+        """Row weights of layers [a, b): 2 r + 1, r the row's place in the whole request."""
+        key = (a, b, str(device))
         found = self._weights.get(key)
         if found is None:
-            found = (2 * torch.arange(layers * 2 * self.n, dtype=torch.int64, device=device) + 1
-                     ).view(layers, 2, self.n)
+            found = _weights(a, b, self.n, device)
             self._weights[key] = found
         return found
+
+
+def _weights(a: int, b: int, n: int, device) -> torch.Tensor:
+    first = 2 * a * n
+    return (2 * torch.arange(first, first + (b - a) * 2 * n, dtype=torch.int64, device=device)
+            + 1).view(b - a, 2, n)
 
 
 def word_dtype(kv: torch.Tensor) -> torch.dtype:
@@ -92,7 +100,7 @@ def _copy_torch(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: i
         piece = src[:, :, s0:s0 + k]
         dst[:, :, d0:d0 + k].copy_(piece)
         torch.sum(piece, -1, dtype=torch.int64, out=sums[:, :, j0:j0 + k])
-    return int((sums * plan.weights(b - a, sums.device)).sum()) & MASK64
+    return int((sums * plan.weights(a, b, sums.device)).sum()) & MASK64
 
 
 def checksum_pages(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int) -> int:
@@ -102,5 +110,4 @@ def checksum_pages(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int) -> int:
     if n == 0 or a == b:
         return 0
     rows = _words(kv)[a:b].index_select(2, ids.to(kv.device)).sum(-1, dtype=torch.int64)
-    weights = (2 * torch.arange((b - a) * 2 * n, dtype=torch.int64, device=rows.device) + 1)
-    return int((rows.reshape(-1) * weights).sum()) & MASK64
+    return int((rows * _weights(a, b, n, rows.device)).sum()) & MASK64

@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pack_delay:
         sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay)
         samehost._copy_job = _slow(samehost._copy_job, args.pack_delay)
+        samehost.CPU_CHUNK_BYTES = 1  # chunk as the receiver asks, so there is a "mid-copy"
     rank = Rank(args)
     if args.loop == "uvloop":
         import uvloop

@@ -40,12 +40,16 @@ from pdmesh.errors import DataLoss, FailedPrecondition, InvalidArgument, PdmeshE
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv import shm_pool
 from pdmesh.worker.kv.layout import KvLayout
+from pdmesh.worker.kv import page_copy
 from pdmesh.worker.kv.page_copy import CopyPlan, checksum_pages, copy_pages
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import wire
 
 log = logging.getLogger(__name__)
 PATH_ENV = "PDMESH_KV_TRANSFER_PATH"
+# CPU writer's chunk: each chunk costs one strided copy and one sum per run of pages, so chunks
+# are large (an abort still stops within one chunk: ~10-30 ms here).
+CPU_CHUNK_BYTES = 128 << 20
 PATHS = ("auto", "ucx")
 
 
@@ -142,11 +146,8 @@ def _hello(pool: KvPool, pool_id: int) -> pb.SameHostHello | None:
 
 def checksum_of(kv: torch.Tensor, ids: torch.Tensor, plan: wire.ChunkPlan) -> int:
     """Worker thread: the transfer checksum of pages `ids` as they are now (what the writer's
-    trailer says it wrote), folded per chunk as the writer folds it."""
-    acc = wire.FOLD_START
-    for a, b in plan.ranges:
-        acc = wire.fold(acc, checksum_pages(kv, ids, a, b))
-    return acc
+    trailer says it wrote; page_copy.py: it does not depend on how the writer chunked)."""
+    return checksum_pages(kv, ids, 0, plan.layout.num_layers)
 
 
 def verify_trailer(trailer: pb.TransferTrailer, total_bytes: int, token: bytes,
@@ -273,11 +274,15 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
     from pdmesh.worker.kv.pack import check_page_ids
 
     status, tid = offer.status, request.transfer_id
-    plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), request.layers_per_chunk)
+    layers = request.layers_per_chunk
+    if not offer.pool.kv.is_cuda:  # CPU: one strided copy per page run covers every layer
+        layers = max(layers, wire.ChunkPlan.layers_for(offer.pool.layout, len(offer.page_ids),
+                                                       CPU_CHUNK_BYTES))
+    plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), layers)
     src_ids = check_page_ids(offer.pool.kv, offer.page_ids, unique=False)
     copies = CopyPlan(src_ids, dst_ids)
     loop = asyncio.get_running_loop()
-    acc, total = wire.FOLD_START, 0
+    acc, total = 0, 0
     sender.hold(mapped)
     try:
         for index, (a, b) in enumerate(plan.ranges):
@@ -290,7 +295,7 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
             except PdmeshError:
                 await asyncio.wait({job})  # the copy runs to its end before anything else
                 break
-            acc, total = wire.fold(acc, value), total + plan.chunk_bytes(index)
+            acc, total = (acc + value) & page_copy.MASK64, total + plan.chunk_bytes(index)
         if not status.terminal:
             trailer = pb.TransferTrailer(transfer_id=tid, first_token=offer.first_token,
                                          byte_count=total, checksum=acc, token=offer.token)

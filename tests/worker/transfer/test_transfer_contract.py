@@ -109,6 +109,8 @@ class BlockPack:
         self.reached, self.release, self.calls = threading.Event(), threading.Event(), 0
         for module, name in ((sender_module, "_pack_chunk"), (samehost, "_copy_job")):
             monkeypatch.setattr(module, name, self._blocked(getattr(module, name), at))
+        # a CPU same-host writer copies every layer at once; chunk as the receiver asks here
+        monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
 
     def _blocked(self, real, at: int):
         def blocked(*args):
@@ -424,6 +426,7 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
 
     monkeypatch.setattr(sender_module, "_pack_chunk", corrupt)
     monkeypatch.setattr(samehost, "_copy_job", corrupt_copy)
+    monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
     # same host: the receiver re-reads its pages only when asked to (same_host_verify)
     monkeypatch.setattr(mesh.receiver, "config", dataclasses.replace(CONFIG, same_host_verify=True))
 
