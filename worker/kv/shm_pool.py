@@ -163,6 +163,12 @@ def _cuda() -> "_CudaIpc":
 _CUDA: "_CudaIpc | None" = None
 
 
+class _Handle(ctypes.Structure):
+    """CUipcMemHandle: 64 opaque bytes, passed by value to cuIpcOpenMemHandle."""
+
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
 class _CudaIpc:
     """The CUDA driver's IPC calls through ctypes (libcuda.so.1 comes with every driver)."""
 
@@ -171,6 +177,12 @@ class _CudaIpc:
 
     def __init__(self) -> None:
         self.lib = ctypes.CDLL("libcuda.so.1")
+        u64 = ctypes.c_uint64
+        self.lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64),
+                                                     ctypes.POINTER(ctypes.c_size_t), u64]
+        self.lib.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(_Handle), u64]
+        self.lib.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(u64), _Handle, ctypes.c_uint]
+        self.lib.cuIpcCloseMemHandle.argtypes = [u64]
 
     def _check(self, result: int, what: str) -> None:
         if result != 0:
@@ -182,21 +194,19 @@ class _CudaIpc:
         torch.cuda.synchronize(kv.device)  # makes the device's primary context current here
         ptr = ctypes.c_uint64(kv.data_ptr())
         base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        self._check(self.lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr),
-                    "cuMemGetAddressRange")
-        handle = (ctypes.c_char * self.HANDLE_BYTES)()
-        self._check(self.lib.cuIpcGetMemHandle(handle, base), "cuIpcGetMemHandle")
-        return bytes(handle), kv.data_ptr() - base.value
+        self._check(self.lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size),
+                                                     ptr.value), "cuMemGetAddressRange")
+        handle = _Handle()
+        self._check(self.lib.cuIpcGetMemHandle(ctypes.byref(handle), base), "cuIpcGetMemHandle")
+        return ctypes.string_at(ctypes.addressof(handle), self.HANDLE_BYTES), \
+            kv.data_ptr() - base.value
 
     def map(self, desc: PoolExport, shape, dtype, device: torch.device) -> PeerPool:
         if len(desc.cuda_handle) != self.HANDLE_BYTES:
             raise MapError("malformed CUDA IPC handle")
         torch.cuda.synchronize(device)
-        handle = (ctypes.c_char * self.HANDLE_BYTES).from_buffer_copy(desc.cuda_handle)
+        handle = _Handle.from_buffer_copy(desc.cuda_handle)
         base = ctypes.c_uint64()
-        self.lib.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64),
-                                                   ctypes.c_char * self.HANDLE_BYTES,
-                                                   ctypes.c_uint]
         self._check(self.lib.cuIpcOpenMemHandle_v2(ctypes.byref(base), handle,
                                                    self.LAZY_ENABLE_PEER_ACCESS),
                     "cuIpcOpenMemHandle")
@@ -212,6 +222,6 @@ class _CudaIpc:
 
         def close() -> None:
             torch.cuda.synchronize(device)
-            lib.cuIpcCloseMemHandle(ctypes.c_uint64(opened))
+            lib.cuIpcCloseMemHandle(opened)
 
         return PeerPool(kv, close)

@@ -84,8 +84,8 @@ def parse_layout(text: str) -> KvLayout:
     return KvLayout(int(layers), int(size), int(heads), int(dim), DTYPE_NAMES[dtype])
 
 
-def make_pool(layout: KvLayout, pages: int, shared: bool = False) -> KvPool:
-    pool = KvPool(layout, pages, shared=shared)
+def make_pool(layout: KvLayout, pages: int, shared: bool = False, device: str = "cpu") -> KvPool:
+    pool = KvPool(layout, pages, device=device, shared=shared)
     pool.kv.view(torch.uint8).random_()  # touch every page now, not inside a timed transfer
     ids = pool.alloc(pages)
     random.Random(pages).shuffle(ids)
@@ -106,13 +106,13 @@ class Rank:
         self.args = args
         # a receiver offers its pools to same-host senders unless the path is forced to UCX
         self.shared = args.role == "receiver" and args.kv_transfer_path == "auto"
-        self.pools: dict[str, KvPool] = {args.layout: make_pool(parse_layout(args.layout),
-                                                                 args.pages, self.shared)}
+        self.pools: dict[str, KvPool] = {args.layout: make_pool(
+            parse_layout(args.layout), args.pages, self.shared, args.device)}
         config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace,
                                 send_depth=args.depth, recv_window=args.depth,
                                 path=args.kv_transfer_path)
         self.transport = make_transport(args.transport)
-        self.sender = KvSender(self.transport, epoch=EPOCH, config=config) \
+        self.sender = KvSender(self.transport, epoch=EPOCH, config=config, device=args.device) \
             if args.role == "sender" else None
         self.receiver = KvReceiver(self.transport, config=config) \
             if args.role == "receiver" else None
@@ -123,7 +123,7 @@ class Rank:
         key = cmd.get("layout", self.args.layout)
         if key not in self.pools:
             self.pools[key] = make_pool(parse_layout(key), cmd.get("pool_pages", self.args.pages),
-                                        self.shared)
+                                        self.shared, self.args.device)
         return self.pools[key]
 
     async def offer(self, cmd: dict) -> None:
@@ -134,7 +134,7 @@ class Rank:
             emit(event="offer_done", room=room, **error_fields(err))
             return
         if cmd.get("fill"):
-            unpack(content(pool.layout, room, pages), pool.kv, ids)
+            unpack(content(pool.layout, room, pages).to(pool.kv.device), pool.kv, ids)
         try:
             offer = self.sender.offer(room, pool, ids, room % 50000, token=token_for(room),
                                       timeout=cmd.get("timeout", 30.0))
@@ -166,7 +166,7 @@ class Rank:
             if first != room % 50000:
                 error = PdmeshError(f"first token {first} != {room % 50000}")
             if cmd.get("verify"):
-                got = pack(pool.kv, ids).reshape(-1)
+                got = pack(pool.kv, ids).reshape(-1).cpu()
                 verified = torch.equal(got.view(torch.uint8),
                                        content(pool.layout, room, pages).view(torch.uint8))
         except PdmeshError as err:
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=TransferConfig.send_depth,
                         help="chunks in flight per transfer, each way")
     parser.add_argument("--pack-delay", type=float, default=0.0)
+    parser.add_argument("--device", default="cpu", help="torch device of the pools (e.g. cuda:0)")
     parser.add_argument("--kv-transfer-path", choices=samehost.PATHS,
                         default=samehost.path_from_env(),
                         help=f"auto: same-host writes where possible; ucx: always UCX "
