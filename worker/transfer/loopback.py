@@ -227,12 +227,12 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
     loop.call_soon_threadsafe(lines.put_nowait, "")
 
 
-def _slow(real, delay: float):
-    """`real` (a chunk's pack or same-host copy: layers a, b are its 4th and 5th arguments),
-    announced and slowed by `delay` seconds."""
+def _slow(real, delay: float, layers_at: int):
+    """`real` (a chunk's pack, or same-host copy, whose layers a, b are its arguments
+    `layers_at` and `layers_at + 1`), announced and slowed by `delay` seconds."""
 
     def slowed(*args):
-        emit(event="packing", layers=[args[3], args[4]])
+        emit(event="packing", layers=[int(args[layers_at]), int(args[layers_at + 1])])
         time.sleep(delay)
         return real(*args)
 
@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
     if args.pack_delay:
-        sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay)
-        samehost._copy_job = _slow(samehost._copy_job, args.pack_delay)
+        sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay, 2)
+        samehost._copy_job = _slow(samehost._copy_job, args.pack_delay, 3)
         samehost.CPU_CHUNK_BYTES = 1  # chunk as the receiver asks, so there is a "mid-copy"
     rank = Rank(args)
     if args.loop == "uvloop":
