@@ -175,6 +175,11 @@ class FaultMesh:
         self.prefill_env = {**hooks, "PDMESH_DEBUG_PACK_DELAY_S": str(pack_delay_s)}
         self.decode_env = hooks
         self.num_pages = num_pages
+        #: The prefill's policy flags, read at each (re)start: change them to replace the prefill
+        #: with another policy under the same instance id.
+        self.prefill_policy: list[str] = ["--load-balance-method", "round_robin"]
+        #: Extra router flags (read at each (re)start).
+        self.router_args: list[str] = []
         self.procs: dict[str, Proc] = {}
 
     def _proc(self, name: str) -> Proc:
@@ -183,10 +188,10 @@ class FaultMesh:
         argv = {
             "bootstrap": ["bootstrap", "--port", port],
             "prefill": ["prefill", "--port", port, "--instance-id", f"{self.tag}-p", "--dp-size", "2",
-                        "--load-balance-method", "round_robin", "--bootstrap-addr", boot, *pages],
+                        *self.prefill_policy, "--bootstrap-addr", boot, *pages],
             "decode": ["decode", "--port", port, "--instance-id", f"{self.tag}-d", "--dp-size", "2", *pages],
             "router": ["router", "--port", port, "--prefill", self.addr["prefill"],
-                       "--decode", self.addr["decode"]],
+                       "--decode", self.addr["decode"], *self.router_args],
         }[name]
         env = {"prefill": self.prefill_env, "decode": self.decode_env}.get(name)
         count = sum(1 for p in self.procs.values() if p.name.startswith(f"{self.tag}-{name}"))
@@ -206,10 +211,25 @@ class FaultMesh:
         return self
 
     def start_part(self, name: str) -> Proc:
-        """(Re)start one part on its own address; returns once it serves."""
+        """(Re)start one part on its own address; returns once it serves (a router: once it sees
+        a healthy prefill and decode, so that the first request is not refused)."""
         proc = self.procs[name] = self._proc(name).start()
         proc.wait_ready(180)
+        if name == "router" and not wait_until(self.router_ready, 60, interval=0.1):
+            raise RuntimeError(f"router sees no healthy prefill and decode:\n{proc.tail()}")
         return proc
+
+    def router_ready(self) -> bool:
+        """Whether the router holds a healthy prefill and a healthy decode instance."""
+        from pdmesh.router.v1 import router_pb2, router_pb2_grpc
+        try:
+            with grpc.insecure_channel(self.addr["router"]) as channel:
+                listed = router_pb2_grpc.RouterServiceStub(channel).ListInstances(
+                    router_pb2.ListInstancesRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        roles = {i.role for i in listed.instances if i.healthy}
+        return {router_pb2.INSTANCE_ROLE_PREFILL, router_pb2.INSTANCE_ROLE_DECODE} <= roles
 
     def kill(self, name: str) -> float:
         """SIGKILL a whole part (its process group: an instance with its ranks); when."""

@@ -146,10 +146,17 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
             if not res.needs_lookup:
                 return info, res.dp_rank, res.path
             client = shared_client(addr, self.state.config.instance.tls)
+            # the prefill registers the room when its rank takes it: bounded on its own, not only by
+            # the deadline (a prefill that never got the room costs this, logged with the room)
+            wait = min(deadline - time.monotonic(), self.state.config.instance.unknown_room_wait_s)
             try:
-                rank = await client.wait_for_room(room, max(deadline - time.monotonic(), 0.001),
+                rank = await client.wait_for_room(room, max(wait, 0.001),
                                                   owner=(info.instance_id, info.epoch))
                 return info, rank, res.path
+            except DeadlineExceeded:
+                log.warning("room %d: not registered by prefill %s within %.1f s (state RESOLVING)",
+                            room, iid, wait)
+                raise
             except FailedPrecondition as err:
                 if err.reason != "INSTANCE_EPOCH_CHANGED" or attempt == _RESOLVES - 1:
                     raise
