@@ -135,7 +135,11 @@ class SameHostReceiver:
 
 
 def _hello(pool: KvPool, pool_id: int) -> pb.SameHostHello | None:
-    desc = shm_pool.export(pool.kv)
+    try:
+        desc = shm_pool.export(pool.kv)
+    except Exception as err:  # noqa: BLE001 - no IPC here (driver, permissions): UCX then
+        log.info("this rank's pool cannot be shared (%s): KV arrives over UCX", err)
+        return None
     if desc is None:
         return None  # a private CPU pool: nothing to map
     return pb.SameHostHello(
@@ -198,6 +202,10 @@ class SameHostSender:
             self._map(link, hello, device)
         except PdmeshError as err:
             ready.failure.CopyFrom(wire.failure_to_proto(err))
+        except Exception as err:  # noqa: BLE001 - any mapping fault leaves the link on UCX
+            log.warning("cannot map the pool of %s: %s", link.peer, err)
+            ready.failure.CopyFrom(wire.failure_to_proto(FailedPrecondition(
+                f"mapping failed: {type(err).__name__}: {err}", reason="KV_SAME_HOST_MAP_FAILED")))
         return ready
 
     def _map(self, link, hello: pb.SameHostHello, device: torch.device | None) -> None:
