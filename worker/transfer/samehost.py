@@ -294,6 +294,9 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
     sender.hold(mapped)
     try:
         for index, (a, b) in enumerate(plan.ranges):
+            if mapped.closing and not status.terminal:  # its link closed: unmapped, or soon
+                status.fail(FailedPrecondition("the decode's pool was unmapped (its link closed)",
+                                               reason="KV_SAME_HOST_NOT_MAPPED"))
             if status.terminal:
                 break
             job = loop.run_in_executor(executor, _copy_job, offer.pool.kv, mapped.peer.kv,
