@@ -94,45 +94,16 @@ def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: in
 
 def _copy_torch(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: int, b: int
                 ) -> int:
-    """Copy run by run; a helper thread sums each group of runs just copied (its bytes are
-    still in the shared cache) while this thread copies the next group, so the checksum costs
-    about one group's sums of wall time, not a second pass (torch releases the GIL)."""
+    """One strided copy per run of pages over every layer of the chunk, then the run's row
+    sums while its bytes are still in cache. (A helper thread summing the previous runs was
+    tried: on 2 shared cores it lost 40-70% to the GIL hand-offs between the many small ops.)"""
     src, dst = _words(src_kv)[a:b], _words(dst_kv)[a:b]
     sums = torch.empty((b - a, 2, plan.n), dtype=torch.int64)
-    group_bytes = max(1, src[:, :, :1].numel() * src.element_size())
-    per_group = max(1, SUM_GROUP_BYTES // group_bytes)  # pages a group holds
-    pending, group, pages = [], [], 0
-
-    def sum_group(runs):
-        for j0, s0, _, k in runs:
-            torch.sum(src[:, :, s0:s0 + k], -1, dtype=torch.int64, out=sums[:, :, j0:j0 + k])
-
-    for run in plan.runs:
-        j0, s0, d0, k = run
-        dst[:, :, d0:d0 + k].copy_(src[:, :, s0:s0 + k])
-        group.append(run)
-        pages += k
-        if pages >= per_group:
-            pending.append(_summer().submit(sum_group, group))
-            group, pages = [], 0
-    if group:
-        sum_group(group)
-    for future in pending:
-        future.result()
+    for j0, s0, d0, k in plan.runs:
+        piece = src[:, :, s0:s0 + k]
+        dst[:, :, d0:d0 + k].copy_(piece)
+        torch.sum(piece, -1, dtype=torch.int64, out=sums[:, :, j0:j0 + k])
     return int((sums * plan.weights(a, b, sums.device)).sum()) & MASK64
-
-
-SUM_GROUP_BYTES = 4 << 20  # pages whose sums the helper takes at once (fits the shared cache)
-_SUMMER = None
-
-
-def _summer():
-    global _SUMMER
-    if _SUMMER is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _SUMMER = ThreadPoolExecutor(1, "pdmesh-kv-checksum")
-    return _SUMMER
 
 
 def checksum_pages(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int) -> int:
