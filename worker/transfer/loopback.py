@@ -259,11 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack-delay", type=float, default=0.0)
     parser.add_argument("--device", default="cpu", help="torch device of the pools (e.g. cuda:0)")
     parser.add_argument("--kv-transfer-path", choices=samehost.PATHS,
-                        default=samehost.path_from_env(),
+                        default=os.environ.get(samehost.PATH_ENV, "auto"),
                         help=f"auto: same-host writes where possible; ucx: always UCX "
                              f"[{samehost.PATH_ENV}]")
     parser.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
     args = parser.parse_args(argv)
+    if args.kv_transfer_path not in samehost.PATHS:  # a bad PDMESH_KV_TRANSFER_PATH
+        parser.error(f"{samehost.PATH_ENV}={args.kv_transfer_path!r} is not one of "
+                     f"{', '.join(samehost.PATHS)}")
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
     if args.pack_delay:
         sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay, 2)
