@@ -77,7 +77,8 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
         host=args.host, port=args.port, dp_size=args.dp_size, load_balance_method=args.load_balance_method,
         engine=spec_from_args(args), num_pages=args.num_pages, max_running_requests=args.max_running_requests,
-        ucx_tls=args.ucx_tls, kv_transfer_path=args.kv_transfer_path, devices=devices, debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
+        ucx_tls=args.ucx_tls, kv_transfer_path=args.kv_transfer_path, devices=devices,
+        debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, page_wait_s=args.page_wait_s,
         **extra)
 
