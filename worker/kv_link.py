@@ -26,10 +26,11 @@ class RankTransfer:
         apply_ucx_defaults()
         self.pages = pages
         self.is_prefill = inst.role == PREFILL
-        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s, advertise_host=inst.transfer_host)
+        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s, advertise_host=inst.transfer_host,
+                                 path=inst.kv_transfer_path)
         if self.is_prefill:
             from pdmesh.worker.transfer.sender import KvSender
-            self.sender = KvSender(transport, epoch=config.epoch, config=tconfig)
+            self.sender = KvSender(transport, epoch=config.epoch, config=tconfig, device=str(pages.pool.kv.device))
         else:
             from pdmesh.worker.transfer.receiver import KvReceiver
             self.receiver = KvReceiver(transport, config=tconfig)

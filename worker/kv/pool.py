@@ -6,6 +6,9 @@ allocated, `alloc(n)` is all-or-nothing (RESOURCE_EXHAUSTED when fewer than n pa
 `free(ids)` refuses a page that is not allocated (a double free, or an id never handed out) and
 then changes nothing. `is_full()` says every page is back, which tests use to prove nothing leaked.
 
+`KvPool(..., shared=True)` puts a CPU pool's tensor in shared memory that a prefill rank of the
+same host maps and writes into (worker/kv/shm_pool.py; CUDA pools are shareable as they are).
+
 The allocator is guarded by a lock, so the rank's event loop and its worker threads (pack and
 unpack run in threads) may share a pool; the tensor itself is not locked: whoever holds a page
 owns its bytes.
@@ -25,7 +28,8 @@ from pdmesh.worker.kv.layout import KvLayout
 class KvPool:
     """A rank's KV pages and their allocator."""
 
-    def __init__(self, layout: KvLayout, num_pages: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, layout: KvLayout, num_pages: int, device: str | torch.device = "cpu", *,
+                 shared: bool = False) -> None:
         if not isinstance(num_pages, int) or num_pages < 1:
             raise InvalidArgument(f"a KV pool needs at least one page, got {num_pages!r}",
                                   reason="INVALID_KV_POOL", metadata={"num_pages": num_pages})
@@ -34,7 +38,12 @@ class KvPool:
         self.device = torch.device(device)
         shape = (layout.num_layers, 2, num_pages, layout.page_size, layout.num_kv_heads,
                  layout.head_dim)
-        self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device)
+        if shared and self.device.type == "cpu":
+            from pdmesh.worker.kv.shm_pool import shared_zeros
+
+            self.kv = shared_zeros(shape, layout.dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device)
         self._lock = threading.Lock()
         # Lowest ids first: a fresh pool hands out 0, 1, 2, ... (pop from the end of a reversed list).
         self._free: list[int] = list(range(num_pages - 1, -1, -1))

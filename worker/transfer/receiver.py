@@ -44,7 +44,7 @@ from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, 
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.pack import check_page_ids, unpack_checked
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import wire
+from pdmesh.worker.transfer import samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
 from pdmesh.worker.transfer.staging import StagingCache
@@ -69,6 +69,8 @@ class _Fetch:
     posted: int = 0
     pending: list = field(default_factory=list)  # every UCX request and unpack job it started
     lent: list = field(default_factory=list)  # staging buffers not yet given back
+    direct: bool = False  # same host: the sender writes into the pages itself (samehost.py)
+    ended: asyncio.Future | None = None  # same host: the sender's last message came
 
 
 class KvReceiver:
@@ -86,6 +88,7 @@ class KvReceiver:
         self._retired: set[Link] = set()  # links left unanswered: closed once no fetch uses them
         self._staging: StagingCache | None = None
         self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-unpack")
+        self._samehost = samehost.SameHostReceiver(self.config.path, self.config.connect_timeout_s)
 
     def state(self, room: int) -> TransferState | None:
         fetch = self._fetches.get(room)
@@ -129,7 +132,8 @@ class KvReceiver:
             f"fetch room {room}", timeout,
             {TransferState.BOOTSTRAPPING: self.config.connect_timeout_s + 1.0,
              TransferState.TRANSFERRING: self.config.transfer_timeout_s}),
-            loop.create_future(), loop.create_future(), loop.create_future())
+            loop.create_future(), loop.create_future(), loop.create_future(),
+            ended=loop.create_future())
         self._fetches[room] = fetch
         try:
             return await self._run(fetch, address, epoch, pool, ids, token, plan)
@@ -150,6 +154,11 @@ class KvReceiver:
                 layout=pool.layout.to_proto(), num_pages=len(ids),
                 expected_bytes=plan.total_bytes, layers_per_chunk=plan.layers_per_chunk,
                 token=token)
+            pool_id = await status.guard(self._samehost.target(fetch.link, pool))
+            if pool_id is not None:  # same host: the sender writes straight into these pages
+                request.same_host.pool_id = pool_id
+                request.same_host.page_ids.extend(ids.tolist())
+                fetch.direct = True
             fetch.request_sent = True
             await status.guard(fetch.link.send_control(wire.encode(pb.TransferMessage(
                 request=request))))
@@ -160,6 +169,15 @@ class KvReceiver:
                 raise wire.failure_from_proto(response.failure)
             fetch.accepted = True
             status.advance(TransferState.TRANSFERRING)
+            if fetch.direct:
+                trailer = await status.guard(fetch.trailer)
+                value = None
+                if self.config.same_host_verify:
+                    value = await status.guard(asyncio.get_running_loop().run_in_executor(
+                        self._executor, samehost.checksum_of, pool.kv, ids, plan))
+                samehost.verify_trailer(trailer, plan.total_bytes, token, value)
+                status.succeed()
+                return trailer.first_token
             acc, total = await self._receive(fetch, pool, ids, plan)
             trailer = await status.guard(fetch.trailer)
             _verify(trailer, plan, acc, total, token)
@@ -269,6 +287,10 @@ class KvReceiver:
                 await drain([fetch.response], link, grace)
             elif not fetch.response.result().HasField("failure"):
                 fetch.accepted = True
+        if fetch.direct:  # no chunk tags: wait until the sender writes no more
+            if fetch.accepted:
+                await samehost.wait_for_writer(fetch.ended, link, grace)
+            return
         if fetch.accepted and fetch.posted < plan.num_chunks and not link.closed:
             scratch = self._staging_for(pool).take(plan.max_chunk_bytes)
             fetch.lent.append(scratch)
@@ -309,9 +331,14 @@ class KvReceiver:
             return
         kind = message.WhichOneof("body")
         body = getattr(message, kind)
+        if kind == "same_host_ready":
+            self._samehost.on_ready(link, body)
+            return
         fetch = self._by_id.get((id(link), body.transfer_id))
         if fetch is None:
             return  # a transfer that already ended
+        if kind in ("trailer", "abort") and not fetch.ended.done():
+            fetch.ended.set_result(kind)
         if kind in ("waiting", "response") and not fetch.answered.done():
             fetch.answered.set_result(None)
         if kind == "waiting":
@@ -329,9 +356,12 @@ class KvReceiver:
     def _link_closed(self, address: str, link: Link, error: PdmeshError) -> None:
         if self._links.get(address) is link:
             del self._links[address]
+        self._samehost.link_closed(link)
         for (link_id, _), fetch in list(self._by_id.items()):
             if link_id == id(link):
                 fetch.status.fail(error)
+                if not fetch.ended.done():  # a closed link writes nothing more
+                    fetch.ended.set_result("closed")
 
     def _staging_for(self, pool: KvPool) -> StagingCache:
         if self._staging is None or self._staging.device != pool.kv.device:

@@ -1,4 +1,6 @@
-"""The transfer contract, run against both transports (in-process and UCX in this process).
+"""The transfer contract, run against every path: the in-process transport, UCX in this process,
+and the same-host path (UCX for control messages, the sender writing straight into the
+receiver's pool, which lives in shared memory).
 
 Every test ends with both pools back to full and no transfer left in either side's tables.
 """
@@ -6,6 +8,7 @@ Every test ends with both pools back to full and no transfer left in either side
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -20,6 +23,7 @@ from pdmesh.worker.kv.pack import pack
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import (KvReceiver, KvSender, TransferConfig, TransferState,
                                     make_transport)
+from pdmesh.worker.transfer import samehost
 from pdmesh.worker.transfer import sender as sender_module
 
 LAYOUT = KvLayout(num_layers=6, page_size=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
@@ -30,11 +34,12 @@ EPOCH = 7
 
 class Mesh:
     def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.sender = KvSender(make_transport(kind), epoch=EPOCH, config=CONFIG)
-        self.receiver = KvReceiver(make_transport(kind), config=CONFIG)
+        self.kind = "ucx" if kind == "samehost" else kind
+        self.same_host = kind == "samehost"
+        self.sender = KvSender(make_transport(self.kind), epoch=EPOCH, config=CONFIG)
+        self.receiver = KvReceiver(make_transport(self.kind), config=CONFIG)
         self.src = KvPool(LAYOUT, 64)
-        self.dst = KvPool(LAYOUT, 64)
+        self.dst = KvPool(LAYOUT, 64, shared=self.same_host)
         self.src.kv.copy_(torch.randn(self.src.kv.shape).to(LAYOUT.dtype))
         self.address = ""
         self.rooms = iter(range(1000, 1 << 30))
@@ -63,7 +68,7 @@ def loop():
     loop.close()
 
 
-@pytest.fixture(scope="module", params=["inproc", "ucx"])
+@pytest.fixture(scope="module", params=["inproc", "ucx", "samehost"])
 def mesh(request, loop):
     mesh = Mesh(request.param)
     mesh.address = loop.run_until_complete(mesh.sender.start())
@@ -80,6 +85,8 @@ def run(loop, mesh):
         return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
     yield run
+    # the path the mesh names is the one that ran: pools mapped only on the same-host mesh
+    assert bool(mesh.sender._samehost._maps) == (mesh.same_host and bool(mesh.receiver._links))
     # nothing leaks: pages back, no transfer in any table
     assert mesh.src.is_full() and mesh.dst.is_full()
     assert not mesh.sender._offers and not mesh.sender._jobs
@@ -95,20 +102,25 @@ async def _expect(aw, cls, reason=None):
 
 
 class BlockPack:
-    """Hold the sender's pack of chunk `at` until released: a transfer stopped mid-way."""
+    """Hold the sender's pack (or same-host copy) of chunk `at` until released: a transfer
+    stopped mid-way."""
 
     def __init__(self, monkeypatch, at: int = 1) -> None:
         self.reached, self.release, self.calls = threading.Event(), threading.Event(), 0
-        real = sender_module._pack_chunk
+        for module, name in ((sender_module, "_pack_chunk"), (samehost, "_copy_job")):
+            monkeypatch.setattr(module, name, self._blocked(getattr(module, name), at))
+        # a CPU same-host writer copies every layer at once; chunk as the receiver asks here
+        monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
 
-        def blocked(kv, ids, a, b, buf):
+    def _blocked(self, real, at: int):
+        def blocked(*args):
             self.calls += 1
             if self.calls == at + 1:
                 self.reached.set()
                 self.release.wait(10)
-            return real(kv, ids, a, b, buf)
+            return real(*args)
 
-        monkeypatch.setattr(sender_module, "_pack_chunk", blocked)
+        return blocked
 
     async def wait_reached(self):
         for _ in range(1000):
@@ -398,7 +410,7 @@ def test_deadlines(mesh, run):
 
 
 def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
-    real = sender_module._pack_chunk
+    real, real_copy = sender_module._pack_chunk, samehost._copy_job
 
     def corrupt(kv, ids, a, b, buf):
         value = real(kv, ids, a, b, buf)
@@ -406,7 +418,17 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
             buf[5] ^= 0x10  # one bit flips after the checksum was taken
         return value
 
+    def corrupt_copy(src_kv, dst_kv, copies, a, b):
+        value = real_copy(src_kv, dst_kv, copies, a, b)
+        if a == 1:  # one bit of the written pages flips after the checksum was taken
+            dst_kv[1, 0, int(copies.dst_ids[0])].view(torch.uint8).view(-1)[5] ^= 0x10
+        return value
+
     monkeypatch.setattr(sender_module, "_pack_chunk", corrupt)
+    monkeypatch.setattr(samehost, "_copy_job", corrupt_copy)
+    monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
+    # same host: the receiver re-reads its pages only when asked to (same_host_verify)
+    monkeypatch.setattr(mesh.receiver, "config", dataclasses.replace(CONFIG, same_host_verify=True))
 
     async def go():
         room = mesh.room()
