@@ -27,7 +27,7 @@ import aiohttp
 from tqdm import tqdm
 
 from bench.pd_client import arun, percentile
-from pdmesh.proc import Proc, start_all, stop_all
+from testkit.proc import Proc, start_all, stop_all
 from pdmesh.router.client import RouterClient, build_request
 from pdmesh.router.http_server import HttpApi
 from pdmesh.router.instances import InstanceTable

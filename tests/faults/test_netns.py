@@ -21,8 +21,8 @@ import sys
 
 import pytest
 
-from pdmesh.faultkit import wait_until
-from pdmesh.proc import Proc
+from testkit.faultkit import wait_until
+from testkit.proc import Proc
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.engine.factory import EngineSpec, build_layout
 

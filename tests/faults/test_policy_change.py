@@ -16,7 +16,7 @@ import asyncio
 import pytest
 
 from pdmesh.common.v1 import common_pb2
-from pdmesh.faultkit import FaultMesh, request, wait_until
+from testkit.faultkit import FaultMesh, request, wait_until
 
 DEADLINE_S = 30.0
 BOUND_S = 10.0  # every request ends within this (a policy change costs a refresh, not a deadline)

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh import grpcutil
 from pdmesh.errors import Unauthenticated, Unavailable
-from pdmesh.proc import Proc
+from testkit.proc import Proc
 from pdmesh.router.client import RouterClient
 from pdmesh.router.up import DEMO_PROMPT
 from pdmesh.server.client import BootstrapClient

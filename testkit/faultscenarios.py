@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from pdmesh.faultkit import FaultMesh, Outcome, await_line, request
+from testkit.faultkit import FaultMesh, Outcome, await_line, request
 
 PROMPT = "faults are survived"
 LONG = 1500  # tokens: still streaming seconds after the first one, when the fault hits

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdmesh.errors import PdmeshError
-from pdmesh.proc import Proc
+from testkit.proc import Proc
 from pdmesh.router.client import RouterClient
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
