@@ -16,8 +16,6 @@ start).
 from __future__ import annotations
 
 import asyncio
-import signal
-import time
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from pdmesh.chat import apply_chat_template  # noqa: E402
 from pdmesh.router.client import RouterClient  # noqa: E402
 from pdmesh.worker.engine.factory import EngineSpec, build_engine  # noqa: E402
 from pdmesh.worker.engine.reference import colocated_generate  # noqa: E402
-from procs import Proc, free_port_range  # noqa: E402
+from procs import start_up, stop_up  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name one primary color.", "What is 2 + 3?"]
 MAX_NEW = 20
@@ -76,19 +74,10 @@ def test_colocated_greedy_equals_transformers(smollm2_folder, engine, reference)
 def mesh(smollm2_folder, tmp_path_factory):
     """`pdmesh up` with its default model (dp 1, to keep the start short), decode KV dumped."""
     kv_dir = tmp_path_factory.mktemp("kv")
-    base = free_port_range(4)
-    up = Proc("up-smollm2", ["up", "--dp-size", "1", "--base-port", str(base),
-                             "--log-dir", str(tmp_path_factory.mktemp("up-logs"))],
-              env={"PDMESH_DEBUG_KV_DIR": str(kv_dir)}).start()
-    deadline = time.monotonic() + 240
-    while not any("serving; router at" in line for line in up.lines):
-        if not up.alive() or time.monotonic() > deadline:
-            up.stop()
-            raise RuntimeError(f"pdmesh up did not come up:\n{up.tail()}")
-        time.sleep(0.1)
+    up, base = start_up("up-smollm2", "--dp-size", "1", log_dir=tmp_path_factory.mktemp("up-logs"),
+                        env={"PDMESH_DEBUG_KV_DIR": str(kv_dir)})
     yield {"up": up, "router": f"127.0.0.1:{base + 1}", "kv_dir": kv_dir}
-    up.proc.send_signal(signal.SIGINT)
-    assert up.proc.wait(60) == 0, up.tail()
+    stop_up(up)
 
 
 def test_up_demo_answers_the_question(mesh):
