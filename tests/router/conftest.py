@@ -7,7 +7,6 @@ they found it (they wait until the pools are full again).
 
 from __future__ import annotations
 
-
 import pytest
 
 from procs import start_up, stop_up
