@@ -26,6 +26,7 @@ import grpc
 
 from pdmesh import logs, metrics
 from pdmesh.errors import DeadlineExceeded, InvalidArgument, PdmeshError
+from pdmesh.rules import optional_dp_rank, validate_dp_rank
 from pdmesh.grpcutil import translate_errors
 from pdmesh.common.v1 import common_pb2
 from pdmesh.router.instances import DECODE, PREFILL, InstanceEntry, InstanceTable
@@ -142,13 +143,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _pinned_rank(self, request, prefill: InstanceEntry) -> int | None:
-        if request.HasField("routed_dp_rank"):
-            if request.routed_dp_rank >= prefill.dp_size:
-                raise InvalidArgument(
-                    f"routed_dp_rank {request.routed_dp_rank} is out of range: prefill "
-                    f"{prefill.instance_id} has dp_size {prefill.dp_size}", reason="DP_RANK_OUT_OF_RANGE",
-                    metadata={"routed_dp_rank": request.routed_dp_rank, "dp_size": prefill.dp_size})
-            return request.routed_dp_rank
+        routed = optional_dp_rank(request, "routed_dp_rank")
+        if routed is not None:
+            return validate_dp_rank(routed, prefill.dp_size, field="routed_dp_rank")
         if self.config.pin_ranks and prefill.dp_size > 1:
             return prefill.least_loaded_rank()
         return None

@@ -18,16 +18,12 @@ import grpc
 
 from pdmesh import metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2
-from pdmesh.errors import InvalidArgument, PdmeshError
+from pdmesh.errors import PdmeshError
+from pdmesh.rules import required_dp_rank
 from pdmesh.server.registry import Registry
 
 log = logging.getLogger(__name__)
 HANDLER = "BootstrapServicer.RegisterRoomsStream"
-
-
-def _missing_rank(room: int) -> InvalidArgument:
-    return InvalidArgument("dp_rank is required (rank 0 is valid and must be set explicitly)",
-                           reason="INVALID_DP_RANK", metadata={"bootstrap_room": room})
 
 
 def register_batch(registry: Registry, registrations, ttl_ms: int,
@@ -39,9 +35,7 @@ def register_batch(registry: Registry, registrations, ttl_ms: int,
     for item in registrations:
         room = item.bootstrap_room
         try:
-            if not item.HasField("dp_rank"):
-                raise _missing_rank(room)
-            created = registry.register_room(item.instance_id, room, item.dp_rank, item.request_id,
+            created = registry.register_room(item.instance_id, room, required_dp_rank(item), item.request_id,
                                              item.epoch)
         except PdmeshError as exc:
             _count_failure(exc)

@@ -24,7 +24,8 @@ import grpc
 
 from pdmesh import grpcutil, logs, metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-from pdmesh.errors import DeadlineExceeded, InvalidArgument, NotFound
+from pdmesh.errors import DeadlineExceeded, NotFound
+from pdmesh.rules import required_dp_rank
 from pdmesh.server.config import BootstrapConfig
 from pdmesh.server.register_stream import RegistrationSession
 from pdmesh.server.registry import Registry
@@ -69,10 +70,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
 
     @grpcutil.translate_errors
     async def RegisterRoom(self, request, context):
-        if not request.HasField("dp_rank"):
-            raise InvalidArgument("dp_rank is required (rank 0 is valid and must be set explicitly)",
-                                  reason="INVALID_DP_RANK",
-                                  metadata={"bootstrap_room": request.bootstrap_room})
+        required_dp_rank(request)
         logs.bind(room=request.bootstrap_room, instance=request.instance_id,
                   prefill_rank=request.dp_rank)
         created = self.registry.register_room(request.instance_id, request.bootstrap_room,

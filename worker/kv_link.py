@@ -66,7 +66,7 @@ class RankTransfer:
             await asyncio.shield(waiter)
         except asyncio.CancelledError:
             self.sender.abort(room, Cancelled(f"the prefill request for room {room} was cancelled",
-                                              reason="KV_TRANSFER_CANCELLED", metadata={"room": room}))
+                                              reason="KV_TRANSFER_CANCELLED", metadata={"bootstrap_room": room}))
             await asyncio.wait([waiter])
             raise
 

@@ -22,7 +22,7 @@ from pdmesh.common.v1 import common_pb2
 from pdmesh.config import DEFAULT_DEADLINE_S, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
-from pdmesh.rules import PrefillAction, prefill_rule, validate_room
+from pdmesh.rules import PrefillAction, optional_dp_rank, prefill_rule, validate_room
 from pdmesh.worker import requests
 from pdmesh.worker.rank_state import RankState
 from pdmesh.worker.room_keeper import RoomKeeper
@@ -57,7 +57,7 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         token = requests.transfer_token(request.transfer_token)
         ids = requests.prompt_ids(st.engine, request.prompt)
         sampling = requests.sampling_params(request.sampling)
-        hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
+        hint = optional_dp_rank(request, "disagg_prefill_dp_rank")
         action = prefill_rule(st.dp_rank, st.dp_size, room, self.method, self.force_query, hint)
         logs.event(log, logging.DEBUG, "prefill start", action=action.value, prompt_tokens=len(ids))
         remaining = context.time_remaining()

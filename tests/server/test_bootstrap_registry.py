@@ -163,7 +163,7 @@ def test_idempotent_request_id_and_already_exists(reg):
 @pytest.mark.parametrize("args,exc_type,reason", [
     (("prefill-a", 0, 0), InvalidArgument, "INVALID_BOOTSTRAP_ROOM"),
     (("prefill-a", MAX_ROOM + 1, 0), InvalidArgument, "INVALID_BOOTSTRAP_ROOM"),
-    (("prefill-a", 7, 4), InvalidArgument, "INVALID_DP_RANK"),
+    (("prefill-a", 7, 4), InvalidArgument, "DP_RANK_OUT_OF_RANGE"),
     (("", 7, 0), InvalidArgument, "INVALID_INSTANCE_ID"),
     (("prefill-z", 7, 0), NotFound, "INSTANCE_NOT_FOUND"),
 ])

@@ -101,7 +101,7 @@ class KvReceiver:
             return False
         return fetch.status.fail(error or Cancelled(f"the decode rank aborted room {room}",
                                                     reason="KV_TRANSFER_ABORTED",
-                                                    metadata={"room": room}))
+                                                    metadata={"bootstrap_room": room}))
 
     async def close(self) -> None:
         for room in list(self._fetches):
@@ -123,7 +123,7 @@ class KvReceiver:
                                   reason="INVALID_TRANSFER_TOKEN")
         if room in self._fetches:
             raise AlreadyExists(f"room {room} is already being fetched by this rank",
-                                reason="KV_TRANSFER_IN_PROGRESS", metadata={"room": room})
+                                reason="KV_TRANSFER_IN_PROGRESS", metadata={"bootstrap_room": room})
         layout = pool.layout
         plan = wire.ChunkPlan(layout, len(ids), layers_per_chunk or wire.ChunkPlan.layers_for(
             layout, len(ids), self.config.chunk_bytes))
@@ -218,7 +218,7 @@ class KvReceiver:
             f"the prefill rank at {link.peer} did not answer the transfer request for room "
             f"{fetch.room} (the link was silent for {self.config.answer_timeout_s:.1f} s)",
             reason="KV_TRANSFER_NO_ANSWER",
-            metadata={"room": fetch.room, "state": fetch.status.state.name, "peer": link.peer}))
+            metadata={"bootstrap_room": fetch.room, "state": fetch.status.state.name, "peer": link.peer}))
         fetch.unanswered = True
         self._retire(link)
         raise fetch.status.error

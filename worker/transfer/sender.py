@@ -34,7 +34,7 @@ import torch
 
 from pdmesh.errors import (Aborted, AlreadyExists, Cancelled, EpochMismatch, FailedPrecondition,
                            InvalidArgument, NotFound, PdmeshError, Unauthenticated)
-from pdmesh.rules import MAX_ROOM
+from pdmesh.rules import validate_room
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.kv.pack import check_page_ids, pack_checked
@@ -112,7 +112,7 @@ class KvSender:
         `timeout` seconds pass (DEADLINE_EXCEEDED). Await the returned Offer."""
         if room in self._offers:
             raise FailedPrecondition(f"room {room} is already offered by this rank",
-                                     reason="KV_ROOM_ALREADY_OFFERED", metadata={"room": room})
+                                     reason="KV_ROOM_ALREADY_OFFERED", metadata={"bootstrap_room": room})
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
                                   reason="INVALID_TRANSFER_TOKEN")
@@ -147,7 +147,7 @@ class KvSender:
             return False
         return offer.status.fail(error or Aborted(f"the prefill rank aborted room {room}",
                                                   reason="KV_TRANSFER_ABORTED",
-                                                  metadata={"room": room}))
+                                                  metadata={"bootstrap_room": room}))
 
     async def close(self) -> None:
         for room in list(self._offers):
@@ -265,11 +265,11 @@ class KvSender:
             raise Unauthenticated(f"wrong transfer token for room {request.room}; only the "
                                   "decode the router paired with this prefill may take it",
                                   reason="KV_TRANSFER_TOKEN_MISMATCH",
-                                  metadata={"room": request.room})
+                                  metadata={"bootstrap_room": request.room})
         if offer.claimed:
             raise FailedPrecondition(f"room {request.room} is already being sent",
                                      reason="KV_TRANSFER_ALREADY_CLAIMED",
-                                     metadata={"room": request.room})
+                                     metadata={"bootstrap_room": request.room})
         try:
             self._check_fit(request, layout, offer)
         except PdmeshError as err:
@@ -288,7 +288,7 @@ class KvSender:
             raise EpochMismatch(f"decode resolved this prefill at epoch {request.epoch}, this rank "
                                 f"started at epoch {self.epoch}; refresh the instance info and retry",
                                 metadata={"requested": request.epoch, "actual": self.epoch,
-                                          "room": request.room})
+                                          "bootstrap_room": request.room})
 
     def _check_fit(self, request: pb.TransferRequest, layout: KvLayout, offer: Offer) -> None:
         offer.pool.layout.check_compatible(layout)
@@ -336,7 +336,7 @@ class KvSender:
                 raise NotFound(f"room {room} is not held by this prefill rank (waited "
                                f"{self.config.room_wait_s:.1f} s); the decode asked the wrong "
                                "rank, or the prefill failed or has not started it",
-                               reason="KV_ROOM_NOT_FOUND", metadata={"room": room})
+                               reason="KV_ROOM_NOT_FOUND", metadata={"bootstrap_room": room})
             arrival = self._arrival(room)
             waiter = asyncio.ensure_future(arrival.wait())
             await asyncio.wait({waiter, aborted}, timeout=left,
@@ -440,9 +440,7 @@ class KvSender:
 def _check_request(request: pb.TransferRequest) -> KvLayout:
     """The checks a request must pass whatever the sender holds: answered at once, before any
     wait for the room (a malformed request never holds a task for `room_wait_s`)."""
-    if not 0 < request.room <= MAX_ROOM:
-        raise InvalidArgument(f"room must be in 1..2^63-1, got {request.room}",
-                              reason="INVALID_BOOTSTRAP_ROOM", metadata={"room": request.room})
+    validate_room(request.room)
     layout = KvLayout.from_proto(request.layout)
     if not 1 <= request.layers_per_chunk <= layout.num_layers:
         raise InvalidArgument(f"layers_per_chunk {request.layers_per_chunk} is outside "

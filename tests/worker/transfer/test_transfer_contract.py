@@ -247,7 +247,7 @@ def test_an_unanswered_request_fails_within_its_bound_and_a_fresh_link_works(mes
         deaf(mesh.sender, "_on_control", lambda link, data: None)
         started = time.monotonic()
         err = await _expect(mesh.fetch(room, dst, timeout=60.0), Unavailable, "KV_TRANSFER_NO_ANSWER")
-        assert str(err.metadata["room"]) == str(room) and err.metadata["state"] == "BOOTSTRAPPING"
+        assert str(err.metadata["bootstrap_room"]) == str(room) and err.metadata["state"] == "BOOTSTRAPPING"
         assert time.monotonic() - started < CONFIG.answer_timeout_s + 2.0
         monkeypatch.undo()
         assert offer.state == TransferState.BOOTSTRAPPING  # still held for the decode
