@@ -109,7 +109,8 @@ class RouterApp:
         for address in self.config.decodes:
             await self.table.add(DECODE, address)
         await grpcutil.set_serving(self.health, SERVICE_NAMES)
-        metrics.track_router(self.table)  # admission in-flight/queued and health per instance
+        metrics.enable("router")
+        metrics.track(self.table, InstanceTable.gauge_samples)  # admission and health per instance
         return self
 
     async def stop(self, grace: float = 5.0) -> None:

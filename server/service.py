@@ -157,11 +157,20 @@ class BootstrapService:
         self.address = f"{host}:{port}"
         self._sweeper: asyncio.Task | None = None
 
+    def gauge_samples(self):
+        """Live gauges for /metrics: rooms, waiters, instances, open lookup streams."""
+        stats = self.registry.stats()
+        yield "pdmesh_bootstrap_rooms", (), stats["rooms"]
+        yield "pdmesh_bootstrap_waiters", (), stats["waiters"]
+        yield "pdmesh_bootstrap_instances", (), stats["instances"]
+        yield "pdmesh_bootstrap_open_streams", (), self.servicer.open_streams
+
     async def start(self) -> None:
         await self.server.start()
         await grpcutil.set_serving(self.health, [SERVICE_NAME])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        self._untrack = metrics.track_bootstrap(self)  # rooms, waiters, instances, open streams
+        metrics.enable("bootstrap")
+        self._untrack = metrics.track(self, BootstrapService.gauge_samples)
         log.info("bootstrap service listening on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -35,6 +35,15 @@ DRAIN_LINGER_S = 1.0
 class Controller:
     """Ranks, dispatch and counting for one instance."""
 
+    def gauge_samples(self):
+        """Live gauges for /metrics: requests in flight, up and restarts per rank."""
+        role = self.config.role
+        for rank in self.ranks:
+            r = str(rank.dp_rank)
+            yield "pdmesh_controller_in_flight", (role, r), self.active[rank.dp_rank]
+            yield "pdmesh_rank_up", (role, r), 1 if rank.alive else 0
+            yield "pdmesh_rank_restarts", (role, r), rank.restarts
+
     def __init__(self, config: InstanceConfig, bootstrap_address: str | None,
                  on_epoch_change=None) -> None:
         self.config = config

@@ -74,7 +74,10 @@ async def serve(config: RankConfig) -> None:
     server, port, health = grpcutil.create_server("127.0.0.1:0", register, names, tls=inst.tls)
     await server.start()
     await grpcutil.set_serving(health, names)
-    metrics.track_rank(state, loop_)
+    metrics.prepare_rank(inst.role)
+    metrics.track(state, RankState.gauge_samples)  # pool pages and active rooms
+    if loop_ is not None:
+        metrics.track(loop_, DecodeLoop.gauge_samples)
     # Loopback only: the controller reads it and serves it, labelled dp_rank, on its own /metrics.
     endpoint = metrics.serve("127.0.0.1", 0) if inst.metrics_port is not None else None
     print(READY_PREFIX + json.dumps({"grpc_address": f"127.0.0.1:{port}",
