@@ -167,7 +167,9 @@ class FaultMesh:
     """bootstrap + prefill (dp 2, round_robin: unpinned rooms take the lookup path) + decode (dp 2)
     + router, each on a fixed port of its own, with the rank fault hooks on."""
 
-    def __init__(self, tag: str = "faults", *, pack_delay_s: float = 1.0, num_pages: int = 256) -> None:
+    def __init__(self, tag: str = "faults", *, pack_delay_s: float = 1.0, num_pages: int = 640) -> None:
+        # 640 pages a rank: the scenarios stream LONG tokens for up to 6 requests, which the
+        # decode may place 3 to a rank (3 x 1,500 tokens of 16-token pages = 282 pages)
         self.tag = tag
         self.ports = {name: free_port() for name in ("bootstrap", "prefill", "decode", "router")}
         self.addr = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
