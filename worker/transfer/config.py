@@ -54,7 +54,18 @@ class TransferConfig:
     layers make one chunk (at least one) and tells the sender in its request. Each chunk is one
     rendezvous: 2 MiB chunks cost ~1.5x the CPU of 8-16 MiB ones here (README)."""
     send_depth: int = 2
-    """Chunks one transfer keeps in flight on the sender: packing chunk i+1 overlaps sending i."""
+    """Chunks one transfer prepares ahead on the sender (checksums, packing): packing chunk i+1
+    overlaps sending i."""
+    send_window_bytes: int = 16 * MiB
+    """Bytes of messages one transfer keeps on the wire at once (at least one message)."""
+    direct_min_bytes: int = 256 * 1024
+    """A run of pages that is contiguous in both pools travels in place (sent from and received
+    into the pools, one message per layer and K/V, no pack or unpack) when it holds at least
+    this many bytes per layer and K/V; shorter runs are packed (worker/transfer/runs.py). The
+    receiver's setting (and `max_direct_runs`) travels in its request: both sides plan alike."""
+    max_direct_runs: int = 16
+    """At most this many runs of a request travel in place (the longest); the rest is packed:
+    every direct run adds a message per layer and K/V."""
     recv_window: int = 2
     """Chunk receives one transfer keeps posted on the receiver: unpacking i overlaps receiving
     the next ones."""
@@ -79,7 +90,8 @@ class TransferConfig:
     """Port of the sender's UCX listener; 0 lets the OS choose."""
 
     def __post_init__(self) -> None:
-        for name in ("chunk_bytes", "send_depth", "recv_window", "copy_threads"):
+        for name in ("chunk_bytes", "send_depth", "recv_window", "copy_threads",
+                     "send_window_bytes", "direct_min_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be >= 1")
         for name in ("connect_timeout_s", "room_wait_s", "transfer_timeout_s", "abort_grace_s"):

@@ -1,11 +1,17 @@
 """The transfer contract, run against both transports (in-process and UCX in this process).
 
-Every test ends with both pools back to full and no transfer left in either side's tables.
+Each transport runs it with three kinds of pools (the wire plan of worker/transfer/runs.py):
+`packed` (fresh pools, runs too short to travel in place: every byte packed), `one-run` (fresh
+pools, every request one run, every byte sent from and received into the pools in place) and
+`fragmented` (both pools fragmented on purpose, differently: requests of runs of 1 and 2 pages,
+the 2-page runs both sides share in place, the rest packed). Every test ends with both pools
+back to where they started and no transfer left in either side's tables.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -21,6 +27,7 @@ from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import (KvReceiver, KvSender, TransferConfig, TransferState,
                                     make_transport)
 from pdmesh.worker.transfer import sender as sender_module
+from pdmesh.worker.transfer import streams
 
 LAYOUT = KvLayout(num_layers=6, page_size=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
 CONFIG = TransferConfig(room_wait_s=0.5, abort_grace_s=2.0, connect_timeout_s=3.0,
@@ -28,16 +35,45 @@ CONFIG = TransferConfig(room_wait_s=0.5, abort_grace_s=2.0, connect_timeout_s=3.
 EPOCH = 7
 
 
+PIECE = LAYOUT.page_bytes_per_layer
+POOLS = {"packed": CONFIG,
+         "one-run": dataclasses.replace(CONFIG, direct_min_bytes=1),
+         "fragmented": dataclasses.replace(CONFIG, direct_min_bytes=2 * PIECE, max_direct_runs=2)}
+
+
+def fragment(pool: KvPool, pattern: tuple[int, ...]) -> list[int]:
+    """Hold pages so the free ones form runs of the lengths in `pattern` (repeated), each
+    followed by one held page; return the held pages (ballast)."""
+    pages = pool.alloc(pool.num_pages)
+    held, at, k = [], 0, 0
+    while at < len(pages):
+        run = pattern[k % len(pattern)]
+        k += 1
+        held.extend(pages[at + run:at + run + 1])
+        at += run + 1
+    pool.free(sorted(set(pages) - set(held)))
+    return held
+
+
 class Mesh:
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, pools: str, sender: KvSender, receiver: KvReceiver) -> None:
         self.kind = kind
-        self.sender = KvSender(make_transport(kind), epoch=EPOCH, config=CONFIG)
-        self.receiver = KvReceiver(make_transport(kind), config=CONFIG)
-        self.src = KvPool(LAYOUT, 64)
-        self.dst = KvPool(LAYOUT, 64)
+        self.sender, self.receiver = sender, receiver
+        receiver.config = POOLS[pools]  # the receiver's request tells the sender how to plan
+        self.src = KvPool(LAYOUT, 64 if pools != "fragmented" else 192)
+        self.dst = KvPool(LAYOUT, 64 if pools != "fragmented" else 192)
         self.src.kv.copy_(torch.randn(self.src.kv.shape).to(LAYOUT.dtype))
+        self.held = {"src": [], "dst": []}
+        if pools == "fragmented":
+            self.held = {"src": fragment(self.src, (1, 3, 2)),
+                         "dst": fragment(self.dst, (2, 1, 4))}
         self.address = ""
         self.rooms = iter(range(1000, 1 << 30))
+
+    def settled(self) -> bool:
+        """Both pools hold exactly their ballast again."""
+        return (self.src.num_used == len(self.held["src"])
+                and self.dst.num_used == len(self.held["dst"]))
 
     def room(self) -> int:
         return next(self.rooms)
@@ -63,15 +99,30 @@ def loop():
     loop.close()
 
 
-@pytest.fixture(scope="module", params=["inproc", "ucx"])
-def mesh(request, loop):
-    mesh = Mesh(request.param)
-    mesh.address = loop.run_until_complete(mesh.sender.start())
+@pytest.fixture(scope="module")
+def ends(loop):
+    """One sender and one receiver per transport for the whole module (every kind of pool)."""
+    made: dict[str, tuple[KvSender, KvReceiver, str]] = {}
+    yield made
+    for sender, receiver, _ in made.values():
+        loop.run_until_complete(sender.close())
+        loop.run_until_complete(receiver.close())
+        loop.run_until_complete(receiver.transport.close())
+        loop.run_until_complete(sender.transport.close())
+
+
+@pytest.fixture(scope="module", params=[(k, p) for k in ("inproc", "ucx") for p in POOLS],
+                ids=lambda p: "-".join(p))
+def mesh(request, loop, ends):
+    kind, pools = request.param
+    if kind not in ends:
+        sender = KvSender(make_transport(kind), epoch=EPOCH, config=CONFIG)
+        receiver = KvReceiver(make_transport(kind), config=CONFIG)
+        ends[kind] = (sender, receiver, loop.run_until_complete(sender.start()))
+    sender, receiver, address = ends[kind]
+    mesh = Mesh(kind, pools, sender, receiver)
+    mesh.address = address
     yield mesh
-    loop.run_until_complete(mesh.sender.close())
-    loop.run_until_complete(mesh.receiver.close())
-    loop.run_until_complete(mesh.receiver.transport.close())
-    loop.run_until_complete(mesh.sender.transport.close())
 
 
 @pytest.fixture
@@ -81,7 +132,7 @@ def run(loop, mesh):
 
     yield run
     # nothing leaks: pages back, no transfer in any table
-    assert mesh.src.is_full() and mesh.dst.is_full()
+    assert mesh.settled()
     assert not mesh.sender._offers and not mesh.sender._jobs
     assert not mesh.receiver._fetches and not mesh.receiver._by_id
 
@@ -331,15 +382,17 @@ def test_deadlines(mesh, run):
 
 
 def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
-    real = sender_module._pack_chunk
+    real = streams._prepare_chunk
 
-    def corrupt(kv, ids, a, b, buf):
-        value = real(kv, ids, a, b, buf)
-        if a == 1:
+    def corrupt(pack, side, msgs, a, b, buf):
+        sums = real(pack, side, msgs, a, b, buf)
+        if a == 1 and buf.numel():
             buf[5] ^= 0x10  # one bit flips after the checksum was taken
-        return value
+        elif a == 1:  # every message in place: the bytes sent differ from those checksummed
+            sums[0] = sums[0] + 1
+        return sums
 
-    monkeypatch.setattr(sender_module, "_pack_chunk", corrupt)
+    monkeypatch.setattr(streams, "_prepare_chunk", corrupt)
 
     async def go():
         room = mesh.room()
