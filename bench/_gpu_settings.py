@@ -28,9 +28,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "v2, no peer-error handling": {"UCX_PROTO_ENABLE": "y", "PDMESH_BENCH_UCX_ERRH": "0"},
     "v2, rndv get_zcopy": {"UCX_PROTO_ENABLE": "y", "UCX_RNDV_SCHEME": "get_zcopy"},
     "v2, rndv put_zcopy": {"UCX_PROTO_ENABLE": "y", "UCX_RNDV_SCHEME": "put_zcopy"},
-    "v1, rndv put_zcopy": {"UCX_PROTO_ENABLE": "n", "UCX_RNDV_SCHEME": "put_zcopy"},
-    "v2, cuda_ipc cache off": {"UCX_PROTO_ENABLE": "y", "UCX_CUDA_IPC_CACHE": "n"},
 }
+PERFTEST_VARIANTS = ("pdmesh (v1)", "v2")
 
 
 def _with(env: dict[str, str]):
@@ -63,16 +62,34 @@ def run(sizes: list[int], iters: int, out: Path | None) -> list[dict]:
                                  "gbps": round(r["gbps"], 1)})
             except Exception as err:  # noqa: BLE001 - a variant UCX refuses is a finding too
                 rows.append({"variant": name, "what": "bare ucxx", "error": str(err)[-300:]})
-            for size in sizes:
+            for size in sizes if name in PERFTEST_VARIANTS else ():
                 try:
                     p = gpu_ucx.perftest(size, max(iters, 20))
                     rows.append({"variant": name, "what": "perftest", "bytes": size,
                                  "gbps": round(p["gbps"], 1)})
                 except Exception as err:  # noqa: BLE001
                     rows.append({"variant": name, "what": "perftest", "error": str(err)[-300:]})
-            print(json.dumps(rows[-len(sizes) * 2:]), flush=True)
+            print(json.dumps([r for r in rows if r["variant"] == name]), flush=True)
         finally:
             _restore(saved)
+    return rows
+
+
+def engine(iters: int) -> list[dict]:
+    """KvSender/KvReceiver pool to pool (1 GiB, 64 MiB), one-run and scattered pages, v1/v2."""
+    from bench import gpu_engine
+    rows = []
+    for proto in ("n", "y"):
+        for pages in ("one-run", "scattered"):
+            try:
+                got = gpu_engine.run([8192, 512], iters, pages=pages, timeout=120,
+                                     extra_env=dict(BASE, UCX_PROTO_ENABLE=proto))
+                rows += [{"variant": f"engine proto_enable={proto}", "pages": pages,
+                          "bytes": r["bytes"], "gbps": round(r["gbps"], 1)} for r in got]
+            except Exception as err:  # noqa: BLE001
+                rows.append({"variant": f"engine proto_enable={proto}", "pages": pages,
+                             "error": str(err)[-600:]})
+            print(json.dumps(rows[-2:]), flush=True)
     return rows
 
 
@@ -82,7 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     sizes = [64 << 20, 1 << 30]
-    rows = run(sizes, 5 if args.quick else 20, args.out)
+    rows = run(sizes, 5 if args.quick else 20, args.out) + engine(3 if args.quick else 10)
     if args.out is not None:
         (args.out / "settings.json").write_text(json.dumps(rows, indent=1))
 
