@@ -75,21 +75,46 @@ def run(sizes: list[int], iters: int, out: Path | None) -> list[dict]:
     return rows
 
 
+ENGINE_VARIANTS = {
+    "v1, hot poll": ("one-run", {"UCX_PROTO_ENABLE": "n"}),
+    "v1, no hot poll": ("one-run", {"UCX_PROTO_ENABLE": "n", "PDMESH_UCX_HOT_POLL": "0"}),
+    "v1, hot poll, scattered": ("scattered", {"UCX_PROTO_ENABLE": "n"}),
+    "v2, hot poll": ("one-run", {"UCX_PROTO_ENABLE": "y"}),
+    "v1, hot poll, 256M chunks": ("one-run", {"UCX_PROTO_ENABLE": "n",
+                                              "PDMESH_BENCH_GPU_CHUNK_BYTES": str(256 << 20)}),
+}
+
+
 def engine(iters: int) -> list[dict]:
-    """KvSender/KvReceiver pool to pool (1 GiB, 64 MiB), one-run and scattered pages, v1/v2."""
+    """KvSender/KvReceiver pool to pool (1 GiB, 64 MiB) under each ENGINE_VARIANTS setting."""
     from bench import gpu_engine
     rows = []
-    for proto in ("n", "y"):
-        for pages in ("one-run", "scattered"):
-            try:
-                got = gpu_engine.run([8192, 512], iters, pages=pages, timeout=120,
-                                     extra_env=dict(BASE, UCX_PROTO_ENABLE=proto))
-                rows += [{"variant": f"engine proto_enable={proto}", "pages": pages,
-                          "bytes": r["bytes"], "gbps": round(r["gbps"], 1)} for r in got]
-            except Exception as err:  # noqa: BLE001
-                rows.append({"variant": f"engine proto_enable={proto}", "pages": pages,
-                             "error": str(err)[-600:]})
-            print(json.dumps(rows[-2:]), flush=True)
+    for name, (pages, extra) in ENGINE_VARIANTS.items():
+        try:
+            got = gpu_engine.run([8192, 512], iters, pages=pages, timeout=120,
+                                 extra_env=dict(BASE, **extra))
+            rows += [{"variant": f"engine {name}", "pages": pages, "bytes": r["bytes"],
+                      "gbps": round(r["gbps"], 1)} for r in got]
+        except Exception as err:  # noqa: BLE001
+            rows.append({"variant": f"engine {name}", "pages": pages, "error": str(err)[-600:]})
+        print(json.dumps(rows[-2:]), flush=True)
+    return rows
+
+
+def bare(iters: int) -> list[dict]:
+    """The bare send (1 GiB first, then 64 MiB) in each ucxx progress mode."""
+    rows = []
+    for proto, mode in (("n", "blocking"), ("n", "polling"), ("y", "polling")):
+        saved = _with(dict(BASE, UCX_PROTO_ENABLE=proto))
+        try:
+            got = gpu_ucx._pair("bare", [1 << 30, 64 << 20], iters, mode=mode)
+            rows += [{"variant": f"bare proto_enable={proto} {mode}", "bytes": r["bytes"],
+                      "gbps": round(r["gbps"], 1)} for r in got]
+        except Exception as err:  # noqa: BLE001
+            rows.append({"variant": f"bare proto_enable={proto} {mode}", "error": str(err)[-600:]})
+        finally:
+            _restore(saved)
+        print(json.dumps(rows[-2:]), flush=True)
     return rows
 
 
@@ -97,9 +122,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--second", action="store_true", help="progress modes, engine windows")
     args = parser.parse_args()
     sizes = [64 << 20, 1 << 30]
-    rows = run(sizes, 5 if args.quick else 20, args.out) + engine(3 if args.quick else 10)
+    if args.second:
+        rows = bare(20) + engine(5)
+    else:
+        rows = run(sizes, 5 if args.quick else 20, args.out) + engine(3 if args.quick else 10)
     if args.out is not None:
         (args.out / "settings.json").write_text(json.dumps(rows, indent=1))
 

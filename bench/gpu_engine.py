@@ -93,7 +93,7 @@ def _pool(tokens: int, seed: int, pages: str = "scattered"):
 
 async def _sender(sizes: list[int], iters: int, pages: str) -> None:
     from pdmesh.worker.transfer import KvSender, TransferConfig
-    sender = KvSender("ucx", epoch=1, config=TransferConfig(room_wait_s=60))
+    sender = KvSender("ucx", epoch=1, config=TransferConfig(room_wait_s=60).for_device("cuda"))
     print("READY", await sender.start(), flush=True)
     for si, tokens in enumerate(sizes):
         pool, ids = _pool(tokens, seed=1, pages=pages)
@@ -110,7 +110,7 @@ async def _receiver(address: str, sizes: list[int], iters: int, layers_per_chunk
     import torch
     from pdmesh.worker.transfer import KvReceiver, TransferConfig
     from pdmesh.worker.transfer.wire import ChunkPlan
-    receiver = KvReceiver("ucx", config=TransferConfig())
+    receiver = KvReceiver("ucx", config=TransferConfig().for_device("cuda"))
     rows = []
     for si, tokens in enumerate(sizes):
         pool, ids = _pool(tokens, seed=2, pages=pages)

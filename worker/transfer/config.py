@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MiB = 1 << 20
 
@@ -43,6 +43,9 @@ def apply_ucx_defaults(environ: MutableMapping[str, str] | None = None) -> dict[
     for key, value in UCX_DEFAULTS.items():
         env.setdefault(key, value)
     return {key: env[key] for key in UCX_DEFAULTS}
+
+GPU_CHUNK_BYTES = int(os.environ.get("PDMESH_BENCH_GPU_CHUNK_BYTES", 64 * MiB))
+GPU_WINDOW_BYTES = int(os.environ.get("PDMESH_BENCH_GPU_WINDOW_BYTES", 1024 * MiB))
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,16 @@ class TransferConfig:
     """Host the sender publishes in its address (the listener binds every interface)."""
     listen_port: int = 0
     """Port of the sender's UCX listener; 0 lets the OS choose."""
+
+    def for_device(self, device: str) -> "TransferConfig":
+        """These settings with the chunking measured for pools on `device` ("cuda...": chunks of
+        `GPU_CHUNK_BYTES` and windows that keep a whole GiB in flight; see README, GPU)."""
+        if not str(device).startswith("cuda"):
+            return self
+        return replace(self, chunk_bytes=max(self.chunk_bytes, GPU_CHUNK_BYTES),
+                       send_window_bytes=max(self.send_window_bytes, GPU_WINDOW_BYTES),
+                       recv_window=max(self.recv_window, GPU_WINDOW_BYTES // GPU_CHUNK_BYTES),
+                       send_depth=max(self.send_depth, 4))
 
     def __post_init__(self) -> None:
         for name in ("chunk_bytes", "send_depth", "recv_window", "copy_threads",
