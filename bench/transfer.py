@@ -91,8 +91,8 @@ def _pages(page_tokens: int, size: int) -> int:
 
 
 def pdmesh_goodput(env: dict, sizes: list[int], iters: dict[int, int], flags: list[str] = (),
-                   layers_per_chunk: int | None = None, page_tokens: tuple = (16, 1)
-                   ) -> dict[tuple[int, int], float]:
+                   layers_per_chunk: int | None = None, page_tokens: tuple = (16, 1),
+                   scattered: bool = False) -> dict[tuple[int, int], float]:
     """{(page_tokens, size): GB/s} from one loopback sender/receiver pair."""
     pool_pages = {t: int(_pages(t, max(sizes)) * 1.25) + 8 for t in LAYOUTS}
     base = [sys.executable, "-m", "pdmesh.worker.transfer.loopback"]
@@ -106,7 +106,8 @@ def pdmesh_goodput(env: dict, sizes: list[int], iters: dict[int, int], flags: li
             layout = LAYOUTS[tokens]
             for size in sizes:
                 pages, seconds = _pages(tokens, size), []
-                common = {"layout": layout, "pool_pages": pool_pages[tokens], "pages": pages}
+                common = {"layout": layout, "pool_pages": pool_pages[tokens], "pages": pages,
+                          "scattered": scattered}
                 for i in range(iters[size] + 1):
                     sender.send(op="offer", room=room, timeout=120, **common)
                     sender.get("event", "offered")

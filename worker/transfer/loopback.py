@@ -20,10 +20,11 @@ on stdout (UCX may print its own lines there too: skip lines that do not start w
 Any command may name another "layout" (same syntax as --layout); its pool is made on first use
 with "pool_pages" pages.
 
-With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
+Pages come from the pool as it hands them out (contiguous runs where free pages allow), or with
+"scattered": true (offer and fetch) at random ids among all free pages, as in a pool fragmented
+by other requests. With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
 ("verify") compares every byte it received with the same bytes. The token of room R is derived
-from R on both sides (the real control path sends a random one). Pages are handed out in a
-shuffled order, so a request's pages sit at scattered ids as they do in a serving rank.
+from R on both sides (the real control path sends a random one).
 `--pack-delay S` slows each chunk's pack by S seconds and reports {"event": "packing"} (used to
 kill a sender mid-transfer).
 """
@@ -81,10 +82,17 @@ def parse_layout(text: str) -> KvLayout:
 def make_pool(layout: KvLayout, pages: int) -> KvPool:
     pool = KvPool(layout, pages)
     pool.kv.view(torch.uint8).random_()  # touch every page now, not inside a timed transfer
-    ids = pool.alloc(pages)
-    random.Random(pages).shuffle(ids)
-    pool.free(ids)  # the free list is now shuffled
     return pool
+
+
+def alloc(pool: KvPool, n: int, scattered: bool, seed: int) -> list[int]:
+    """n pages: as the pool hands them out (runs), or at random ids among all free pages."""
+    if not scattered:
+        return pool.alloc(n)
+    ids = pool.alloc(pool.num_free) if n <= pool.num_free else pool.alloc(n)
+    random.Random(seed).shuffle(ids)
+    pool.free(ids[n:])
+    return ids[:n]
 
 
 def error_fields(err: BaseException | None) -> dict:
@@ -100,8 +108,9 @@ class Rank:
         self.args = args
         self.pools: dict[str, KvPool] = {args.layout: make_pool(parse_layout(args.layout),
                                                                  args.pages)}
+        extra = {key: int(value) for key, value in (kv.split("=", 1) for kv in args.set)}
         config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace,
-                                send_depth=args.depth, recv_window=args.depth)
+                                send_depth=args.depth, recv_window=args.depth, **extra)
         self.transport = make_transport(args.transport)
         self.sender = KvSender(self.transport, epoch=EPOCH, config=config) \
             if args.role == "sender" else None
@@ -119,7 +128,7 @@ class Rank:
     async def offer(self, cmd: dict) -> None:
         room, pages, pool = cmd["room"], cmd["pages"], self.pool_for(cmd)
         try:
-            ids = pool.alloc(pages)
+            ids = alloc(pool, pages, cmd.get("scattered", False), ~room)
         except PdmeshError as err:
             emit(event="offer_done", room=room, **error_fields(err))
             return
@@ -140,7 +149,7 @@ class Rank:
     async def fetch_one(self, cmd: dict, room: int) -> None:
         pages, pool = cmd["pages"], self.pool_for(cmd)
         try:
-            ids = pool.alloc(pages)
+            ids = alloc(pool, pages, cmd.get("scattered", False), room)
         except PdmeshError as err:
             emit(event="fetch_done", room=room, **error_fields(err))
             return
@@ -239,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=TransferConfig.send_depth,
                         help="chunks in flight per transfer, each way")
     parser.add_argument("--pack-delay", type=float, default=0.0)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                        help="an integer TransferConfig field, e.g. --set direct_min_bytes=65536")
     parser.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
