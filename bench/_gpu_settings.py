@@ -5,9 +5,13 @@ processes) and `ucx_perftest -t tag_bw -m cuda` under the same environment, at 6
 
     python -m bench._gpu_settings [--quick] [--out DIR]   # JSON lines on stdout, logs in DIR
 
-Variants: pdmesh's settings (protocol v1), UCX's protocol v2 (the 1.21 default), v2 with each
-rendezvous scheme, v2 without ucxx's peer-error handling (ucx_perftest has none), v2 with
-polling progress, and UCX_PROTO_INFO logs of the protocol UCX picked.
+Variants: pdmesh's host settings (protocol v1), UCX's protocol v2 (the 1.21 default), v2 with
+each rendezvous scheme, v2 without ucxx's peer-error handling (ucx_perftest has none; ucxx's
+async API then failed its first message here), and UCX_PROTO_INFO logs of the protocol UCX
+picked; `--second`: the bare send in each progress mode, and KvSender/KvReceiver pool to pool
+with pages in place (one run) or packed (scattered). What it found is in the README ("CUDA memory
+over UCX"); the engine variants name settings of the time they were measured (hot polling of
+CUDA requests was tried and dropped: no gain).
 """
 
 from __future__ import annotations
@@ -80,8 +84,6 @@ ENGINE_VARIANTS = {
     "v1, no hot poll": ("one-run", {"UCX_PROTO_ENABLE": "n", "PDMESH_UCX_HOT_POLL": "0"}),
     "v1, hot poll, scattered": ("scattered", {"UCX_PROTO_ENABLE": "n"}),
     "v2, hot poll": ("one-run", {"UCX_PROTO_ENABLE": "y"}),
-    "v1, hot poll, 256M chunks": ("one-run", {"UCX_PROTO_ENABLE": "n",
-                                              "PDMESH_BENCH_GPU_CHUNK_BYTES": str(256 << 20)}),
 }
 
 

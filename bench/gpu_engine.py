@@ -93,6 +93,8 @@ def _pool(tokens: int, seed: int, pages: str = "scattered"):
 
 async def _sender(sizes: list[int], iters: int, pages: str) -> None:
     from pdmesh.worker.transfer import KvSender, TransferConfig
+    from pdmesh.worker.transfer.config import apply_ucx_defaults
+    apply_ucx_defaults(device="cuda")  # as a rank with CUDA pools does (worker/kv_link.py)
     sender = KvSender("ucx", epoch=1, config=TransferConfig(room_wait_s=60).for_device("cuda"))
     print("READY", await sender.start(), flush=True)
     for si, tokens in enumerate(sizes):
@@ -109,7 +111,9 @@ async def _receiver(address: str, sizes: list[int], iters: int, layers_per_chunk
                     pages: str) -> None:
     import torch
     from pdmesh.worker.transfer import KvReceiver, TransferConfig
+    from pdmesh.worker.transfer.config import apply_ucx_defaults
     from pdmesh.worker.transfer.wire import ChunkPlan
+    apply_ucx_defaults(device="cuda")
     receiver = KvReceiver("ucx", config=TransferConfig().for_device("cuda"))
     rows = []
     for si, tokens in enumerate(sizes):

@@ -21,8 +21,8 @@ Any command may name another "layout" (same syntax as --layout); its pool is mad
 with "pool_pages" pages.
 
 Pages come from the pool as it hands them out (contiguous runs where free pages allow), or with
-"scattered": true (offer and fetch) at random ids among all free pages, as in a pool fragmented
-by other requests. With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
+"scattered": true (offer and fetch) at random ids among all free pages, or with "max_run": K in
+runs of random lengths 1..K in random order: pools fragmented by other requests. With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
 ("verify") compares every byte it received with the same bytes. The token of room R is derived
 from R on both sides (the real control path sends a random one).
 `--pack-delay S` slows each chunk's pack by S seconds and reports {"event": "packing"} (used to
@@ -85,12 +85,20 @@ def make_pool(layout: KvLayout, pages: int) -> KvPool:
     return pool
 
 
-def alloc(pool: KvPool, n: int, scattered: bool, seed: int) -> list[int]:
-    """n pages: as the pool hands them out (runs), or at random ids among all free pages."""
-    if not scattered:
+def alloc(pool: KvPool, n: int, cmd: dict, seed: int) -> list[int]:
+    """n pages: as the pool hands them out (runs), at random ids among all free pages
+    ("scattered"), or in runs of random lengths 1..max_run in random order ("max_run")."""
+    max_run = 1 if cmd.get("scattered") else int(cmd.get("max_run", 0))
+    if max_run < 1:
         return pool.alloc(n)
-    ids = pool.alloc(pool.num_free) if n <= pool.num_free else pool.alloc(n)
-    random.Random(seed).shuffle(ids)
+    free = sorted(pool.alloc(pool.num_free) if n <= pool.num_free else pool.alloc(n))
+    rng, runs, at = random.Random(seed), [], 0
+    while at < len(free):
+        length = rng.randint(1, max_run)
+        runs.append(free[at:at + length])
+        at += length
+    rng.shuffle(runs)
+    ids = [page for run in runs for page in run]
     pool.free(ids[n:])
     return ids[:n]
 
@@ -128,7 +136,7 @@ class Rank:
     async def offer(self, cmd: dict) -> None:
         room, pages, pool = cmd["room"], cmd["pages"], self.pool_for(cmd)
         try:
-            ids = alloc(pool, pages, cmd.get("scattered", False), ~room)
+            ids = alloc(pool, pages, cmd, ~room)
         except PdmeshError as err:
             emit(event="offer_done", room=room, **error_fields(err))
             return
@@ -149,7 +157,7 @@ class Rank:
     async def fetch_one(self, cmd: dict, room: int) -> None:
         pages, pool = cmd["pages"], self.pool_for(cmd)
         try:
-            ids = alloc(pool, pages, cmd.get("scattered", False), room)
+            ids = alloc(pool, pages, cmd, room)
         except PdmeshError as err:
             emit(event="fetch_done", room=room, **error_fields(err))
             return

@@ -81,11 +81,6 @@ class _Engine:
         self.worker = api.UCXWorker(context)
         self.worker.init_blocking_progress_mode()
         self.hot_poll = os.environ.get("PDMESH_UCX_HOT_POLL", "0") == "1"
-        # CUDA transfers poll while in flight unless PDMESH_UCX_HOT_POLL=0 says otherwise:
-        # UCX learns that a cuda_ipc/cuda_copy copy finished only by polling its CUDA events
-        # (no epoll wake-up), so a sleeping engine finished each CUDA message late (README).
-        self.hot_poll_cuda = os.environ.get("PDMESH_UCX_HOT_POLL", "") != "0"
-        self._hot = 0  # CUDA requests in flight
         self._pending: dict = {}  # UCXRequest -> (future, buffer kept alive, peer)
         self._am_links: set[UcxLink] = set()
         self._scheduled = False
@@ -96,11 +91,9 @@ class _Engine:
         self.progress()
         self.loop.call_later(0.25, self._tick)
 
-    def submit(self, request, keep=None, peer: str = "peer", cuda: bool = False) -> asyncio.Future:
+    def submit(self, request, keep=None, peer: str = "peer") -> asyncio.Future:
         future = self.loop.create_future()
-        hot = cuda and self.hot_poll_cuda
-        self._pending[request] = (future, keep, peer, hot)
-        self._hot += hot
+        self._pending[request] = (future, keep, peer)
         self._soon()
         return future
 
@@ -117,7 +110,7 @@ class _Engine:
         worker = self.worker
         worker.progress()
         self._reap()
-        if (self.hot_poll and self._pending) or self._hot:
+        if self.hot_poll and self._pending:
             self._soon()  # keep progressing every loop turn while requests are in flight
             return
         while not worker.arm():  # events pending: progress until UCX can sleep on epoll
@@ -129,8 +122,7 @@ class _Engine:
             link._poll_control()
         done = [r for r in self._pending if r.completed]
         for request in done:
-            future, _, peer, hot = self._pending.pop(request)
-            self._hot -= hot
+            future, _, peer = self._pending.pop(request)
             if future.done():
                 continue
             try:
@@ -230,16 +222,16 @@ class UcxLink(Link):
             future = self._engine.loop.create_future()
             future.set_exception(self.closed_error)
             return future
-        return self._submit(lambda: post(self._engine.Array(target)), target, buf.is_cuda)
+        return self._submit(lambda: post(self._engine.Array(target)), target)
 
-    def _submit(self, post: Callable, keep, cuda: bool = False) -> asyncio.Future:
+    def _submit(self, post: Callable, keep) -> asyncio.Future:
         try:
             request = post()
         except Exception as err:  # noqa: BLE001 - the endpoint already broke
             future = self._engine.loop.create_future()
             future.set_exception(_lost(self.peer, err))
             return future
-        return self._engine.submit(request, keep, self.peer, cuda)
+        return self._engine.submit(request, keep, self.peer)
 
     def close(self, error: PdmeshError) -> None:
         if self.closed_error is not None:
