@@ -36,3 +36,6 @@ def parse_load_balance_method(text: str) -> int:
         raise ValueError(
             f"unknown load-balance method {text!r}; choose one of {', '.join(LOAD_BALANCE_METHODS)}"
         ) from None
+
+#: The deadline of a call whose caller set none (grpcurl, say): every call has one.
+DEFAULT_DEADLINE_S = 300.0

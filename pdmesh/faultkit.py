@@ -175,6 +175,11 @@ class FaultMesh:
         self.prefill_env = {**hooks, "PDMESH_DEBUG_PACK_DELAY_S": str(pack_delay_s)}
         self.decode_env = hooks
         self.num_pages = num_pages
+        #: The prefill's policy flags, read at each (re)start: change them to replace the prefill
+        #: with another policy under the same instance id.
+        self.prefill_policy: list[str] = ["--load-balance-method", "round_robin"]
+        #: Extra router flags (read at each (re)start).
+        self.router_args: list[str] = []
         self.procs: dict[str, Proc] = {}
 
     def _proc(self, name: str) -> Proc:
@@ -183,10 +188,10 @@ class FaultMesh:
         argv = {
             "bootstrap": ["bootstrap", "--port", port],
             "prefill": ["prefill", "--port", port, "--instance-id", f"{self.tag}-p", "--dp-size", "2",
-                        "--load-balance-method", "round_robin", "--bootstrap-addr", boot, *pages],
+                        *self.prefill_policy, "--bootstrap-addr", boot, *pages],
             "decode": ["decode", "--port", port, "--instance-id", f"{self.tag}-d", "--dp-size", "2", *pages],
             "router": ["router", "--port", port, "--prefill", self.addr["prefill"],
-                       "--decode", self.addr["decode"]],
+                       "--decode", self.addr["decode"], *self.router_args],
         }[name]
         env = {"prefill": self.prefill_env, "decode": self.decode_env}.get(name)
         count = sum(1 for p in self.procs.values() if p.name.startswith(f"{self.tag}-{name}"))

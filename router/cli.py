@@ -35,6 +35,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="requests in flight per instance before queueing")
     p.add_argument("--max-queued", type=int, default=int(env("ROUTER_MAX_QUEUED", "1024")),
                    help="queued requests per instance before RESOURCE_EXHAUSTED")
+    p.add_argument("--first-token-timeout-s", type=float,
+                   default=float(env("ROUTER_FIRST_TOKEN_TIMEOUT_S", "60")),
+                   help="a sample fails DEADLINE_EXCEEDED when its first token takes longer (default 60)")
+    p.add_argument("--token-timeout-s", type=float, default=float(env("ROUTER_TOKEN_TIMEOUT_S", "30")),
+                   help="... or when a next token takes longer than this after the last (default 30)")
     tls.add_arguments(p)
     metrics.add_arguments(p)
 
@@ -43,6 +48,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(host=args.host, port=args.port, policy=args.policy, pin_ranks=args.pin_ranks,
                         align_rooms=args.align_rooms, max_in_flight=args.max_in_flight,
                         max_queued=args.max_queued, prefills=tuple(args.prefill), decodes=tuple(args.decode),
+                        first_token_timeout_s=args.first_token_timeout_s,
+                        token_timeout_s=args.token_timeout_s,
                         tls=tls.from_args(args), metrics_port=args.metrics_port,
                         metrics_host=args.metrics_host)
 

@@ -9,6 +9,7 @@ Failed calls raise the typed `pdmesh.errors.PdmeshError` subclasses (with the Er
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
@@ -16,7 +17,7 @@ import grpc
 
 from pdmesh import grpcutil
 from pdmesh.common.v1 import common_pb2
-from pdmesh.errors import PdmeshError
+from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.router.v1 import router_pb2, router_pb2_grpc
 from pdmesh.tls import TlsConfig
 from pdmesh.worker.v1 import worker_pb2
@@ -65,6 +66,15 @@ class RouterClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def connect(self, timeout: float = 30.0) -> None:
+        """Open the connection now (HTTP/2 handshake done). A client about to start a burst of calls
+        from one busy event loop connects first: the handshake must not wait behind the burst."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"no connection to the router within {timeout:g} s",
+                              reason="ROUTER_UNREACHABLE") from None
 
     async def stream(self, prompt: str | Sequence[int], *, timeout: float = 120.0,
                      **kwargs) -> AsyncIterator[router_pb2.GenerateResponse]:

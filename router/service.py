@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdmesh import logs, metrics
-from pdmesh.errors import InvalidArgument, PdmeshError
+from pdmesh.errors import DeadlineExceeded, InvalidArgument, PdmeshError
 from pdmesh.grpcutil import translate_errors
 from pdmesh.router.instances import DECODE, PREFILL, InstanceEntry, InstanceTable
 from pdmesh.router.rooms import draw_room, draw_token
@@ -51,6 +51,11 @@ class RouterConfig:
     max_queued: int = 1024
     queue_timeout_s: float = 5.0
     default_deadline_s: float = 120.0
+    #: A sample's first token (prefill, rank resolution, KV transfer) comes within this, or the
+    #: sample fails DEADLINE_EXCEEDED ROUTER_FIRST_TOKEN_TIMEOUT, however long the client's deadline.
+    first_token_timeout_s: float = 60.0
+    #: Each next token (or the end) comes within this of the last, or ROUTER_TOKEN_TIMEOUT.
+    token_timeout_s: float = 30.0
     prefills: tuple[str, ...] = ()
     decodes: tuple[str, ...] = ()
     #: TLS of the router's server and of its channels to the instances (None = plaintext).
@@ -59,6 +64,12 @@ class RouterConfig:
     metrics_port: int | None = None
     #: Address of the /metrics endpoint; None: `host`.
     metrics_host: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("queue_timeout_s", "default_deadline_s", "first_token_timeout_s", "token_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}",
+                                      reason="INVALID_ROUTER_CONFIG")
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -121,7 +132,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     prefill, decode = moved
                     continue
                 metrics.ROUTER_SAMPLES.labels(logs.current().get("path", "none"), err.code.name).inc()
-                logs.event(log, logging.INFO, "sample failed", code=err.code.name, reason=err.reason)
+                logs.event(log, logging.INFO, "sample failed", code=err.code.name, reason=err.reason,
+                           state=err.metadata.get("state", ""))
                 await queue.put(err)
                 return
             await queue.put(_DONE)
@@ -179,10 +191,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             decode_request, timeout=deadline)
         prefill_task = asyncio.ensure_future(prefill_call)
         prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or decode_call.cancel())
+        watchdog = _Watchdog(room, self.config, (prefill_call, decode_call))
         completed = False
         try:
             first, ttft_s = True, 0.0
             async for message in decode_call:
+                watchdog.streaming()
                 reply = router_pb2.GenerateResponse(sample_index=index, token_ids=message.token_ids,
                                                     text=message.text, finish_reason=message.finish_reason)
                 if first:
@@ -202,8 +216,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             metrics.ROUTER_SAMPLES.labels(logs.current().get("path", "none"), "OK").inc()
             logs.event(log, logging.INFO, "sample done", ttft_ms=round(ttft_s * 1e3, 2))
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            if watchdog.fired is not None:
+                raise watchdog.fired from None
             raise await self._first_cause(exc, prefill_task) from None
         finally:
+            watchdog.stop()
             if not completed:
                 prefill_call.cancel()
                 decode_call.cancel()
@@ -245,3 +262,37 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     @translate_errors
     async def ListInstances(self, request, context) -> router_pb2.ListInstancesResponse:
         return router_pb2.ListInstancesResponse(instances=[e.to_proto() for e in self.table.list()])
+
+
+class _Watchdog:
+    """The router's own bound on each state of a sample: waiting for the first token, then for each
+    next one. When one runs out it cancels both calls (the workers see their caller go and free
+    what the room holds) and the sample fails DEADLINE_EXCEEDED, logged with its room and state."""
+
+    def __init__(self, room: int, config: RouterConfig, calls) -> None:
+        self.room, self.config, self.calls = room, config, calls
+        self.fired: PdmeshError | None = None
+        self.state = "WAITING_FOR_FIRST_TOKEN"
+        self._timer = asyncio.get_running_loop().call_later(config.first_token_timeout_s, self._fire,
+                                                            config.first_token_timeout_s)
+
+    def streaming(self) -> None:
+        self._timer.cancel()
+        self.state = "STREAMING"
+        self._timer = asyncio.get_running_loop().call_later(self.config.token_timeout_s, self._fire,
+                                                            self.config.token_timeout_s)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+    def _fire(self, bound: float) -> None:
+        reason = "ROUTER_FIRST_TOKEN_TIMEOUT" if self.state != "STREAMING" else "ROUTER_TOKEN_TIMEOUT"
+        what = "a first token" if self.state != "STREAMING" else "the next token"
+        self.fired = DeadlineExceeded(
+            f"room {self.room}: no {what} within {bound:g} s (state {self.state}); the workers are "
+            "stuck or overloaded", reason=reason,
+            metadata={"bootstrap_room": self.room, "state": self.state, "bound_s": bound})
+        log.warning("room %d: %s after %g s without %s; cancelling both sides", self.room, self.state,
+                    bound, what)
+        for call in self.calls:
+            call.cancel()

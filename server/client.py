@@ -150,13 +150,16 @@ class BootstrapClient:
         request = bootstrap_pb2.RemoveRoomRequest(bootstrap_room=room)
         await grpcutil.call(self._stub.RemoveRoom(request, timeout=self._t(timeout)))
 
-    async def wait_for_room(self, room: int, timeout: float) -> int:
+    async def wait_for_room(self, room: int, timeout: float,
+                            owner: tuple[str, int] | None = None) -> int:
         """The prefill DP rank of `room`, as soon as it is registered (over the shared stream).
 
         DeadlineExceeded (ROOM_WAIT_TIMEOUT) at `timeout`; Unavailable promptly if the service
-        cannot be reached; survives a restart of the service within the reconnect window.
+        cannot be reached; survives a restart of the service within the reconnect window. With
+        `owner` = (prefill instance id, epoch the caller resolved): FailedPrecondition
+        INSTANCE_EPOCH_CHANGED at once when that instance is registered under another epoch.
         """
-        return await self._watcher.wait_for_room(room, timeout)
+        return await self._watcher.wait_for_room(room, timeout, owner)
 
     async def lookup_rooms(self, rooms: Iterable[int], timeout: float | None = None
                            ) -> dict[int, int | None]:

@@ -21,6 +21,7 @@ this module keeps the table. Every operation is O(1) in the number of rooms (bat
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import operator
 import threading
@@ -80,6 +81,30 @@ class Registry:
         self._tracked = 0  # entries in buckets, dead ones included (compacted when mostly dead)
         self._waiters: dict[int, list[Callback]] = {}
         self._num_waiters = 0
+        self._instance_listeners: list[Callable[[str, int | None], None]] = []
+
+    # ---- instance changes ------------------------------------------------------------------
+
+    def add_instance_listener(self, listener: Callable[[str, int | None], None]) -> None:
+        """Call `listener(instance_id, epoch)` (outside the lock) when an instance registers a
+        new epoch, and `listener(instance_id, None)` when it deregisters."""
+        self._instance_listeners.append(listener)
+
+    def remove_instance_listener(self, listener: Callable[[str, int | None], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._instance_listeners.remove(listener)
+
+    def instance_epoch(self, instance_id: str) -> int | None:
+        """The registered epoch of `instance_id`, or None when it is not registered."""
+        inst = self._instances.get(instance_id)
+        return None if inst is None else inst.epoch
+
+    def _tell(self, instance_id: str, epoch: int | None) -> None:
+        for listener in list(self._instance_listeners):
+            try:
+                listener(instance_id, epoch)
+            except Exception:
+                log.exception("instance listener failed")
 
     # ---- instances -------------------------------------------------------------------------
 
@@ -116,7 +141,9 @@ class Registry:
             if old is not None:  # a new epoch: the old epoch's rooms (and KV) are gone
                 self._drop_instance(old)
             self._instances[info.instance_id] = Instance(copy, now)
-            return True
+        if old is not None:
+            self._tell(info.instance_id, info.epoch)
+        return True
 
     def deregister_instance(self, instance_id: str, epoch: int = 0) -> None:
         with self._lock:
@@ -124,6 +151,7 @@ class Registry:
             if epoch and inst.epoch != epoch:
                 raise self._epoch_mismatch(inst, epoch)
             self._drop_instance(inst)
+        self._tell(instance_id, None)
 
     def heartbeat(self, instance_id: str, epoch: int) -> None:
         with self._lock:

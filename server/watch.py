@@ -6,6 +6,9 @@ once (tagged response: rooms found, missing, invalid) and keeps waiting for the 
 registers later, or whose wait runs out, is reported in an untagged response, batched with
 whatever else became ready in the same event-loop turn. Waits are bounded (`wait_timeout_ms`,
 capped by the service) and are all dropped when the stream ends, so nothing waits forever.
+A wait may name the prefill instance and epoch it expects the room from (`wait_owners`): it fails
+at once when that instance is registered under another epoch, now or later while it waits, so a
+decode whose cached policy went stale re-resolves instead of waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -26,6 +29,19 @@ _WAITED = {result: metrics.BOOTSTRAP_WAIT_SECONDS.labels("WatchRooms", result)
            for result in ("registered", "expired")}
 
 
+def _epoch_changed(room: int, instance_id: str, epoch: int, now: int) -> bootstrap_pb2.RoomError:
+    return bootstrap_pb2.RoomError(
+        bootstrap_room=room, code="FAILED_PRECONDITION", reason="INSTANCE_EPOCH_CHANGED",
+        message=f"prefill instance {instance_id} is registered under epoch {now}, not {epoch} as "
+                "the caller resolved it: refresh its instance info and resolve the rank again")
+
+
+def _instance_gone(room: int, instance_id: str) -> bootstrap_pb2.RoomError:
+    return bootstrap_pb2.RoomError(
+        bootstrap_room=room, code="NOT_FOUND", reason="INSTANCE_NOT_FOUND",
+        message=f"prefill instance {instance_id} deregistered while room {room} was awaited")
+
+
 def _invalid(room: int) -> bootstrap_pb2.RoomError:
     return bootstrap_pb2.RoomError(
         bootstrap_room=room, code="INVALID_ARGUMENT", reason="INVALID_BOOTSTRAP_ROOM",
@@ -43,6 +59,8 @@ class WatchSession:
         self._max_wait_s = max_wait_s
         self._loop = asyncio.get_running_loop()
         self._waiting: dict[int, asyncio.TimerHandle] = {}
+        self._owners: dict[int, tuple[str, int]] = {}  # waiting room -> (instance id, epoch)
+        registry.add_instance_listener(self._on_instance)
         self._since: dict[int, float] = {}  # loop time each waiting room's wait began (metrics)
         self._out_rooms: list[int] = []
         self._out_ranks: list[int] = []
@@ -108,6 +126,9 @@ class WatchSession:
         rooms = [r for r in asked if r not in self._waiting] if again else list(asked)
         timeout = request.wait_timeout_ms / 1000 if request.wait_timeout_ms else self._default_wait_s
         timeout = min(timeout, self._max_wait_s)
+        owners = _owners(request)
+        if owners:
+            rooms = [r for r in rooms if not self._stale(r, owners.get(r), errors)]
         try:
             now_found, now_ranks, waiting, invalid = self._registry.lookup_many(rooms, self._on_registered)
         except PdmeshError as exc:  # too many waiters: these rooms fail, the stream goes on
@@ -124,11 +145,35 @@ class WatchSession:
         for room in waiting:
             self._waiting[room] = call_later(timeout, self._on_timeout, room)
             self._since[room] = now
+            if room in owners:
+                self._owners[room] = owners[room]
         for room in again:
             self._waiting[room].cancel()
             self._waiting[room] = call_later(timeout, self._on_timeout, room)
 
+    def _stale(self, room: int, owner: tuple[str, int] | None, errors: list) -> bool:
+        """Whether `room`'s expected owner is registered under another epoch (error added)."""
+        if owner is None:
+            return False
+        now = self._registry.instance_epoch(owner[0])
+        if now is None or now == owner[1]:
+            return False
+        errors.append(_epoch_changed(room, owner[0], owner[1], now))
+        return True
+
+    def _on_instance(self, instance_id: str, epoch: int | None) -> None:
+        """Registry: `instance_id` registered a new epoch (or None: deregistered)."""
+        if not self._owners:
+            return
+        for room, (owner, expected) in list(self._owners.items()):
+            if owner == instance_id and expected != epoch:
+                self._cancel(room)
+                self._out_errors.append(_instance_gone(room, owner) if epoch is None
+                                        else _epoch_changed(room, owner, expected, epoch))
+                self._schedule_flush()
+
     def _on_registered(self, room: int, dp_rank: int) -> None:
+        self._owners.pop(room, None)
         timer = self._waiting.pop(room, None)
         if timer is None:
             return
@@ -139,6 +184,7 @@ class WatchSession:
         self._schedule_flush()
 
     def _on_timeout(self, room: int) -> None:
+        self._owners.pop(room, None)
         if self._waiting.pop(room, None) is not None:
             self._registry.unwatch(room, self._on_registered)
             self._waited(room, "expired")
@@ -152,6 +198,7 @@ class WatchSession:
 
     def _cancel(self, room: int) -> None:
         self._since.pop(room, None)
+        self._owners.pop(room, None)
         timer = self._waiting.pop(room, None)
         if timer is not None:
             timer.cancel()
@@ -183,6 +230,8 @@ class WatchSession:
             self._drained.set()
 
     def _close(self) -> None:
+        self._registry.remove_instance_listener(self._on_instance)
+        self._owners.clear()
         for room, timer in self._waiting.items():
             timer.cancel()
             self._registry.unwatch(room, self._on_registered)
@@ -190,3 +239,12 @@ class WatchSession:
         self._since.clear()
         if self._flush_task is not None and not self._flush_task.done():
             self._flush_task.cancel()
+
+
+def _owners(request: bootstrap_pb2.WatchRoomsRequest) -> dict[int, tuple[str, int]]:
+    """room -> (instance id, epoch) for the waits that name one (the list parallels the rooms)."""
+    owners = request.wait_owners
+    if not owners or len(owners) != len(request.wait_bootstrap_rooms):
+        return {}
+    return {room: (o.instance_id, o.epoch)
+            for room, o in zip(request.wait_bootstrap_rooms, owners) if o.instance_id}

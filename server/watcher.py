@@ -53,19 +53,25 @@ class RoomWatcher:
         self._tagged: dict[int, list[tuple[list[int] | None, asyncio.Future]]] = {}
         self._out_lookups: list[tuple[list[int] | None, asyncio.Future]] = []
         self._out_waits: dict[int, int] = {}  # room -> server wait_timeout_ms to ask for
+        self._owners: dict[int, tuple[str, int]] = {}  # waited room -> (instance id, epoch) expected
         self._out_cancels: list[int] = []
         self._breaks = 0
         self._closed = False
 
     # ---- public ----------------------------------------------------------------------------
 
-    async def wait_for_room(self, room: int, timeout: float) -> int:
-        """The prefill DP rank of `room` as soon as it is registered; DeadlineExceeded at `timeout`."""
+    async def wait_for_room(self, room: int, timeout: float,
+                            owner: tuple[str, int] | None = None) -> int:
+        """The prefill DP rank of `room` as soon as it is registered; DeadlineExceeded at `timeout`.
+        With `owner` = (instance id, epoch): FAILED_PRECONDITION INSTANCE_EPOCH_CHANGED at once when
+        that instance is (or becomes) registered under another epoch."""
         validate_room(room)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         waiters = self._waits.get(room)
         if waiters is None:
+            if owner is not None:
+                self._owners[room] = owner
             self._waits[room] = [future]
             self._out_waits[room] = max(self._out_waits.get(room, 0),
                                         int(timeout * 1000) + _SERVER_WAIT_MARGIN_MS)
@@ -133,6 +139,7 @@ class RoomWatcher:
         waiters.remove(future)
         if not waiters:  # nobody here waits any more: stop the server's wait too
             del self._waits[room]
+            self._owners.pop(room, None)
             self._out_waits.pop(room, None)
             if self._call is not None:
                 self._out_cancels.append(room)
@@ -171,9 +178,11 @@ class RoomWatcher:
             list(itertools.chain.from_iterable(r for r, _ in entries if r))
         waits, cancels = self._out_waits, self._out_cancels
         self._out_lookups, self._out_waits, self._out_cancels = [], {}, []
+        owners = self._owners
         request = bootstrap_pb2.WatchRoomsRequest(
             tag=tag, bootstrap_rooms=rooms, wait_bootstrap_rooms=list(waits),
-            wait_timeout_ms=max(waits.values(), default=0), cancel_bootstrap_rooms=cancels)
+            wait_timeout_ms=max(waits.values(), default=0), cancel_bootstrap_rooms=cancels,
+            wait_owners=[_owner(owners.get(r)) for r in waits] if owners else ())
         await self._call.write(request)
 
     # ---- the stream ------------------------------------------------------------------------
@@ -247,6 +256,7 @@ class RoomWatcher:
         if found_rooms and self._waits:
             waits = self._waits
             for room, rank in zip(found_rooms, response.dp_ranks):
+                self._owners.pop(room, None)
                 futures = waits.pop(room, None)
                 if futures:
                     for future in futures:
@@ -260,6 +270,7 @@ class RoomWatcher:
                                                            {"bootstrap_room": e.bootstrap_room})
                   for e in response.errors}
         for room, error in failed.items():
+            self._owners.pop(room, None)
             for future in self._waits.pop(room, ()):
                 if not future.done():
                     future.set_exception(error)
@@ -288,6 +299,7 @@ class RoomWatcher:
         futures += [f for entries in self._tagged.values() for _, f in entries]
         futures += [f for _, f in self._out_lookups]
         self._waits.clear()
+        self._owners.clear()
         self._tagged.clear()
         self._out_lookups.clear()
         self._out_waits.clear()
@@ -295,3 +307,8 @@ class RoomWatcher:
         for future in futures:
             if not future.done():
                 future.set_exception(error)
+
+
+def _owner(owner: tuple[str, int] | None) -> bootstrap_pb2.RoomOwner:
+    return bootstrap_pb2.RoomOwner() if owner is None else \
+        bootstrap_pb2.RoomOwner(instance_id=owner[0], epoch=owner[1])

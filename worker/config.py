@@ -42,7 +42,8 @@ class InstanceConfig:
     #: Seconds a prefill rank holds a computed room for the decode's transfer request.
     transfer_wait_s: float = 30.0
     #: Seconds a prefill rank waits for a room it was asked to send but does not hold yet (the
-    #: decode often asks first; the prefill may be queued). Also bounded by the decode's deadline.
+    #: decode often asks first; the prefill may be queued), and a decode rank waits for a looked-up
+    #: room to be registered. Also bounded by the request's deadline.
     unknown_room_wait_s: float = 30.0
     #: Seconds a decode waits for free pages before RESOURCE_EXHAUSTED.
     page_wait_s: float = 5.0

@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import grpc
 
 from pdmesh import grpcutil
+from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.rules import validate_room
 from pdmesh.worker.config import DECODE, InstanceConfig, RankConfig
@@ -26,8 +27,6 @@ from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-#: Deadline applied to a forwarded call when the caller sent none (every call has one).
-DEFAULT_DEADLINE_S = 300.0
 #: How long a request waits for a restarting rank before UNAVAILABLE.
 RANK_READY_WAIT_S = 3.0
 #: A draining instance stops only after it has been idle this long (see `Controller.drain`).

@@ -16,7 +16,9 @@ import time
 from pdmesh import logs, metrics
 from pdmesh.addresses import validate_address
 from pdmesh.common.v1 import common_pb2
-from pdmesh.errors import DeadlineExceeded, EpochMismatch, InvalidArgument, NotFound, PdmeshError, Unavailable
+from pdmesh.config import DEFAULT_DEADLINE_S
+from pdmesh.errors import (DeadlineExceeded, EpochMismatch, FailedPrecondition, InvalidArgument, NotFound,
+                           PdmeshError, Unavailable)
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import decode_rule, validate_room
 from pdmesh.server.client import shared_client
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 #: A fetch that failed this way never reached the rank: new instance info may name one that is up.
 _UNREACHABLE = frozenset({"KV_TRANSFER_PEER_UNREACHABLE", "KV_TRANSFER_CONNECT_TIMEOUT"})
+#: ... or may have been lost on its link (closed as unresponsive): worth one more try on a new link.
+_NEVER_REACHED = _UNREACHABLE | {"KV_TRANSFER_NO_ANSWER"}
+#: Resolutions of one request: a policy change costs one more, a lost request one more.
+_RESOLVES = 3
 
 _PATHS = {"hint": common_pb2.RANK_PATH_HINT, "dp1": common_pb2.RANK_PATH_DP1,
           "fast_path": common_pb2.RANK_PATH_FAST_PATH, "lookup": common_pb2.RANK_PATH_LOOKUP}
@@ -70,7 +76,8 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
             raise InvalidArgument("prefill_instance_id and prefill_bootstrap_address are required",
                                   reason="MISSING_PREFILL")
         validate_address(request.prefill_bootstrap_address, "prefill_bootstrap_address")
-        deadline = time.monotonic() + (context.time_remaining() or 300.0)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (remaining if remaining is not None else DEFAULT_DEADLINE_S)
         hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
         with st.track(room):
             info, prefill_rank, path = await self._resolve(request, room, hint, deadline)
@@ -81,7 +88,8 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                                               min(st.config.instance.page_wait_s, deadline - time.monotonic()))
             seq = None
             try:
-                first, info = await self._fetch(request, info, prefill_rank, room, pages, token, deadline)
+                first, info, prefill_rank, path = await self._fetch(
+                    request, info, prefill_rank, path, room, hint, pages, token, deadline)
                 fetched = time.perf_counter()
                 st.metrics_path(_PATHS[path])
                 if st.config.instance.debug_kv_dir:
@@ -124,15 +132,42 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         path = os.path.join(self.state.config.instance.debug_kv_dir, f"{room}.pt")
         torch.save(kv_by_token(self.state.pages.kv, pages, num_tokens).cpu(), path)
 
-    async def _resolve(self, request, room: int, hint: int | None, deadline: float):
-        info = await self.infos.get(request.prefill_bootstrap_address, request.prefill_instance_id)
-        KvLayout.from_proto(info.kv_layout).check_compatible(self.state.layout)
-        res = decode_rule(room, hint, info.dp_size, info.load_balance_method, info.force_query_prefill_dp_rank)
-        rank = res.dp_rank
-        if res.needs_lookup:
-            client = shared_client(request.prefill_bootstrap_address, self.state.config.instance.tls)
-            rank = await client.wait_for_room(room, max(deadline - time.monotonic(), 0.001))
-        return info, rank, res.path
+    async def _resolve(self, request, room: int, hint: int | None, deadline: float, info=None):
+        """(info, prefill rank, path) by the decode rule. A lookup names the instance and epoch the
+        policy was read from: if the prefill was replaced meanwhile (another policy, perhaps), the
+        bootstrap says so at once and the rank is resolved again from fresh info."""
+        addr, iid = request.prefill_bootstrap_address, request.prefill_instance_id
+        if info is None:
+            info = await self.infos.get(addr, iid)
+        for attempt in range(_RESOLVES):
+            KvLayout.from_proto(info.kv_layout).check_compatible(self.state.layout)
+            res = decode_rule(room, hint, info.dp_size, info.load_balance_method,
+                              info.force_query_prefill_dp_rank)
+            if not res.needs_lookup:
+                return info, res.dp_rank, res.path
+            client = shared_client(addr, self.state.config.instance.tls)
+            # the prefill registers the room when its rank takes it: bounded on its own, not only by
+            # the deadline (a prefill that never got the room costs this, logged with the room)
+            wait = min(deadline - time.monotonic(), self.state.config.instance.unknown_room_wait_s)
+            try:
+                rank = await client.wait_for_room(room, max(wait, 0.001),
+                                                  owner=(info.instance_id, info.epoch))
+                return info, rank, res.path
+            except DeadlineExceeded:
+                log.warning("room %d: not registered by prefill %s within %.1f s (state RESOLVING)",
+                            room, iid, wait)
+                raise
+            except FailedPrecondition as err:
+                if err.reason != "INSTANCE_EPOCH_CHANGED" or attempt == _RESOLVES - 1:
+                    raise
+                info = await self._refreshed(addr, iid, info, room, err)
+
+    async def _refreshed(self, addr: str, iid: str, info, room: int, err: PdmeshError):
+        fresh = await self.infos.get(addr, iid, refresh=True)
+        logs.event(log, logging.INFO, "prefill info refreshed", epoch=info.epoch, new_epoch=fresh.epoch,
+                   method=fresh.load_balance_method, force_query=fresh.force_query_prefill_dp_rank,
+                   cause=err.reason)
+        return fresh
 
     def _endpoint(self, info, prefill_rank: int) -> str:
         for endpoint in info.rank_endpoints:
@@ -141,26 +176,28 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         raise NotFound(f"prefill {info.instance_id} publishes no endpoint for rank {prefill_rank}",
                        reason="RANK_ENDPOINT_NOT_FOUND", metadata={"dp_rank": prefill_rank})
 
-    async def _fetch(self, request, info, prefill_rank, room, pages, token, deadline):
-        """Fetch the KV. On an epoch mismatch or an unreachable rank, refresh the prefill's info: if
-        it changed (a rank restarted, or a new process replaced the instance on the same address),
-        retry once at the new endpoint; if not, the failure is real and is raised at once."""
-        for attempt in (0, 1):
+    async def _fetch(self, request, info, prefill_rank, path, room, hint, pages, token, deadline):
+        """Fetch the KV; (first token, info, prefill rank, path). A prefill that moved to a new epoch
+        (a rank restarted, or a new process, maybe with another policy, replaced the instance) is
+        noticed by the rank's epoch check before any wait: the info is refreshed and the rank
+        resolved again. A request that never reached the rank (unreachable, or left unanswered on
+        a link that is then closed) is tried once more on a fresh link. A transfer cut once it began
+        is not retried: its offer is claimed."""
+        addr, iid = request.prefill_bootstrap_address, request.prefill_instance_id
+        for attempt in range(_RESOLVES):
             try:
                 first = await self.state.transfer.fetch_room(
                     peer=self._endpoint(info, prefill_rank), room=room, epoch=info.epoch,
                     page_ids=pages, token=token, deadline=deadline)
-                return first, info
-            except (EpochMismatch, Unavailable, DeadlineExceeded) as err:  # stale info, or the rank is gone
-                if attempt or not (isinstance(err, EpochMismatch) or err.reason in _UNREACHABLE):
-                    raise  # a transfer cut once it began cannot be taken again: its offer is claimed
+                return first, info, prefill_rank, path
+            except (EpochMismatch, Unavailable, DeadlineExceeded) as err:
+                retry = isinstance(err, EpochMismatch) or err.reason in _NEVER_REACHED
+                if attempt == _RESOLVES - 1 or not retry:
+                    raise
                 try:
-                    fresh = await self.infos.get(request.prefill_bootstrap_address,
-                                                 request.prefill_instance_id, refresh=True)
+                    fresh = await self._refreshed(addr, iid, info, room, err)
                 except PdmeshError:
                     raise err from None
-                if fresh.epoch == info.epoch:
-                    raise
-                log.info("prefill %s moved to epoch %d; fetching room %d again", fresh.instance_id,
-                         fresh.epoch, room)
-                info = fresh
+                if fresh.epoch == info.epoch and err.reason in _UNREACHABLE:
+                    raise  # the same process is still published: it is really unreachable
+                info, prefill_rank, path = await self._resolve(request, room, hint, deadline, fresh)

@@ -4,7 +4,7 @@ For each room: check the request, apply the prefill rule (`pdmesh.rules.prefill_
 register when hinted or on the fast path, register room -> rank at the bootstrap service before
 the KV is offered, or fail typed with the conflict), take pages (bounded wait), compute the KV
 and the first token on the engine thread, offer the pages to the decode over UCX and wait until
-they are sent (bounded by `transfer_wait_s` and the caller's deadline), then free them. The
+they are sent (bounded by `transfer_wait_s` from the offer and by the caller's deadline), then free them. The
 answer says which rank path the room took and what it cost. A registered room is kept known to a
 bootstrap service that restarts meanwhile (`room_keeper.RoomKeeper`) and removed from the
 registry when the room ends, however it ends. A caller that goes away aborts the offer, and the
@@ -19,7 +19,7 @@ import time
 
 from pdmesh import logs, metrics
 from pdmesh.common.v1 import common_pb2
-from pdmesh.config import LOAD_BALANCE_METHODS
+from pdmesh.config import DEFAULT_DEADLINE_S, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import PrefillAction, prefill_rule, validate_room
@@ -60,7 +60,8 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
         action = prefill_rule(st.dp_rank, st.dp_size, room, self.method, self.force_query, hint)
         logs.event(log, logging.DEBUG, "prefill start", action=action.value, prompt_tokens=len(ids))
-        deadline = time.monotonic() + (context.time_remaining() or st.config.instance.transfer_wait_s)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (remaining if remaining is not None else DEFAULT_DEADLINE_S)
         registered = False
         try:
             with st.track(room):
@@ -76,8 +77,11 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
                     started = time.perf_counter()
                     first = await st.engine_thread.run(st.engine.prefill, ids, st.pages.kv, pages, sampling)
                     computed = time.perf_counter()
+                    # the computed room waits for its decode `transfer_wait_s` at most, whatever
+                    # the caller's deadline: a decode that never comes costs that, not the deadline
+                    hold = min(deadline, time.monotonic() + st.config.instance.transfer_wait_s)
                     await st.transfer.send_room(room=room, page_ids=pages, first_token=first, token=token,
-                                                deadline=deadline)
+                                                deadline=hold)
                     sent = time.perf_counter()
                 finally:
                     st.pages.free(pages)

@@ -110,8 +110,6 @@ def test_the_bootstrap_service_restarted(mesh):
     assert mesh.settled(30)
 
 
-@pytest.mark.xfail(strict=False, reason="known bug: right after a prefill is replaced on its address, "
-                   "an occasional request times out instead of reaching the new process (seen in CI)")
 def test_a_prefill_instance_killed_then_replaced_on_the_same_address(mesh):
     decode_pid = mesh.procs["decode"].pid
     fault = run(scenarios.prefill_instance_killed(mesh))
@@ -129,7 +127,7 @@ def test_a_prefill_instance_killed_then_replaced_on_the_same_address(mesh):
 
 def test_dropped_ucx_links_fail_typed_and_never_deliver_partial_kv(mesh):
     # the prefill drops its links under load (6 rooms), then the decode drops its own while one
-    # transfer per prefill rank is in flight (see the xfail below for why no room queues behind)
+    # transfer per prefill rank is in flight
     for side, n in (("prefill", 6), ("decode", 2)):
         fault = run(scenarios.dropped_links(mesh, side, n))
         assert len(fault.affected) >= 2, f"dropping the {side}'s links failed {len(fault.affected)} transfers"
@@ -141,11 +139,6 @@ def test_dropped_ucx_links_fail_typed_and_never_deliver_partial_kv(mesh):
         assert mesh.settled(30)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "worker/transfer/ucx.py: after a link is closed while its peer lives, a new link of the same UCX "
-    "worker may get the freed endpoint handle back and never receive a control message (ucxx keys "
-    "active messages by handle): the transfer waits until its deadline. Reported; links the peer "
-    "broke (a dead rank) are not affected"))
 def test_after_dropped_links_new_transfers_go_through(mesh):
     outcomes = run(many(mesh, 4, timeout=8.0))
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]

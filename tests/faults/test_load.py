@@ -8,7 +8,8 @@ hold 1,000 requests in flight. A wave mixes rank paths (a third pinned with rout
 mid-stream, and pinned conflicts sent straight to the follow_bootstrap_room prefill. Every
 request ends in its tokens or a typed status (count in == count out), no page leaks, the
 registry holds no room afterwards, and a second identical wave leaves every process's memory
-(VmRSS, ranks included) flat.
+(VmRSS, ranks included) flat; a process that grew past the slack in wave 2 must stay flat in a
+third wave (a leak keeps growing with every wave, allocator noise does not come back).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ async def wave(mesh, tag: str):
     procs = mesh["procs"]
     async with RouterClient(procs["router"].address) as client, \
             grpc.aio.insecure_channel(procs["pa"].address) as pa:
+        await client.connect()  # the handshake must not queue behind the burst on this loop
         good = [request(client, f"{tag} {i}", max_new_tokens=MAX_NEW, timeout=TIMEOUT_S,
                         routed_dp_rank=(i % 2 if i % 3 == 0 else None)) for i in range(GOOD)]
         injected = ([request(client, [10**6, 1], max_new_tokens=MAX_NEW, timeout=TIMEOUT_S) for _ in range(INVALID)]
@@ -152,15 +154,20 @@ def test_a_thousand_requests_at_once_then_memory_stays_flat(mesh):
     pids = all_pids(mesh)
     before = {name: rss_kib(pid) for name, pid in pids.items()}
     check_wave(mesh, *run(wave(mesh, "second")))
-    after = {name: rss_kib(pid) for name, pid in pids.items()}
-    grown = {name: after[name] - before[name] for name in pids}
+    grown = {name: rss_kib(pid) - before[name] for name, pid in pids.items()}
     print(f"wave 1: {first_s:.1f}s, paths {dict(paths)}; VmRSS growth in wave 2 (KiB): {grown}")
-    assert all(g < RSS_SLACK_KIB for g in grown.values()), grown
+    suspects = {name for name, g in grown.items() if g >= RSS_SLACK_KIB}
+    if suspects:
+        # A leak grows with every wave; allocator noise (arenas, caches sized by the first peaks)
+        # does not come back: a third identical wave tells them apart.
+        mid = {name: rss_kib(pids[name]) for name in suspects}
+        check_wave(mesh, *run(wave(mesh, "third")))
+        again = {name: rss_kib(pids[name]) - mid[name] for name in suspects}
+        print(f"VmRSS growth in wave 3 (KiB): {again}")
+        assert all(g < RSS_SLACK_KIB // 2 for g in again.values()), (grown, again)
     assert all_pids(mesh) == pids  # no process died or was restarted under load
 
 
-@pytest.mark.xfail(strict=False, reason="flaky under CPU load: 300 requests at once can time out the "
-                   "client's first connection to the router before the drain is even sent")
 def test_drain_stops_new_work_finishes_the_rest_deregisters_and_exits(mesh):
     procs = mesh["procs"]
     pb = procs["pb"]
@@ -168,6 +175,7 @@ def test_drain_stops_new_work_finishes_the_rest_deregisters_and_exits(mesh):
     async def go():
         async with RouterClient(procs["router"].address) as client, \
                 grpc.aio.insecure_channel(pb.address) as channel:
+            await client.connect()
             first = [asyncio.create_task(request(client, f"drain {i}", max_new_tokens=MAX_NEW,
                                                  timeout=TIMEOUT_S)) for i in range(300)]
             stub = worker_pb2_grpc.InstanceServiceStub(channel)

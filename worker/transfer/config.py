@@ -92,6 +92,10 @@ class TransferConfig:
     the next ones."""
     connect_timeout_s: float = 5.0
     """Deadline of connecting to a peer's listener (part of BOOTSTRAPPING)."""
+    answer_timeout_s: float = 5.0
+    """How long a receiver waits for the sender to acknowledge a transfer request (and the
+    grace it adds to the wait the sender announced): a request or answer lost on the way costs
+    this bound, never the request's deadline."""
     room_wait_s: float = 5.0
     """How long the sender holds a request for a room that is not offered (the decode may come
     first) before it answers NOT_FOUND; `KvSender.expect(room, ...)` extends it for one room."""
@@ -125,6 +129,7 @@ class TransferConfig:
                      "send_window_bytes", "direct_min_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be >= 1")
-        for name in ("connect_timeout_s", "room_wait_s", "transfer_timeout_s", "abort_grace_s"):
+        for name in ("connect_timeout_s", "answer_timeout_s", "room_wait_s", "transfer_timeout_s",
+                     "abort_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TransferConfig.{name} must be > 0")

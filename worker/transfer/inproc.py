@@ -38,8 +38,7 @@ class InprocLink(Link):
         self._loop.call_soon(self._other._deliver, bytes(data))
 
     def _deliver(self, data: bytes) -> None:
-        if self.closed_error is None:
-            self.on_control(data)
+        self._dispatch(data)
 
     def send_data(self, buf: torch.Tensor, tag: int) -> asyncio.Future:
         future = self._loop.create_future()

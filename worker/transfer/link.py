@@ -4,7 +4,10 @@ A `Transport` is one rank's endpoint in the data plane (for UCX: its UCX worker)
 (the sender's side; the address it returns is what the rank publishes) and `connect`s (the
 receiver's side, one `Link` per peer, cached by the receiver). A `Link` is one connection:
 
-- ordered control messages (`send_control(bytes)`; arriving ones go to `on_control`),
+- ordered control messages (`send_control(bytes)`; arriving ones go to `on_control`). A message
+  that arrives before its owner installed `on_control` is held and handed over the moment the
+  handler is set: a link never drops a control message for want of a handler (issue 11: on new
+  links the first transfer requests used to vanish in that window),
 - tagged data: `send_data(buf, tag)` / `recv_data(buf, tag)` return futures that finish when the
   transport is done with `buf` (a message matches the receive posted with the same tag on the
   other side, whenever either comes first; a message may be shorter than the receive buffer,
@@ -35,13 +38,38 @@ class Link(abc.ABC):
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
-        self.on_control: Callable[[bytes], None] = lambda data: None
+        self._on_control: Callable[[bytes], None] | None = None
+        self._early: list[bytes] = []  # control messages that arrived before on_control was set
         self.on_closed: Callable[[PdmeshError], None] = lambda error: None
         self.closed_error: PdmeshError | None = None
 
     @property
     def closed(self) -> bool:
         return self.closed_error is not None
+
+    @property
+    def on_control(self) -> Callable[[bytes], None] | None:
+        return self._on_control
+
+    @on_control.setter
+    def on_control(self, handler: Callable[[bytes], None]) -> None:
+        """Install the control handler; messages that arrived before it are handed over now."""
+        self._on_control = handler
+        early, self._early = self._early, []
+        for data in early:
+            self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        """Backends call this for every arriving control message, in order."""
+        if self.closed_error is not None:
+            return
+        if self._on_control is None:
+            self._early.append(data)
+            return
+        try:
+            self._on_control(data)
+        except Exception:
+            log.exception("link to %s: control handler raised", self.peer)
 
     @abc.abstractmethod
     async def send_control(self, data: bytes) -> None:

@@ -11,7 +11,8 @@ on stdout (UCX may print its own lines there too: skip lines that do not start w
               -> {"event": "offered", "room": R}, later {"event": "offer_done", "room": R, "ok": ..,
                   "cpu_s": process CPU seconds (all threads) from offered to sent}
     receiver: {"op": "fetch", "address": A, "rooms": [R, ..], "pages": N, "timeout": T,
-               "verify": true, "sequential": false, "layers_per_chunk": k (optional)}
+               "verify": true, "sequential": false, "layers_per_chunk": k (optional),
+               "fresh_links": false (each room on a brand-new link, closed after it)}
               -> {"event": "fetch_done", "room": R, "ok": .., "seconds": .., "bytes": .., "cpu_s": ..}
                  per room,
                  then {"event": "batch_done", "seconds": ..}
@@ -163,8 +164,10 @@ class Rank:
             return
         started, error, verified = time.perf_counter(), None, None
         cpu = time.process_time()
+        receiver = KvReceiver(self.transport, config=self.receiver.config) \
+            if cmd.get("fresh_links") else self.receiver
         try:
-            first = await self.receiver.fetch(
+            first = await receiver.fetch(
                 cmd["address"], room, epoch=EPOCH, pool=pool, page_ids=ids,
                 token=token_for(room), timeout=cmd.get("timeout", 30.0),
                 layers_per_chunk=cmd.get("layers_per_chunk"))
@@ -180,6 +183,8 @@ class Rank:
             seconds, error, cpu = time.perf_counter() - started, err, 0.0
         finally:
             pool.free(ids)
+            if receiver is not self.receiver:
+                await receiver.close()  # closes its link: the sender's endpoint goes too
         emit(event="fetch_done", room=room, seconds=seconds, verified=verified, cpu_s=cpu,
              bytes=pool.layout.request_bytes(pages), **error_fields(error))
 

@@ -9,8 +9,12 @@
         pool.free(pages)   # safe: fetch raises only once nothing writes into them any more
         raise
 
-One cached link per peer address. fetch sends the typed request (BOOTSTRAPPING), waits for the
-sender's status (WAITING_FOR_INPUT: the prefill may not have offered the room yet), then
+One cached link per peer address. fetch sends the typed request (BOOTSTRAPPING) and waits at
+most `answer_timeout_s` for the sender to acknowledge it (a `TransferWaiting` or the status); a
+sender that does not answer gets its link closed as unresponsive and the fetch fails UNAVAILABLE
+KV_TRANSFER_NO_ANSWER (the decode retries once on a fresh link). Then it waits for the status
+(WAITING_FOR_INPUT: the prefill may not have offered the room yet), bounded by how long the
+sender said it would wait (each `TransferWaiting` renews it) plus `answer_timeout_s`, then
 (TRANSFERRING) keeps `recv_window` chunk receives posted into reused staging buffers, unpacks
 each arrived chunk in a worker thread while the next ones arrive, and finally checks the trailer:
 first token present, byte count, checksum, per-transfer token. Any mismatch is DATA_LOSS and the
@@ -35,7 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdmesh.errors import AlreadyExists, Cancelled, DataLoss, InvalidArgument, PdmeshError
+from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, PdmeshError,
+                           Unavailable)
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.pack import check_page_ids
 from pdmesh.worker.kv.pool import KvPool
@@ -57,6 +62,7 @@ class _Fetch:
     status: TransferStatus
     response: asyncio.Future
     trailer: asyncio.Future
+    answered: asyncio.Future  # the sender acknowledged the request (waiting, or its status)
     link: Link | None = None
     request_sent: bool = False
     accepted: bool = False
@@ -99,6 +105,8 @@ class KvReceiver:
     async def close(self) -> None:
         for room in list(self._fetches):
             self.abort(room, Cancelled("KV receiver closing", reason="KV_TRANSPORT_CLOSED"))
+        for link in list(self._links.values()):  # its own links, also on a shared transport
+            link.close(Cancelled("KV receiver closing", reason="KV_TRANSPORT_CLOSED"))
         if self._owns_transport:
             await self.transport.close()
         self._executor.shutdown(wait=True)
@@ -123,7 +131,7 @@ class KvReceiver:
             f"fetch room {room}", timeout,
             {TransferState.BOOTSTRAPPING: self.config.connect_timeout_s + 1.0,
              TransferState.TRANSFERRING: self.config.transfer_timeout_s}),
-            loop.create_future(), loop.create_future())
+            loop.create_future(), loop.create_future(), loop.create_future())
         self._fetches[room] = fetch
         try:
             return await self._run(fetch, address, epoch, pool, ids, token, plan)
@@ -149,7 +157,7 @@ class KvReceiver:
             fetch.request_sent = True
             await status.guard(fetch.link.send_control(wire.encode(pb.TransferMessage(
                 request=request))))
-            status.advance(TransferState.WAITING_FOR_INPUT)
+            await self._acknowledged(fetch)
             response = await status.guard(fetch.response)
             if response.HasField("failure"):
                 fetch.peer_failed = True
@@ -173,6 +181,27 @@ class KvReceiver:
                                   reason="KV_TRANSFER_CANCELLED"))
             await self._wind_down(fetch, plan, pool)
             raise
+
+    async def _acknowledged(self, fetch: _Fetch) -> None:
+        """Wait (bounded) until the sender acknowledges the request. No answer means the request
+        or its answer was lost: the link is closed as unresponsive and the fetch fails typed."""
+        bound = min(self.config.answer_timeout_s, fetch.status.remaining())
+        done, _ = await asyncio.wait({fetch.answered, fetch.status.failed}, timeout=bound,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if done:
+            if fetch.status.error is not None:
+                raise fetch.status.error
+            return
+        link = fetch.link
+        log.warning("KV transfer of room %d: %s did not answer the request within %.1f s; closing "
+                    "the link", fetch.room, link.peer, bound)
+        fetch.status.fail(Unavailable(
+            f"the prefill rank at {link.peer} did not answer the transfer request for room "
+            f"{fetch.room} within {bound:.1f} s", reason="KV_TRANSFER_NO_ANSWER",
+            metadata={"room": fetch.room, "state": fetch.status.state.name, "peer": link.peer}))
+        link.close(Unavailable(f"{link.peer} left a transfer request unanswered",
+                               reason="KV_LINK_UNRESPONSIVE", metadata={"peer": link.peer}))
+        raise fetch.status.error
 
     def _wire_plan(self, fetch: _Fetch, plan: wire.ChunkPlan,
                    response: pb.TransferResponse) -> runs.WirePlan:
@@ -253,7 +282,13 @@ class KvReceiver:
         fetch = self._by_id.get((id(link), body.transfer_id))
         if fetch is None:
             return  # a transfer that already ended
-        if kind == "response" and not fetch.response.done():
+        if kind in ("waiting", "response") and not fetch.answered.done():
+            fetch.answered.set_result(None)
+        if kind == "waiting":
+            fetch.status.advance(TransferState.WAITING_FOR_INPUT)
+            if fetch.status.state == TransferState.WAITING_FOR_INPUT:
+                fetch.status.rebound(body.wait_ms / 1e3 + self.config.answer_timeout_s)
+        elif kind == "response" and not fetch.response.done():
             fetch.response.set_result(body)
         elif kind == "trailer" and not fetch.trailer.done():
             fetch.trailer.set_result(body)

@@ -9,7 +9,10 @@
     finally:
         pool.free(pages)                  # safe either way: nothing touches them any more
 
-A request for a room answers with one status before any KV moves: NOT_FOUND when the room is not
+Every request that passes the first checks is acknowledged at once (`TransferWaiting`, with how
+long the sender may still wait for the room; again whenever that wait grows), so the decode can
+bound its wait for the status. A request for a room answers with one status before any KV moves:
+EPOCH_MISMATCH at once for a decode that resolved an older process; NOT_FOUND when the room is not
 offered within `room_wait_s` (or the `expect()` deadline), UNAUTHENTICATED for a wrong token
 (the offer stays for the right decode), FAILED_PRECONDITION for an epoch, layout or size
 mismatch (the offer fails too: it can never succeed), or OK. After OK it sends every chunk tag
@@ -126,6 +129,10 @@ class KvSender:
         if len(self._expected) > self._expected_prune_at:  # rooms whose prefill failed unoffered
             self._expected = {r: t for r, t in self._expected.items() if t > now}
             self._expected_prune_at = max(1024, 2 * len(self._expected))
+        if self._waiters.get(room):  # wake the waiting requests: they tell their decode the new bound
+            arrival = self._arrival(room)
+            arrival.set()
+            arrival.clear()
 
     def requested(self, room: int) -> bool:
         """Whether a decode's request for `room` has arrived (waiting for the offer, or taken)."""
@@ -196,7 +203,7 @@ class KvSender:
         key = (id(link), request.transfer_id)
         try:
             try:
-                offer = await self._claim(request, aborted)
+                offer = await self._claim(link, request, aborted)
             except PdmeshError as err:
                 await self._respond(link, request.transfer_id, err)
                 return
@@ -229,10 +236,12 @@ class KvSender:
             response.failure.CopyFrom(wire.failure_to_proto(error))
         await link.send_control(wire.encode(pb.TransferMessage(response=response)))
 
-    async def _claim(self, request: pb.TransferRequest, aborted: asyncio.Future) -> Offer:
+    async def _claim(self, link: Link, request: pb.TransferRequest,
+                     aborted: asyncio.Future) -> Offer:
         """The offer this request may take, after every check; raises the status to answer."""
         layout = _check_request(request)
-        offer = await self._wait_for_offer(request.room, aborted)
+        self._check_epoch(request)  # before any wait: a stale decode must re-resolve at once
+        offer = await self._wait_for_offer(link, request, aborted)
         if not hmac.compare_digest(request.token, offer.token):
             raise Unauthenticated(f"wrong transfer token for room {request.room}; only the "
                                   "decode the router paired with this prefill may take it",
@@ -250,13 +259,16 @@ class KvSender:
         offer.claimed = True
         return offer
 
-    def _check_fit(self, request: pb.TransferRequest, layout: KvLayout, offer: Offer) -> None:
+    def _check_epoch(self, request: pb.TransferRequest) -> None:
         # An instance's epoch grows whenever one of its ranks (re)starts; a decode whose info is
-        # older than this rank's own start resolved a process that is gone.
+        # older than this rank's own start resolved a process that is gone (or an older policy).
         if request.epoch < self.epoch:
             raise EpochMismatch(f"decode resolved this prefill at epoch {request.epoch}, this rank "
                                 f"started at epoch {self.epoch}; refresh the instance info and retry",
-                                metadata={"requested": request.epoch, "actual": self.epoch})
+                                metadata={"requested": request.epoch, "actual": self.epoch,
+                                          "room": request.room})
+
+    def _check_fit(self, request: pb.TransferRequest, layout: KvLayout, offer: Offer) -> None:
         offer.pool.layout.check_compatible(layout)
         have = offer.pool.layout.request_bytes(len(offer.page_ids))
         if request.num_pages != len(offer.page_ids) or request.expected_bytes != have:
@@ -266,10 +278,12 @@ class KvSender:
                 reason="KV_SIZE_MISMATCH",
                 metadata={"pages": len(offer.page_ids), "requested_pages": request.num_pages})
 
-    async def _wait_for_offer(self, room: int, aborted: asyncio.Future) -> Offer:
+    async def _wait_for_offer(self, link: Link, request: pb.TransferRequest,
+                              aborted: asyncio.Future) -> Offer:
+        room = request.room
         self._waiters[room] = self._waiters.get(room, 0) + 1
         try:
-            return await self._wait_for_offer_once(room, aborted)
+            return await self._wait_for_offer_once(link, request, aborted)
         finally:  # a request for a room never offered leaves nothing behind
             left = self._waiters.pop(room) - 1
             if left:
@@ -277,9 +291,11 @@ class KvSender:
             elif room not in self._offers:
                 self._arrivals.pop(room, None)
 
-    async def _wait_for_offer_once(self, room: int, aborted: asyncio.Future) -> Offer:
+    async def _wait_for_offer_once(self, link: Link, request: pb.TransferRequest,
+                                   aborted: asyncio.Future) -> Offer:
         loop = asyncio.get_running_loop()
-        until = max(loop.time() + self.config.room_wait_s, self._expected.get(room, 0.0))
+        room, announced = request.room, None
+        start_until = loop.time() + self.config.room_wait_s
         while True:
             offer = self._offers.get(room)
             if offer is not None and not offer.status.terminal:
@@ -287,6 +303,12 @@ class KvSender:
             if aborted.done():
                 raise Cancelled("the decode aborted the transfer before it started",
                                 reason="KV_TRANSFER_CANCELLED")
+            until = max(start_until, self._expected.get(room, 0.0))
+            if until != announced:  # the decode bounds its wait for our answer by this
+                announced = until
+                waiting = pb.TransferWaiting(transfer_id=request.transfer_id,
+                                             wait_ms=max(0, int((until - loop.time()) * 1e3)))
+                await link.send_control(wire.encode(pb.TransferMessage(waiting=waiting)))
             left = until - loop.time()
             if left <= 0:
                 raise NotFound(f"room {room} is not held by this prefill rank (waited "

@@ -77,6 +77,11 @@ class TransferStatus:
         self._arm()
         return True
 
+    def rebound(self, seconds: float) -> None:
+        """Give the current state a new bound: min(overall deadline, now + `seconds`)."""
+        if not self.terminal:
+            self._arm(seconds)
+
     def succeed(self) -> bool:
         return self.advance(TransferState.SUCCESS)
 
@@ -106,11 +111,12 @@ class TransferStatus:
             return future.result()
         raise self.error  # type: ignore[misc]
 
-    def _arm(self) -> None:
+    def _arm(self, limit: float | None = None) -> None:
         self._cancel_timer()
         if self.terminal:
             return
-        limit = self._state_timeouts.get(self.state)
+        if limit is None:
+            limit = self._state_timeouts.get(self.state)
         at = self._deadline if limit is None else min(self._deadline, self._loop.time() + limit)
         self._timer = self._loop.call_at(at, self._expire, self.state)
 
@@ -121,8 +127,9 @@ class TransferStatus:
 
     def _expire(self, state: TransferState) -> None:
         if self.state == state:
+            log.warning("KV transfer %s: %s past its bound, failing it", self.name, state.name)
             self.fail(DeadlineExceeded(
-                f"KV transfer {self.name} stayed {state.name} past its deadline; the peer is "
+                f"KV transfer {self.name} stayed {state.name} past its bound; the peer is "
                 "slow, overloaded or gone", reason="KV_TRANSFER_DEADLINE_EXCEEDED",
                 metadata={"state": state.name}))
 

@@ -1,8 +1,16 @@
 """The UCX transport: ucxx's UCX worker, progressed by pdmesh's own engine on the event loop.
 
-Addresses are `ucx://HOST:PORT` (a UCX listener). Control messages travel as UCX active messages
-(ordered per endpoint), KV chunks as tagged messages straight into the receiver's staging buffers
-(tags are unique per transfer: a random 64-bit transfer id and the chunk index). Endpoints have
+Addresses are `ucx://HOST:PORT` (a UCX listener). Control messages travel on the endpoint's UCX
+stream, framed (8-byte header: magic, length; then the protobuf) and read by one reader task per
+link; KV chunks travel as tagged messages straight into the receiver's staging buffers (tags are
+unique per transfer: a random 64-bit transfer id and the chunk index).
+
+Why streams and not active messages (as before issue 11): ucxx files arriving active messages by
+the endpoint's UCX handle, and a new endpoint that gets a closed one's handle back found a stale
+entry there ("a message is waiting" on an empty queue): the first message on such a re-created
+link was never read. Stream bytes belong to the endpoint itself, stay buffered by UCX until a
+receive is posted, and keep their order, so nothing is lost on a link that has just opened or
+whose handle was recycled; `Link` holds messages that arrive before the owner set its handler. Endpoints have
 peer-error handling: when the peer dies UCX reports it on the endpoint (TCP reset, or the closed
 connection-manager socket on shared memory), ucxx cancels the endpoint's requests, and the link
 closes with UNAVAILABLE.
@@ -32,8 +40,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import weakref
-from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -45,6 +53,9 @@ from pdmesh.worker.transfer.link import Link, Transport
 log = logging.getLogger(__name__)
 _HELLO = b"pdmeshKV"  # the stream handshake of every new link (see UcxLink._handshake)
 _HANDSHAKE_S = 10.0
+_FRAME = struct.Struct("<II")  # control frame header: magic, payload length
+_FRAME_MAGIC = 0x7064_4B56  # "pdKV"
+_MAX_CONTROL_BYTES = 64 << 20
 _CONTEXT = None
 _ENGINES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Engine]" = \
     weakref.WeakKeyDictionary()
@@ -82,7 +93,6 @@ class _Engine:
         self.worker.init_blocking_progress_mode()
         self.hot_poll = os.environ.get("PDMESH_UCX_HOT_POLL", "0") == "1"
         self._pending: dict = {}  # UCXRequest -> (future, buffer kept alive, peer)
-        self._am_links: set[UcxLink] = set()
         self._scheduled = False
         loop.add_reader(self.worker.epoll_file_descriptor, self.progress)
         self._tick()
@@ -118,8 +128,6 @@ class _Engine:
             self._reap()
 
     def _reap(self) -> None:
-        for link in list(self._am_links):
-            link._poll_control()
         done = [r for r in self._pending if r.completed]
         for request in done:
             future, _, peer = self._pending.pop(request)
@@ -150,35 +158,13 @@ class UcxLink(Link):
     def __init__(self, engine_: _Engine, ep, peer: str, transport: "UcxTransport") -> None:
         super().__init__(peer)
         self._engine, self._ep, self._transport = engine_, ep, transport
-        self._am: deque = deque()  # the active-message receive in progress
+        self._reader: asyncio.Task | None = None
         ep.set_close_callback(self._ucx_closed)
 
-    def _poll_control(self) -> None:
-        ep = self._ep
-        if ep is None:
-            return
-        while True:  # one receive at a time: am_recv takes a queued message when it runs
-            if not self._am:
-                if not ep.am_probe():
-                    return
-                self._am.append(ep.am_recv())
-            request = self._am[0]
-            if not request.completed:
-                return
-            self._am.popleft()
-            try:
-                request.check_error()
-            except Exception as err:  # noqa: BLE001
-                self.close(_lost(self.peer, err))
-                return
-            data = bytes(request.recv_buffer)
-            self._engine.loop.call_soon(self._deliver, data)
-
     async def _handshake(self, listener: bool) -> None:
-        """Exchange 8 bytes over UCX streams, listener first (as ucxx does). A message sent
-        while an endpoint is still wiring up is replayed by UCX once wired, and with protocol v1
-        an active message replayed onto shared memory crashed UCX (am_zcopy, which shared memory
-        lacks); after this exchange both endpoints are wired, so nothing is ever replayed."""
+        """Exchange 8 bytes over the UCX stream, listener first (as ucxx does), then start reading
+        control frames. After this exchange both endpoints are wired up: nothing sent later is
+        replayed by UCX (with protocol v1 a message replayed onto shared memory crashed UCX)."""
         import numpy as np
 
         mine, theirs = np.frombuffer(_HELLO, dtype=np.uint8), np.zeros(len(_HELLO), np.uint8)
@@ -188,12 +174,36 @@ class UcxLink(Link):
         if bytes(theirs) != _HELLO:
             raise Unavailable(f"{self.peer} is not a pdmesh KV transfer endpoint",
                               reason="KV_TRANSFER_PEER_UNREACHABLE")
-        if self._ep is not None:  # control messages flow from now on (queued in ucxx till then)
-            self._engine._am_links.add(self)
+        if self._ep is not None and self._reader is None:
+            self._reader = asyncio.ensure_future(self._read_control())
 
-    def _deliver(self, data: bytes) -> None:
-        if self.closed_error is None:
-            self.on_control(data)
+    async def _read_control(self) -> None:
+        """Read framed control messages off the stream until the link closes."""
+        import numpy as np
+
+        header = np.zeros(_FRAME.size, np.uint8)
+        try:
+            while self._ep is not None:
+                await self._recv_stream(header)
+                magic, length = _FRAME.unpack(header.tobytes())
+                if magic != _FRAME_MAGIC or length > _MAX_CONTROL_BYTES:
+                    raise Unavailable(f"{self.peer} sent a malformed control frame (magic "
+                                      f"{magic:#x}, length {length})",
+                                      reason="KV_TRANSFER_BAD_MESSAGE")
+                body = np.empty(length, np.uint8)
+                if length:
+                    await self._recv_stream(body)
+                self._dispatch(body.tobytes())
+        except PdmeshError as err:
+            self.close(err)
+        except asyncio.CancelledError:
+            pass
+
+    async def _recv_stream(self, buf) -> None:
+        ep = self._ep
+        if ep is None:
+            raise self.closed_error or Unavailable("link closed", reason="KV_TRANSFER_PEER_LOST")
+        await self._submit(lambda: ep.stream_recv(self._engine.Array(buf)), buf)
 
     def _ucx_closed(self) -> None:
         # called from inside UCX progress: act on the next loop turn
@@ -206,8 +216,8 @@ class UcxLink(Link):
             raise self.closed_error
         import numpy as np
 
-        buf = np.frombuffer(data, dtype=np.uint8)
-        await self._submit(lambda: self._ep.am_send(self._engine.Array(buf)), buf)
+        buf = np.frombuffer(_FRAME.pack(_FRAME_MAGIC, len(data)) + bytes(data), dtype=np.uint8)
+        await self._submit(lambda: self._ep.stream_send(self._engine.Array(buf)), buf)
 
     def send_data(self, buf: torch.Tensor, tag: int) -> asyncio.Future:
         return self._start(lambda arr: self._ep.tag_send(arr, self._engine.Tag(tag)), buf)
@@ -236,7 +246,6 @@ class UcxLink(Link):
     def close(self, error: PdmeshError) -> None:
         if self.closed_error is not None:
             return
-        self._engine._am_links.discard(self)
         ep, self._ep = self._ep, None
         if ep is not None:
             try:

@@ -31,7 +31,7 @@ from pdmesh.worker.transfer import streams
 
 LAYOUT = KvLayout(num_layers=6, page_size=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
 CONFIG = TransferConfig(room_wait_s=0.5, abort_grace_s=2.0, connect_timeout_s=3.0,
-                        chunk_bytes=4096)
+                        answer_timeout_s=3.0, chunk_bytes=4096)
 EPOCH = 7
 
 
@@ -252,7 +252,75 @@ def test_wrong_token_is_refused_and_the_offer_survives(mesh, run):
     run(go())
 
 
-@pytest.mark.parametrize("case", ["epoch", "layout", "size"])
+def test_stale_epoch_is_refused_at_once_and_the_offer_waits_for_a_fresh_decode(mesh, run):
+    """A decode that resolved an older process (or policy) is refused before any wait, whether or
+    not the room is offered yet, and the offer stays for the decode that re-resolves."""
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(3), mesh.dst.alloc(3)
+        mesh.sender.expect(room, 30.0)
+        started = time.monotonic()
+        await _expect(mesh.fetch(room, dst, epoch=EPOCH - 1), EpochMismatch, "INSTANCE_EPOCH_MISMATCH")
+        assert time.monotonic() - started < CONFIG.room_wait_s  # never waited for the room
+        offer = mesh.offer(room, src)
+        await _expect(mesh.fetch(room, dst, epoch=EPOCH - 1), EpochMismatch, "INSTANCE_EPOCH_MISMATCH")
+        assert offer.state == TransferState.BOOTSTRAPPING
+        await mesh.fetch(room, dst)
+        await offer
+        assert mesh.same(src, dst)
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+def test_an_unanswered_request_fails_within_its_bound_and_a_fresh_link_works(mesh, run, monkeypatch):
+    """A request the sender never answers (lost on the way) costs `answer_timeout_s`, not the
+    deadline: UNAVAILABLE KV_TRANSFER_NO_ANSWER, the deaf link is closed, the next fetch opens a
+    new one and goes through."""
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(2), mesh.dst.alloc(2)
+        offer = mesh.offer(room, src)
+        deaf = monkeypatch.setattr  # the sender drops every control message for a while
+        deaf(mesh.sender, "_on_control", lambda link, data: None)
+        started = time.monotonic()
+        err = await _expect(mesh.fetch(room, dst, timeout=60.0), Unavailable, "KV_TRANSFER_NO_ANSWER")
+        assert str(err.metadata["room"]) == str(room) and err.metadata["state"] == "BOOTSTRAPPING"
+        assert time.monotonic() - started < CONFIG.answer_timeout_s + 2.0
+        monkeypatch.undo()
+        assert offer.state == TransferState.BOOTSTRAPPING  # still held for the decode
+        await mesh.fetch(room, dst)
+        await offer
+        assert mesh.same(src, dst)
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+def test_the_wait_for_the_status_follows_the_senders_announced_wait(mesh, run):
+    """WAITING_FOR_INPUT is bounded by what the sender announced (+ answer_timeout_s): a room the
+    prefill announced it computes for longer keeps the decode waiting past that bound."""
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(2), mesh.dst.alloc(2)
+        fetch = asyncio.ensure_future(mesh.fetch(room, dst, timeout=60.0))
+        while mesh.receiver.state(room) != TransferState.WAITING_FOR_INPUT:
+            await asyncio.sleep(0.005)
+        mesh.sender.expect(room, CONFIG.answer_timeout_s + 3.0)  # the prefill took the room late
+        await asyncio.sleep(CONFIG.room_wait_s + CONFIG.answer_timeout_s + 0.5)
+        assert not fetch.done()
+        offer = mesh.offer(room, src)
+        assert await fetch == room % 1000
+        await offer
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
+@pytest.mark.parametrize("case", ["layout", "size"])
 def test_mismatch_fails_both_sides(mesh, run, case):
     async def go():
         room = mesh.room()
@@ -260,9 +328,8 @@ def test_mismatch_fails_both_sides(mesh, run, case):
         offer = mesh.offer(room, src)
         other = KvPool(KvLayout(6, 4, 2, 16, torch.float16), 8) if case == "layout" else None
         dst = (other or mesh.dst).alloc(2 if case == "size" else 3)
-        kwargs = {"epoch": EPOCH - 1} if case == "epoch" else {"pool": other}
-        cls, reason = {"epoch": (EpochMismatch, "INSTANCE_EPOCH_MISMATCH"),
-                       "layout": (LayoutMismatch, "KV_LAYOUT_MISMATCH"),
+        kwargs = {"pool": other}
+        cls, reason = {"layout": (LayoutMismatch, "KV_LAYOUT_MISMATCH"),
                        "size": (FailedPrecondition, "KV_SIZE_MISMATCH")}[case]
         await _expect(mesh.fetch(room, dst, **kwargs), cls, reason)
         await _expect(offer, cls, reason)

@@ -203,3 +203,21 @@ def test_sender_killed_mid_transfer(pair):
     finally:
         dying.popen.kill()
         dying.popen.wait()
+
+
+def test_many_fresh_links_at_once_lose_no_request(pair):
+    """Issue 11: every room on a brand-new link that sends its request the instant it opens, 24 at
+    once; the links are closed after each round, so the sender's next endpoints often get a closed
+    one's UCX handle back. Every request is answered and every byte arrives, round after round."""
+    _, _, sender, receiver = pair
+    for round_ in range(4):
+        rooms = list(range(9000 + 100 * round_, 9024 + 100 * round_))
+        _offer(sender, rooms, 4)
+        receiver.send(op="fetch", address=sender.ready["address"], rooms=rooms, pages=4, verify=True,
+                      fresh_links=True, timeout=60)
+        done = receiver.collect("fetch_done", len(rooms), timeout=90)
+        receiver.wait("batch_done", timeout=30)
+        assert all(d["ok"] and d["verified"] for d in done), [d for d in done if not d["ok"]]
+        assert max(d["seconds"] for d in done) < 20, max(d["seconds"] for d in done)  # none waited out a bound
+        sender.collect("offer_done", len(rooms), timeout=30)
+    assert receiver.pool()["free"] == PAGES and sender.pool()["free"] == PAGES
