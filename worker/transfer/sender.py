@@ -438,6 +438,6 @@ def _pack_chunk(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.
     sums = digest.parts(buf)
     if kv.is_cuda:
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(kv.device))
         done.synchronize()
     return sums

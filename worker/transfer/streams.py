@@ -38,7 +38,7 @@ def _wait_device(kv: torch.Tensor) -> None:
     """Worker thread, GPU pools: return once the work queued so far on this stream is done."""
     if kv.is_cuda:
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(kv.device))
         done.synchronize()
 
 
