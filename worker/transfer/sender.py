@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
