@@ -112,7 +112,7 @@ class WirePlan:
                     for start, length in long:
                         msgs.append(Message(k, c, length * piece, layer, half, start, length))
                         k += 1
-            if packed:
+            if packed or not long:  # (a request of no pages: one empty message, as before)
                 msgs.append(Message(k, c, (b - a) * 2 * len(packed) * piece))
                 k += 1
             chunks.append(tuple(msgs))

@@ -91,8 +91,8 @@ class Outgoing:
         del self.jobs[c]
         for part, m in zip(sums, msgs):
             self.digest.add_parts(part, m.nbytes)
-        if buf is not None:
-            return await self._post(msgs[-1], buf, buf)
+        if msgs and not msgs[-1].direct:  # the packed message (empty for a request of no pages)
+            return await self._post(msgs[-1], EMPTY if buf is None else buf, buf)
         return True
 
     async def _post(self, m: runs.Message, data: torch.Tensor, staged) -> bool:
@@ -174,8 +174,10 @@ class Incoming:
             self._post_chunk(c)
         for c, (a, b) in enumerate(self.plan.ranges):
             slots = self._slots.pop(c)
-            for future, _ in slots:
-                await status.guard(future)
+            futures = [future for future, _ in slots]
+            # one wait per chunk, not per message (a failed one fails it at once; the others
+            # run on, tracked in fetch.pending for the wind-down)
+            await status.guard(futures[0] if len(futures) == 1 else asyncio.gather(*futures))
             if c + window < len(chunks):
                 self._post_chunk(c + window)  # the next receives land while this one unpacks
             bufs = [buf for _, buf in slots]

@@ -147,3 +147,8 @@ def test_pool_accounting_is_exact_under_any_sequence(ops):
     for h in held:
         pool.free(h)
     assert pool.is_full() and pool.free_runs() == [24]
+
+
+def test_a_request_of_no_pages_is_one_empty_message_per_chunk():
+    plan = runs.WirePlan.build(LAYOUT, 0, 2, [], [], min_direct_bytes=0, max_direct_runs=4)
+    assert [[m.nbytes for m in c] for c in plan.chunks] == [[0], [0], [0]]
