@@ -211,10 +211,25 @@ class FaultMesh:
         return self
 
     def start_part(self, name: str) -> Proc:
-        """(Re)start one part on its own address; returns once it serves."""
+        """(Re)start one part on its own address; returns once it serves (a router: once it sees
+        a healthy prefill and decode, so that the first request is not refused)."""
         proc = self.procs[name] = self._proc(name).start()
         proc.wait_ready(180)
+        if name == "router" and not wait_until(self.router_ready, 60, interval=0.1):
+            raise RuntimeError(f"router sees no healthy prefill and decode:\n{proc.tail()}")
         return proc
+
+    def router_ready(self) -> bool:
+        """Whether the router holds a healthy prefill and a healthy decode instance."""
+        from pdmesh.router.v1 import router_pb2, router_pb2_grpc
+        try:
+            with grpc.insecure_channel(self.addr["router"]) as channel:
+                listed = router_pb2_grpc.RouterServiceStub(channel).ListInstances(
+                    router_pb2.ListInstancesRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        roles = {i.role for i in listed.instances if i.healthy}
+        return {router_pb2.INSTANCE_ROLE_PREFILL, router_pb2.INSTANCE_ROLE_DECODE} <= roles
 
     def kill(self, name: str) -> float:
         """SIGKILL a whole part (its process group: an instance with its ranks); when."""

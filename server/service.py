@@ -26,6 +26,7 @@ from pdmesh import grpcutil, logs, metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.errors import DeadlineExceeded, InvalidArgument, NotFound
 from pdmesh.server.config import BootstrapConfig
+from pdmesh.server.register_stream import RegistrationSession
 from pdmesh.server.registry import Registry
 from pdmesh.server.watch import WatchSession
 
@@ -81,6 +82,11 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
             logs.event(log, logging.DEBUG, "room registered")
         return bootstrap_pb2.RegisterRoomResponse(created=created,
                                                   ttl_ms=int(self.config.room_ttl_s * 1000))
+
+    @grpcutil.translate_errors
+    async def RegisterRoomsStream(self, request_iterator, context):
+        """The registration stream (`pdmesh.server.register_stream`): batches in, results out."""
+        await RegistrationSession(self.registry, context, int(self.config.room_ttl_s * 1000)).run()
 
     @grpcutil.translate_errors
     async def LookupRoom(self, request, context):

@@ -160,6 +160,9 @@ class RoomWatcher:
                     await self._write_pending()
                 except grpc.aio.AioRpcError as exc:  # the stream broke: requeue, reconnect, go on
                     self._on_break(call, PdmeshError.from_rpc_error(exc))
+                except asyncio.InvalidStateError:  # it ended before the reader noticed: the same
+                    self._on_break(call, Unavailable(
+                        f"the bootstrap service at {self._address} ended the lookup stream"))
         except PdmeshError as exc:
             self._fail_all(exc)
         except asyncio.CancelledError:

@@ -16,11 +16,10 @@ from typing import AsyncIterator
 
 import grpc
 
-from pdmesh import grpcutil
 from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.rules import validate_room
-from pdmesh.worker.config import DECODE, InstanceConfig, RankConfig
+from pdmesh.worker.config import InstanceConfig, RankConfig
 from pdmesh.worker.dispatch import Dispatcher
 from pdmesh.worker.supervisor import RankSupervisor
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -195,7 +194,3 @@ class Controller:
             await asyncio.sleep(DRAIN_LINGER_S)
             if self._idle.is_set():
                 return
-
-    @property
-    def is_decode(self) -> bool:
-        return self.config.role == DECODE

@@ -18,6 +18,7 @@ import os
 import signal
 import time
 
+from pdmesh.config import env_flag
 from pdmesh.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def install(transfer, loop: asyncio.AbstractEventLoop) -> None:
     delay = float(os.environ.get("PDMESH_DEBUG_PACK_DELAY_S") or 0)
     if delay > 0 and transfer.is_prefill:
         _slow_pack(delay)
-    if os.environ.get("PDMESH_DEBUG_FAULTS", "") in ("1", "true", "yes"):
+    if env_flag("DEBUG_FAULTS"):
         loop.add_signal_handler(signal.SIGUSR1, drop_links, transfer)
         log.warning("debug: SIGUSR1 drops every UCX link of this rank (PDMESH_DEBUG_FAULTS)")
 

@@ -80,10 +80,18 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
 
 
 def run(args: argparse.Namespace, role: str) -> int:
+    from pdmesh.errors import PdmeshError
+    from pdmesh.worker.engine.factory import check_model
     from pdmesh.worker.instance import serve
     try:
         config = config_from_args(args, role)
+        # The model is resolved (a named one converted into the cache, once) and checked here,
+        # before any rank starts: a bad model is one clear message, never ranks dying in a loop.
+        print(f"pdmesh {role}: model {check_model(config.engine)}", flush=True)
     except ValueError as exc:  # inconsistent TLS flags (InvalidArgument is no ValueError)
         print(f"pdmesh {role}: {exc}", file=sys.stderr)
+        return 2
+    except PdmeshError as exc:  # a model that cannot load: missing, damaged, unsupported
+        print(f"pdmesh {role}: {exc.reason}: {exc.message}", file=sys.stderr)
         return 2
     return asyncio.run(serve(config))

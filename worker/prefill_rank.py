@@ -106,7 +106,8 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
     async def _register(self, room: int, request_id: str) -> None:
         st = self.state
         try:
-            await st.bootstrap.register_room(st.instance_id, room, st.dp_rank, request_id)
+            # over the process's one registration stream: concurrent rooms go out together
+            await st.bootstrap.register_room_streamed(st.instance_id, room, st.dp_rank, request_id)
         except PdmeshError as err:
             if err.code.name != "UNAVAILABLE":
                 raise

@@ -16,8 +16,7 @@ import signal
 import sys
 
 from pdmesh import grpcutil, logs, metrics
-from pdmesh.config import env
-from pdmesh.worker.config import DECODE, PREFILL, RankConfig
+from pdmesh.worker.config import PREFILL, RankConfig
 from pdmesh.worker.supervisor import READY_PREFIX
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 

@@ -7,7 +7,7 @@ KV chunk packed `PACK_DELAY_S` late so a kill lands mid-transfer); the faults ar
 `pdmesh.faultscenarios`, which `bench/faults.py` times. For each fault: the affected requests end
 typed (UNAVAILABLE, or the code that fits) within `DETECTION_BOUND_S` of the fault, found by
 liveness (gRPC connection loss, the UCX endpoint's error, health polls), never by a deadline:
-every request carries a deadline of 60 s, far beyond the bound, so a request that only ended at
+every request carries a deadline of 120 s, far beyond the bound, so a request that only ended at
 its deadline fails the test. `MARGIN_S` is added for a loaded 2-core CI box. Unaffected requests
 complete; every pool is full again afterwards; a killed rank comes back under the same number.
 """

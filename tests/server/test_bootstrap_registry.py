@@ -304,5 +304,7 @@ def test_lookups_are_o1_in_the_number_of_rooms():
             best = min(best, time.perf_counter() - t)
         return best
 
+    # A complexity check, not a timing: with 200x the rooms an O(n) lookup would be ~200x slower;
+    # an O(1) one pays only cache misses (1-3x measured, more on a machine other processes keep busy).
     small, large = cost(1_000), cost(200_000)
-    assert large < 3 * small, f"lookups slowed {large / small:.1f}x with 200x the rooms"
+    assert large < 20 * small, f"lookups slowed {large / small:.1f}x with 200x the rooms"

@@ -1,6 +1,6 @@
 """The KV data plane: moving a room's KV pages from a prefill rank to a decode rank.
 
-Lifecycle of one transfer (the worker issue drives both ends; the control path, gRPC, carries
+Lifecycle of one transfer (the prefill and decode ranks drive the two ends; the control path, gRPC, carries
 the room, the sender's address and epoch, and a random per-transfer token to both ranks):
 
 1. Each rank creates one transport (`make_transport("ucx")`: one UCX worker per process). A

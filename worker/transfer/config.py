@@ -92,10 +92,12 @@ class TransferConfig:
     the next ones."""
     connect_timeout_s: float = 5.0
     """Deadline of connecting to a peer's listener (part of BOOTSTRAPPING)."""
-    answer_timeout_s: float = 5.0
-    """How long a receiver waits for the sender to acknowledge a transfer request (and the
-    grace it adds to the wait the sender announced): a request or answer lost on the way costs
-    this bound, never the request's deadline."""
+    answer_timeout_s: float = 10.0
+    """How long a link may stay silent after a transfer request before the receiver takes the
+    request as lost (and the grace it adds to the wait the sender announced): a request or answer
+    lost on the way costs this bound, never the request's deadline. A sender that keeps answering
+    other requests on the link is alive and is waited for (under a 1,000-request burst on 2 cores
+    a rank's answers came more than 5 s late)."""
     room_wait_s: float = 5.0
     """How long the sender holds a request for a room that is not offered (the decode may come
     first) before it answers NOT_FOUND; `KvSender.expect(room, ...)` extends it for one room."""

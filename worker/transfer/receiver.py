@@ -9,10 +9,10 @@
         pool.free(pages)   # safe: fetch raises only once nothing writes into them any more
         raise
 
-One cached link per peer address. fetch sends the typed request (BOOTSTRAPPING) and waits at
-most `answer_timeout_s` for the sender to acknowledge it (a `TransferWaiting` or the status); a
-sender that does not answer gets its link closed as unresponsive and the fetch fails UNAVAILABLE
-KV_TRANSFER_NO_ANSWER (the decode retries once on a fresh link). Then it waits for the status
+One cached link per peer address. fetch sends the typed request (BOOTSTRAPPING) and waits for the
+sender to acknowledge it (a `TransferWaiting` or the status); when the link stays silent for
+`answer_timeout_s` the fetch fails UNAVAILABLE KV_TRANSFER_NO_ANSWER and the link is retired (the
+decode retries once, on a fresh link). Then it waits for the status
 (WAITING_FOR_INPUT: the prefill may not have offered the room yet), bounded by how long the
 sender said it would wait (each `TransferWaiting` renews it) plus `answer_timeout_s`, then
 (TRANSFERRING) keeps `recv_window` chunk receives posted into reused staging buffers, unpacks
@@ -67,6 +67,7 @@ class _Fetch:
     request_sent: bool = False
     accepted: bool = False
     peer_failed: bool = False
+    unanswered: bool = False  # the sender never acknowledged the request (presumed lost)
     posted: int = 0  # messages posted, in plan order
     own_runs: list = field(default_factory=list)  # this side's page runs, sent in the request
     plan: runs.WirePlan | None = None  # known once the sender's OK (with its runs) arrived
@@ -86,6 +87,7 @@ class KvReceiver:
         self._connecting: dict[str, asyncio.Future] = {}
         self._fetches: dict[int, _Fetch] = {}
         self._by_id: dict[tuple[int, int], _Fetch] = {}
+        self._retired: set[Link] = set()  # links left unanswered: closed once no fetch uses them
         self._staging: StagingCache | None = None
         self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-unpack")
 
@@ -139,6 +141,7 @@ class KvReceiver:
             del self._fetches[room]
             if fetch.link is not None:
                 self._by_id.pop((id(fetch.link), fetch.transfer_id), None)
+                self._close_if_idle(fetch.link)
 
     async def _run(self, fetch: _Fetch, address: str, epoch: int, pool: KvPool,
                    ids: torch.Tensor, token: bytes, plan: wire.ChunkPlan) -> int:
@@ -183,25 +186,48 @@ class KvReceiver:
             raise
 
     async def _acknowledged(self, fetch: _Fetch) -> None:
-        """Wait (bounded) until the sender acknowledges the request. No answer means the request
-        or its answer was lost: the link is closed as unresponsive and the fetch fails typed."""
-        bound = min(self.config.answer_timeout_s, fetch.status.remaining())
-        done, _ = await asyncio.wait({fetch.answered, fetch.status.failed}, timeout=bound,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if done:
+        """Wait until the sender acknowledges the request. The wait ends only after the link has
+        been silent for `answer_timeout_s` since the request went out: a sender that keeps
+        answering others on the same (ordered) link is alive, merely slow under load. Silence
+        means the request or its answer was lost: the fetch fails UNAVAILABLE KV_TRANSFER_NO_ANSWER
+        and the link is retired (new fetches open a fresh one; it closes once idle)."""
+        link, loop = fetch.link, asyncio.get_running_loop()
+        sent_at = loop.time()
+        while True:
+            quiet_until = max(sent_at, link.last_received) + self.config.answer_timeout_s
+            bound = min(quiet_until - loop.time(), fetch.status.remaining())
+            done, _ = await asyncio.wait({fetch.answered, fetch.status.failed},
+                                         timeout=max(bound, 0.0), return_when=asyncio.FIRST_COMPLETED)
             if fetch.status.error is not None:
                 raise fetch.status.error
-            return
-        link = fetch.link
-        log.warning("KV transfer of room %d: %s did not answer the request within %.1f s; closing "
-                    "the link", fetch.room, link.peer, bound)
+            if done:
+                return
+            if max(sent_at, link.last_received) + self.config.answer_timeout_s <= loop.time():
+                break  # silent for the whole bound: nothing of ours is being read
+        log.warning("KV transfer of room %d: %s left the request unanswered and the link silent for "
+                    "%.1f s; retiring the link", fetch.room, link.peer, self.config.answer_timeout_s)
         fetch.status.fail(Unavailable(
             f"the prefill rank at {link.peer} did not answer the transfer request for room "
-            f"{fetch.room} within {bound:.1f} s", reason="KV_TRANSFER_NO_ANSWER",
+            f"{fetch.room} (the link was silent for {self.config.answer_timeout_s:.1f} s)",
+            reason="KV_TRANSFER_NO_ANSWER",
             metadata={"room": fetch.room, "state": fetch.status.state.name, "peer": link.peer}))
-        link.close(Unavailable(f"{link.peer} left a transfer request unanswered",
-                               reason="KV_LINK_UNRESPONSIVE", metadata={"peer": link.peer}))
+        fetch.unanswered = True
+        self._retire(link)
         raise fetch.status.error
+
+    def _retire(self, link: Link) -> None:
+        """New fetches open a fresh link; this one closes when no fetch uses it any more."""
+        for address, cached in list(self._links.items()):
+            if cached is link:
+                del self._links[address]
+        self._retired.add(link)
+        self._close_if_idle(link)
+
+    def _close_if_idle(self, link: Link) -> None:
+        if link in self._retired and not any(k[0] == id(link) for k in self._by_id):
+            self._retired.discard(link)
+            link.close(Unavailable(f"{link.peer} left a transfer request unanswered",
+                                   reason="KV_LINK_UNRESPONSIVE", metadata={"peer": link.peer}))
 
     def _wire_plan(self, fetch: _Fetch, plan: wire.ChunkPlan,
                    response: pb.TransferResponse) -> runs.WirePlan:
@@ -226,7 +252,7 @@ class KvReceiver:
                 await link.send_control(wire.encode(pb.TransferMessage(abort=abort)))
             except PdmeshError:
                 pass
-        if not fetch.accepted and not fetch.peer_failed and not link.closed:
+        if not fetch.accepted and not fetch.peer_failed and not fetch.unanswered and not link.closed:
             # the sender answers every request exactly once; OK means chunks are coming
             done, _ = await asyncio.wait({fetch.response}, timeout=grace)
             if not done:
