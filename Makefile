@@ -64,7 +64,7 @@ clean:
 # installs the wheels sent along and maps the pdmesh namespace with links.
 GPU_PY      ?= python3
 GPU_WHEELS  := .gpu/wheels
-GPU_TESTS   ?= tests/worker/kv/test_pack_triton.py tests/worker/transfer/test_transfer_gpu.py
+GPU_TESTS   ?= tests/worker/kv/test_pack_triton.py tests/worker/kv/test_copy_triton.py tests/worker/transfer/test_transfer_gpu.py
 GPU_DOWNLOAD = $(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
 	--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \

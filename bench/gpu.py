@@ -1,4 +1,4 @@
-"""`make bench` part `gpu`: the Triton pack/unpack kernels and CUDA-memory UCX transfers.
+"""`make bench` part `gpu`: Triton pack/unpack kernels, CUDA-memory UCX and same-host transfers.
 
 On a machine with a CUDA device this measures (bench/gpu_kernels.py, bench/gpu_ucx.py) and writes
 the fragment to bench/results/gpu-<device>.md (gpu-h100.md on the H100; committed), which the
@@ -167,6 +167,12 @@ def measure(quick: bool = False, sweep: bool = False, ucx: bool = True,
         except Exception as exc:  # noqa: BLE001 - the kernel figures still stand
             raw["ucx_error"] = traceback.format_exc()
             parts.append(f"#### CUDA memory over UCX\n\nNot measured: {exc}\n")
+    try:  # issue 13: the same-host path (CUDA IPC, a Triton copy per chunk)
+        from bench import gpu_samehost
+        parts.append(gpu_samehost.run(quick))
+    except Exception as exc:  # noqa: BLE001 - the other figures still stand
+        raw["samehost_error"] = traceback.format_exc()
+        parts.append(f"#### Same host\n\nNot measured: {exc}\n")
     parts.append(AIMS)
     fragment = "\n".join(parts) + "\n"
     if not quick:

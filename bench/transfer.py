@@ -34,16 +34,21 @@ from pdmesh.worker.transfer.config import UCX_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-TRANSPORTS = {"tcp": {"UCX_TLS": "tcp"}, "shared memory": {"UCX_TLS": "sm,self,tcp"}}
-LAYOUTS = {16: "32,16,8,128,bf16", 1: "32,1,8,128,bf16"}
-PAGE_BYTES = {16: 2 * MiB, 1: 128 * 1024}  # one page over 32 layers, K and V
+TRANSPORTS = {"tcp": {"UCX_TLS": "tcp", "PDMESH_KV_TRANSFER_PATH": "ucx"},
+              "shared memory": {"UCX_TLS": "sm,self,tcp", "PDMESH_KV_TRANSFER_PATH": "ucx"}}
+# the same-host path (bench/_transfer_samehost.py): control over UCX, KV written into the pool
+SAME_HOST = {"same host": {"UCX_TLS": "sm,self,tcp", "PDMESH_KV_TRANSFER_PATH": "auto"}}
+LAYOUTS = {16: "32,16,8,128,bf16", 1: "32,1,8,128,bf16", 64: "32,64,8,128,bf16"}
+UCX_PAGE_TOKENS = (16, 1)
+PAGE_BYTES = {16: 2 * MiB, 1: 128 * 1024, 64: 8 * MiB}  # one page over 32 layers, K and V
 # Peers measured on this machine (issue 3), one request's pages pool to pool, GB/s.
 NIXL = {("tcp", 16): 2.62, ("shared memory", 16): 6.5, ("tcp", 1): 0.37, ("shared memory", 1): 1.1}
 
 
 def _env(transport: str, extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    for key, value in {**UCX_DEFAULTS, **TRANSPORTS[transport], **(extra or {})}.items():
+    chosen = {**TRANSPORTS, **SAME_HOST}[transport]
+    for key, value in {**UCX_DEFAULTS, **chosen, **(extra or {})}.items():
         env.setdefault(key, value) if key in os.environ else env.__setitem__(key, value)
     env.setdefault("PDMESH_TORCH_THREADS", "1")
     return env
@@ -199,7 +204,7 @@ def run(args) -> str:
             bare.append(bare_goodput(env, sizes, max(iters.values())))
             link.append(bare_goodput(env, sizes, max(iters.values()), mode="engine"))
         perf = {s: perftest_goodput(env, s, iters[s] * 2) for s in sizes}
-        for tokens in LAYOUTS:
+        for tokens in UCX_PAGE_TOKENS:
             for size in sizes:
                 rows.append(report.Row(
                     transport, tokens, _pages(tokens, size) * PAGE_BYTES[tokens],
@@ -207,6 +212,10 @@ def run(args) -> str:
                     _median(bare, size), _median(link, size),
                     perf[size], NIXL.get((transport, tokens)) if size == 64 * MiB else None))
     explore = None if args.quick else report.explore(sys.modules[__name__])
-    from bench import _fragmentation
+    from bench import _fragmentation, _transfer_samehost
+
+    print("   same host", file=sys.stderr, flush=True)
+    same_host = _transfer_samehost.run(args.quick)
     return (report.markdown(rows, explore, plot=not args.quick)
-            + report.fragmentation(_fragmentation.run(args.quick)))
+            + report.fragmentation(_fragmentation.run(args.quick))
+            + "\n\n#### Same host\n\n" + same_host)

@@ -79,6 +79,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None,
                    help=f"a raw demo prompt instead of the question (default for presets: {DEMO_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 for a question, 24 for a prompt")
+    p.add_argument("--kv-transfer-path", choices=("auto", "ucx"),
+                   default=env("KV_TRANSFER_PATH", "auto"),
+                   help="auto: a prefill writes KV straight into a decode's pool on the same host; "
+                        "ucx: always over UCX [PDMESH_KV_TRANSFER_PATH]")
     p.add_argument("--once", action="store_true", help="stop after the demo")
     p.add_argument("--log-dir", default=None, help="where each process's log goes (default: a temp dir)")
     tls.add_arguments(p)  # passed on to every process; the health checks and the demo use it too
@@ -110,10 +114,12 @@ def plan(args: argparse.Namespace, log_dir: Path) -> list[Child]:
         Child("prefill", addr["prefill"],
               [*exe, "prefill", "--host", host, "--port", str(base + 2), "--dp-size", str(args.dp_size),
                "--load-balance-method", args.prefill_method, "--bootstrap-addr", addr["bootstrap"],
-               "--instance-id", "prefill-0", *engine], log_dir / "prefill.log"),
+               "--instance-id", "prefill-0", "--kv-transfer-path", args.kv_transfer_path, *engine],
+              log_dir / "prefill.log"),
         Child("decode", addr["decode"],
               [*exe, "decode", "--host", host, "--port", str(base + 3), "--dp-size", str(args.dp_size),
-               "--instance-id", "decode-0", *engine], log_dir / "decode.log"),
+               "--instance-id", "decode-0", "--kv-transfer-path", args.kv_transfer_path, *engine],
+              log_dir / "decode.log"),
         Child("router", addr["router"],
               [*exe, "router", "--host", host, "--port", str(base + 1), "--prefill", addr["prefill"],
                "--decode", addr["decode"], *http_argv(args)], log_dir / "router.log"),

@@ -31,6 +31,9 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                    help="how long a request waits for free KV pages before RESOURCE_EXHAUSTED")
     p.add_argument("--ucx-tls", default=env("UCX_TLS_OVERRIDE"),
                    help="UCX transports for KV, e.g. tcp or sm,self,tcp (default: pdmesh's choice)")
+    p.add_argument("--kv-transfer-path", choices=("auto", "ucx"), default=env("KV_TRANSFER_PATH", "auto"),
+                   help="auto: KV between ranks of one host is written straight into the decode's pool "
+                        "(shared memory, CUDA IPC), UCX elsewhere; ucx: always UCX [PDMESH_KV_TRANSFER_PATH]")
     p.add_argument("--devices", default=env("DEVICES", ""),
                    help="comma-separated torch devices, one per rank or one for all (e.g. cuda:0,cuda:1)")
     if role == PREFILL:
@@ -74,7 +77,8 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
         host=args.host, port=args.port, dp_size=args.dp_size, load_balance_method=args.load_balance_method,
         engine=spec_from_args(args), num_pages=args.num_pages, max_running_requests=args.max_running_requests,
-        ucx_tls=args.ucx_tls, devices=devices, debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
+        ucx_tls=args.ucx_tls, kv_transfer_path=args.kv_transfer_path, devices=devices,
+        debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, page_wait_s=args.page_wait_s,
         **extra)
 

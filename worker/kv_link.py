@@ -28,10 +28,11 @@ class RankTransfer:
         self.pages = pages
         self.is_prefill = inst.role == PREFILL
         tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s,
-                                 advertise_host=inst.transfer_host).for_device(device)
+                                 advertise_host=inst.transfer_host,
+                                 path=inst.kv_transfer_path).for_device(device)
         if self.is_prefill:
             from pdmesh.worker.transfer.sender import KvSender
-            self.sender = KvSender(transport, epoch=config.epoch, config=tconfig)
+            self.sender = KvSender(transport, epoch=config.epoch, config=tconfig, device=device)
         else:
             from pdmesh.worker.transfer.receiver import KvReceiver
             self.receiver = KvReceiver(transport, config=tconfig)

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from pdmesh import grpcutil, logs, metrics
-from pdmesh.worker.config import PREFILL, RankConfig
+from pdmesh.worker.config import DECODE, PREFILL, RankConfig
 from pdmesh.worker.supervisor import READY_PREFIX
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -44,7 +44,9 @@ async def serve(config: RankConfig) -> None:
     inst = config.instance
     spec = dataclasses.replace(inst.engine, device=_device(config))
     engine = build_engine(spec)
-    pages = PageBroker(KvPool(engine.layout, inst.num_pages, device=spec.device))
+    # a decode's CPU pool lives in shared memory: prefill ranks of this host write into it
+    shared = inst.role == DECODE and inst.kv_transfer_path == "auto"
+    pages = PageBroker(KvPool(engine.layout, inst.num_pages, device=spec.device, shared=shared))
     transfer = RankTransfer(config, pages)
     transfer_address = await transfer.start()
     from pdmesh.worker import debug_faults

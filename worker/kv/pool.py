@@ -12,6 +12,9 @@ free run that holds all n pages (best fit, lowest start on ties), else the longe
 until n are taken. A request whose pages form one run travels in place, without pack or unpack
 (worker/transfer/runs.py); `free_runs()` reports the fragmentation (bench/transfer.py).
 
+`KvPool(..., shared=True)` puts a CPU pool's tensor in shared memory that a prefill rank of the
+same host maps and writes into (worker/kv/shm_pool.py; CUDA pools are shareable as they are).
+
 The allocator is guarded by a lock, so the rank's event loop and its worker threads (pack and
 unpack run in threads) may share a pool; the tensor itself is not locked: whoever holds a page
 owns its bytes.
@@ -31,7 +34,8 @@ from pdmesh.worker.kv.layout import KvLayout
 class KvPool:
     """A rank's KV pages and their allocator."""
 
-    def __init__(self, layout: KvLayout, num_pages: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, layout: KvLayout, num_pages: int, device: str | torch.device = "cpu", *,
+                 shared: bool = False) -> None:
         if not isinstance(num_pages, int) or num_pages < 1:
             raise InvalidArgument(f"a KV pool needs at least one page, got {num_pages!r}",
                                   reason="INVALID_KV_POOL", metadata={"num_pages": num_pages})
@@ -40,7 +44,12 @@ class KvPool:
         self.device = torch.device(device)
         shape = (layout.num_layers, 2, num_pages, layout.page_size, layout.num_kv_heads,
                  layout.head_dim)
-        self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device)
+        if shared and self.device.type == "cpu":
+            from pdmesh.worker.kv.shm_pool import shared_zeros
+
+            self.kv = shared_zeros(shape, layout.dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device)
         self._lock = threading.Lock()
         # Free pages as runs: start -> length, and end (exclusive) -> start for merging.
         # A fresh pool is one run and hands out 0, 1, 2, ...

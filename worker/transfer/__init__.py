@@ -29,7 +29,10 @@ the room, the sender's address and epoch, and a random per-transfer token to bot
 Modules: `config` (TransferConfig, UCX settings), `wire` (messages, tags, chunk plan,
 checksum), `runs` (the wire plan of page runs), `digest` (the checksum computed in place),
 `streams` (the send and receive loops), `state`, `link` (the transport interface), `ucx` and
-`inproc` (its two backends), `staging` (reused buffers), `sender`, `receiver`, `loopback`
+`inproc` (its two backends), `staging` (reused buffers), `sender`, `receiver`, `samehost` (the
+same-host path: the sender maps the receiver's pool, shared memory or CUDA IPC, and writes the
+pages straight into it; chosen per link, `TransferConfig.path` / PDMESH_KV_TRANSFER_PATH=ucx
+turns it off), `loopback`
 (two-process tool for tests and benchmarks).
 """
 

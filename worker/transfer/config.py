@@ -115,6 +115,15 @@ class TransferConfig:
     """Host the sender publishes in its address (the listener binds every interface)."""
     listen_port: int = 0
     """Port of the sender's UCX listener; 0 lets the OS choose."""
+    path: str = "auto"
+    """How KV moves: "auto" writes straight into the peer's pool where both ranks share a host
+    and can map it (samehost.py), UCX elsewhere; "ucx" always uses UCX. Entry points set it from
+    --kv-transfer-path / PDMESH_KV_TRANSFER_PATH."""
+    same_host_verify: bool = False
+    """Same host: the receiver also re-reads its pages after the trailer and checks the writer's
+    checksum (taken in the copy pass). Off by default: it is a second pass over every byte
+    (README, transfer benchmark, gives its cost); the trailer's token, first token and byte count
+    are always checked."""
 
     def for_device(self, device: str) -> "TransferConfig":
         """These settings with the chunking measured for pools on `device` ("cuda...": packed
@@ -135,3 +144,5 @@ class TransferConfig:
                      "abort_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TransferConfig.{name} must be > 0")
+        if self.path not in ("auto", "ucx"):
+            raise ValueError(f"TransferConfig.path must be auto or ucx, got {self.path!r}")

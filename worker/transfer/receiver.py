@@ -44,7 +44,7 @@ from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, 
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.pack import check_page_ids
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import runs, wire
+from pdmesh.worker.transfer import runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
 from pdmesh.worker.transfer.runs import PoolSide
@@ -73,6 +73,8 @@ class _Fetch:
     plan: runs.WirePlan | None = None  # known once the sender's OK (with its runs) arrived
     pending: list = field(default_factory=list)  # every UCX request and unpack job it started
     lent: list = field(default_factory=list)  # staging buffers not yet given back
+    direct: bool = False  # same host: the sender writes into the pages itself (samehost.py)
+    ended: asyncio.Future | None = None  # same host: the sender's last message came
 
 
 class KvReceiver:
@@ -90,6 +92,7 @@ class KvReceiver:
         self._retired: set[Link] = set()  # links left unanswered: closed once no fetch uses them
         self._staging: StagingCache | None = None
         self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-unpack")
+        self._samehost = samehost.SameHostReceiver(self.config.path, self.config.connect_timeout_s)
 
     def state(self, room: int) -> TransferState | None:
         fetch = self._fetches.get(room)
@@ -133,7 +136,8 @@ class KvReceiver:
             f"fetch room {room}", timeout,
             {TransferState.BOOTSTRAPPING: self.config.connect_timeout_s + 1.0,
              TransferState.TRANSFERRING: self.config.transfer_timeout_s}),
-            loop.create_future(), loop.create_future(), loop.create_future())
+            loop.create_future(), loop.create_future(), loop.create_future(),
+            ended=loop.create_future())
         self._fetches[room] = fetch
         try:
             return await self._run(fetch, address, epoch, pool, ids, token, plan)
@@ -157,6 +161,11 @@ class KvReceiver:
                 token=token, page_runs=fetch.own_runs,
                 direct_min_bytes=self.config.direct_min_bytes,
                 max_direct_runs=self.config.max_direct_runs)
+            pool_id = await status.guard(self._samehost.target(fetch.link, pool))
+            if pool_id is not None:  # same host: the sender writes straight into these pages
+                request.same_host.pool_id = pool_id
+                request.same_host.page_ids.extend(ids.tolist())
+                fetch.direct = True
             fetch.request_sent = True
             await status.guard(fetch.link.send_control(wire.encode(pb.TransferMessage(
                 request=request))))
@@ -166,8 +175,17 @@ class KvReceiver:
                 fetch.peer_failed = True
                 raise wire.failure_from_proto(response.failure)
             fetch.accepted = True
-            wire_plan = self._wire_plan(fetch, plan, response)
             status.advance(TransferState.TRANSFERRING)
+            if fetch.direct:
+                trailer = await status.guard(fetch.trailer)
+                value = None
+                if self.config.same_host_verify:
+                    value = await status.guard(asyncio.get_running_loop().run_in_executor(
+                        self._executor, samehost.checksum_of, pool.kv, ids, plan))
+                samehost.verify_trailer(trailer, plan.total_bytes, token, value)
+                status.succeed()
+                return trailer.first_token
+            wire_plan = self._wire_plan(fetch, plan, response)
             incoming = Incoming(fetch, wire_plan, PoolSide(wire_plan, pool.kv, ids),
                                 self._staging_for(pool), self.config)
             await incoming.run(self._executor)
@@ -259,6 +277,10 @@ class KvReceiver:
                 await drain([fetch.response], link, grace)
             elif not fetch.response.result().HasField("failure"):
                 fetch.accepted = True
+        if fetch.direct:  # no chunk tags: wait until the sender writes no more
+            if fetch.accepted:
+                await samehost.wait_for_writer(fetch.ended, link, grace)
+            return
         if fetch.accepted and fetch.plan is None and not link.closed:
             try:  # the OK came during the wind-down: its runs say how many messages follow
                 self._wire_plan(fetch, plan, fetch.response.result())
@@ -305,9 +327,14 @@ class KvReceiver:
             return
         kind = message.WhichOneof("body")
         body = getattr(message, kind)
+        if kind == "same_host_ready":
+            self._samehost.on_ready(link, body)
+            return
         fetch = self._by_id.get((id(link), body.transfer_id))
         if fetch is None:
             return  # a transfer that already ended
+        if kind in ("trailer", "abort") and not fetch.ended.done():
+            fetch.ended.set_result(kind)
         if kind in ("waiting", "response") and not fetch.answered.done():
             fetch.answered.set_result(None)
         if kind == "waiting":
@@ -325,9 +352,12 @@ class KvReceiver:
     def _link_closed(self, address: str, link: Link, error: PdmeshError) -> None:
         if self._links.get(address) is link:
             del self._links[address]
+        self._samehost.link_closed(link)
         for (link_id, _), fetch in list(self._by_id.items()):
             if link_id == id(link):
                 fetch.status.fail(error)
+                if not fetch.ended.done():  # a closed link writes nothing more
+                    fetch.ended.set_result("closed")
 
     def _staging_for(self, pool: KvPool) -> StagingCache:
         if self._staging is None or self._staging.device != pool.kv.device:

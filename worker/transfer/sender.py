@@ -38,7 +38,7 @@ from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.kv.pack import check_page_ids, pack_checked
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import digest, runs, wire
+from pdmesh.worker.transfer import digest, runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
 from pdmesh.worker.transfer.runs import PoolSide
@@ -82,7 +82,7 @@ class KvSender:
     """Serves KV transfer requests for the rooms this rank offers."""
 
     def __init__(self, transport: Transport | str = "ucx", *, epoch: int,
-                 config: TransferConfig | None = None) -> None:
+                 config: TransferConfig | None = None, device: str | None = None) -> None:
         self.config = config or TransferConfig()
         self._owns_transport = isinstance(transport, str)
         self.transport = make_transport(transport) if isinstance(transport, str) else transport
@@ -97,6 +97,9 @@ class KvSender:
         self._tasks: set[asyncio.Task] = set()
         self._staging: StagingCache | None = None
         self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-pack")
+        # same host: the decodes' pools this rank mapped (samehost.py); `device`: this rank's pool
+        self._samehost = samehost.SameHostSender(self.config.path)
+        self._device = None if device is None else torch.device(device)
 
     async def start(self) -> str:
         """Start listening; return the address to publish for this rank."""
@@ -157,6 +160,7 @@ class KvSender:
         for task in list(self._tasks):
             task.cancel()
         self._executor.shutdown(wait=True)
+        self._samehost.close()
 
     # -- control messages ---------------------------------------------------------------------
 
@@ -183,8 +187,23 @@ class KvSender:
             aborted = self._jobs.get((id(link), message.abort.transfer_id))
             if aborted is not None and not aborted.done():
                 aborted.set_result(wire.failure_from_proto(message.abort.failure))
+        elif kind == "same_host_hello":
+            self._spawn(self._answer_hello(link, message.same_host_hello))
+
+    async def _answer_hello(self, link: Link, hello: pb.SameHostHello) -> None:
+        device = torch.device("cpu") if hello.kind == "cpu" else self._device or (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+        if self._device is not None and device is not None and device.type != self._device.type:
+            device = None  # a CPU pool cannot write a CUDA one (or back): UCX
+
+        ready = self._samehost.on_hello(link, hello, device)
+        try:
+            await link.send_control(wire.encode(pb.TransferMessage(same_host_ready=ready)))
+        except PdmeshError as err:
+            log.info("same-host answer to %s: %s", link.peer, err)
 
     def _link_closed(self, link: Link, error: PdmeshError) -> None:
+        self._samehost.link_closed(link)  # unmapped once no copy uses it
         for (link_id, _), aborted in list(self._jobs.items()):
             if link_id == id(link) and not aborted.done():
                 aborted.set_result(error)
@@ -202,7 +221,7 @@ class KvSender:
         key = (id(link), request.transfer_id)
         try:
             try:
-                offer = await self._claim(link, request, aborted)
+                offer, direct = await self._claim(link, request, aborted)
             except PdmeshError as err:
                 await self._respond(link, request.transfer_id, err)
                 return
@@ -211,7 +230,11 @@ class KvSender:
             offer.status.advance(TransferState.TRANSFERRING)
             aborted.add_done_callback(lambda f, o=offer: o.status.fail(f.result()))
             try:
-                await self._stream(link, request, offer, plan, aborted)
+                if direct is not None:  # same host: straight into the decode's pages
+                    await samehost.write(link, request, offer, *direct, self._samehost,
+                                         self._executor)
+                else:
+                    await self._stream(link, request, offer, plan, aborted)
             finally:
                 self._retire(offer)
                 offer._finish()
@@ -235,9 +258,9 @@ class KvSender:
             response.failure.CopyFrom(wire.failure_to_proto(error))
         await link.send_control(wire.encode(pb.TransferMessage(response=response)))
 
-    async def _claim(self, link: Link, request: pb.TransferRequest,
-                     aborted: asyncio.Future) -> Offer:
-        """The offer this request may take, after every check; raises the status to answer."""
+    async def _claim(self, link: Link, request: pb.TransferRequest, aborted: asyncio.Future):
+        """The offer this request may take, after every check, and its same-host target (or
+        None); raises the status to answer."""
         layout = _check_request(request)
         self._check_epoch(request)  # before any wait: a stale decode must re-resolve at once
         offer = await self._wait_for_offer(link, request, aborted)
@@ -255,8 +278,11 @@ class KvSender:
         except PdmeshError as err:
             offer.status.fail(err)
             raise
+        direct = None
+        if request.HasField("same_host"):  # a bad target fails the request, not the offer
+            direct = self._samehost.target(link, request, layout, offer.pool.kv.device)
         offer.claimed = True
-        return offer
+        return offer, direct
 
     def _check_epoch(self, request: pb.TransferRequest) -> None:
         # An instance's epoch grows whenever one of its ranks (re)starts; a decode whose info is

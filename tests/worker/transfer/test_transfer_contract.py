@@ -1,4 +1,6 @@
-"""The transfer contract, run against both transports (in-process and UCX in this process).
+"""The transfer contract, run against every path: the in-process transport, UCX in this process,
+and the same-host path (UCX for control messages, the sender writing straight into the
+receiver's pool, which lives in shared memory).
 
 Each transport runs it with three kinds of pools (the wire plan of worker/transfer/runs.py):
 `packed` (fresh pools, runs too short to travel in place: every byte packed), `one-run` (fresh
@@ -26,6 +28,7 @@ from pdmesh.worker.kv.pack import pack
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import (KvReceiver, KvSender, TransferConfig, TransferState,
                                     make_transport)
+from pdmesh.worker.transfer import samehost
 from pdmesh.worker.transfer import sender as sender_module
 from pdmesh.worker.transfer import streams
 
@@ -57,11 +60,12 @@ def fragment(pool: KvPool, pattern: tuple[int, ...]) -> list[int]:
 
 class Mesh:
     def __init__(self, kind: str, pools: str, sender: KvSender, receiver: KvReceiver) -> None:
-        self.kind = kind
+        self.kind = "ucx" if kind == "samehost" else kind
+        self.same_host = kind == "samehost"
         self.sender, self.receiver = sender, receiver
         receiver.config = POOLS[pools]  # the receiver's request tells the sender how to plan
         self.src = KvPool(LAYOUT, 64 if pools != "fragmented" else 192)
-        self.dst = KvPool(LAYOUT, 64 if pools != "fragmented" else 192)
+        self.dst = KvPool(LAYOUT, 64 if pools != "fragmented" else 192, shared=self.same_host)
         self.src.kv.copy_(torch.randn(self.src.kv.shape).to(LAYOUT.dtype))
         self.held = {"src": [], "dst": []}
         if pools == "fragmented":
@@ -111,13 +115,15 @@ def ends(loop):
         loop.run_until_complete(sender.transport.close())
 
 
-@pytest.fixture(scope="module", params=[(k, p) for k in ("inproc", "ucx") for p in POOLS],
+@pytest.fixture(scope="module",
+                params=[(k, p) for k in ("inproc", "ucx") for p in POOLS] + [("samehost", "packed")],
                 ids=lambda p: "-".join(p))
 def mesh(request, loop, ends):
     kind, pools = request.param
     if kind not in ends:
-        sender = KvSender(make_transport(kind), epoch=EPOCH, config=CONFIG)
-        receiver = KvReceiver(make_transport(kind), config=CONFIG)
+        transport = "ucx" if kind == "samehost" else kind
+        sender = KvSender(make_transport(transport), epoch=EPOCH, config=CONFIG)
+        receiver = KvReceiver(make_transport(transport), config=CONFIG)
         ends[kind] = (sender, receiver, loop.run_until_complete(sender.start()))
     sender, receiver, address = ends[kind]
     mesh = Mesh(kind, pools, sender, receiver)
@@ -131,6 +137,8 @@ def run(loop, mesh):
         return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
     yield run
+    # the path the mesh names is the one that ran: pools mapped only on the same-host mesh
+    assert bool(mesh.sender._samehost._maps) == (mesh.same_host and bool(mesh.receiver._links))
     # nothing leaks: pages back, no transfer in any table
     assert mesh.settled()
     assert not mesh.sender._offers and not mesh.sender._jobs
@@ -146,20 +154,25 @@ async def _expect(aw, cls, reason=None):
 
 
 class BlockPack:
-    """Hold the sender's pack of chunk `at` until released: a transfer stopped mid-way."""
+    """Hold the sender's pack (or same-host copy) of chunk `at` until released: a transfer
+    stopped mid-way."""
 
     def __init__(self, monkeypatch, at: int = 1) -> None:
         self.reached, self.release, self.calls = threading.Event(), threading.Event(), 0
-        real = sender_module._pack_chunk
+        for module, name in ((sender_module, "_pack_chunk"), (samehost, "_copy_job")):
+            monkeypatch.setattr(module, name, self._blocked(getattr(module, name), at))
+        # a CPU same-host writer copies every layer at once; chunk as the receiver asks here
+        monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
 
-        def blocked(kv, ids, a, b, buf):
+    def _blocked(self, real, at: int):
+        def blocked(*args):
             self.calls += 1
             if self.calls == at + 1:
                 self.reached.set()
                 self.release.wait(10)
-            return real(kv, ids, a, b, buf)
+            return real(*args)
 
-        monkeypatch.setattr(sender_module, "_pack_chunk", blocked)
+        return blocked
 
     async def wait_reached(self):
         for _ in range(1000):
@@ -452,7 +465,7 @@ def test_deadlines(mesh, run):
 
 
 def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
-    real = streams._prepare_chunk
+    real, real_copy = streams._prepare_chunk, samehost._copy_job
 
     def corrupt(pack, side, msgs, a, b, buf):
         sums = real(pack, side, msgs, a, b, buf)
@@ -462,7 +475,18 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
             sums[0] = sums[0] + 1
         return sums
 
+    def corrupt_copy(src_kv, dst_kv, copies, a, b):
+        value = real_copy(src_kv, dst_kv, copies, a, b)
+        if a == 1:  # one bit of the written pages flips after the checksum was taken
+            dst_kv[1, 0, int(copies.dst_ids[0])].view(torch.uint8).view(-1)[5] ^= 0x10
+        return value
+
     monkeypatch.setattr(streams, "_prepare_chunk", corrupt)
+    monkeypatch.setattr(samehost, "_copy_job", corrupt_copy)
+    monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
+    # same host: the receiver re-reads its pages only when asked to (same_host_verify)
+    monkeypatch.setattr(mesh.receiver, "config",
+                        dataclasses.replace(mesh.receiver.config, same_host_verify=True))
 
     async def go():
         room = mesh.room()
