@@ -138,8 +138,8 @@ def test_fragmented_pools_every_byte_checked(pair):
     """Both pools fragmented, differently (runs of every length up to 24 and 9 pages, single
     pages): the runs both sides share travel in place, the rest packed; every byte checked."""
     kind, _, sender, receiver = pair
-    cases = {400: ({"max_run": 24}, {"max_run": 9}), 401: ({"scattered": True}, {}),
-             402: ({}, {"scattered": True}), 403: ({"max_run": 3}, {"max_run": 40})}
+    cases = {500: ({"max_run": 24}, {"max_run": 9}), 501: ({"scattered": True}, {}),
+             502: ({}, {"scattered": True}), 503: ({"max_run": 3}, {"max_run": 40})}
     for room, (offer, _) in cases.items():
         sender.send(op="offer", room=room, pages=40, fill=True, timeout=30, **offer)
         sender.wait("offered")
