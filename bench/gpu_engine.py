@@ -95,7 +95,9 @@ async def _sender(sizes: list[int], iters: int, pages: str) -> None:
     from pdmesh.worker.transfer import KvSender, TransferConfig
     from pdmesh.worker.transfer.config import apply_ucx_defaults
     apply_ucx_defaults(device="cuda")  # as a rank with CUDA pools does (worker/kv_link.py)
-    sender = KvSender("ucx", epoch=1, config=TransferConfig(room_wait_s=60).for_device("cuda"))
+    # over UCX (same-host mapping off): the cross-host path, measured on one host
+    sender = KvSender("ucx", epoch=1,
+                      config=TransferConfig(room_wait_s=60, path="ucx").for_device("cuda"))
     print("READY", await sender.start(), flush=True)
     for si, tokens in enumerate(sizes):
         pool, ids = _pool(tokens, seed=1, pages=pages)
@@ -114,7 +116,7 @@ async def _receiver(address: str, sizes: list[int], iters: int, layers_per_chunk
     from pdmesh.worker.transfer.config import apply_ucx_defaults
     from pdmesh.worker.transfer.wire import ChunkPlan
     apply_ucx_defaults(device="cuda")
-    receiver = KvReceiver("ucx", config=TransferConfig().for_device("cuda"))
+    receiver = KvReceiver("ucx", config=TransferConfig(path="ucx").for_device("cuda"))
     rows = []
     for si, tokens in enumerate(sizes):
         pool, ids = _pool(tokens, seed=2, pages=pages)
