@@ -22,16 +22,18 @@ on stdout (UCX may print its own lines there too: skip lines that do not start w
 Any command may name another "layout" (same syntax as --layout); its pool is made on first use
 with "pool_pages" pages.
 
-With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
+Pages come from the pool as it hands them out (contiguous runs where free pages allow), or with
+"scattered": true (offer and fetch) at random ids among all free pages, or with "max_run": K in
+runs of random lengths 1..K in random order: pools fragmented by other requests. With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
 ("verify") compares every byte it received with the same bytes. The token of room R is derived
-from R on both sides (the real control path sends a random one). Pages are handed out in a
-shuffled order, so a request's pages sit at scattered ids as they do in a serving rank.
+from R on both sides (the real control path sends a random one).
 `--pack-delay S` slows each chunk's pack (or same-host copy) by S seconds and reports
 {"event": "packing"} (used to kill a sender mid-transfer).
 
 `--kv-transfer-path auto|ucx` (default: PDMESH_KV_TRANSFER_PATH, else auto) picks the path as a
 rank does: with auto, the receiver's pools live in shared memory and a sender of the same host
 writes straight into them (worker/transfer/samehost.py); ucx moves every byte over UCX.
+`--set FIELD=INT` sets an integer TransferConfig field (e.g. direct_min_bytes).
 """
 
 from __future__ import annotations
@@ -88,10 +90,25 @@ def parse_layout(text: str) -> KvLayout:
 def make_pool(layout: KvLayout, pages: int, shared: bool = False, device: str = "cpu") -> KvPool:
     pool = KvPool(layout, pages, device=device, shared=shared)
     pool.kv.view(torch.uint8).random_()  # touch every page now, not inside a timed transfer
-    ids = pool.alloc(pages)
-    random.Random(pages).shuffle(ids)
-    pool.free(ids)  # the free list is now shuffled
     return pool
+
+
+def alloc(pool: KvPool, n: int, cmd: dict, seed: int) -> list[int]:
+    """n pages: as the pool hands them out (runs), at random ids among all free pages
+    ("scattered"), or in runs of random lengths 1..max_run in random order ("max_run")."""
+    max_run = 1 if cmd.get("scattered") else int(cmd.get("max_run", 0))
+    if max_run < 1:
+        return pool.alloc(n)
+    free = sorted(pool.alloc(pool.num_free) if n <= pool.num_free else pool.alloc(n))
+    rng, runs, at = random.Random(seed), [], 0
+    while at < len(free):
+        length = rng.randint(1, max_run)
+        runs.append(free[at:at + length])
+        at += length
+    rng.shuffle(runs)
+    ids = [page for run in runs for page in run]
+    pool.free(ids[n:])
+    return ids[:n]
 
 
 def error_fields(err: BaseException | None) -> dict:
@@ -109,9 +126,10 @@ class Rank:
         self.shared = args.role == "receiver" and args.kv_transfer_path == "auto"
         self.pools: dict[str, KvPool] = {args.layout: make_pool(
             parse_layout(args.layout), args.pages, self.shared, args.device)}
+        extra = {key: int(value) for key, value in (kv.split("=", 1) for kv in args.set)}
         config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace,
                                 send_depth=args.depth, recv_window=args.depth,
-                                path=args.kv_transfer_path)
+                                path=args.kv_transfer_path, **extra)
         self.transport = make_transport(args.transport)
         self.sender = KvSender(self.transport, epoch=EPOCH, config=config, device=args.device) \
             if args.role == "sender" else None
@@ -130,7 +148,7 @@ class Rank:
     async def offer(self, cmd: dict) -> None:
         room, pages, pool = cmd["room"], cmd["pages"], self.pool_for(cmd)
         try:
-            ids = pool.alloc(pages)
+            ids = alloc(pool, pages, cmd, ~room)
         except PdmeshError as err:
             emit(event="offer_done", room=room, **error_fields(err))
             return
@@ -151,7 +169,7 @@ class Rank:
     async def fetch_one(self, cmd: dict, room: int) -> None:
         pages, pool = cmd["pages"], self.pool_for(cmd)
         try:
-            ids = pool.alloc(pages)
+            ids = alloc(pool, pages, cmd, room)
         except PdmeshError as err:
             emit(event="fetch_done", room=room, **error_fields(err))
             return
@@ -257,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=TransferConfig.send_depth,
                         help="chunks in flight per transfer, each way")
     parser.add_argument("--pack-delay", type=float, default=0.0)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                        help="an integer TransferConfig field, e.g. --set direct_min_bytes=65536")
     parser.add_argument("--device", default="cpu", help="torch device of the pools (e.g. cuda:0)")
     parser.add_argument("--kv-transfer-path", choices=samehost.PATHS,
                         default=os.environ.get(samehost.PATH_ENV, "auto"),

@@ -42,12 +42,14 @@ import torch
 from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, PdmeshError,
                            Unavailable)
 from pdmesh.transfer.v1 import transfer_pb2 as pb
-from pdmesh.worker.kv.pack import check_page_ids, unpack_checked
+from pdmesh.worker.kv.pack import check_page_ids
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import samehost, wire
+from pdmesh.worker.transfer import runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
+from pdmesh.worker.transfer.runs import PoolSide
 from pdmesh.worker.transfer.staging import StagingCache
+from pdmesh.worker.transfer.streams import Incoming
 from pdmesh.worker.transfer.state import TransferState, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,9 @@ class _Fetch:
     accepted: bool = False
     peer_failed: bool = False
     unanswered: bool = False  # the sender never acknowledged the request (presumed lost)
-    posted: int = 0
+    posted: int = 0  # messages posted, in plan order
+    own_runs: list = field(default_factory=list)  # this side's page runs, sent in the request
+    plan: runs.WirePlan | None = None  # known once the sender's OK (with its runs) arrived
     pending: list = field(default_factory=list)  # every UCX request and unpack job it started
     lent: list = field(default_factory=list)  # staging buffers not yet given back
     direct: bool = False  # same host: the sender writes into the pages itself (samehost.py)
@@ -149,11 +153,14 @@ class KvReceiver:
         try:
             fetch.link = await status.guard(self._link(address))
             self._by_id[(id(fetch.link), fetch.transfer_id)] = fetch
+            fetch.own_runs = runs.page_runs(ids)
             request = pb.TransferRequest(
                 transfer_id=fetch.transfer_id, room=fetch.room, epoch=epoch,
                 layout=pool.layout.to_proto(), num_pages=len(ids),
                 expected_bytes=plan.total_bytes, layers_per_chunk=plan.layers_per_chunk,
-                token=token)
+                token=token, page_runs=fetch.own_runs,
+                direct_min_bytes=self.config.direct_min_bytes,
+                max_direct_runs=self.config.max_direct_runs)
             pool_id = await status.guard(self._samehost.target(fetch.link, pool))
             if pool_id is not None:  # same host: the sender writes straight into these pages
                 request.same_host.pool_id = pool_id
@@ -178,9 +185,12 @@ class KvReceiver:
                 samehost.verify_trailer(trailer, plan.total_bytes, token, value)
                 status.succeed()
                 return trailer.first_token
-            acc, total = await self._receive(fetch, pool, ids, plan)
+            wire_plan = self._wire_plan(fetch, plan, response)
+            incoming = Incoming(fetch, wire_plan, PoolSide(wire_plan, pool.kv, ids),
+                                self._staging_for(pool), self.config)
+            await incoming.run(self._executor)
             trailer = await status.guard(fetch.trailer)
-            _verify(trailer, plan, acc, total, token)
+            _verify(trailer, plan, incoming.digest.value(), incoming.total, token)
             status.succeed()
             return trailer.first_token
         except PdmeshError as err:
@@ -237,36 +247,16 @@ class KvReceiver:
             link.close(Unavailable(f"{link.peer} left a transfer request unanswered",
                                    reason="KV_LINK_UNRESPONSIVE", metadata={"peer": link.peer}))
 
-    async def _receive(self, fetch: _Fetch, pool: KvPool, ids: torch.Tensor,
-                       plan: wire.ChunkPlan) -> tuple[int, int]:
-        staging = self._staging_for(pool)
-        loop = asyncio.get_running_loop()
-        slots: dict[int, tuple[asyncio.Future, torch.Tensor]] = {}
-
-        def post() -> None:
-            index = fetch.posted
-            buf = staging.take(plan.chunk_bytes(index))
-            fetch.lent.append(buf)
-            future = fetch.link.recv_data(buf, wire.chunk_tag(fetch.transfer_id, index))
-            fetch.pending.append(future)
-            slots[index] = (future, buf)
-            fetch.posted += 1
-
-        while fetch.posted < min(self.config.recv_window, plan.num_chunks):
-            post()
-        acc, total = wire.FOLD_START, 0
-        for index, (a, b) in enumerate(plan.ranges):
-            future, buf = slots.pop(index)
-            await fetch.status.guard(future)
-            if fetch.posted < plan.num_chunks:
-                post()  # the next receive lands while this chunk unpacks
-            job = loop.run_in_executor(self._executor, _unpack_chunk, buf, pool.kv, ids, a, b)
-            fetch.pending.append(job)
-            acc = wire.fold(acc, await fetch.status.guard(job))
-            total += buf.numel()
-            fetch.lent.remove(buf)
-            staging.give(buf)
-        return acc, total
+    def _wire_plan(self, fetch: _Fetch, plan: wire.ChunkPlan,
+                   response: pb.TransferResponse) -> runs.WirePlan:
+        """The plan both sides build from both sides' runs (runs.py); DATA_LOSS if the sender's
+        runs do not describe the request."""
+        fetch.plan = runs.WirePlan.build(
+            plan.layout, plan.num_pages, plan.layers_per_chunk, fetch.own_runs,
+            runs.checked_runs(response.page_runs, plan.num_pages, from_request=False),
+            min_direct_bytes=self.config.direct_min_bytes,
+            max_direct_runs=self.config.max_direct_runs)
+        return fetch.plan
 
     async def _wind_down(self, fetch: _Fetch, plan: wire.ChunkPlan, pool: KvPool) -> None:
         """Tell the sender, receive what it still owes, wait until UCX is done with it all."""
@@ -291,10 +281,16 @@ class KvReceiver:
             if fetch.accepted:
                 await samehost.wait_for_writer(fetch.ended, link, grace)
             return
-        if fetch.accepted and fetch.posted < plan.num_chunks and not link.closed:
-            scratch = self._staging_for(pool).take(plan.max_chunk_bytes)
+        if fetch.accepted and fetch.plan is None and not link.closed:
+            try:  # the OK came during the wind-down: its runs say how many messages follow
+                self._wire_plan(fetch, plan, fetch.response.result())
+            except PdmeshError:  # runs we cannot read: only closing the link ends its messages
+                link.close(fetch.status.error)
+        wire_plan = fetch.plan
+        if fetch.accepted and wire_plan and fetch.posted < wire_plan.num_messages and not link.closed:
+            scratch = self._staging_for(pool).take(wire_plan.max_message_bytes)
             fetch.lent.append(scratch)
-            while fetch.posted < plan.num_chunks:
+            while fetch.posted < wire_plan.num_messages:
                 fetch.pending.append(link.recv_data(
                     scratch, wire.chunk_tag(fetch.transfer_id, fetch.posted)))
                 fetch.posted += 1
@@ -384,13 +380,3 @@ def _verify(trailer: pb.TransferTrailer, plan: wire.ChunkPlan, acc: int, total: 
         raise DataLoss("KV transfer arrived damaged (" + "; ".join(
             f"{k}: {v}" for k, v in problems.items()) + "); nothing was committed, retry the "
             "request", reason="KV_TRANSFER_CORRUPT", metadata=problems)
-
-
-def _unpack_chunk(buf: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int, b: int) -> int:
-    """Worker thread: checksum `buf`, then unpack it into layers [a, b) of the pages."""
-    value = wire.checksum(buf)
-    staging = buf.view(kv.dtype).view((b - a, 2, ids.numel()) + tuple(kv.shape[3:]))
-    unpack_checked(staging, kv, ids, a, b)
-    if kv.is_cuda:
-        torch.cuda.current_stream(kv.device).synchronize()
-    return value

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -39,9 +38,11 @@ from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.kv.pack import check_page_ids, pack_checked
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import samehost, wire
+from pdmesh.worker.transfer import digest, runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
+from pdmesh.worker.transfer.runs import PoolSide
+from pdmesh.worker.transfer.streams import Outgoing
 from pdmesh.worker.transfer.staging import StagingCache
 from pdmesh.worker.transfer.state import TransferState, TransferStatus
 
@@ -224,7 +225,8 @@ class KvSender:
             except PdmeshError as err:
                 await self._respond(link, request.transfer_id, err)
                 return
-            await self._respond(link, request.transfer_id, None)
+            plan, mine = self._plan(request, offer)
+            await self._respond(link, request.transfer_id, None, mine)
             offer.status.advance(TransferState.TRANSFERRING)
             aborted.add_done_callback(lambda f, o=offer: o.status.fail(f.result()))
             try:
@@ -232,7 +234,7 @@ class KvSender:
                     await samehost.write(link, request, offer, *direct, self._samehost,
                                          self._executor)
                 else:
-                    await self._stream(link, request, offer, aborted)
+                    await self._stream(link, request, offer, plan, aborted)
             finally:
                 self._retire(offer)
                 offer._finish()
@@ -249,8 +251,9 @@ class KvSender:
         except PdmeshError as err:  # the link broke while answering
             log.info("transfer %x to %s: %s", transfer_id, link.peer, err)
 
-    async def _respond(self, link: Link, transfer_id: int, error: PdmeshError | None) -> None:
-        response = pb.TransferResponse(transfer_id=transfer_id)
+    async def _respond(self, link: Link, transfer_id: int, error: PdmeshError | None,
+                       page_runs: list[int] | None = None) -> None:
+        response = pb.TransferResponse(transfer_id=transfer_id, page_runs=page_runs or [])
         if error is not None:
             response.failure.CopyFrom(wire.failure_to_proto(error))
         await link.send_control(wire.encode(pb.TransferMessage(response=response)))
@@ -362,74 +365,66 @@ class KvSender:
 
     # -- streaming ----------------------------------------------------------------------------
 
+    def _plan(self, request: pb.TransferRequest, offer: Offer) -> tuple[runs.WirePlan, list[int]]:
+        """The wire plan of this request (runs.py) and this side's runs, sent in the OK."""
+        mine = runs.page_runs(offer.page_ids)
+        plan = runs.WirePlan.build(
+            offer.pool.layout, len(offer.page_ids), request.layers_per_chunk,
+            runs.checked_runs(request.page_runs, request.num_pages, from_request=True), mine,
+            min_direct_bytes=request.direct_min_bytes, max_direct_runs=request.max_direct_runs)
+        return plan, mine
+
     async def _stream(self, link: Link, request: pb.TransferRequest, offer: Offer,
-                      aborted: asyncio.Future) -> None:
-        plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), request.layers_per_chunk)
-        staging = self._staging_for(offer.pool)
+                      plan: runs.WirePlan, aborted: asyncio.Future) -> None:
         ids = check_page_ids(offer.pool.kv, offer.page_ids, unique=False)  # once, not per chunk
-        status, tid = offer.status, request.transfer_id
-        inflight: deque[tuple[asyncio.Future, torch.Tensor | None]] = deque()
-        sent, acc, total = 0, wire.FOLD_START, 0
-        loop = asyncio.get_running_loop()
+        out = Outgoing(link, request.transfer_id, plan, PoolSide(plan, offer.pool.kv, ids),
+                       self._staging_for(offer.pool), offer.status, self.config,
+                       pack=lambda *args: _pack_chunk(*args))  # late lookup: tests hook it
+        status = offer.status
         try:
-            for index, (a, b) in enumerate(plan.ranges):
+            for c in range(len(plan.chunks)):
                 if status.terminal:
                     break
-                buf = staging.take(plan.chunk_bytes(index))
-                job = loop.run_in_executor(self._executor, _pack_chunk, offer.pool.kv, ids, a, b,
-                                           buf)
-                try:
-                    chunk_sum = await status.guard(job)
-                except PdmeshError:
-                    await asyncio.wait({job})  # the pack thread still writes into buf
-                    staging.give(buf)
+                out.prepare_ahead(c, self._executor)
+                if not await out.send_chunk(c):
                     break
-                inflight.append((link.send_data(buf, wire.chunk_tag(tid, index)), buf))
-                sent, acc, total = sent + 1, wire.fold(acc, chunk_sum), total + buf.numel()
-                while len(inflight) >= self.config.send_depth and not status.terminal:
-                    await self._retire_one(inflight, staging, status)
-            while inflight and not status.terminal:
-                await self._retire_one(inflight, staging, status)
+            await out.settle()
             if not status.terminal:
-                trailer = pb.TransferTrailer(transfer_id=tid, first_token=offer.first_token,
-                                             byte_count=total, checksum=acc, token=offer.token)
+                trailer = pb.TransferTrailer(transfer_id=request.transfer_id,
+                                             first_token=offer.first_token, byte_count=out.total,
+                                             checksum=out.digest.value(), token=offer.token)
                 await status.guard(link.send_control(wire.encode(pb.TransferMessage(
                     trailer=trailer))))
                 status.succeed()
                 return
         except PdmeshError as err:
             status.fail(err)
-        await self._wind_down(link, tid, plan, sent, inflight, staging, status, aborted)
+        await self._wind_down(link, request.transfer_id, out, status, aborted)
 
-    async def _retire_one(self, inflight, staging: StagingCache, status: TransferStatus) -> None:
-        future, buf = inflight[0]
-        try:
-            await status.guard(future)
-        except PdmeshError:
-            if not future.done():
-                return  # the transfer failed first; wind-down drains it
-            raise
-        inflight.popleft()
-        staging.give(buf)
-
-    async def _wind_down(self, link: Link, tid: int, plan: wire.ChunkPlan, sent: int, inflight,
-                         staging: StagingCache, status: TransferStatus,
+    async def _wind_down(self, link: Link, tid: int, out: Outgoing, status: TransferStatus,
                          aborted: asyncio.Future) -> None:
-        """After a failure: tell the receiver (unless it told us), complete the remaining chunk
-        tags with empty messages, and wait until UCX is done with every buffer."""
+        """After a failure: tell the receiver (unless it told us), complete the remaining message
+        tags with empty messages, and wait until UCX and the pack threads are done with every
+        buffer and page."""
         if not aborted.done() and not link.closed:
             abort = pb.TransferAbort(transfer_id=tid, failure=wire.failure_to_proto(status.error))
             try:
                 await link.send_control(wire.encode(pb.TransferMessage(abort=abort)))
             except PdmeshError:
                 pass
-        for index in range(sent, plan.num_chunks):
-            inflight.append((link.send_data(_EMPTY, wire.chunk_tag(tid, index)), None))
-        futures = [f for f, _ in inflight]
+        for index in range(out.sent, out.plan.num_messages):
+            out.inflight.append((link.send_data(_EMPTY, wire.chunk_tag(tid, index)), None, 0))
+        jobs = [job for job, _ in out.jobs.values()]
+        if jobs:  # pack threads still write into their buffers
+            await asyncio.wait(jobs)
+        futures = [f for f, _, _ in out.inflight]
         if await drain(futures, link, self.config.abort_grace_s):
-            for _, buf in inflight:
+            for _, buf, _ in out.inflight:
                 if buf is not None:
-                    staging.give(buf)
+                    out.staging.give(buf)
+            for _, buf in out.jobs.values():
+                if buf is not None:
+                    out.staging.give(buf)
 
     def _staging_for(self, pool: KvPool) -> StagingCache:
         if self._staging is None or self._staging.device != pool.kv.device:
@@ -447,6 +442,7 @@ def _check_request(request: pb.TransferRequest) -> KvLayout:
                               f"1..{layout.num_layers}", reason="INVALID_CHUNKING")
     if not request.token:
         raise InvalidArgument("the transfer request carries no token", reason="INVALID_TRANSFER_TOKEN")
+    runs.checked_runs(request.page_runs, request.num_pages, from_request=True)
     return layout
 
 
@@ -455,10 +451,16 @@ def _task_done(task: asyncio.Task) -> None:
         log.error("KV sender task failed", exc_info=task.exception())
 
 
-def _pack_chunk(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor) -> int:
-    """Worker thread: pack layers [a, b) into `buf`; return its checksum."""
+def _pack_chunk(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor
+                ) -> torch.Tensor:
+    """Worker thread: pack layers [a, b) of pages `ids` into `buf`; return its checksum parts
+    (digest.py). On a GPU, returns once the packed bytes are there (an event, not a device-wide
+    sync): UCX reads them from another stream."""
     n = ids.numel()
     pack_checked(kv, ids, a, b, buf.view(kv.dtype).view((b - a, 2, n) + tuple(kv.shape[3:])))
+    sums = digest.parts(buf)
     if kv.is_cuda:
-        torch.cuda.current_stream(kv.device).synchronize()
-    return wire.checksum(buf)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(kv.device))
+        done.synchronize()
+    return sums

@@ -134,6 +134,24 @@ def test_many_rooms_at_once_every_byte_checked(pair):
     assert sender.pool()["free"] == PAGES and receiver.pool()["free"] == PAGES
 
 
+def test_fragmented_pools_every_byte_checked(pair):
+    """Both pools fragmented, differently (runs of every length up to 24 and 9 pages, single
+    pages): the runs both sides share travel in place, the rest packed; every byte checked."""
+    kind, _, sender, receiver = pair
+    cases = {500: ({"max_run": 24}, {"max_run": 9}), 501: ({"scattered": True}, {}),
+             502: ({}, {"scattered": True}), 503: ({"max_run": 3}, {"max_run": 40})}
+    for room, (offer, _) in cases.items():
+        sender.send(op="offer", room=room, pages=40, fill=True, timeout=30, **offer)
+        sender.wait("offered")
+    for room, (_, fetch) in cases.items():
+        receiver.send(op="fetch", address=sender.ready["address"], rooms=[room], pages=40,
+                      verify=True, **fetch)
+    done = receiver.collect("fetch_done", len(cases))
+    assert all(d["ok"] and d["verified"] for d in done), done
+    assert all(o["ok"] for o in sender.collect("offer_done", len(cases)))
+    assert sender.pool()["free"] == PAGES and receiver.pool()["free"] == PAGES
+
+
 def _loopback_bytes() -> int:
     for line in Path("/proc/net/dev").read_text().splitlines():
         name, _, counters = line.partition(":")
