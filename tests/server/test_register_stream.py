@@ -15,6 +15,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
+from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import AlreadyExists, FollowBootstrapRoomConflict, InvalidArgument, NotFound, PdmeshError, \
     Unavailable
 from pdmesh.rules import MAX_ROOM
@@ -23,7 +24,6 @@ from pdmesh.server.config import BootstrapConfig
 from pdmesh.server.demo import instance_info
 from pdmesh.server.service import create_bootstrap_server
 
-from conftest import FOLLOW
 
 _ids = itertools.count(1)
 
@@ -94,7 +94,7 @@ def test_bad_registrations_fail_alone_and_the_stream_goes_on(bootstrap, info_fac
     async def main():
         async with BootstrapClient(bootstrap.address) as client:
             await client.register_instance(info_factory(iid, dp_size=4))
-            await client.register_instance(info_factory(follow, dp_size=2, method=FOLLOW))
+            await client.register_instance(info_factory(follow, dp_size=2, method=common_pb2.LOAD_BALANCE_METHOD_FOLLOW_BOOTSTRAP_ROOM))
             async with grpc.aio.insecure_channel(bootstrap.address) as channel:
                 stub = bootstrap_pb2_grpc.BootstrapServiceStub(channel)
                 call = stub.RegisterRoomsStream(timeout=10)
