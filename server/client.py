@@ -22,7 +22,7 @@ from typing import Iterable
 
 from pdmesh import grpcutil
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-from pdmesh.errors import NotFound, PdmeshError
+from pdmesh.errors import NotFound, PdmeshError, Unavailable
 from pdmesh.rules import validate_room
 from pdmesh.server.registrar import RoomRegistrar
 from pdmesh.server.watcher import RoomWatcher
@@ -89,8 +89,20 @@ class BootstrapClient:
 
     async def get_instance(self, instance_id: str, *,
                            timeout: float | None = None) -> bootstrap_pb2.InstanceInfo:
+        """The instance's published info. A connection that failed (a handshake that ran past its
+        time while both processes were busy) is given one more try within the same timeout."""
         request = bootstrap_pb2.GetInstanceRequest(instance_id=instance_id)
-        response = await grpcutil.call(self._stub.GetInstance(request, timeout=self._t(timeout)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._t(timeout)
+        try:
+            response = await grpcutil.call(self._stub.GetInstance(request, timeout=self._t(timeout)))
+        except Unavailable as err:
+            try:
+                await asyncio.wait_for(self.channel.channel_ready(), max(deadline - loop.time(), 0.001))
+            except asyncio.TimeoutError:
+                raise err from None
+            response = await grpcutil.call(self._stub.GetInstance(
+                request, timeout=max(deadline - loop.time(), 0.001)))
         return response.info
 
     async def list_instances(self, *, timeout: float | None = None) -> list[bootstrap_pb2.InstanceInfo]:

@@ -10,6 +10,7 @@ stream each token as it comes. Pages go back when the sequence ends, fails or is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -46,13 +47,27 @@ class InstanceInfoCache:
 
     def __init__(self, tls=None) -> None:
         self._infos: dict[tuple[str, str], object] = {}
+        self._fetching: dict[tuple[str, str], asyncio.Future] = {}
         self._tls = tls  # the rank's TlsConfig for the bootstrap channel (None: plaintext)
 
     async def get(self, bootstrap_address: str, instance_id: str, *, refresh: bool = False):
+        """The cached info; the first request for an instance fetches it once for every request
+        that arrives meanwhile (a burst must not storm the bootstrap service); `refresh` fetches
+        anew."""
         key = (bootstrap_address, instance_id)
-        if refresh or key not in self._infos:
-            self._infos[key] = await shared_client(bootstrap_address, self._tls).get_instance(instance_id)
-        return self._infos[key]
+        if not refresh and key in self._infos:
+            return self._infos[key]
+        pending = None if refresh else self._fetching.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                shared_client(bootstrap_address, self._tls).get_instance(instance_id))
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if not refresh:
+                self._fetching[key] = pending
+                pending.add_done_callback(lambda _: self._fetching.pop(key, None))
+        info = await asyncio.shield(pending)
+        self._infos[key] = info
+        return info
 
 
 class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
