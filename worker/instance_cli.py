@@ -44,6 +44,11 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                             "[PDMESH_FORCE_QUERY_PREFILL_DP_RANK=1]")
         p.add_argument("--transfer-wait-s", type=float, default=float(env("TRANSFER_WAIT_S", "30")),
                        help="how long a computed room waits for the decode's transfer request")
+        p.add_argument("--layer-streaming", action=argparse.BooleanOptionalAction,
+                       default=(env("LAYER_STREAMING", "1") or "1").strip().lower()
+                       not in {"0", "false", "no", "off"},
+                       help="offer each room before computing it and send every layer's KV as "
+                            "soon as it is final (default on) [PDMESH_LAYER_STREAMING=0 turns it off]")
         p.add_argument("--transfer-host", default=env("TRANSFER_HOST"),
                        help="address the ranks' UCX listeners publish for decodes to fetch KV from "
                             "(default: --host, or 127.0.0.1 when --host is a wildcard) [PDMESH_TRANSFER_HOST]")
@@ -68,7 +73,8 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
     if role == PREFILL:
         extra = dict(bootstrap_port=args.bootstrap_port, bootstrap_address=args.bootstrap_addr,
                      force_query_prefill_dp_rank=args.force_query_prefill_dp_rank,
-                     transfer_wait_s=args.transfer_wait_s, transfer_host=_transfer_host(args))
+                     transfer_wait_s=args.transfer_wait_s, transfer_host=_transfer_host(args),
+                     layer_streaming=args.layer_streaming)
     devices = tuple(d for d in args.devices.split(",") if d)
     return InstanceConfig(
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
