@@ -31,6 +31,9 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                    help="how long a request waits for free KV pages before RESOURCE_EXHAUSTED")
     p.add_argument("--ucx-tls", default=env("UCX_TLS_OVERRIDE"),
                    help="UCX transports for KV, e.g. tcp or sm,self,tcp (default: pdmesh's choice)")
+    p.add_argument("--kv-min-chunks", type=int, default=int(env("KV_MIN_CHUNKS", "8")),
+                   help="decode: cut each KV transfer into at least this many chunks of layers, so "
+                        "a streamed prefill's first layers leave early (default 8) [PDMESH_KV_MIN_CHUNKS]")
     p.add_argument("--devices", default=env("DEVICES", ""),
                    help="comma-separated torch devices, one per rank or one for all (e.g. cuda:0,cuda:1)")
     if role == PREFILL:
@@ -82,6 +85,7 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
         engine=spec_from_args(args), num_pages=args.num_pages, max_running_requests=args.max_running_requests,
         ucx_tls=args.ucx_tls, devices=devices, debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, page_wait_s=args.page_wait_s,
+        kv_min_chunks=args.kv_min_chunks,
         **extra)
 
 

@@ -26,7 +26,8 @@ class RankTransfer:
         apply_ucx_defaults()
         self.pages = pages
         self.is_prefill = inst.role == PREFILL
-        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s, advertise_host=inst.transfer_host)
+        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s, advertise_host=inst.transfer_host,
+                                 min_chunks=inst.kv_min_chunks)
         if self.is_prefill:
             from pdmesh.worker.transfer.sender import KvSender
             self.sender = KvSender(transport, epoch=config.epoch, config=tconfig)

@@ -53,6 +53,10 @@ class TransferConfig:
     """Target size of one chunk (a range of layers) of a request; the receiver picks how many
     layers make one chunk (at least one) and tells the sender in its request. Each chunk is one
     rendezvous: 2 MiB chunks cost ~1.5x the CPU of 8-16 MiB ones here (README)."""
+    min_chunks: int = 8
+    """At least this many chunks per request (fewer layers each, where the request has that many
+    layers): with layer streaming a chunk leaves once its last layer is computed, so the part of
+    a transfer left after the prefill ends is about one chunk (README, TTFT benchmark)."""
     send_depth: int = 2
     """Chunks one transfer keeps in flight on the sender: packing chunk i+1 overlaps sending i."""
     recv_window: int = 2
@@ -83,7 +87,7 @@ class TransferConfig:
     """Port of the sender's UCX listener; 0 lets the OS choose."""
 
     def __post_init__(self) -> None:
-        for name in ("chunk_bytes", "send_depth", "recv_window", "copy_threads"):
+        for name in ("chunk_bytes", "min_chunks", "send_depth", "recv_window", "copy_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be >= 1")
         for name in ("connect_timeout_s", "answer_timeout_s", "room_wait_s", "transfer_timeout_s",

@@ -121,7 +121,7 @@ class KvReceiver:
                                 reason="KV_TRANSFER_IN_PROGRESS", metadata={"room": room})
         layout = pool.layout
         plan = wire.ChunkPlan(layout, len(ids), layers_per_chunk or wire.ChunkPlan.layers_for(
-            layout, len(ids), self.config.chunk_bytes))
+            layout, len(ids), self.config.chunk_bytes, self.config.min_chunks))
         loop = asyncio.get_running_loop()
         fetch = _Fetch(room, secrets.randbits(64), TransferStatus(
             f"fetch room {room}", timeout,
