@@ -19,7 +19,9 @@ turn it off), a prefill rank offers a room's pages to its decode BEFORE computin
    raises, and it does so only once no engine, pack thread or UCX request touches them.
 
 With streaming, a decode that claimed the room early spends the rest of the compute in its
-TRANSFERRING state, bounded by `TransferConfig.transfer_timeout_s` (60 s by default).
+TRANSFERRING state: there `TransferConfig.transfer_timeout_s` (60 s by default) bounds the time
+without a chunk arriving, not the whole transfer; the offer itself is bounded by the request's
+deadline until its compute ends, then by `transfer_timeout_s`.
 """
 
 from __future__ import annotations

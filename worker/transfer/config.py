@@ -72,7 +72,9 @@ class TransferConfig:
     """How long the sender holds a request for a room that is not offered (the decode may come
     first) before it answers NOT_FOUND; `KvSender.expect(room, ...)` extends it for one room."""
     transfer_timeout_s: float = 60.0
-    """Deadline of the TRANSFERRING state of one transfer (capped by the caller's deadline)."""
+    """Deadline of the TRANSFERRING state of one transfer (capped by the caller's deadline); on
+    the receiver, renewed by every chunk that lands (a streamed prefill may still be computing
+    later layers); an offer made before compute gets it once its compute ended."""
     abort_grace_s: float = 5.0
     """After a transfer fails, how long to wait for its in-flight UCX requests to finish or be
     cancelled before closing the link to that peer (which cancels them); its buffers and pages

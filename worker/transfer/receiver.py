@@ -15,7 +15,8 @@ sender that does not answer gets its link closed as unresponsive and the fetch f
 KV_TRANSFER_NO_ANSWER (the decode retries once on a fresh link). Then it waits for the status
 (WAITING_FOR_INPUT: the prefill may not have offered the room yet), bounded by how long the
 sender said it would wait (each `TransferWaiting` renews it) plus `answer_timeout_s`, then
-(TRANSFERRING) keeps `recv_window` chunk receives posted into reused staging buffers, unpacks
+(TRANSFERRING, bounded by `transfer_timeout_s` without a chunk arriving: with layer streaming the
+prefill may still compute later layers) keeps `recv_window` chunk receives posted into reused staging buffers, unpacks
 each arrived chunk in a worker thread while the next ones arrive, and finally checks the trailer:
 first token present, byte count, checksum, per-transfer token. Any mismatch is DATA_LOSS and the
 fetch fails (the pages' content is then undefined: nothing is committed to the request).
@@ -214,6 +215,8 @@ class KvReceiver:
         for index, (a, b) in enumerate(plan.ranges):
             future, buf = slots.pop(index)
             await fetch.status.guard(future)
+            fetch.status.rebound(self.config.transfer_timeout_s)  # progress (a streamed prefill
+            # may still compute later layers: the bound is per chunk, not the whole transfer)
             if fetch.posted < plan.num_chunks:
                 post()  # the next receive lands while this chunk unpacks
             job = loop.run_in_executor(self._executor, _unpack_chunk, buf, pool.kv, ids, a, b)

@@ -62,7 +62,10 @@ class Offer:
         layers = pool.layout.num_layers
         self.layers = (LayerReadiness(layers) if first_token is None
                        else LayerReadiness.complete(layers, first_token))
-        self.status = TransferStatus(f"offer room {room}", timeout,
+        # an offer made before compute is bounded by `timeout` (the request's) until computed,
+        # then its transfer by transfer_timeout_s like any other
+        self._transfer_timeout_s = config.transfer_timeout_s
+        self.status = TransferStatus(f"offer room {room}", timeout, {} if first_token is None else
                                      {TransferState.TRANSFERRING: config.transfer_timeout_s})
         self.status.on_fail(self.layers.fail)
         self.claimed = False
@@ -96,7 +99,9 @@ class Offer:
         """The prefill ended with `first_token`. `hold_s`: from now, wait at most that long for
         a decode that has not claimed the room yet (its computed room's bound)."""
         self.layers.computed(first_token)
-        if hold_s is not None and not self.claimed:
+        if self.status.state == TransferState.TRANSFERRING:
+            self.status.rebound(self._transfer_timeout_s)
+        elif hold_s is not None and not self.claimed:
             self.status.rebound(hold_s)
 
     def __await__(self):

@@ -136,6 +136,37 @@ def test_prefill_failing_mid_compute_fails_the_decode_typed(mesh, run, monkeypat
     run(go())
 
 
+def test_a_compute_longer_than_the_transfer_bound_streams_through(loop):
+    """TRANSFERRING is bounded per chunk on the receiver, and an offer made before compute by the
+    request's deadline until computed: a prefill whose layers keep coming is never cut off by
+    `transfer_timeout_s`, however long its whole compute takes."""
+    from pdmesh.worker.kv.pool import KvPool
+    from pdmesh.worker.transfer import KvReceiver, KvSender, TransferConfig, make_transport
+    config = TransferConfig(transfer_timeout_s=1.0, room_wait_s=2.0, chunk_bytes=1 << 20)
+    sender = KvSender(make_transport("inproc"), epoch=1, config=config)
+    receiver = KvReceiver(make_transport("inproc"), config=config)
+    src, dst = KvPool(LAYOUT, 8), KvPool(LAYOUT, 8)
+
+    async def go():
+        address = await sender.start()
+        pages = src.alloc(2)
+        offer = sender.offer(5, src, pages, None, token=b"t", timeout=30)
+        fetch = asyncio.ensure_future(receiver.fetch(address, 5, epoch=1, pool=dst, page_ids=pages,
+                                                     token=b"t", timeout=30, layers_per_chunk=1))
+        for layer in range(LAYOUT.num_layers):  # 6 x 0.25 s: longer than the 1 s bound
+            await asyncio.sleep(0.25)
+            offer.layer_done(layer)
+        offer.computed(3)
+        assert await fetch == 3
+        await offer
+        src.free(pages)
+        await sender.close()
+        await receiver.close()
+
+    loop.run_until_complete(asyncio.wait_for(go(), 30))
+    assert src.is_full() and dst.is_full()
+
+
 def test_layer_readiness_waits_in_order():
     async def go():
         ready = LayerReadiness(3)
