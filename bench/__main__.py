@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Order matters only for reading the output; parts that need hardware absent here skip themselves.
-PARTS = ["bootstrap", "pack", "transfer", "ttft", "router", "faults", "fresh", "gpu"]
+PARTS = ["bootstrap", "pack", "transfer", "ttft", "router", "http", "faults", "fresh", "model", "gpu"]
 
 
 def write_readme_section(name: str, fragment: str) -> bool:

@@ -16,7 +16,8 @@ class Row:
     transport: str
     page_tokens: int
     nbytes: int
-    pdmesh: float
+    pdmesh: float  # pages as a fresh pool hands them out (one run: in place)
+    scattered: float  # pages at random ids (packed)
     bare: float
     link: float
     perftest: float | None
@@ -29,22 +30,24 @@ def _f(value: float | None) -> str:
 
 def markdown(rows: list[Row], explore: list[tuple[str, float, float]] | None, plot: bool) -> str:
     lines = [
-        "Pool to pool across two processes, one request at a time (request, status, chunks "
-        "packed/unpacked on both sides, trailer checked), 32 layers x K,V, 8 KV heads, head "
-        "dim 128, bf16, pages at scattered ids. GB/s = 1e9 B/s, medians. Baselines from the same "
-        "script and environment: bare ucxx (one contiguous reused buffer, back to back, ucxx's "
-        "async API), the same buffer through pdmesh's UCX link (its engine without pack, unpack "
-        "or protocol), and `ucx_perftest -t tag_bw -e`; NIXL's figure (issue 3, same machine) "
-        "for reference.",
+        "Pool to pool across two processes, one request at a time (request, status, messages "
+        "of the wire plan, trailer checked), 32 layers x K,V, 8 KV heads, head dim 128, bf16. "
+        "`pdmesh, runs`: pages as a fresh pool hands them out (one run on both sides: sent "
+        "from and received into the pools in place, checksummed where they lie); `scattered`: "
+        "pages at random ids on both sides (packed and unpacked per chunk). GB/s = 1e9 B/s, "
+        "medians. Baselines from the same script and environment: bare ucxx (one contiguous "
+        "reused buffer, back to back, ucxx's async API), the same buffer through pdmesh's UCX "
+        "link (its engine without pack, unpack or protocol), and `ucx_perftest -t tag_bw -e`; "
+        "NIXL's figures (issue 14, same machine) for reference.",
         "",
-        "| transport | page tokens | MiB | pdmesh | bare ucxx | pdmesh link, contiguous | "
-        "ucx_perftest | pdmesh / bare ucxx | NIXL (issue) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| transport | page tokens | MiB | pdmesh, runs | pdmesh, scattered | bare ucxx | "
+        "pdmesh link, contiguous | ucx_perftest | runs / bare ucxx | NIXL (issue) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(f"| {r.transport} | {r.page_tokens} | {r.nbytes / MiB:g} | {r.pdmesh:.2f} | "
-                     f"{r.bare:.2f} | {r.link:.2f} | {_f(r.perftest)} | {r.pdmesh / r.bare:.2f} | "
-                     f"{_f(r.nixl)} |")
+                     f"{r.scattered:.2f} | {r.bare:.2f} | {r.link:.2f} | {_f(r.perftest)} | "
+                     f"{r.pdmesh / r.bare:.2f} | {_f(r.nixl)} |")
     if explore:
         lines += ["", "Settings explored (64 MiB requests, 16-token pages unless named; each row "
                   "its own pair of processes, the bare row of its transport measured alongside):",
@@ -139,6 +142,12 @@ VARIANTS = [
         ("UCX_TCP_SNDBUF/RCVBUF=8M", {"UCX_TCP_SNDBUF": "8M", "UCX_TCP_RCVBUF": "8M"}, [], None),
         ("UCX_TCP_TX_SEG_SIZE/RX_SEG_SIZE=512K", {"UCX_TCP_TX_SEG_SIZE": "512K",
                                                   "UCX_TCP_RX_SEG_SIZE": "512K"}, [], None),
+        ("nothing in place (max_direct_runs=0: all packed)", {},
+         ["--set", "max_direct_runs=0"], None),
+        ("send window 64 MiB (4 messages of 16 MiB)", {},
+         ["--set", f"send_window_bytes={64 * MiB}"], None),
+        ("send window 1 MiB (one message at a time)", {},
+         ["--set", f"send_window_bytes={MiB}"], None),
     ]),
     ("shared memory", [
         ("pdmesh defaults", {}, [], None),
@@ -146,5 +155,29 @@ VARIANTS = [
         ("UCX protocol v2 (UCX_PROTO_ENABLE=y)", {"UCX_PROTO_ENABLE": "y"}, [], None),
         ("4 chunks in flight each way", {}, ["--depth", "4"], None),
         ("UCX_RNDV_FRAG_SIZE=host:4M", {"UCX_RNDV_FRAG_SIZE": "host:4M"}, [], None),
+        ("nothing in place (max_direct_runs=0: all packed)", {},
+         ["--set", "max_direct_runs=0"], None),
+        ("send window 64 MiB", {}, ["--set", f"send_window_bytes={64 * MiB}"], None),
     ]),
 ]
+
+
+def fragmentation(result: dict) -> str:
+    """The table of bench/_fragmentation.py's burst: per allocator, pool size and role."""
+    lines = ["", "Fragmentation under a burst (`bench/_fragmentation.py`: test_load's shape, "
+             "prompts of 64-2,048 tokens, 16-token pages, decode growth; one prefill and one decode "
+             "rank; the real KvPool beside the LIFO free list pdmesh had before). In place: share "
+             "of the KV bytes the transfers' wire plans send and receive in place with the "
+             "defaults.", "",
+             "| allocator | pool pages | role | one run | runs / request | pages in runs of 1 | "
+             "2-7 | 8-15 | 16+ | bytes in place |", "| --- | ---: | --- | ---: | ---: | ---: | "
+             "---: | ---: | ---: | ---: |"]
+    for (kind, pages), by_role in result.items():
+        for role in ("prefill", "decode"):
+            r, h = by_role[role], by_role[role]["pages_in_runs"]
+            lines.append(f"| {kind} | {pages} | {role} | {r['one_run']:.0%} | "
+                         f"{r['runs_per_request']:.2f} | {h['1']:.1%} | "
+                         f"{h['2-3'] + h['4-7']:.1%} | {h['8-15']:.1%} | "
+                         f"{h['16-63'] + h['64+']:.1%} | "
+                         f"{by_role['in_place']:.0%} |")
+    return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Failure detection times: from a fault to the typed status at the client, for each kind of fault.
 
-One `pdmesh.faultkit.FaultMesh` (bootstrap, prefill dp 2, decode dp 2, router; real processes,
+One `testkit.faultkit.FaultMesh` (bootstrap, prefill dp 2, decode dp 2, router; real processes,
 every KV chunk packed 1 s late so a kill lands mid-transfer) takes each fault of
-`pdmesh.faultscenarios` a few times over, recovering in between (the controller restarts a rank,
+`testkit.faultscenarios` a few times over, recovering in between (the controller restarts a rank,
 a new router / bootstrap / prefill process starts on the same address). For each fault the table
 gives the requests it hit, the detection time (fault -> the client's typed status) at p50 and
 max, the statuses seen, and the ratio to the baseline measured in the same mesh: the end-to-end
@@ -17,8 +17,8 @@ import collections
 import statistics
 import time
 
-from pdmesh import faultscenarios as sc
-from pdmesh.faultkit import FaultMesh, request, wait_until
+from testkit import faultscenarios as sc
+from testkit.faultkit import FaultMesh, request, wait_until
 
 BOUND_S = 5.0
 

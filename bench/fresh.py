@@ -2,7 +2,7 @@
 
 What issue 11 measured by hand: on a fresh mesh every UCX link is new, so a control message lost
 while a link opens (or on a link that got a closed one's UCX handle back) shows up here as a
-request that runs to its deadline. Each mesh (`pdmesh.faultkit.FaultMesh`: bootstrap, prefill dp 2,
+request that runs to its deadline. Each mesh (`testkit.faultkit.FaultMesh`: bootstrap, prefill dp 2,
 decode dp 2, router; real processes on loopback) alternates the prefill's policy between
 round_robin (every unpinned room is looked up) and follow_bootstrap_room (fast path), and gets a
 mix of plain, pinned (`routed_dp_rank`) and n=2 requests, `--in-flight` at a time, each with a
@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from pdmesh.faultkit import FaultMesh, Outcome, request
+from testkit.faultkit import FaultMesh, Outcome, request
 
 POLICIES = (["--load-balance-method", "round_robin"], ["--load-balance-method", "follow_bootstrap_room"])
 

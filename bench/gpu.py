@@ -1,4 +1,4 @@
-"""`make bench` part `gpu`: the Triton pack/unpack kernels and CUDA-memory UCX transfers.
+"""`make bench` part `gpu`: Triton pack/unpack kernels, CUDA-memory UCX and same-host transfers.
 
 On a machine with a CUDA device this measures (bench/gpu_kernels.py, bench/gpu_ucx.py) and writes
 the fragment to bench/results/gpu-<device>.md (gpu-h100.md on the H100; committed), which the
@@ -75,6 +75,9 @@ def _ucx_section(quick: bool, raw: dict) -> str:
     engine = []
     for per_chunk in ([0] if quick else [0, 8, 32]):
         _try(engine, errors, f"worker/transfer x{per_chunk}", gpu_engine.run, tokens, iters, per_chunk)
+    # pages as a fresh pool hands them out (one run): what a rank sees; the default chunking
+    _try(engine, errors, "worker/transfer one-run", gpu_engine.run, tokens, iters, 0, "blocking",
+         300, "one-run")
     perf = {}
     for n in sizes:
         try:
@@ -109,10 +112,17 @@ def _ucx_section(quick: bool, raw: dict) -> str:
         row(f"pool to pool in {chunks} layer chunks, pack/send/unpack overlapped; blocking",
             {r["bytes"]: r["gbps"] for r in pipe
              if (r["role"], r["inflight"]) == ("chunk", chunks)}, "blocking")
-    for per_chunk in sorted({r["layers_per_chunk"] for r in engine}):
-        got = [r for r in engine if r["layers_per_chunk"] == per_chunk]
+    for per_chunk, pages in sorted({(r["layers_per_chunk"], r.get("pages", "scattered"))
+                                    for r in engine}):
+        got = [r for r in engine
+               if (r["layers_per_chunk"], r.get("pages", "scattered")) == (per_chunk, pages)]
         row(f"pool to pool through worker/transfer (KvSender/KvReceiver, checksums, trailer), "
-            f"{per_chunk} layers a chunk; blocking", {r["bytes"]: r["gbps"] for r in got}, "blocking")
+            f"{per_chunk} layers a chunk, pages {pages}; blocking",
+            {r["bytes"]: r["gbps"] for r in got}, "blocking")
+    best = max((r["gbps"] for r in engine if r["bytes"] == 1 << 30), default=None)
+    if best and "gbps" in perf.get(1 << 30, {}):
+        lines.append(f"| pool to pool / `ucx_perftest -m cuda` at 1 GiB (aim 0.7) | "
+                     f"{best / perf[1 << 30]['gbps']:.2f} |" + " - |" * (len(sizes) - 1))
     env = " ".join(f"{k}={v}" for k, v in gpu_ucx.UCX_ENV.items() if k != "UCXPY_PROGRESS_MODE")
     note = ("" if not errors else "\n\nFailed: " + "; ".join(errors))
     return ("#### CUDA memory over UCX\n\n" + "\n".join(lines) + "\n\n"
@@ -157,6 +167,12 @@ def measure(quick: bool = False, sweep: bool = False, ucx: bool = True,
         except Exception as exc:  # noqa: BLE001 - the kernel figures still stand
             raw["ucx_error"] = traceback.format_exc()
             parts.append(f"#### CUDA memory over UCX\n\nNot measured: {exc}\n")
+    try:  # issue 13: the same-host path (CUDA IPC, a Triton copy per chunk)
+        from bench import gpu_samehost
+        parts.append(gpu_samehost.run(quick))
+    except Exception as exc:  # noqa: BLE001 - the other figures still stand
+        raw["samehost_error"] = traceback.format_exc()
+        parts.append(f"#### Same host\n\nNot measured: {exc}\n")
     parts.append(AIMS)
     fragment = "\n".join(parts) + "\n"
     if not quick:

@@ -27,11 +27,13 @@ PAGE_SIZE = 16
 
 
 def run(tokens: list[int], iters: int, layers_per_chunk: int = 0, mode: str = "blocking",
-        timeout: float = 300) -> list[dict]:
-    """Both processes; the receiver's figures, one row per request size."""
-    env = dict(_env(), UCXPY_PROGRESS_MODE=mode)
+        timeout: float = 300, pages: str = "scattered", extra_env: dict | None = None
+        ) -> list[dict]:
+    """Both processes; the receiver's figures, one row per request size. `pages`: "scattered"
+    (random ids: every byte packed) or "one-run" (fresh pools: every byte in place)."""
+    env = dict(_env(), UCXPY_PROGRESS_MODE=mode, **(extra_env or {}))
     base = [sys.executable, "-m", "bench.gpu_engine", "--sizes", ",".join(map(str, tokens)),
-            "--iters", str(iters)]
+            "--iters", str(iters), "--pages", pages]
     sender = subprocess.Popen(base + ["sender"], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -68,8 +70,9 @@ def _token(room: int) -> bytes:
     return hashlib.sha256(b"pdmesh-gpu-bench:%d" % room).digest()[:16]
 
 
-def _pool(tokens: int, seed: int):
-    """A CUDA pool twice the request, random bits, and the request's pages (scattered)."""
+def _pool(tokens: int, seed: int, pages: str = "scattered"):
+    """A CUDA pool twice the request, random bits, and the request's pages (scattered at
+    random, or one run: what a fresh pool hands out)."""
     import torch
     from bench.gpu_kernels import DEVICE, MODEL
     from pdmesh.worker.kv.layout import KvLayout
@@ -79,6 +82,8 @@ def _pool(tokens: int, seed: int):
     pool = KvPool(layout, 2 * n, device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     pool.kv.view(torch.int16).random_(-(1 << 15), 1 << 15, generator=gen)
+    if pages == "one-run":
+        return pool, pool.alloc(n)
     every = pool.alloc(2 * n)
     order = torch.randperm(2 * n, generator=torch.Generator().manual_seed(seed)).tolist()
     ids = [every[j] for j in order[:n]]
@@ -86,12 +91,16 @@ def _pool(tokens: int, seed: int):
     return pool, ids
 
 
-async def _sender(sizes: list[int], iters: int) -> None:
+async def _sender(sizes: list[int], iters: int, pages: str) -> None:
     from pdmesh.worker.transfer import KvSender, TransferConfig
-    sender = KvSender("ucx", epoch=1, config=TransferConfig(room_wait_s=60))
+    from pdmesh.worker.transfer.config import apply_ucx_defaults
+    apply_ucx_defaults(device="cuda")  # as a rank with CUDA pools does (worker/kv_link.py)
+    # over UCX (same-host mapping off): the cross-host path, measured on one host
+    sender = KvSender("ucx", epoch=1,
+                      config=TransferConfig(room_wait_s=60, path="ucx").for_device("cuda"))
     print("READY", await sender.start(), flush=True)
     for si, tokens in enumerate(sizes):
-        pool, ids = _pool(tokens, seed=1)
+        pool, ids = _pool(tokens, seed=1, pages=pages)
         for i in range(WARMUP + iters):
             room = si * 1000 + i + 1  # rooms are 1 .. 2^63-1
             await sender.offer(room, pool, ids, room, token=_token(room), timeout=120)
@@ -100,14 +109,17 @@ async def _sender(sizes: list[int], iters: int) -> None:
     await sender.close()
 
 
-async def _receiver(address: str, sizes: list[int], iters: int, layers_per_chunk: int) -> None:
+async def _receiver(address: str, sizes: list[int], iters: int, layers_per_chunk: int,
+                    pages: str) -> None:
     import torch
     from pdmesh.worker.transfer import KvReceiver, TransferConfig
+    from pdmesh.worker.transfer.config import apply_ucx_defaults
     from pdmesh.worker.transfer.wire import ChunkPlan
-    receiver = KvReceiver("ucx", config=TransferConfig())
+    apply_ucx_defaults(device="cuda")
+    receiver = KvReceiver("ucx", config=TransferConfig(path="ucx").for_device("cuda"))
     rows = []
     for si, tokens in enumerate(sizes):
-        pool, ids = _pool(tokens, seed=2)
+        pool, ids = _pool(tokens, seed=2, pages=pages)
         times = []
         for i in range(WARMUP + iters):
             room = si * 1000 + i + 1  # rooms are 1 .. 2^63-1
@@ -118,14 +130,14 @@ async def _receiver(address: str, sizes: list[int], iters: int, layers_per_chunk
             if i >= WARMUP:
                 times.append(time.perf_counter() - start)
             assert first == room, (first, room)
-        src, src_ids = _pool(tokens, seed=1)
+        src, src_ids = _pool(tokens, seed=1, pages=pages)
         ok = torch.equal(pool.kv[:, :, ids].view(torch.int16),
                          src.kv[:, :, src_ids].view(torch.int16))
         nbytes = pool.layout.request_bytes(len(ids))
         per_chunk = layers_per_chunk or ChunkPlan.layers_for(pool.layout, len(ids),
                                                              receiver.config.chunk_bytes)
         median = statistics.median(times)
-        rows.append({"role": "engine", "tokens": tokens, "bytes": nbytes, "ok": ok,
+        rows.append({"role": "engine", "pages": pages, "tokens": tokens, "bytes": nbytes, "ok": ok,
                      "layers_per_chunk": per_chunk, "s_per_iter": median,
                      "s_mean": statistics.fmean(times), "gbps": nbytes / median / 1e9})
         del pool, src
@@ -141,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--address", help="the sender's address (receiver)")
     parser.add_argument("--layers-per-chunk", type=int, default=0, help="0: the receiver's default")
+    parser.add_argument("--pages", choices=["scattered", "one-run"], default="scattered")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     if args.role == "sender":
-        asyncio.run(_sender(sizes, args.iters))
+        asyncio.run(_sender(sizes, args.iters, args.pages))
     else:
-        asyncio.run(_receiver(args.address, sizes, args.iters, args.layers_per_chunk))
+        asyncio.run(_receiver(args.address, sizes, args.iters, args.layers_per_chunk, args.pages))
     return 0
 
 

@@ -226,6 +226,8 @@ class _Side:
 
 
 WARMUP = 3
+#: Peer-error handling on ucxx endpoints (pdmesh needs it; ucx_perftest runs without it).
+_ERRH = os.environ.get("PDMESH_BENCH_UCX_ERRH", "1") == "1"
 
 
 async def _send_side(role: str, port: int, sizes: list[int], iters: int, parts: int) -> None:
@@ -233,7 +235,7 @@ async def _send_side(role: str, port: int, sizes: list[int], iters: int, parts: 
     import ucxx
     from bench.gpu_kernels import sync
 
-    ep = await ucxx.create_endpoint("127.0.0.1", port)
+    ep = await ucxx.create_endpoint("127.0.0.1", port, endpoint_error_handling=_ERRH)
     rows = []
     for size in sizes:
         side = _Side(role, size, sender=True, parts=parts)
@@ -271,7 +273,7 @@ async def _recv_side(role: str, port: int, sizes: list[int], iters: int, parts: 
             del side
         done.set()
 
-    listener = ucxx.create_listener(handler, port)
+    listener = ucxx.create_listener(handler, port, endpoint_error_handling=_ERRH)
     print("READY", flush=True)
     await done.wait()
     await asyncio.sleep(0.1)

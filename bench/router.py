@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench.pd_client import PdClient, arun, percentile
-from pdmesh.proc import Proc, start_all, stop_all
+from testkit.proc import Proc, start_all, stop_all
 from pdmesh.router.client import RouterClient
 
 ROOT = Path(__file__).resolve().parent.parent

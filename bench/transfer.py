@@ -2,9 +2,11 @@
 
 For each transport (tcp; shared memory), in one script and one environment:
 - pdmesh: a sender and a receiver rank (`python -m pdmesh.worker.transfer.loopback`); one
-  request's pages at scattered ids of a 32-layer pool (8 KV heads, head dim 128, bf16) with
-  16-token and with 1-token pages, fetched one request at a time: request, status, chunks packed
-  and unpacked on both sides, trailer checked. Goodput = request bytes / fetch time (median).
+  request's pages of a 32-layer pool (8 KV heads, head dim 128, bf16) with 16-token and with
+  1-token pages, fetched one request at a time: request, status, the wire plan's messages,
+  trailer checked; pages as a fresh pool hands them out (one run: in place) and at scattered ids
+  (packed). Goodput = request bytes / fetch time (median).
+- the fragmentation a burst leaves in rank pools (bench/_fragmentation.py).
 - bare ucxx: one contiguous buffer of the same size, reused, sent back to back
   (`bench/_transfer_bare.py`, the same process settings) with ucxx's async API: what the wire
   gives Python; and the same through pdmesh's own UCX link (its progress engine, no pack,
@@ -32,16 +34,21 @@ from pdmesh.worker.transfer.config import UCX_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-TRANSPORTS = {"tcp": {"UCX_TLS": "tcp"}, "shared memory": {"UCX_TLS": "sm,self,tcp"}}
-LAYOUTS = {16: "32,16,8,128,bf16", 1: "32,1,8,128,bf16"}
-PAGE_BYTES = {16: 2 * MiB, 1: 128 * 1024}  # one page over 32 layers, K and V
+TRANSPORTS = {"tcp": {"UCX_TLS": "tcp", "PDMESH_KV_TRANSFER_PATH": "ucx"},
+              "shared memory": {"UCX_TLS": "sm,self,tcp", "PDMESH_KV_TRANSFER_PATH": "ucx"}}
+# the same-host path (bench/_transfer_samehost.py): control over UCX, KV written into the pool
+SAME_HOST = {"same host": {"UCX_TLS": "sm,self,tcp", "PDMESH_KV_TRANSFER_PATH": "auto"}}
+LAYOUTS = {16: "32,16,8,128,bf16", 1: "32,1,8,128,bf16", 64: "32,64,8,128,bf16"}
+UCX_PAGE_TOKENS = (16, 1)
+PAGE_BYTES = {16: 2 * MiB, 1: 128 * 1024, 64: 8 * MiB}  # one page over 32 layers, K and V
 # Peers measured on this machine (issue 3), one request's pages pool to pool, GB/s.
-NIXL = {("tcp", 16): 3.5, ("shared memory", 16): 6.5, ("tcp", 1): 0.37, ("shared memory", 1): 1.1}
+NIXL = {("tcp", 16): 2.62, ("shared memory", 16): 6.5, ("tcp", 1): 0.37, ("shared memory", 1): 1.1}
 
 
 def _env(transport: str, extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    for key, value in {**UCX_DEFAULTS, **TRANSPORTS[transport], **(extra or {})}.items():
+    chosen = {**TRANSPORTS, **SAME_HOST}[transport]
+    for key, value in {**UCX_DEFAULTS, **chosen, **(extra or {})}.items():
         env.setdefault(key, value) if key in os.environ else env.__setitem__(key, value)
     env.setdefault("PDMESH_TORCH_THREADS", "1")
     return env
@@ -91,8 +98,8 @@ def _pages(page_tokens: int, size: int) -> int:
 
 
 def pdmesh_goodput(env: dict, sizes: list[int], iters: dict[int, int], flags: list[str] = (),
-                   layers_per_chunk: int | None = None, page_tokens: tuple = (16, 1)
-                   ) -> dict[tuple[int, int], float]:
+                   layers_per_chunk: int | None = None, page_tokens: tuple = (16, 1),
+                   scattered: bool = False) -> dict[tuple[int, int], float]:
     """{(page_tokens, size): GB/s} from one loopback sender/receiver pair."""
     pool_pages = {t: int(_pages(t, max(sizes)) * 1.25) + 8 for t in LAYOUTS}
     base = [sys.executable, "-m", "pdmesh.worker.transfer.loopback"]
@@ -106,7 +113,8 @@ def pdmesh_goodput(env: dict, sizes: list[int], iters: dict[int, int], flags: li
             layout = LAYOUTS[tokens]
             for size in sizes:
                 pages, seconds = _pages(tokens, size), []
-                common = {"layout": layout, "pool_pages": pool_pages[tokens], "pages": pages}
+                common = {"layout": layout, "pool_pages": pool_pages[tokens], "pages": pages,
+                          "scattered": scattered}
                 for i in range(iters[size] + 1):
                     sender.send(op="offer", room=room, timeout=120, **common)
                     sender.get("event", "offered")
@@ -183,23 +191,31 @@ def _median(samples: list[dict], key) -> float:
 def run(args) -> str:
     from bench import _transfer_report as report
 
-    sizes = [16 * MiB] if args.quick else [1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
+    sizes = [16 * MiB, 64 * MiB] if args.quick else [1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
     iters = {s: (3 if args.quick else max(4, min(20, (320 * MiB) // s))) for s in sizes}
     rounds = 1 if args.quick else 3  # rounds alternate pdmesh and its baselines: noise hits all
     rows = []
     for transport in TRANSPORTS:
-        env, ours, bare, link = _env(transport), [], [], []
+        env, ours, scattered, bare, link = _env(transport), [], [], [], []
         for i in range(rounds):
             print(f"   {transport}: round {i + 1}/{rounds}", file=sys.stderr, flush=True)
             ours.append(pdmesh_goodput(env, sizes, iters))
+            scattered.append(pdmesh_goodput(env, sizes, iters, scattered=True))
             bare.append(bare_goodput(env, sizes, max(iters.values())))
             link.append(bare_goodput(env, sizes, max(iters.values()), mode="engine"))
         perf = {s: perftest_goodput(env, s, iters[s] * 2) for s in sizes}
-        for tokens in LAYOUTS:
+        for tokens in UCX_PAGE_TOKENS:
             for size in sizes:
                 rows.append(report.Row(
                     transport, tokens, _pages(tokens, size) * PAGE_BYTES[tokens],
-                    _median(ours, (tokens, size)), _median(bare, size), _median(link, size),
+                    _median(ours, (tokens, size)), _median(scattered, (tokens, size)),
+                    _median(bare, size), _median(link, size),
                     perf[size], NIXL.get((transport, tokens)) if size == 64 * MiB else None))
     explore = None if args.quick else report.explore(sys.modules[__name__])
-    return report.markdown(rows, explore, plot=not args.quick)
+    from bench import _fragmentation, _transfer_samehost
+
+    print("   same host", file=sys.stderr, flush=True)
+    same_host = _transfer_samehost.run(args.quick)
+    return (report.markdown(rows, explore, plot=not args.quick)
+            + report.fragmentation(_fragmentation.run(args.quick))
+            + "\n\n#### Same host\n\n" + same_host)

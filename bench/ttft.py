@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.pd_client import PdClient, arun, percentile
 from pdmesh.common.v1 import common_pb2
-from pdmesh.proc import Proc, start_all, stop_all
+from testkit.proc import Proc, start_all, stop_all
 from pdmesh.worker.engine.factory import EngineSpec, build_engine
 from pdmesh.worker.engine.reference import time_colocated_prefill
 from pdmesh.worker.engine.runtime import configure_torch_threads

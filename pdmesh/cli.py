@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "prefill": ("pdmesh.worker.prefill_cli", "run a prefill instance (DP controller and its ranks)"),
     "decode": ("pdmesh.worker.decode_cli", "run a decode instance (DP controller and its ranks)"),
     "router": ("pdmesh.router.cli", "run the router in front of prefill and decode instances"),
-    "up": ("pdmesh.router.up", "start a whole mesh on loopback, send a demo prompt, keep serving"),
+    "up": ("pdmesh.router.up", "start a whole mesh on loopback, ask the model a demo question, keep serving"),
 }
 
 

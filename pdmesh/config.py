@@ -15,7 +15,6 @@ LOAD_BALANCE_METHODS = {
     "shortest_queue": common_pb2.LOAD_BALANCE_METHOD_SHORTEST_QUEUE,
     "follow_bootstrap_room": common_pb2.LOAD_BALANCE_METHOD_FOLLOW_BOOTSTRAP_ROOM,
 }
-METHOD_NAMES = {value: name for name, value in LOAD_BALANCE_METHODS.items()}
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -23,19 +22,16 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"PDMESH_{name}", default)
 
 
+def env_bool(name: str) -> bool | None:
+    """A boolean `PDMESH_<name>`: 1/true/yes/on are true, anything else false; None when unset."""
+    value = (env(name) or "").strip().lower()
+    return None if not value else value in {"1", "true", "yes", "on"}
+
+
 def env_flag(name: str) -> bool:
-    """A boolean `PDMESH_<name>`: 1/true/yes/on are true, everything else false."""
-    return (env(name, "") or "").strip().lower() in {"1", "true", "yes", "on"}
+    """A boolean `PDMESH_<name>`, false when unset (see `env_bool`)."""
+    return bool(env_bool(name))
 
-
-def parse_load_balance_method(text: str) -> int:
-    """`round_robin` | `shortest_queue` | `follow_bootstrap_room` -> the proto enum value."""
-    try:
-        return LOAD_BALANCE_METHODS[text.strip().lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown load-balance method {text!r}; choose one of {', '.join(LOAD_BALANCE_METHODS)}"
-        ) from None
 
 #: The deadline of a call whose caller set none (grpcurl, say): every call has one.
 DEFAULT_DEADLINE_S = 300.0

@@ -47,8 +47,8 @@ class PdmeshError(Exception):
         metadata = {k: _clip(v, MAX_METADATA_VALUE) for k, v in self.metadata.items()}
         return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=metadata)
 
-    def to_status(self) -> grpc.Status:
-        """The rich status (code, message, packed ErrorInfo) to send with `abort_with_status`.
+    def to_status_proto(self) -> status_pb2.Status:
+        """The rich status as a `google.rpc.Status` message (code, message, packed ErrorInfo).
 
         The message and metadata values are clipped (`MAX_MESSAGE`, `MAX_METADATA_VALUE`): a
         status travels in trailers, and one that echoes a huge bad input would exceed the
@@ -61,9 +61,21 @@ class PdmeshError(Exception):
             retry.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
             details.append(any_pb2.Any())
             details[-1].Pack(retry)
-        proto = status_pb2.Status(code=self.code.value[0], message=_clip(self.message, MAX_MESSAGE),
-                                  details=details)
-        return rpc_status.to_status(proto)
+        return status_pb2.Status(code=self.code.value[0], message=_clip(self.message, MAX_MESSAGE),
+                                 details=details)
+
+    def to_status(self) -> grpc.Status:
+        """The rich status to send with `abort_with_status`."""
+        return rpc_status.to_status(self.to_status_proto())
+
+    @staticmethod
+    def from_status_proto(status: status_pb2.Status) -> "PdmeshError":
+        """The typed error a `google.rpc.Status` message carries (inside a message body)."""
+        code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+        reason, metadata, retry_after_s = _details(status)
+        cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, PdmeshError)
+        return cls(status.message, reason=reason or _reason_for_code(code), metadata=metadata,
+                   retry_after_s=retry_after_s)
 
     @staticmethod
     def from_rpc_error(err: grpc.RpcError) -> "PdmeshError":
@@ -76,12 +88,7 @@ class PdmeshError(Exception):
         except Exception:  # a malformed status from a foreign peer: keep code and message
             status = None
         if status is not None:
-            for detail in status.details:
-                info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
-                if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
-                    reason, metadata = info.reason, dict(info.metadata)
-                elif detail.Is(retry.DESCRIPTOR) and detail.Unpack(retry):
-                    retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+            reason, metadata, retry_after_s = _details(status)
         cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, PdmeshError)
         return cls(message, reason=reason or _reason_for_code(code), metadata=metadata,
                    retry_after_s=retry_after_s)
@@ -101,6 +108,21 @@ class PdmeshError(Exception):
 
 def _reason_for_code(code: grpc.StatusCode) -> str:
     return code.name
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _details(status: status_pb2.Status) -> tuple[str | None, dict[str, str], float | None]:
+    """The ErrorInfo reason and metadata, and the RetryInfo delay, packed in `status`."""
+    reason, metadata, retry_after_s = None, {}, None
+    for detail in status.details:
+        info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(retry.DESCRIPTOR) and detail.Unpack(retry):
+            retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+    return reason, metadata, retry_after_s
 
 
 class InvalidArgument(PdmeshError):

@@ -3,8 +3,9 @@
 Every metric pdmesh exports is defined here (names start `pdmesh_`; the README lists them), so
 one file says what exists and what each label means. Code that counts imports the object and
 calls it; gauges of live state (pool pages, queues, registry sizes) are not updated by the code
-that changes the state: the owner registers a *source* (`track_*`), a function read at scrape
-time, so a gauge can never drift from the state it describes.
+that changes the state: the owner registers itself as a *source* (`track(owner,
+Owner.gauge_samples)`, its own method, read at scrape time), so a gauge can never drift from the
+state it describes and this module knows nothing of the services' insides.
 
 Serving (`pdmesh.metrics_http`, re-exported here): `serve(host, port)` starts prometheus-client's HTTP server in a daemon thread (port 0
 picks a free one; a port already taken fails at start). Each process kind exposes one endpoint
@@ -258,77 +259,20 @@ def transfer_done(side: str, nbytes: int, seconds: float, ok: bool) -> None:
         TRANSFER_SECONDS.labels(side).observe(seconds)
 
 
-# --- sources of the services (duck-typed: no imports of the services here) -----------------------
+# --- what a service registers ------------------------------------------------------------------
+# Each service owns its live gauges: it enables its group and tracks itself with a method that
+# yields (name, labels, value) samples of the catalogue above (`metrics.track(owner, Cls.gauge_samples)`).
 
-def _rank_samples(state) -> Iterator[GaugeSample]:
-    role = state.config.instance.role
-    pool = state.pages.pool
-    yield "pdmesh_kv_pages_free", (role,), pool.num_free
-    yield "pdmesh_kv_pages_total", (role,), pool.num_pages
-    yield "pdmesh_rank_active_requests", (role,), len(state.rooms)
-
-
-def _decode_loop_samples(loop) -> Iterator[GaugeSample]:
-    yield "pdmesh_decode_running", (), len(loop.running)
-
-
-def _controller_samples(controller) -> Iterator[GaugeSample]:
-    role = controller.config.role
-    for rank in controller.ranks:
-        r = str(rank.dp_rank)
-        yield "pdmesh_controller_in_flight", (role, r), controller.active[rank.dp_rank]
-        yield "pdmesh_rank_up", (role, r), 1 if rank.alive else 0
-        yield "pdmesh_rank_restarts", (role, r), rank.restarts
-
-
-def _router_samples(table) -> Iterator[GaugeSample]:
-    for entry in table.list():
-        labels = ("prefill" if entry.role == _prefill_role() else "decode", entry.address)
-        yield "pdmesh_router_in_flight", labels, entry.admission.in_flight
-        yield "pdmesh_router_queued", labels, entry.admission.queued
-        yield "pdmesh_router_instance_healthy", labels, 1 if entry.healthy else 0
-
-
-def _prefill_role() -> int:
-    from pdmesh.router.instances import PREFILL
-    return PREFILL
-
-
-def _bootstrap_samples(service) -> Iterator[GaugeSample]:
-    stats = service.registry.stats()
-    yield "pdmesh_bootstrap_rooms", (), stats["rooms"]
-    yield "pdmesh_bootstrap_waiters", (), stats["waiters"]
-    yield "pdmesh_bootstrap_instances", (), stats["instances"]
-    yield "pdmesh_bootstrap_open_streams", (), service.servicer.open_streams
-
-
-def track_rank(state, decode_loop=None) -> None:
-    """Pool pages and active rooms of a rank (`RankState`), and its decode batch if any."""
+def prepare_rank(role: str) -> None:
+    """A rank's counters read 0 before their first event, never absent (every rank path, both
+    transfer results)."""
     enable("rank")
-    role = state.config.instance.role
-    for path in RANK_PATHS:  # every path reads 0 before its first request, never absent
+    for path in RANK_PATHS:
         RANK_REQUESTS.labels(role, path)
     side = "send" if role == "prefill" else "receive"
     TRANSFER_BYTES.labels(side)
     for result in ("ok", "error"):
         TRANSFERS.labels(side, result)
-    track(state, _rank_samples)
-    if decode_loop is not None:
-        track(decode_loop, _decode_loop_samples)
-
-
-def track_controller(controller) -> Callable[[], None]:
-    return track(controller, _controller_samples)
-
-
-def track_router(table) -> Callable[[], None]:
-    enable("router")
-    return track(table, _router_samples)
-
-
-def track_bootstrap(service) -> Callable[[], None]:
-    enable("bootstrap")
-    return track(service, _bootstrap_samples)
 
 
 # The /metrics endpoint, its flags and the controller's rank fan-in live in pdmesh.metrics_http;

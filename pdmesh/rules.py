@@ -75,12 +75,28 @@ def validate_dp_size(dp_size: object) -> int:
 
 
 def validate_dp_rank(dp_rank: object, dp_size: int, *, field: str = "dp_rank") -> int:
-    """Return `dp_rank` if it is an int in 0 .. dp_size-1, else INVALID_ARGUMENT (reason INVALID_DP_RANK)."""
+    """Return `dp_rank` if it is an int in 0 .. dp_size-1, else INVALID_ARGUMENT DP_RANK_OUT_OF_RANGE."""
     if type(dp_rank) is not int or not 0 <= dp_rank < dp_size:
         raise InvalidArgument(
             f"{field} must be an integer in 0..{dp_size - 1} (dp_size {dp_size}), got {dp_rank!r}",
-            reason="INVALID_DP_RANK", metadata={field: dp_rank, "dp_size": dp_size})
+            reason="DP_RANK_OUT_OF_RANGE", metadata={field: dp_rank, "dp_size": dp_size})
     return dp_rank
+
+
+def optional_dp_rank(message, field: str) -> int | None:
+    """The value of the `optional uint32` DP-rank `field` of a proto message, None when unset
+    (rank 0 is a valid rank, so unset and 0 differ)."""
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def required_dp_rank(message, field: str = "dp_rank") -> int:
+    """The DP-rank `field` of a proto message, INVALID_ARGUMENT DP_RANK_MISSING when unset."""
+    rank = optional_dp_rank(message, field)
+    if rank is None:
+        raise InvalidArgument(f"{field} is required (rank 0 is valid and must be set explicitly)",
+                              reason="DP_RANK_MISSING",
+                              metadata={"bootstrap_room": getattr(message, "bootstrap_room", 0)})
+    return rank
 
 
 def prefill_rule(dp_rank: int, dp_size: int, room: int, method: int, force_query: bool,

@@ -22,7 +22,6 @@ checked (`grpc.ssl_target_name_override`) when the dialled address is not in the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -86,9 +85,6 @@ class TlsConfig:
 
     def channel_options(self) -> tuple[tuple[str, Any], ...]:
         return (("grpc.ssl_target_name_override", self.server_name),) if self.server_name else ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "TlsConfig | None":

@@ -123,6 +123,14 @@ class InstanceTable:
             entry.poller.cancel()
         await entry.channel.close(grace=5.0)
 
+    def gauge_samples(self):
+        """Live gauges for /metrics: admission in flight / queued and health per instance."""
+        for entry in self.list():
+            labels = ("prefill" if entry.role == PREFILL else "decode", entry.address)
+            yield "pdmesh_router_in_flight", labels, entry.admission.in_flight
+            yield "pdmesh_router_queued", labels, entry.admission.queued
+            yield "pdmesh_router_instance_healthy", labels, 1 if entry.healthy else 0
+
     def list(self) -> list[InstanceEntry]:
         return list(self._entries.values())
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 
-MAX_ROOM = (1 << 63) - 1
+from pdmesh.rules import MAX_ROOM
 
 
 def draw_room(dp_size: int = 1, align_to_rank: int | None = None) -> int:

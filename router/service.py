@@ -3,7 +3,11 @@
 For each sample the router draws a fresh room and a transfer token, and calls the prefill and the
 decode at the same time. When it pins a prefill rank r (the client's `routed_dp_rank`, or its own
 least-loaded choice with `pin_ranks`), it sends r to the prefill as `routed_dp_rank` and to both
-sides as `disagg_prefill_dp_rank`, so the decode needs no lookup and no conflict can arise.
+sides as `disagg_prefill_dp_rank`, so the decode needs no lookup and no conflict can arise
+(unless the client asks for `omit_rank_hint`: then the prefill alone hears of the pin). When
+sampling, each sample after the first gets a seed derived from the request's (`sample_sampling`).
+One message of each sample (the first after the prefill answered, at the latest the last) carries
+the prompt's token count, from the prefill's answer.
 A failure on one side cancels and aborts the other side; the first cause (the prefill's status
 when the prefill failed) reaches the client unchanged, code and ErrorInfo. A sample that a worker
 refuses because it drains (INSTANCE_DRAINING: nothing of it ran) is sent to another instance with
@@ -22,7 +26,9 @@ import grpc
 
 from pdmesh import logs, metrics
 from pdmesh.errors import DeadlineExceeded, InvalidArgument, PdmeshError
+from pdmesh.rules import optional_dp_rank, validate_dp_rank
 from pdmesh.grpcutil import translate_errors
+from pdmesh.common.v1 import common_pb2
 from pdmesh.router.instances import DECODE, PREFILL, InstanceEntry, InstanceTable
 from pdmesh.router.rooms import draw_room, draw_token
 from pdmesh.router.v1 import router_pb2, router_pb2_grpc
@@ -35,6 +41,7 @@ MAX_SAMPLES = 16
 #: Tries of one sample: a worker that refuses it because it drains is routed around (fresh room).
 MAX_ATTEMPTS = 3
 _DONE = object()
+SEED_STRIDE = 0x9E3779B97F4A7C15  # odd: sample seeds of one request never collide
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,31 @@ class RouterConfig:
     metrics_port: int | None = None
     #: Address of the /metrics endpoint; None: `host`.
     metrics_host: str | None = None
+    #: Serve the OpenAI-compatible HTTP API on this port (0 = a free one); None: no HTTP API.
+    http_port: int | None = None
+    #: Address of the HTTP API; None: `host`.
+    http_host: str | None = None
+    #: The model name the HTTP API serves (`GET /v1/models`; requests must name it).
+    served_model_name: str = "pdmesh"
+    #: A model folder or a Jinja file with the chat template; None: the plain fallback.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("queue_timeout_s", "default_deadline_s", "first_token_timeout_s", "token_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}",
                                       reason="INVALID_ROUTER_CONFIG")
+
+
+def sample_sampling(sampling: common_pb2.SamplingParams, index: int) -> common_pb2.SamplingParams:
+    """Sample `index`'s parameters: when sampling (temperature > 0), samples after the first get
+    their own seed derived from the request's, so n > 1 gives n draws, reproducible by seed."""
+    if index == 0 or sampling.temperature <= 0:
+        return sampling
+    own = common_pb2.SamplingParams()
+    own.CopyFrom(sampling)
+    own.seed = (sampling.seed + index * SEED_STRIDE) & ((1 << 64) - 1)
+    return own
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -81,6 +107,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     @translate_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context):
+        async for reply in self.generate(request, context.time_remaining()):
+            yield reply
+
+    async def generate(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None):
+        """Generate's logic without gRPC (the HTTP API calls it in-process): yields every
+        `GenerateResponse`, raises the typed `PdmeshError`. Closing the generator early (a client
+        gone) cancels every sample and aborts both sides of each, as a cancelled call does."""
         started = time.perf_counter()
         n = request.n or 1
         if n > MAX_SAMPLES:
@@ -90,7 +123,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                   reason="EMPTY_PROMPT")
         prefill, decode = self.table.choose(PREFILL), self.table.choose(DECODE)
         pinned = self._pinned_rank(request, prefill)
-        deadline = context.time_remaining() or self.config.default_deadline_s
+        deadline = timeout_s or self.config.default_deadline_s
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._sample(i, request, prefill, decode, pinned, deadline,
                                                   started, queue)) for i in range(n)]
@@ -110,13 +143,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _pinned_rank(self, request, prefill: InstanceEntry) -> int | None:
-        if request.HasField("routed_dp_rank"):
-            if request.routed_dp_rank >= prefill.dp_size:
-                raise InvalidArgument(
-                    f"routed_dp_rank {request.routed_dp_rank} is out of range: prefill "
-                    f"{prefill.instance_id} has dp_size {prefill.dp_size}", reason="DP_RANK_OUT_OF_RANGE",
-                    metadata={"routed_dp_rank": request.routed_dp_rank, "dp_size": prefill.dp_size})
-            return request.routed_dp_rank
+        routed = optional_dp_rank(request, "routed_dp_rank")
+        if routed is not None:
+            return validate_dp_rank(routed, prefill.dp_size, field="routed_dp_rank")
         if self.config.pin_ranks and prefill.dp_size > 1:
             return prefill.least_loaded_rank()
         return None
@@ -162,17 +191,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         token, request_id = draw_token(), uuid.uuid4().hex
         logs.bind(room=room, prefill_instance=prefill.instance_id, decode_instance=decode.instance_id,
                   prefill_rank=pinned, sample=index)
+        sampling = sample_sampling(request.sampling, index)
         prefill_request = worker_pb2.PrefillRequest(
-            bootstrap_room=room, prompt=request.prompt, sampling=request.sampling,
+            bootstrap_room=room, prompt=request.prompt, sampling=sampling,
             transfer_token=token, request_id=request_id)
         decode_request = worker_pb2.DecodeRequest(
-            bootstrap_room=room, prompt=request.prompt, sampling=request.sampling,
+            bootstrap_room=room, prompt=request.prompt, sampling=sampling,
             prefill_instance_id=prefill.instance_id, prefill_bootstrap_address=prefill.bootstrap_address,
             transfer_token=token, request_id=request_id)
         if pinned is not None:
             prefill_request.routed_dp_rank = pinned
-            prefill_request.disagg_prefill_dp_rank = pinned
-            decode_request.disagg_prefill_dp_rank = pinned
+            if not request.omit_rank_hint:
+                prefill_request.disagg_prefill_dp_rank = pinned
+                decode_request.disagg_prefill_dp_rank = pinned
         async with prefill.admission.slot(), decode.admission.slot():
             prefill.outstanding += 1
             decode.outstanding += 1
@@ -192,7 +223,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         prefill_task = asyncio.ensure_future(prefill_call)
         prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or decode_call.cancel())
         watchdog = _Watchdog(room, self.config, (prefill_call, decode_call))
-        completed = False
+        completed = counted = False
         try:
             first, ttft_s = True, 0.0
             async for message in decode_call:
@@ -210,6 +241,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     logs.bind(path=metrics.path_name(message.routing.rank_path),
                               prefill_rank=message.routing.prefill_dp_rank,
                               decode_rank=message.routing.decode_dp_rank)
+                if not counted and (prefill_task.done() or message.finish_reason):
+                    # once the prefill answered (the latest: the last message, when the decode
+                    # has long had the KV and the prefill's answer is due at once)
+                    reply.prompt_tokens, counted = (await prefill_task).prompt_tokens, True
                 await queue.put(reply)
             await prefill_task
             completed = True

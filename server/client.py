@@ -3,12 +3,14 @@
 Every failed call raises the typed `pdmesh.errors` class of its status (NotFound with reason
 ROOM_NOT_FOUND, InvalidArgument with INVALID_BOOTSTRAP_ROOM, ...), never a bare `grpc.RpcError`.
 Unary calls carry a deadline (`timeout`, default `default_timeout_s`). Waiting for rooms goes over
-the process-wide lookup stream (`pdmesh.server.watcher.RoomWatcher`): use `shared_client(address)`
-so that every request of a process shares one channel and one stream per bootstrap address.
+the process-wide lookup stream (`pdmesh.server.watcher.RoomWatcher`), registering them in a
+serving process over the registration stream (`pdmesh.server.registrar.RoomRegistrar`): use
+`shared_client(address)` so that every request of a process shares one channel and one stream of
+each kind per bootstrap address.
 
     client = shared_client("127.0.0.1:8998")
     await client.register_instance(info)                         # a prefill, at start
-    await client.register_room("prefill-0", room, dp_rank=1, request_id="req-7")
+    await client.register_room_streamed("prefill-0", room, dp_rank=1, request_id="req-7")  # a prefill
     rank = await client.wait_for_room(room, timeout=5.0)         # a decode
 """
 
@@ -22,6 +24,7 @@ from pdmesh import grpcutil
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.errors import NotFound, PdmeshError
 from pdmesh.rules import validate_room
+from pdmesh.server.registrar import RoomRegistrar
 from pdmesh.server.watcher import RoomWatcher
 from pdmesh.tls import TlsConfig
 
@@ -35,7 +38,7 @@ RECONNECT_OPTIONS = (
 
 
 class BootstrapClient:
-    """Client of one bootstrap service address: one channel, one lookup stream."""
+    """Client of one bootstrap service address: one channel, one lookup and one registration stream."""
 
     def __init__(self, address: str, *, default_timeout_s: float = 5.0,
                  connect_timeout_s: float = 1.0, tls: TlsConfig | None = None) -> None:
@@ -44,6 +47,7 @@ class BootstrapClient:
         self._channel = grpcutil.open_channel(address, options=RECONNECT_OPTIONS, tls=tls)
         self._stub = bootstrap_pb2_grpc.BootstrapServiceStub(self._channel)
         self._watcher = RoomWatcher(self._stub, address, connect_timeout_s=connect_timeout_s)
+        self._registrar = RoomRegistrar(self._stub, address, connect_timeout_s=connect_timeout_s)
 
     @property
     def channel(self):
@@ -58,6 +62,7 @@ class BootstrapClient:
 
     async def close(self) -> None:
         await self._watcher.close()
+        await self._registrar.close()
         await self._channel.close()
 
     def _t(self, timeout: float | None) -> float:
@@ -131,6 +136,17 @@ class BootstrapClient:
                                                     dp_rank=dp_rank, request_id=request_id, epoch=epoch)
         response = await grpcutil.call(self._stub.RegisterRoom(request, timeout=self._t(timeout)))
         return response.created
+
+    async def register_room_streamed(self, instance_id: str, room: int, dp_rank: int,
+                                     request_id: str = "", *, epoch: int = 0,
+                                     timeout: float | None = None) -> bool:
+        """`register_room` over the shared registration stream (what a serving prefill uses):
+        registrations made together go out in one message. The same typed errors; Unavailable
+        promptly if the service cannot be reached; survives a restart of the service."""
+        registration = bootstrap_pb2.RoomRegistration(instance_id=instance_id, bootstrap_room=room,
+                                                      dp_rank=dp_rank, request_id=request_id,
+                                                      epoch=epoch)
+        return await self._registrar.register(registration, self._t(timeout))
 
     async def lookup_room(self, room: int, wait: bool = False, timeout: float | None = None
                           ) -> bootstrap_pb2.LookupRoomResponse:

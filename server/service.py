@@ -24,8 +24,10 @@ import grpc
 
 from pdmesh import grpcutil, logs, metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-from pdmesh.errors import DeadlineExceeded, InvalidArgument, NotFound
+from pdmesh.errors import DeadlineExceeded, NotFound
+from pdmesh.rules import required_dp_rank
 from pdmesh.server.config import BootstrapConfig
+from pdmesh.server.register_stream import RegistrationSession
 from pdmesh.server.registry import Registry
 from pdmesh.server.watch import WatchSession
 
@@ -68,10 +70,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
 
     @grpcutil.translate_errors
     async def RegisterRoom(self, request, context):
-        if not request.HasField("dp_rank"):
-            raise InvalidArgument("dp_rank is required (rank 0 is valid and must be set explicitly)",
-                                  reason="INVALID_DP_RANK",
-                                  metadata={"bootstrap_room": request.bootstrap_room})
+        required_dp_rank(request)
         logs.bind(room=request.bootstrap_room, instance=request.instance_id,
                   prefill_rank=request.dp_rank)
         created = self.registry.register_room(request.instance_id, request.bootstrap_room,
@@ -81,6 +80,11 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
             logs.event(log, logging.DEBUG, "room registered")
         return bootstrap_pb2.RegisterRoomResponse(created=created,
                                                   ttl_ms=int(self.config.room_ttl_s * 1000))
+
+    @grpcutil.translate_errors
+    async def RegisterRoomsStream(self, request_iterator, context):
+        """The registration stream (`pdmesh.server.register_stream`): batches in, results out."""
+        await RegistrationSession(self.registry, context, int(self.config.room_ttl_s * 1000)).run()
 
     @grpcutil.translate_errors
     async def LookupRoom(self, request, context):
@@ -153,11 +157,20 @@ class BootstrapService:
         self.address = f"{host}:{port}"
         self._sweeper: asyncio.Task | None = None
 
+    def gauge_samples(self):
+        """Live gauges for /metrics: rooms, waiters, instances, open lookup streams."""
+        stats = self.registry.stats()
+        yield "pdmesh_bootstrap_rooms", (), stats["rooms"]
+        yield "pdmesh_bootstrap_waiters", (), stats["waiters"]
+        yield "pdmesh_bootstrap_instances", (), stats["instances"]
+        yield "pdmesh_bootstrap_open_streams", (), self.servicer.open_streams
+
     async def start(self) -> None:
         await self.server.start()
         await grpcutil.set_serving(self.health, [SERVICE_NAME])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        self._untrack = metrics.track_bootstrap(self)  # rooms, waiters, instances, open streams
+        metrics.enable("bootstrap")
+        self._untrack = metrics.track(self, BootstrapService.gauge_samples)
         log.info("bootstrap service listening on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:

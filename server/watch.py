@@ -20,6 +20,7 @@ import grpc
 from pdmesh import metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2
 from pdmesh.errors import PdmeshError
+from pdmesh.rules import validate_room
 from pdmesh.server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,13 @@ def _instance_gone(room: int, instance_id: str) -> bootstrap_pb2.RoomError:
 
 
 def _invalid(room: int) -> bootstrap_pb2.RoomError:
-    return bootstrap_pb2.RoomError(
-        bootstrap_room=room, code="INVALID_ARGUMENT", reason="INVALID_BOOTSTRAP_ROOM",
-        message=f"bootstrap_room must be in 1..2^63-1 (0 means unset), got {room}")
+    """The lookup stream's form of `validate_room`'s refusal (the same code, reason and message)."""
+    try:
+        validate_room(room)
+    except PdmeshError as err:
+        return bootstrap_pb2.RoomError(bootstrap_room=room, code=err.code.name, reason=err.reason,
+                                       message=err.message)
+    raise ValueError(f"room {room} is valid")
 
 
 class WatchSession:

@@ -6,57 +6,46 @@ made in the same event-loop turn go out together in one message (a writer task d
 the previous write is in flight), so 64 concurrent lookups cost a few messages, not 64 calls.
 Answers are matched by room (waits) or by the message's tag (lookups, pings).
 
-Failure handling:
+Failure handling (connection, handshake and reconnects are the shared stream's,
+`pdmesh.server.tagged_stream`):
 - a local timer ends each wait at its timeout with DeadlineExceeded (reason ROOM_WAIT_TIMEOUT)
   and cancels the server-side wait once no local caller waits for the room any more;
-- the stream is opened with wait_for_ready and a handshake (an empty tagged message) that must
-  be answered within `connect_timeout_s`; if not, every pending caller fails UNAVAILABLE at once,
-  not at its deadline;
-- a stream that breaks (the server restarted) is reopened and every pending wait is sent again;
-  rooms registered after the restart then resolve. After `max_reconnects` breaks in a row with
-  nothing answered in between, pending callers fail with the stream's error.
+- after a break every pending wait and every unanswered lookup is sent again; rooms registered
+  after a restart of the service then resolve.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from typing import Iterable
 
-import grpc
-
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-from pdmesh.errors import DeadlineExceeded, PdmeshError, Unavailable
+from pdmesh.errors import DeadlineExceeded, PdmeshError
 from pdmesh.rules import MAX_ROOM, validate_room
+from pdmesh.server.tagged_stream import TaggedStream
 
 log = logging.getLogger(__name__)
 _SERVER_WAIT_MARGIN_MS = 1000  # the server's wait outlives the local one, which decides the outcome
 _RESEND_WAIT_MS = 60_000  # re-asked after the server's wait ran out while a caller still waits
 
 
-class RoomWatcher:
+class RoomWatcher(TaggedStream):
     """Multiplexes room lookups and waits of one process over one WatchRooms stream."""
+
+    kind = "lookup"
 
     def __init__(self, stub: bootstrap_pb2_grpc.BootstrapServiceStub, address: str, *,
                  connect_timeout_s: float = 1.0, max_reconnects: int = 3) -> None:
-        self._stub = stub
-        self._address = address
-        self._connect_timeout_s = connect_timeout_s
-        self._max_reconnects = max_reconnects
-        self._call = None
-        self._reader: asyncio.Task | None = None
-        self._writer: asyncio.Task | None = None
-        self._tags = itertools.count(1)
+        super().__init__(stub, address, connect_timeout_s=connect_timeout_s,
+                         max_reconnects=max_reconnects)
         self._waits: dict[int, list[asyncio.Future]] = {}  # room -> local callers waiting for it
         self._tagged: dict[int, list[tuple[list[int] | None, asyncio.Future]]] = {}
         self._out_lookups: list[tuple[list[int] | None, asyncio.Future]] = []
         self._out_waits: dict[int, int] = {}  # room -> server wait_timeout_ms to ask for
         self._owners: dict[int, tuple[str, int]] = {}  # waited room -> (instance id, epoch) expected
         self._out_cancels: list[int] = []
-        self._breaks = 0
-        self._closed = False
 
     # ---- public ----------------------------------------------------------------------------
 
@@ -97,19 +86,6 @@ class RoomWatcher:
         """One empty round trip on the stream (a liveness probe, and the benchmark's baseline)."""
         await self._tagged_call(None, timeout)
 
-    async def close(self) -> None:
-        self._closed = True
-        self._fail_all(Unavailable(f"the bootstrap client for {self._address} was closed",
-                                   reason="CLIENT_CLOSED"))
-        for task in (self._writer, self._reader):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-
     # ---- requests --------------------------------------------------------------------------
 
     async def _tagged_call(self, rooms: list[int] | None, timeout: float):
@@ -145,32 +121,18 @@ class RoomWatcher:
                 self._out_cancels.append(room)
                 self._kick()
 
-    def _kick(self) -> None:
-        if self._writer is None and not self._closed:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+    # ---- the stream's hooks ----------------------------------------------------------------
 
-    async def _drain(self) -> None:
-        try:
-            while self._out_lookups or self._out_waits or self._out_cancels:
-                if self._call is None:
-                    await self._connect()
-                    continue
-                call = self._call
-                try:
-                    await self._write_pending()
-                except grpc.aio.AioRpcError as exc:  # the stream broke: requeue, reconnect, go on
-                    self._on_break(call, PdmeshError.from_rpc_error(exc))
-        except PdmeshError as exc:
-            self._fail_all(exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - never strand callers
-            log.exception("bootstrap watcher writer failed")
-            self._fail_all(Unavailable(f"bootstrap watcher failed: {exc}"))
-        finally:
-            self._writer = None
+    def _open(self):
+        return self._stub.WatchRooms(wait_for_ready=True)
 
-    async def _write_pending(self) -> None:
+    def _handshake_request(self, tag: int):
+        return bootstrap_pb2.WatchRoomsRequest(tag=tag)
+
+    def _has_pending(self) -> bool:
+        return bool(self._out_lookups or self._out_waits or self._out_cancels)
+
+    async def _write_pending(self, call) -> None:
         tag = next(self._tags)
         self._tagged[tag] = self._out_lookups
         entries = self._out_lookups
@@ -183,73 +145,13 @@ class RoomWatcher:
             tag=tag, bootstrap_rooms=rooms, wait_bootstrap_rooms=list(waits),
             wait_timeout_ms=max(waits.values(), default=0), cancel_bootstrap_rooms=cancels,
             wait_owners=[_owner(owners.get(r)) for r in waits] if owners else ())
-        await self._call.write(request)
+        await call.write(request)
 
-    # ---- the stream ------------------------------------------------------------------------
-
-    async def _connect(self) -> None:
-        """Open the stream, re-ask every pending wait, and prove it works with a handshake."""
-        if self._breaks > 1:  # broke again right after reconnecting: back off a little
-            await asyncio.sleep(min(0.05 * 2 ** self._breaks, 0.5))
-        call = self._stub.WatchRooms(wait_for_ready=True)
-        tag = next(self._tags)
-        handshake = asyncio.get_running_loop().create_future()
-        self._tagged[tag] = [(None, handshake)]
-        for room in self._waits:
-            self._out_waits.setdefault(room, _RESEND_WAIT_MS)
-        self._call = call
-        self._reader = asyncio.get_running_loop().create_task(self._read(call))
-        try:
-            await asyncio.wait_for(self._handshake(call, tag, handshake), self._connect_timeout_s)
-        except (asyncio.TimeoutError, TimeoutError, grpc.aio.AioRpcError, PdmeshError) as exc:
-            self._tagged.pop(tag, None)
-            self._drop_call(call)
-            detail = exc.message if isinstance(exc, PdmeshError) else type(exc).__name__
-            raise Unavailable(
-                f"the bootstrap service at {self._address} is unreachable (no answer within "
-                f"{self._connect_timeout_s:g} s: {detail})", reason="BOOTSTRAP_UNREACHABLE",
-                metadata={"address": self._address}) from None
-
-    @staticmethod
-    async def _handshake(call, tag: int, handshake: asyncio.Future) -> None:
-        await call.write(bootstrap_pb2.WatchRoomsRequest(tag=tag))
-        await handshake
-
-    def _drop_call(self, call) -> None:
-        if self._call is call:
-            self._call = None
-        call.cancel()
-
-    async def _read(self, call) -> None:
-        error: PdmeshError
-        try:
-            read, eof = call.read, grpc.aio.EOF
-            while (response := await read()) is not eof:  # cheaper than `async for` (no generator)
-                self._dispatch(response)
-            error = Unavailable(f"the bootstrap service at {self._address} closed the lookup stream")
-        except grpc.aio.AioRpcError as exc:
-            error = PdmeshError.from_rpc_error(exc)
-        except asyncio.CancelledError:
-            return
-        self._on_break(call, error)
-
-    def _on_break(self, call, error: PdmeshError) -> None:
-        if self._call is not call or self._closed:
-            return
-        self._call = None
-        self._breaks += 1
+    def _requeue(self) -> None:
         for tag in list(self._tagged):  # lookups in flight are asked again on the next stream
-            entries = self._tagged.pop(tag)
-            self._out_lookups.extend(e for e in entries if e[0] is not None or not e[1].done())
-        if self._breaks > self._max_reconnects:
-            self._breaks = 0
-            self._fail_all(error)
-            return
-        for room in self._waits:
+            self._out_lookups.extend(e for e in self._tagged.pop(tag) if not e[1].done())
+        for room in self._waits:  # and every wait a caller still has
             self._out_waits.setdefault(room, _RESEND_WAIT_MS)
-        if self._waits or self._out_lookups:
-            log.info("lookup stream to %s broke (%s); reconnecting", self._address, error.code.name)
-            self._kick()
 
     def _dispatch(self, response: bootstrap_pb2.WatchRoomsResponse) -> None:
         found_rooms = response.bootstrap_rooms

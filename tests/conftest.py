@@ -27,3 +27,12 @@ def free_port() -> int:
 def pdmesh_cmd() -> list[str]:
     """The `pdmesh` command as the README runs it, for subprocess tests."""
     return list(PDMESH)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The default real model (`--model smollm2`) converted into the model cache: built once per
+    machine (PDMESH_CACHE_DIR, else ~/.cache/pdmesh; ~10 s), then read from there by every test."""
+    from pdmesh.models import resolve_model
+
+    return resolve_model("smollm2")

@@ -1,3 +1,4 @@
-"""Tests import the process helper as `procs`; it lives in the package so benchmarks share it."""
+"""Tests import the process helper as `procs`; it lives in testkit/ so benchmarks share it."""
 
-from pdmesh.proc import LOG_DIR, Proc, free_port, free_port_range, start_all, stop_all  # noqa: F401
+from testkit.proc import (LOG_DIR, Proc, free_port, free_port_range, start_all, start_up,  # noqa: F401
+                          stop_all, stop_up)

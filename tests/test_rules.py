@@ -78,9 +78,9 @@ def test_follow_conflict_fails_typed_and_names_the_escape_hatch():
 @pytest.mark.parametrize("args,reason", [
     ((0, 4, 0, RR, False, None), "INVALID_BOOTSTRAP_ROOM"),
     ((0, 4, MAX_ROOM + 1, RR, False, None), "INVALID_BOOTSTRAP_ROOM"),
-    ((4, 4, 101, RR, False, None), "INVALID_DP_RANK"),  # rank >= dp_size
-    ((0, 4, 101, RR, False, 4), "INVALID_DP_RANK"),  # hint >= dp_size
-    ((0, 4, 101, RR, False, -1), "INVALID_DP_RANK"),
+    ((4, 4, 101, RR, False, None), "DP_RANK_OUT_OF_RANGE"),  # rank >= dp_size
+    ((0, 4, 101, RR, False, 4), "DP_RANK_OUT_OF_RANGE"),  # hint >= dp_size
+    ((0, 4, 101, RR, False, -1), "DP_RANK_OUT_OF_RANGE"),
     ((0, 0, 101, RR, False, None), "INVALID_DP_SIZE"),
     ((0, 5000, 101, RR, False, None), "INVALID_DP_SIZE"),
 ])
@@ -111,7 +111,7 @@ def test_decode_rule_rows(args, expected):
 
 
 @pytest.mark.parametrize("args,reason", [
-    ((101, 4, 4, RR, False), "INVALID_DP_RANK"),
+    ((101, 4, 4, RR, False), "DP_RANK_OUT_OF_RANGE"),
     ((0, None, 4, RR, False), "INVALID_BOOTSTRAP_ROOM"),
     ((1 << 63, None, 4, FOLLOW, False), "INVALID_BOOTSTRAP_ROOM"),
     ((101, None, 0, RR, False), "INVALID_DP_SIZE"),

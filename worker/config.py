@@ -57,6 +57,9 @@ class InstanceConfig:
     max_running_requests: int = 64
     #: UCX transports (UCX_TLS) for the data plane, e.g. "tcp" or "sm,self,tcp"; None = pdmesh's default.
     ucx_tls: str | None = None
+    #: How KV moves between ranks: "auto" (same host: written straight into the decode's pool,
+    #: which then lives in shared memory; UCX elsewhere) or "ucx" (always UCX).
+    kv_transfer_path: str = "auto"
     #: CUDA devices for the ranks, one per rank or one for all ("" = none).
     devices: tuple[str, ...] = ()
     #: Decode, for tests: save each room's received prompt KV as <dir>/<room>.pt (PDMESH_DEBUG_KV_DIR).
@@ -78,6 +81,9 @@ class InstanceConfig:
             raise InvalidArgument(f"role must be prefill or decode, got {self.role!r}")
         if not self.instance_id:
             raise InvalidArgument("instance id must not be empty")
+        if self.kv_transfer_path not in ("auto", "ucx"):
+            raise InvalidArgument(f"kv_transfer_path must be auto or ucx, got {self.kv_transfer_path!r}",
+                                  reason="INVALID_TRANSFER_PATH")
         if not 1 <= self.dp_size <= 1024:
             raise InvalidArgument(f"dp_size must be in 1..1024, got {self.dp_size}")
         if self.role == PREFILL and self.bootstrap_port is None and not self.bootstrap_address:

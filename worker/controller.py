@@ -16,11 +16,10 @@ from typing import AsyncIterator
 
 import grpc
 
-from pdmesh import grpcutil
 from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.rules import validate_room
-from pdmesh.worker.config import DECODE, InstanceConfig, RankConfig
+from pdmesh.worker.config import InstanceConfig, RankConfig
 from pdmesh.worker.dispatch import Dispatcher
 from pdmesh.worker.supervisor import RankSupervisor
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -35,6 +34,15 @@ DRAIN_LINGER_S = 1.0
 
 class Controller:
     """Ranks, dispatch and counting for one instance."""
+
+    def gauge_samples(self):
+        """Live gauges for /metrics: requests in flight, up and restarts per rank."""
+        role = self.config.role
+        for rank in self.ranks:
+            r = str(rank.dp_rank)
+            yield "pdmesh_controller_in_flight", (role, r), self.active[rank.dp_rank]
+            yield "pdmesh_rank_up", (role, r), 1 if rank.alive else 0
+            yield "pdmesh_rank_restarts", (role, r), rank.restarts
 
     def __init__(self, config: InstanceConfig, bootstrap_address: str | None,
                  on_epoch_change=None) -> None:
@@ -195,7 +203,3 @@ class Controller:
             await asyncio.sleep(DRAIN_LINGER_S)
             if self._idle.is_set():
                 return
-
-    @property
-    def is_decode(self) -> bool:
-        return self.config.role == DECODE

@@ -8,7 +8,7 @@ and drains.
 from __future__ import annotations
 
 from pdmesh.grpcutil import translate_errors
-from pdmesh.rules import validate_room
+from pdmesh.rules import optional_dp_rank, validate_room
 from pdmesh.worker.controller import Controller
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -19,7 +19,7 @@ class PrefillControllerService(worker_pb2_grpc.PrefillServiceServicer):
 
     @translate_errors
     async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
-        routed = request.routed_dp_rank if request.HasField("routed_dp_rank") else None
+        routed = optional_dp_rank(request, "routed_dp_rank")
         rank = self.controller.pick(request.bootstrap_room, routed)
         return await self.controller.unary(
             rank, lambda ch: worker_pb2_grpc.PrefillServiceStub(ch).Prefill, request, context)

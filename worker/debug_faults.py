@@ -18,6 +18,7 @@ import os
 import signal
 import time
 
+from pdmesh.config import env_flag
 from pdmesh.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,21 @@ def install(transfer, loop: asyncio.AbstractEventLoop) -> None:
     delay = float(os.environ.get("PDMESH_DEBUG_PACK_DELAY_S") or 0)
     if delay > 0 and transfer.is_prefill:
         _slow_pack(delay)
-    if os.environ.get("PDMESH_DEBUG_FAULTS", "") in ("1", "true", "yes"):
+    if env_flag("DEBUG_FAULTS"):
         loop.add_signal_handler(signal.SIGUSR1, drop_links, transfer)
         log.warning("debug: SIGUSR1 drops every UCX link of this rank (PDMESH_DEBUG_FAULTS)")
 
 
 def _slow_pack(delay: float) -> None:
-    from pdmesh.worker.transfer import sender
+    from pdmesh.worker.transfer import samehost, sender
 
-    real = sender._pack_chunk
+    real, real_copy = sender._pack_chunk, samehost._copy_job
+
+    def copy_job(src_kv, dst_kv, copies, a, b):  # the same-host path's chunk
+        log.warning("debug: packing KV chunk layers=[%d,%d) pages=%d (sleeping %.2fs first)",
+                    a, b, copies.n, delay)
+        time.sleep(delay)
+        return real_copy(src_kv, dst_kv, copies, a, b)
 
     def pack_chunk(kv, ids, a, b, buf):
         log.warning("debug: packing KV chunk layers=[%d,%d) pages=%d (sleeping %.2fs first)",
@@ -45,6 +52,7 @@ def _slow_pack(delay: float) -> None:
         return real(kv, ids, a, b, buf)
 
     sender._pack_chunk = pack_chunk
+    samehost._copy_job = copy_job
     log.warning("debug: every KV chunk is packed %.2fs late (PDMESH_DEBUG_PACK_DELAY_S)", delay)
 
 

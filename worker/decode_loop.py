@@ -42,6 +42,10 @@ class Sequence:
 class DecodeLoop:
     """The decode rank's batch: `join` a sequence, read its tokens from `sequence.out`."""
 
+    def gauge_samples(self):
+        """Live gauges for /metrics: sequences in the continuous batch."""
+        yield "pdmesh_decode_running", (), len(self.running)
+
     def __init__(self, engine: Engine, pool: PageBroker, engine_thread: EngineThread,
                  max_batch: int = 64) -> None:
         self.engine = engine

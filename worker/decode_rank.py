@@ -20,7 +20,7 @@ from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import (DeadlineExceeded, EpochMismatch, FailedPrecondition, InvalidArgument, NotFound,
                            PdmeshError, Unavailable)
 from pdmesh.grpcutil import translate_errors
-from pdmesh.rules import decode_rule, validate_room
+from pdmesh.rules import decode_rule, optional_dp_rank, validate_room
 from pdmesh.server.client import shared_client
 from pdmesh.worker import requests
 from pdmesh.worker.decode_loop import DecodeLoop, Sequence
@@ -78,7 +78,7 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         validate_address(request.prefill_bootstrap_address, "prefill_bootstrap_address")
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else DEFAULT_DEADLINE_S)
-        hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
+        hint = optional_dp_rank(request, "disagg_prefill_dp_rank")
         with st.track(room):
             info, prefill_rank, path = await self._resolve(request, room, hint, deadline)
             resolved = time.perf_counter()

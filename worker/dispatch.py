@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.rules import validate_dp_rank
 
 ROUND_ROBIN, SHORTEST_QUEUE, FOLLOW_BOOTSTRAP_ROOM = "round_robin", "shortest_queue", "follow_bootstrap_room"
 METHODS = (ROUND_ROBIN, SHORTEST_QUEUE, FOLLOW_BOOTSTRAP_ROOM)
@@ -35,12 +36,7 @@ class Dispatcher:
         """The rank for `room`; `loads[r]` is rank r's number of active requests, `alive[r]` whether
         its process is up (default: all are)."""
         if routed_dp_rank is not None:
-            if not 0 <= routed_dp_rank < self.dp_size:
-                raise InvalidArgument(
-                    f"routed_dp_rank {routed_dp_rank} is out of range: this instance has dp_size {self.dp_size}",
-                    reason="DP_RANK_OUT_OF_RANGE",
-                    metadata={"routed_dp_rank": routed_dp_rank, "dp_size": self.dp_size})
-            return routed_dp_rank
+            return validate_dp_rank(routed_dp_rank, self.dp_size, field="routed_dp_rank")
         if self.method == FOLLOW_BOOTSTRAP_ROOM:
             return room % self.dp_size
         start = self._next

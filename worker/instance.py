@@ -51,7 +51,7 @@ class Instance:
             self.bootstrap_address = self.embedded.address
         self.controller = Controller(cfg, self.bootstrap_address, on_epoch_change=self._republish)
         await self.controller.start()
-        metrics.track_controller(self.controller)  # in flight, up and restarts per rank
+        metrics.track(self.controller, Controller.gauge_samples)  # in flight, up and restarts per rank
         role_service = (PrefillControllerService(self.controller) if cfg.role == PREFILL
                         else DecodeControllerService(self.controller))
         add_role = (worker_pb2_grpc.add_PrefillServiceServicer_to_server if cfg.role == PREFILL

@@ -34,6 +34,9 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--kv-min-chunks", type=int, default=int(env("KV_MIN_CHUNKS", "8")),
                    help="decode: cut each KV transfer into at least this many chunks of layers, so "
                         "a streamed prefill's first layers leave early (default 8) [PDMESH_KV_MIN_CHUNKS]")
+    p.add_argument("--kv-transfer-path", choices=("auto", "ucx"), default=env("KV_TRANSFER_PATH", "auto"),
+                   help="auto: KV between ranks of one host is written straight into the decode's pool "
+                        "(shared memory, CUDA IPC), UCX elsewhere; ucx: always UCX [PDMESH_KV_TRANSFER_PATH]")
     p.add_argument("--devices", default=env("DEVICES", ""),
                    help="comma-separated torch devices, one per rank or one for all (e.g. cuda:0,cuda:1)")
     if role == PREFILL:
@@ -83,17 +86,26 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
         host=args.host, port=args.port, dp_size=args.dp_size, load_balance_method=args.load_balance_method,
         engine=spec_from_args(args), num_pages=args.num_pages, max_running_requests=args.max_running_requests,
-        ucx_tls=args.ucx_tls, devices=devices, debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
+        ucx_tls=args.ucx_tls, kv_transfer_path=args.kv_transfer_path, devices=devices,
+        debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, page_wait_s=args.page_wait_s,
         kv_min_chunks=args.kv_min_chunks,
         **extra)
 
 
 def run(args: argparse.Namespace, role: str) -> int:
+    from pdmesh.errors import PdmeshError
+    from pdmesh.worker.engine.factory import check_model
     from pdmesh.worker.instance import serve
     try:
         config = config_from_args(args, role)
+        # The model is resolved (a named one converted into the cache, once) and checked here,
+        # before any rank starts: a bad model is one clear message, never ranks dying in a loop.
+        print(f"pdmesh {role}: model {check_model(config.engine)}", flush=True)
     except ValueError as exc:  # inconsistent TLS flags (InvalidArgument is no ValueError)
         print(f"pdmesh {role}: {exc}", file=sys.stderr)
+        return 2
+    except PdmeshError as exc:  # a model that cannot load: missing, damaged, unsupported
+        print(f"pdmesh {role}: {exc.reason}: {exc.message}", file=sys.stderr)
         return 2
     return asyncio.run(serve(config))

@@ -23,14 +23,16 @@ class RankTransfer:
         inst = config.instance
         if inst.ucx_tls:
             os.environ["UCX_TLS"] = inst.ucx_tls
-        apply_ucx_defaults()
+        device = str(pages.pool.kv.device)
+        apply_ucx_defaults(device=device)  # CUDA pools: UCX's CUDA transports and protocol v2
         self.pages = pages
         self.is_prefill = inst.role == PREFILL
-        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s, advertise_host=inst.transfer_host,
-                                 min_chunks=inst.kv_min_chunks)
+        tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s,
+                                 advertise_host=inst.transfer_host, min_chunks=inst.kv_min_chunks,
+                                 path=inst.kv_transfer_path).for_device(device)
         if self.is_prefill:
             from pdmesh.worker.transfer.sender import KvSender
-            self.sender = KvSender(transport, epoch=config.epoch, config=tconfig)
+            self.sender = KvSender(transport, epoch=config.epoch, config=tconfig, device=device)
         else:
             from pdmesh.worker.transfer.receiver import KvReceiver
             self.receiver = KvReceiver(transport, config=tconfig)
@@ -78,7 +80,7 @@ class RankTransfer:
             await asyncio.shield(waiter)
         except asyncio.CancelledError:
             self.sender.abort(room, Cancelled(f"the prefill request for room {room} was cancelled",
-                                              reason="KV_TRANSFER_CANCELLED", metadata={"room": room}))
+                                              reason="KV_TRANSFER_CANCELLED", metadata={"bootstrap_room": room}))
             await asyncio.wait([waiter])
             raise
 

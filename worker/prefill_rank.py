@@ -23,7 +23,7 @@ from pdmesh.common.v1 import common_pb2
 from pdmesh.config import DEFAULT_DEADLINE_S, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
-from pdmesh.rules import PrefillAction, prefill_rule, validate_room
+from pdmesh.rules import PrefillAction, optional_dp_rank, prefill_rule, validate_room
 from pdmesh.worker import requests
 from pdmesh.worker.layer_stream import prefill_streamed
 from pdmesh.worker.rank_state import RankState
@@ -59,7 +59,7 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         token = requests.transfer_token(request.transfer_token)
         ids = requests.prompt_ids(st.engine, request.prompt)
         sampling = requests.sampling_params(request.sampling)
-        hint = request.disagg_prefill_dp_rank if request.HasField("disagg_prefill_dp_rank") else None
+        hint = optional_dp_rank(request, "disagg_prefill_dp_rank")
         action = prefill_rule(st.dp_rank, st.dp_size, room, self.method, self.force_query, hint)
         logs.event(log, logging.DEBUG, "prefill start", action=action.value, prompt_tokens=len(ids))
         remaining = context.time_remaining()
@@ -115,7 +115,8 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
     async def _register(self, room: int, request_id: str) -> None:
         st = self.state
         try:
-            await st.bootstrap.register_room(st.instance_id, room, st.dp_rank, request_id)
+            # over the process's one registration stream: concurrent rooms go out together
+            await st.bootstrap.register_room_streamed(st.instance_id, room, st.dp_rank, request_id)
         except PdmeshError as err:
             if err.code.name != "UNAVAILABLE":
                 raise

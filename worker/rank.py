@@ -17,7 +17,6 @@ import signal
 import sys
 
 from pdmesh import grpcutil, logs, metrics
-from pdmesh.config import env
 from pdmesh.worker.config import DECODE, PREFILL, RankConfig
 from pdmesh.worker.supervisor import READY_PREFIX
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -46,7 +45,9 @@ async def serve(config: RankConfig) -> None:
     inst = config.instance
     spec = dataclasses.replace(inst.engine, device=_device(config))
     engine = build_engine(spec)
-    pages = PageBroker(KvPool(engine.layout, inst.num_pages, device=spec.device))
+    # a decode's CPU pool lives in shared memory: prefill ranks of this host write into it
+    shared = inst.role == DECODE and inst.kv_transfer_path == "auto"
+    pages = PageBroker(KvPool(engine.layout, inst.num_pages, device=spec.device, shared=shared))
     transfer = RankTransfer(config, pages)
     transfer_address = await transfer.start()
     bootstrap = shared_client(config.bootstrap_address, inst.tls) if config.bootstrap_address else None
@@ -76,7 +77,10 @@ async def serve(config: RankConfig) -> None:
     server, port, health = grpcutil.create_server("127.0.0.1:0", register, names, tls=inst.tls)
     await server.start()
     await grpcutil.set_serving(health, names)
-    metrics.track_rank(state, loop_)
+    metrics.prepare_rank(inst.role)
+    metrics.track(state, RankState.gauge_samples)  # pool pages and active rooms
+    if loop_ is not None:
+        metrics.track(loop_, DecodeLoop.gauge_samples)
     # Loopback only: the controller reads it and serves it, labelled dp_rank, on its own /metrics.
     endpoint = metrics.serve("127.0.0.1", 0) if inst.metrics_port is not None else None
     print(READY_PREFIX + json.dumps({"grpc_address": f"127.0.0.1:{port}",

@@ -27,6 +27,14 @@ MAX_EARLY_ABORTS = 65536
 
 
 class RankState:
+    def gauge_samples(self):
+        """Live gauges for /metrics: free and total pool pages, rooms being worked on."""
+        role = self.config.instance.role
+        pool = self.pages.pool
+        yield "pdmesh_kv_pages_free", (role,), pool.num_free
+        yield "pdmesh_kv_pages_total", (role,), pool.num_pages
+        yield "pdmesh_rank_active_requests", (role,), len(self.rooms)
+
     def __init__(self, config: RankConfig, engine, pages: PageBroker, transfer, bootstrap) -> None:
         self.config = config
         self.engine = engine

@@ -6,7 +6,8 @@ which its watcher sends again after the restart, would then wait for a room nobo
 until the request's deadline. `RoomKeeper` prevents that without a steady cost: it watches the
 rank's one channel to the service, and only when that connection was made anew (or is down) does
 it register again every room whose decode has not asked for it yet (idempotent: same request id),
-each until it succeeds. While the connection stays up it sends nothing.
+all at once (they share the rank's registration stream), each until it succeeds. While the
+connection stays up it sends nothing.
 """
 
 from __future__ import annotations
@@ -64,18 +65,31 @@ class RoomKeeper:
 
     async def _refresh(self) -> None:
         up = self._channel.get_state(try_to_connect=False) == READY
+        due = []
         for room, (request_id, made_on) in list(self._rooms.items()):
             if self._asked(room):
                 self._rooms.pop(room, None)
             elif not up or made_on != self.connections:
-                try:
-                    await self._register(room, request_id)
-                except PdmeshError as exc:
-                    log.info("room %d: registering again at the bootstrap service failed: %s", room, exc)
-                    return  # the service is still away: try again at the next tick
-                if room in self._rooms:
-                    log.info("room %d registered again (the bootstrap connection was made anew)", room)
-                    self._rooms[room] = (request_id, self.connections)
+                due.append((room, request_id))
+        if not due:
+            return
+        # All at once: over the registration stream they go out together, in one message or a few.
+        results = await asyncio.gather(*(self._register(room, rid) for room, rid in due),
+                                       return_exceptions=True)
+        failed = []
+        for (room, request_id), result in zip(due, results):
+            if isinstance(result, PdmeshError):
+                failed.append((room, result))  # the service is still away: again at the next tick
+            elif isinstance(result, BaseException):
+                raise result
+            elif room in self._rooms:
+                self._rooms[room] = (request_id, self.connections)
+        if len(failed) < len(due):
+            log.info("%d rooms registered again (the bootstrap connection was made anew)",
+                     len(due) - len(failed))
+        if failed:
+            log.info("%d rooms: registering again at the bootstrap service failed (room %d: %s)",
+                     len(failed), *failed[0])
 
     def close(self) -> None:
         for task in self._tasks:

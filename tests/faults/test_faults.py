@@ -4,10 +4,10 @@ the same address, UCX links dropped under load.
 
 One `FaultMesh` serves the module (bootstrap, prefill dp 2 round_robin, decode dp 2, router; every
 KV chunk packed `PACK_DELAY_S` late so a kill lands mid-transfer); the faults are the scenarios of
-`pdmesh.faultscenarios`, which `bench/faults.py` times. For each fault: the affected requests end
+`testkit.faultscenarios`, which `bench/faults.py` times. For each fault: the affected requests end
 typed (UNAVAILABLE, or the code that fits) within `DETECTION_BOUND_S` of the fault, found by
 liveness (gRPC connection loss, the UCX endpoint's error, health polls), never by a deadline:
-every request carries a deadline of 60 s, far beyond the bound, so a request that only ended at
+every request carries a deadline of 120 s, far beyond the bound, so a request that only ended at
 its deadline fails the test. `MARGIN_S` is added for a loaded 2-core CI box. Unaffected requests
 complete; every pool is full again afterwards; a killed rank comes back under the same number.
 """
@@ -19,9 +19,9 @@ import asyncio
 import grpc
 import pytest
 
-from pdmesh import faultscenarios as scenarios
+from testkit import faultscenarios as scenarios
 from pdmesh.common.v1 import common_pb2
-from pdmesh.faultkit import FaultMesh, instance_status, rank_pids, request, settled, wait_until
+from testkit.faultkit import FaultMesh, instance_status, rank_pids, request, settled, wait_until
 from pdmesh.router.up import colocated_text
 
 DETECTION_BOUND_S = 5.0  # by design

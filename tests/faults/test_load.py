@@ -26,8 +26,8 @@ import pytest
 
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import PdmeshError
-from pdmesh.faultkit import free_port, request, rank_pids, rss_kib, settled, wait_until
-from pdmesh.proc import Proc, start_all
+from testkit.faultkit import free_port, request, rank_pids, rss_kib, settled, wait_until
+from testkit.proc import Proc, start_all
 from pdmesh.router.client import RouterClient
 from pdmesh.router.v1 import router_pb2, router_pb2_grpc
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc

@@ -5,7 +5,8 @@ their UCX listeners at 10.200.0.1 (`--transfer-host`); namespace B (10.200.0.2) 
 (dp 2), the router and the client. So the router's calls to the prefill, the decode's lookups at
 the bootstrap service and every KV byte (UCX over tcp: `--ucx-tls tcp`) cross a real network
 interface, and the test checks that they did (the veth's byte counters grow by at least the KV
-moved). Only the two private addresses created here are ever used. Needs root and iproute2
+moved; both sides share a kernel, so `--kv-transfer-path ucx` keeps the KV off the same-host
+path). Only the two private addresses created here are ever used. Needs root and iproute2
 (CI runs as root; `.ci/run` installs iproute2 where it is missing); skipped, saying why, where
 namespaces cannot be made.
 """
@@ -20,8 +21,8 @@ import sys
 
 import pytest
 
-from pdmesh.faultkit import wait_until
-from pdmesh.proc import Proc
+from testkit.faultkit import wait_until
+from testkit.proc import Proc
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.engine.factory import EngineSpec, build_layout
 
@@ -97,9 +98,10 @@ def test_prefill_and_decode_in_two_namespaces_over_a_veth_pair(namespaces):
         prefill = ns_proc(ns_a, "netns-prefill", [
             "prefill", "--host", ADDR_A, "--port", "0", "--instance-id", "netns-p", "--dp-size", "2",
             "--load-balance-method", "round_robin", "--bootstrap-addr", boot_addr,
-            "--transfer-host", ADDR_A, "--ucx-tls", "tcp"]).start()
+            "--transfer-host", ADDR_A, "--ucx-tls", "tcp", "--kv-transfer-path", "ucx"]).start()
         decode = ns_proc(ns_b, "netns-decode", ["decode", "--host", ADDR_B, "--port", "0", "--instance-id",
-                                                 "netns-d", "--dp-size", "2", "--ucx-tls", "tcp"]).start()
+                                                 "netns-d", "--dp-size", "2", "--ucx-tls", "tcp",
+                                                 "--kv-transfer-path", "ucx"]).start()
         procs += [prefill, decode]
         prefill_addr, decode_addr = prefill.wait_ready(180), decode.wait_ready(180)
         assert prefill_addr.startswith(ADDR_A + ":") and decode_addr.startswith(ADDR_B + ":")

@@ -16,7 +16,7 @@ import asyncio
 import pytest
 
 from pdmesh.common.v1 import common_pb2
-from pdmesh.faultkit import FaultMesh, request, wait_until
+from testkit.faultkit import FaultMesh, request, wait_until
 
 DEADLINE_S = 30.0
 BOUND_S = 10.0  # every request ends within this (a policy change costs a refresh, not a deadline)
@@ -46,16 +46,6 @@ async def burst(mesh: FaultMesh, n: int, tag: str):
                                               timeout=DEADLINE_S) for i in range(n)))
 
 
-def router_sees_healthy_prefill(mesh: FaultMesh) -> bool:
-    import grpc
-
-    from pdmesh.router.v1 import router_pb2, router_pb2_grpc
-    with grpc.insecure_channel(mesh.addr["router"]) as channel:
-        listed = router_pb2_grpc.RouterServiceStub(channel).ListInstances(
-            router_pb2.ListInstancesRequest(), timeout=5)
-    return any(i.healthy for i in listed.instances if i.role == router_pb2.INSTANCE_ROLE_PREFILL)
-
-
 def test_a_prefill_replaced_with_another_policy_heals_at_once(mesh):
     warm = asyncio.run(burst(mesh, 8, "warm"))  # every decode rank caches the round_robin info
     assert all(o.ok for o in warm), [o.error for o in warm]
@@ -64,7 +54,7 @@ def test_a_prefill_replaced_with_another_policy_heals_at_once(mesh):
         mesh.kill("prefill")
         mesh.prefill_policy = policy
         mesh.start_part("prefill")  # same address and instance id, new epoch, new policy
-        assert wait_until(lambda: router_sees_healthy_prefill(mesh), 30), name
+        assert wait_until(mesh.router_ready, 30), name
         outcomes = asyncio.run(burst(mesh, 16, name))
         failed = [o for o in outcomes if not o.ok]
         assert not failed, (name, [(o.code, o.error) for o in failed])

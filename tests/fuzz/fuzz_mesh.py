@@ -33,7 +33,7 @@ STREAMING = {DECODE + "Decode", ROUTER + "Generate"}
 CHILD_PID = re.compile(r"\(pid (\d+),")  # `pdmesh up` prints each child's pid
 
 
-def free_base_port(n: int = 4) -> int:
+def free_base_port(n: int = 5) -> int:
     """A port with n-1 free ports after it (pdmesh up takes consecutive ones)."""
     for _ in range(50):
         with socket.socket() as s:
@@ -64,7 +64,8 @@ class Mesh:
                         for i, name in enumerate(["bootstrap", "router", "prefill", "decode"])}
         self.up, self.log_dir = None, None if attach else log_dir
         if not attach:
-            self.up = Proc("fuzz-up", ["up", "--base-port", str(base), "--log-dir", log_dir]).start()
+            self.up = Proc("fuzz-up", ["up", "--model-preset", "tiny", "--base-port", str(base),
+                                       "--log-dir", log_dir]).start()
             deadline = time.monotonic() + 300
             while not any("serving; router at" in line for line in self.up.lines):
                 if not self.up.alive() or time.monotonic() > deadline:

@@ -276,7 +276,22 @@ def register_room_requests(instance_ids) -> st.SearchStrategy[bytes]:
                           TEXT, st.one_of(st.just(0), st.integers(0, U64))))
 
 
-def register_room_model(m: bpb.RegisterRoomRequest) -> Expect:
+def _registrations(instance_ids) -> st.SearchStrategy[bpb.RoomRegistration]:
+    def build(instance_id, room, rank, request_id, epoch):
+        return _optional(bpb.RoomRegistration(instance_id=instance_id, bootstrap_room=room,
+                                              request_id=request_id, epoch=epoch), dp_rank=rank)
+    return st.builds(build, st.one_of(st.sampled_from(instance_ids), IDS), ROOMS, st.none() | RANKS,
+                     TEXT, st.one_of(st.just(0), st.integers(0, U64)))
+
+
+def register_stream_streams(instance_ids) -> st.SearchStrategy[list[bytes]]:
+    """Streams of RegisterRoomsStream messages: tagged batches of registrations, some damaged."""
+    request = st.builds(bpb.RegisterRoomsStreamRequest, tag=st.one_of(st.integers(0, 3), st.integers(0, U64)),
+                        registrations=st.lists(_registrations(instance_ids), max_size=6))
+    return st.lists(wire(request), min_size=0, max_size=4)
+
+
+def register_room_model(m: bpb.RegisterRoomRequest | bpb.RoomRegistration) -> Expect:
     bad = (not m.HasField("dp_rank") or room_bad(m.bootstrap_room) or len(m.request_id) > 128
            or id_bad(m.instance_id))
     return INVALID if bad else ANY

@@ -22,6 +22,7 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from google.rpc import error_details_pb2
 
 from pdmesh.bootstrap.v1 import bootstrap_pb2 as bpb
 from pdmesh.common.v1 import common_pb2 as cpb
@@ -29,7 +30,7 @@ from pdmesh.router.v1 import router_pb2 as rpb
 from pdmesh.worker.v1 import worker_pb2 as wpb
 import fuzz_messages as fm
 from fuzz_mesh import BOOTSTRAP, DECODE, INSTANCE, PREFILL, PREFILL_ID, ROUTER, Mesh, expect_all
-from fuzz_oracle import C, MALFORMED, Expect, check, summary
+from fuzz_oracle import C, MALFORMED, UNTYPED_CODES, Expect, check, count, summary
 from fuzz_transfer import RawPeer, exchange, transfer_messages
 from fuzz_wire import LoopThread
 
@@ -126,6 +127,62 @@ def test_bootstrap_watch_rooms_stream(mesh, streams):
             sent = Counter(m.tag for m in parsed if m.tag)
             got = Counter(r.tag for r in map(bpb.WatchRoomsResponse.FromString, out.responses) if r.tag)
             assert got == sent if out.ok else not got - sent, (sent, got, out)
+    mesh.run(one())
+
+
+def register_stream_model(messages: list[bytes]) -> tuple[Expect, list[bpb.RegisterRoomsStreamRequest]]:
+    parsed = []
+    for data in messages:
+        try:
+            parsed.append(bpb.RegisterRoomsStreamRequest.FromString(data))
+        except Exception:  # noqa: BLE001 - the stream ends at this message
+            return MALFORMED, parsed
+    return Expect(frozenset({C.OK})), parsed
+
+
+def check_registration_results(request: bpb.RegisterRoomsStreamRequest,
+                               response: bpb.RegisterRoomsStreamResponse) -> list[int]:
+    """One typed result per registration (INVALID_ARGUMENT where the model knows the input is
+    bad); returns the rooms registered (to remove them)."""
+    assert len(response.results) == len(request.registrations), (request, response)
+    registered = []
+    for item, result in zip(request.registrations, response.results):
+        assert result.bootstrap_room == item.bootstrap_room
+        expect = fm.register_room_model(item)
+        if not result.HasField("status"):
+            assert expect.codes is None, f"bad registration accepted: {item}"
+            registered.append(item.bootstrap_room)
+            count("bootstrap.RegisterRoomsStream (registrations)", "OK")
+            continue
+        code = next(c for c in C if c.value[0] == result.status.code)
+        info = error_details_pb2.ErrorInfo()
+        assert result.status.details and result.status.details[0].Unpack(info), result
+        assert info.domain == "pdmesh" and info.reason and code not in UNTYPED_CODES, result
+        assert expect.codes is None or code in expect.codes, (item, result)
+        count("bootstrap.RegisterRoomsStream (registrations)", f"{code.name}/{info.reason}")
+    return registered
+
+
+@settings(FUZZ, max_examples=30)
+@given(streams=st.lists(fm.register_stream_streams([PREFILL_ID]), min_size=1, max_size=4))
+def test_bootstrap_register_rooms_stream(mesh, streams):
+    """Each stream: every request answered once, with its tag, one typed result per registration;
+    a bad registration fails alone and the stream goes on."""
+    async def one():
+        models = [register_stream_model(s) for s in streams]
+        outs = await asyncio.gather(*(mesh.invoke("bootstrap", BOOTSTRAP + "RegisterRoomsStream", s, 20.0)
+                                      for s in streams))
+        registered = []
+        for (expect, parsed), out in zip(models, outs):
+            check("bootstrap.RegisterRoomsStream (messages)", expect, out, 20.0, parsed)
+            responses = [bpb.RegisterRoomsStreamResponse.FromString(r) for r in out.responses]
+            assert len(responses) == len(parsed) if out.ok else len(responses) <= len(parsed)
+            for request, response in zip(parsed, responses):
+                assert response.tag == request.tag
+                registered += check_registration_results(request, response)
+        for room in set(registered):
+            await mesh.callers["bootstrap"].unary(BOOTSTRAP + "RemoveRoom", bpb.RemoveRoomRequest(
+                bootstrap_room=room).SerializeToString(), 10)
     mesh.run(one())
 
 

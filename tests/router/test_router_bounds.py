@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from pdmesh.faultkit import FaultMesh, request
+from testkit.faultkit import FaultMesh, request
 
 FIRST_TOKEN_S = 1.5
 PACK_DELAY_S = 6.0

@@ -1,6 +1,6 @@
 """The whole mesh as the README starts it (`pdmesh up`), driven through the router.
 
-One `pdmesh up` serves the module: bootstrap, router, a follow_bootstrap_room prefill (dp 2) and a
+One `pdmesh up` (tests/router/conftest.py) serves the package: bootstrap, router, a follow_bootstrap_room prefill (dp 2) and a
 decode (dp 2), each a separate process. The engine is exact (float64, batch-invariant, one thread
 per process), so the router's text must equal one colocated engine's.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -23,28 +22,10 @@ from pdmesh.errors import PdmeshError
 from pdmesh.router.client import RouterClient
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
-from procs import Proc, free_port_range
+from procs import Proc
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 PROMPT = "Disaggregated serving splits prefill from decode"
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    base = free_port_range(4)
-    up = Proc("up", ["up", "--base-port", str(base), "--log-dir", str(tmp_path_factory.mktemp("up-logs"))])
-    up.start()
-    deadline = time.monotonic() + 180
-    while not any("serving; router at" in line for line in up.lines):
-        if not up.alive() or time.monotonic() > deadline:
-            up.stop()
-            raise RuntimeError(f"pdmesh up did not come up:\n{up.tail()}")
-        time.sleep(0.1)
-    yield {"up": up, "router": f"127.0.0.1:{base + 1}", "prefill": f"127.0.0.1:{base + 2}",
-           "decode": f"127.0.0.1:{base + 3}", "bootstrap": f"127.0.0.1:{base}"}
-    up.proc.send_signal(signal.SIGINT)
-    assert up.proc.wait(30) == 0, up.tail()
-    assert "every process stopped" in "".join(up.lines)
 
 
 def run(coro):

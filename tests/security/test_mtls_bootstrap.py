@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pdmesh.errors import PdmeshError, Unavailable
-from pdmesh.proc import Proc
+from testkit.proc import Proc
 from pdmesh.server.client import BootstrapClient
 from pdmesh.server.config import BootstrapConfig
 from pdmesh.server.demo import instance_info

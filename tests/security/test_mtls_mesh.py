@@ -14,8 +14,6 @@ import ast
 import asyncio
 import re
 import secrets
-import signal
-import time
 from pathlib import Path
 
 import grpc
@@ -24,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh import grpcutil
 from pdmesh.errors import Unauthenticated, Unavailable
-from pdmesh.proc import Proc
+from testkit.proc import start_up, stop_up
 from pdmesh.router.client import RouterClient
 from pdmesh.router.up import DEMO_PROMPT
 from pdmesh.server.client import BootstrapClient
@@ -43,38 +41,12 @@ def pki(tmp_path_factory) -> Pki:
 
 @pytest.fixture(scope="module")
 def mesh(pki, tmp_path_factory):
-    from procs import free_port
-    base = _free_range(free_port)
     logs = tmp_path_factory.mktemp("mtls-up-logs")
-    up = Proc("up-mtls", ["up", "--base-port", str(base), "--dp-size", "1", "--log-dir", str(logs),
-                          *pki.node_argv()])
-    up.start()
-    deadline = time.monotonic() + 240
-    while not any("serving; router at" in line for line in up.lines):
-        if not up.alive() or time.monotonic() > deadline:
-            up.stop()
-            raise RuntimeError(f"pdmesh up (mTLS) did not come up:\n{up.tail()}")
-        time.sleep(0.1)
+    up, base = start_up("up-mtls", "--model-preset", "tiny", "--dp-size", "1", *pki.node_argv(), log_dir=logs)
     yield {"up": up, "logs": logs, "bootstrap": f"127.0.0.1:{base}", "router": f"127.0.0.1:{base + 1}",
-           "prefill": f"127.0.0.1:{base + 2}", "decode": f"127.0.0.1:{base + 3}"}
-    up.proc.send_signal(signal.SIGINT)
-    assert up.proc.wait(30) == 0, up.tail()
-
-
-def _free_range(free_port, n: int = 4) -> int:
-    import socket
-    for _ in range(50):
-        base = free_port()
-        if base + n >= 65535:
-            continue
-        try:
-            socks = [socket.create_server(("127.0.0.1", base + i)) for i in range(n)]
-        except OSError:
-            continue
-        for s in socks:
-            s.close()
-        return base
-    raise RuntimeError("no free port range")
+           "prefill": f"127.0.0.1:{base + 2}", "decode": f"127.0.0.1:{base + 3}",
+           "http": f"https://127.0.0.1:{base + 4}"}
+    stop_up(up)
 
 
 def _rank_addresses(logs: Path) -> list[str]:
@@ -192,3 +164,19 @@ def test_a_rogue_receiver_cannot_take_kv_from_a_real_prefill(mesh, pki):
     assert not torch.any(stolen.kv.view(torch.uint8))
     assert first == response.first_token_id and response.prompt_tokens == len(prompt)
     assert torch.any(pool.kv.view(torch.uint8))  # the real receiver got the prompt's KV
+
+
+def test_the_http_api_is_https_and_asks_for_a_client_certificate(mesh, pki):
+    import ssl
+    import urllib.request
+
+    def health(cert: bool) -> int:
+        context = ssl.create_default_context(cafile=pki.ca)
+        context.check_hostname = False  # the node certificate names the mesh's hosts, not 127.0.0.1
+        if cert:
+            context.load_cert_chain(pki.client_cert, pki.client_key)
+        with urllib.request.urlopen(f"{mesh['http']}/health", context=context, timeout=20) as reply:
+            return reply.status
+    assert health(cert=True) == 200
+    with pytest.raises(OSError):  # ssl.SSLError or a reset: the handshake wants a certificate
+        health(cert=False)

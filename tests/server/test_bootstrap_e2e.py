@@ -1,6 +1,6 @@
 """End to end: `pdmesh bootstrap` started as the README starts it, driven by the README's own
 grpcurl commands (the real grpcurl binary): list, describe, register, wait, lookup, the lookup
-stream, and bad input whose ErrorInfo grpcurl prints decoded. Then SIGTERM, and a second server
+stream, the registration stream, and bad input whose ErrorInfo grpcurl prints decoded. Then SIGTERM, and a second server
 on a port already served."""
 
 from __future__ import annotations
@@ -123,6 +123,14 @@ def test_readme_grpcurl_commands(served):
     assert json_values(out.stdout) == [
         {"tag": "1", "bootstrap_rooms": ["42"], "dp_ranks": [1], "missing_bootstrap_rooms": ["43"]},
         {"expired_bootstrap_rooms": ["44"]}]
+
+    (registrations,) = by_rpc("/RegisterRoomsStream")
+    out = run(registrations, port)
+    assert out.returncode == 0, out.stderr
+    (answer,) = json_values(out.stdout)
+    assert answer["tag"] == "1" and answer["results"][0] == {"bootstrap_room": "45", "created": True}
+    failed = answer["results"][1]["status"]
+    assert failed["code"] == 3 and failed["details"][0]["reason"] == "INVALID_BOOTSTRAP_ROOM", answer
 
     out = run(bad, port)
     assert out.returncode != 0

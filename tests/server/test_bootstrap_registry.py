@@ -163,7 +163,7 @@ def test_idempotent_request_id_and_already_exists(reg):
 @pytest.mark.parametrize("args,exc_type,reason", [
     (("prefill-a", 0, 0), InvalidArgument, "INVALID_BOOTSTRAP_ROOM"),
     (("prefill-a", MAX_ROOM + 1, 0), InvalidArgument, "INVALID_BOOTSTRAP_ROOM"),
-    (("prefill-a", 7, 4), InvalidArgument, "INVALID_DP_RANK"),
+    (("prefill-a", 7, 4), InvalidArgument, "DP_RANK_OUT_OF_RANGE"),
     (("", 7, 0), InvalidArgument, "INVALID_INSTANCE_ID"),
     (("prefill-z", 7, 0), NotFound, "INSTANCE_NOT_FOUND"),
 ])
@@ -304,5 +304,7 @@ def test_lookups_are_o1_in_the_number_of_rooms():
             best = min(best, time.perf_counter() - t)
         return best
 
+    # A complexity check, not a timing: with 200x the rooms an O(n) lookup would be ~200x slower;
+    # an O(1) one pays only cache misses (1-3x measured, more on a machine other processes keep busy).
     small, large = cost(1_000), cost(200_000)
-    assert large < 3 * small, f"lookups slowed {large / small:.1f}x with 200x the rooms"
+    assert large < 20 * small, f"lookups slowed {large / small:.1f}x with 200x the rooms"

@@ -81,8 +81,8 @@ def test_bad_input_is_invalid_argument_with_reason_and_changes_nothing(bootstrap
                 (bootstrap_pb2.RegisterRoomRequest(instance_id=iid, bootstrap_room=1 << 63, dp_rank=0),
                  "INVALID_BOOTSTRAP_ROOM"),
                 (bootstrap_pb2.RegisterRoomRequest(instance_id=iid, bootstrap_room=5, dp_rank=2),
-                 "INVALID_DP_RANK"),
-                (bootstrap_pb2.RegisterRoomRequest(instance_id=iid, bootstrap_room=5), "INVALID_DP_RANK"),
+                 "DP_RANK_OUT_OF_RANGE"),
+                (bootstrap_pb2.RegisterRoomRequest(instance_id=iid, bootstrap_room=5), "DP_RANK_MISSING"),
                 (bootstrap_pb2.RegisterRoomRequest(instance_id="", bootstrap_room=5, dp_rank=0),
                  "INVALID_INSTANCE_ID"),
             ]

@@ -1,5 +1,6 @@
 """The model engine of a DP rank: the `Engine` protocol, a Llama-style torch decoder over the
-paged KV pool (seeded random weights with a byte tokenizer, or a local Hugging Face checkpoint),
+paged KV pool (seeded random weights with a byte tokenizer, or a Hugging Face checkpoint: a local
+folder, or a named model / GGUF file that pdmesh/models.py converts once into a cached folder),
 sampling, and the colocated reference that end-to-end tests and benchmarks compare against.
 
 Modules: protocol (the contract), config (sizes and presets), tokenizer, weights, layers, model

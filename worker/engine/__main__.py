@@ -2,6 +2,7 @@
 
 A smoke test of a model folder or preset outside the mesh:
 
+    python -m pdmesh.worker.engine "The capital of France is" --model smollm2
     python -m pdmesh.worker.engine "The capital of France is" --model ~/models/Llama-3.2-1B
 """
 

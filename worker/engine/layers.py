@@ -73,11 +73,6 @@ def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: torch.Tensor | N
     return F.linear(F.silu(gate) * up, w_down, b_down)
 
 
-def token_slots(page_ids: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Flat pool slots [T] of `positions` [T] in a sequence whose page table is `page_ids` [n]."""
-    return page_ids[positions // page_size] * page_size + positions % page_size
-
-
 def write_kv(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store k, v [T, H, D] at flat `slots` [T] of `kv[layer]`."""
     flat = kv[layer].flatten(1, 2)  # [2, pages * page_size, H, D], a view

@@ -52,7 +52,12 @@ class HfTokenizer:
     def __init__(self, path: str | Path, bos_id: int | None, eos_ids: Sequence[int]) -> None:
         from tokenizers import Tokenizer  # imported here: random-weight engines never need it
 
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers package raises a bare Exception on a bad file
+            raise InvalidArgument(f"{path} cannot be read as a tokenizer ({exc}); replace it, or delete the "
+                                  "folder if pdmesh cached it", reason="INVALID_MODEL_FOLDER",
+                                  metadata={"path": path}) from None
         self._bos = bos_id
         if not eos_ids:
             raise InvalidArgument(f"no eos_token_id in the model folder of {path}; set one in "

@@ -74,10 +74,23 @@ def _bad_folder(message: str, **metadata: object) -> InvalidArgument:
     return InvalidArgument(message, reason="INVALID_MODEL_FOLDER", metadata=metadata)
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file that holds it."""
+def _damaged(path: Path, exc: Exception) -> InvalidArgument:
+    return _bad_folder(f"{path} cannot be read ({exc}); it is damaged or truncated: delete the folder "
+                       "if pdmesh cached it (the next start converts the model again), else replace "
+                       "the file", path=path)
+
+
+def _open(path: Path):
     from safetensors import safe_open
 
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
+        raise _damaged(path, exc) from None
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -87,9 +100,39 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         raise _bad_folder(f"no *.safetensors file in {folder}", path=folder)
     names = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with _open(path) as f:
             names.update({name: path for name in f.keys()})
     return names
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a Llama-family checkpoint of `cfg` must hold (biases optional, not listed)."""
+    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter)})
+    return shapes
+
+
+def check_hf_weights(folder: str | Path, cfg: ModelConfig) -> None:
+    """Every tensor `load_hf_weights` reads is there with config.json's shape (headers only)."""
+    ckpt = _Checkpoint(Path(folder), cfg, "cpu")
+    for name, shape in expected_shapes(cfg).items():
+        found = ckpt.shape(name)
+        if found is None:
+            raise _bad_folder(f"tensor {name} is missing from the checkpoint in {folder}", tensor=name)
+        if found != shape:
+            raise _bad_folder(f"tensor {name} has shape {found} in {folder}, config.json implies {shape}",
+                              tensor=name)
 
 
 class _Checkpoint:
@@ -100,15 +143,24 @@ class _Checkpoint:
         self.where = _tensor_files(folder)
         self.handles: dict[Path, Any] = {}
 
-    def maybe(self, name: str) -> torch.Tensor | None:
-        from safetensors import safe_open
+    def _handle(self, path: Path) -> Any:
+        if path not in self.handles:
+            self.handles[path] = _open(path)
+        return self.handles[path]
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        path = self.where.get(name)
+        return None if path is None else tuple(self._handle(path).get_slice(name).get_shape())
+
+    def maybe(self, name: str) -> torch.Tensor | None:
         path = self.where.get(name)
         if path is None:
             return None
-        if path not in self.handles:
-            self.handles[path] = safe_open(str(path), framework="pt")
-        return self.handles[path].get_tensor(name).to(device=self.device, dtype=self.dtype)
+        try:
+            tensor = self._handle(path).get_tensor(name)
+        except Exception as exc:  # a file cut short after its header
+            raise _damaged(path, exc) from None
+        return tensor.to(device=self.device, dtype=self.dtype)
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self.maybe(name)

@@ -6,6 +6,15 @@ allocated, `alloc(n)` is all-or-nothing (RESOURCE_EXHAUSTED when fewer than n pa
 `free(ids)` refuses a page that is not allocated (a double free, or an id never handed out) and
 then changes nothing. `is_full()` says every page is back, which tests use to prove nothing leaked.
 
+Pages are handed out as contiguous runs where the free pages allow: the free pages are kept as
+runs (start -> length, merged with their neighbours on free), and `alloc(n)` takes the smallest
+free run that holds all n pages (best fit, lowest start on ties), else the longest runs first
+until n are taken. A request whose pages form one run travels in place, without pack or unpack
+(worker/transfer/runs.py); `free_runs()` reports the fragmentation (bench/transfer.py).
+
+`KvPool(..., shared=True)` puts a CPU pool's tensor in shared memory that a prefill rank of the
+same host maps and writes into (worker/kv/shm_pool.py; CUDA pools are shareable as they are).
+
 The allocator is guarded by a lock, so the rank's event loop and its worker threads (pack and
 unpack run in threads) may share a pool; the tensor itself is not locked: whoever holds a page
 owns its bytes.
@@ -25,7 +34,8 @@ from pdmesh.worker.kv.layout import KvLayout
 class KvPool:
     """A rank's KV pages and their allocator."""
 
-    def __init__(self, layout: KvLayout, num_pages: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, layout: KvLayout, num_pages: int, device: str | torch.device = "cpu", *,
+                 shared: bool = False) -> None:
         if not isinstance(num_pages, int) or num_pages < 1:
             raise InvalidArgument(f"a KV pool needs at least one page, got {num_pages!r}",
                                   reason="INVALID_KV_POOL", metadata={"num_pages": num_pages})
@@ -34,16 +44,28 @@ class KvPool:
         self.device = torch.device(device)
         shape = (layout.num_layers, 2, num_pages, layout.page_size, layout.num_kv_heads,
                  layout.head_dim)
-        self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device)
+        if shared and self.device.type == "cpu":
+            from pdmesh.worker.kv.shm_pool import shared_zeros
+
+            self.kv = shared_zeros(shape, layout.dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=layout.dtype, device=self.device)
         self._lock = threading.Lock()
-        # Lowest ids first: a fresh pool hands out 0, 1, 2, ... (pop from the end of a reversed list).
-        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        # Free pages as runs: start -> length, and end (exclusive) -> start for merging.
+        # A fresh pool is one run and hands out 0, 1, 2, ...
+        self._runs: dict[int, int] = {0: num_pages}
+        self._ends: dict[int, int] = {num_pages: 0}
         self._allocated: set[int] = set()
 
     @property
     def num_free(self) -> int:
         with self._lock:
-            return len(self._free)
+            return self.num_pages - len(self._allocated)
+
+    def free_runs(self) -> list[int]:
+        """Lengths of the free runs, in page order."""
+        with self._lock:
+            return [self._runs[start] for start in sorted(self._runs)]
 
     @property
     def num_used(self) -> int:
@@ -61,15 +83,55 @@ class KvPool:
             raise InvalidArgument(f"page count must be a non-negative integer, got {n!r}",
                                   reason="INVALID_PAGE_COUNT")
         with self._lock:
-            if n > len(self._free):
+            free = self.num_pages - len(self._allocated)
+            if n > free:
                 raise ResourceExhausted(
-                    f"KV pool has {len(self._free)} free pages of {self.num_pages}, {n} asked; "
+                    f"KV pool has {free} free pages of {self.num_pages}, {n} asked; "
                     "retry when requests finish or give the rank more pages",
                     reason="KV_POOL_EXHAUSTED",
-                    metadata={"requested": n, "free": len(self._free), "total": self.num_pages})
-            ids = [self._free.pop() for _ in range(n)]
+                    metadata={"requested": n, "free": free, "total": self.num_pages})
+            ids = self._take(n)
             self._allocated.update(ids)
             return ids
+
+    def _take(self, n: int) -> list[int]:
+        """n pages from the free runs (lock held; n <= free pages)."""
+        if n == 0:
+            return []
+        fits = [(length, start) for start, length in self._runs.items() if length >= n]
+        if fits:
+            _, start = min(fits)
+            self._cut(start, n)
+            return list(range(start, start + n))
+        ids: list[int] = []
+        for start, length in sorted(self._runs.items(), key=lambda r: (-r[1], r[0])):
+            take = min(length, n - len(ids))
+            self._cut(start, take)
+            ids.extend(range(start, start + take))
+            if len(ids) == n:
+                break
+        return ids
+
+    def _cut(self, start: int, n: int) -> None:
+        """Take the first n pages of the free run at `start`."""
+        length = self._runs.pop(start)
+        del self._ends[start + length]
+        if n < length:
+            self._runs[start + n] = length - n
+            self._ends[start + length] = start + n
+
+    def _put(self, start: int, n: int) -> None:
+        """Return pages [start, start + n) to the free runs, merged with their neighbours."""
+        end = start + n
+        if start in self._ends:  # a free run ends where this one starts
+            start = self._ends.pop(start)
+            n = end - start
+        if end in self._runs:  # a free run starts where this one ends
+            tail = self._runs.pop(end)
+            del self._ends[end + tail]
+            end += tail
+        self._runs[start] = end - start
+        self._ends[end] = start
 
     def free(self, ids: Iterable[int]) -> None:
         """Return pages; any id not allocated (double free, never allocated) changes nothing."""
@@ -84,8 +146,20 @@ class KvPool:
                     reason="KV_PAGE_NOT_ALLOCATED",
                     metadata={"not_allocated": bad[:32], "repeated": dup[:32]})
             self._allocated.difference_update(ids)
-            self._free.extend(reversed(ids))
+            for start, n in _segments(sorted(ids)):
+                self._put(start, n)
 
     def __repr__(self) -> str:
         return (f"KvPool({self.layout}, num_pages={self.num_pages}, device={self.device}, "
                 f"free={self.num_free})")
+
+
+def _segments(ids: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of the runs of consecutive ids in a sorted list."""
+    out: list[tuple[int, int]] = []
+    for i in ids:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out

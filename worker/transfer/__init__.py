@@ -1,6 +1,6 @@
 """The KV data plane: moving a room's KV pages from a prefill rank to a decode rank.
 
-Lifecycle of one transfer (the worker issue drives both ends; the control path, gRPC, carries
+Lifecycle of one transfer (the prefill and decode ranks drive the two ends; the control path, gRPC, carries
 the room, the sender's address and epoch, and a random per-transfer token to both ranks):
 
 1. Each rank creates one transport (`make_transport("ucx")`: one UCX worker per process). A
@@ -13,10 +13,12 @@ the room, the sender's address and epoch, and a random per-transfer token to bot
    its layers are final (`layers`), the trailer once the first token is known.
 3. Decode: `pages = pool.alloc(...)`; `first = await receiver.fetch(address, R, epoch=...,
    pool=pool, page_ids=pages, token=token, timeout=...)`; on failure free the pages.
-4. On the wire (protos/pdmesh/transfer/v1/transfer.proto): request -> status (before any KV
-   moves; a room not offered yet is waited for up to `room_wait_s`, then NOT_FOUND) -> chunks
-   (ranges of layers, tagged by transfer id and index; packing/unpacking the next chunk
-   overlaps the wire) -> trailer (first token, byte count, checksum, token) checked by the
+4. On the wire (protos/pdmesh/transfer/v1/transfer.proto): request (with the receiver's page
+   runs) -> status (before any KV moves; a room not offered yet is waited for up to
+   `room_wait_s`, then NOT_FOUND; an OK carries the sender's page runs) -> the messages of the
+   wire plan (`runs`: page runs both pools share travel in place, one message per layer and
+   K/V; the rest packed per chunk of layers; tagged by transfer id and message index; packing
+   and unpacking the next chunk overlap the wire) -> trailer (first token, byte count, checksum, token) checked by the
    receiver: any mismatch is DATA_LOSS and nothing is committed.
 5. States (`state.TransferState`), each with a deadline: BOOTSTRAPPING (sender: offered, no
    request yet; receiver: connecting, request sent) -> WAITING_FOR_INPUT (receiver: waiting for
@@ -28,9 +30,14 @@ the room, the sender's address and epoch, and a random per-transfer token to bot
    right after is always safe.
 
 Modules: `config` (TransferConfig, UCX settings), `wire` (messages, tags, chunk plan,
-checksum), `state`, `link` (the transport interface), `ucx` and `inproc` (its two backends),
-`staging` (reused buffers), `layers` (which layers of an offer are final), `sender`, `receiver`, `loopback` (two-process tool for tests and
-benchmarks).
+checksum), `runs` (the wire plan of page runs), `digest` (the checksum computed in place),
+`streams` (the send and receive loops), `state`, `link` (the transport interface), `ucx` and
+`inproc` (its two backends), `staging` (reused buffers), `layers` (which layers of an offer are
+final: layer streaming), `sender`, `receiver`, `samehost` (the
+same-host path: the sender maps the receiver's pool, shared memory or CUDA IPC, and writes the
+pages straight into it; chosen per link, `TransferConfig.path` / PDMESH_KV_TRANSFER_PATH=ucx
+turns it off), `loopback`
+(two-process tool for tests and benchmarks).
 """
 
 from pdmesh.worker.transfer.config import TransferConfig, apply_ucx_defaults

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MiB = 1 << 20
 
@@ -37,12 +37,33 @@ UCX_DEFAULTS: dict[str, str] = {
 }
 
 
-def apply_ucx_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set every UCX default the environment does not already set; return the effective values."""
+def apply_ucx_defaults(environ: MutableMapping[str, str] | None = None,
+                       device: str = "cpu") -> dict[str, str]:
+    """Set every UCX default the environment does not already set (with the CUDA ones where
+    the rank's pools are on a GPU); return the effective values."""
     env = os.environ if environ is None else environ
-    for key, value in UCX_DEFAULTS.items():
+    defaults = dict(UCX_DEFAULTS)
+    if str(device).startswith("cuda"):
+        defaults.update(UCX_GPU_DEFAULTS)
+    for key, value in defaults.items():
         env.setdefault(key, value)
-    return {key: env[key] for key in UCX_DEFAULTS}
+    return {key: env[key] for key in defaults}
+
+# What changes for a rank whose pools are CUDA memory (README, "CUDA memory over UCX"):
+UCX_GPU_DEFAULTS: dict[str, str] = {
+    # UCX's CUDA transports: cuda_ipc moves device memory between processes of a host (and over
+    # NVLink), cuda_copy stages it where no peer mapping exists.
+    "UCX_TLS": "cuda_copy,cuda_ipc,sm,self,tcp",
+    # Protocol v2 for CUDA memory: a bare ucxx send of one CUDA buffer, two processes on one
+    # GPU, moved 256 GB/s (1 GiB) and 336 GB/s (64 MiB) with v2 against 116-127 and 144-189 with
+    # v1 (H200, 2026-12-06); v1 stays for host memory (tcp, above).
+    "UCX_PROTO_ENABLE": "y",
+}
+# Every CUDA message through ucxx cost 0.25-0.45 ms of latency whatever its size (64 in-place
+# messages per request moved 4-5 GB/s at 64 MiB, packed 64 MiB chunks 17 GB/s): on the GPU a
+# transfer packs (the kernel moves ~2.6 TB/s) into few large messages and sends nothing in place.
+GPU_CHUNK_BYTES = 256 * MiB
+GPU_WINDOW_BYTES = 1024 * MiB
 
 
 @dataclass(frozen=True)
@@ -58,16 +79,29 @@ class TransferConfig:
     layers): with layer streaming a chunk leaves once its last layer is computed, so the part of
     a transfer left after the prefill ends is about one chunk (README, TTFT benchmark)."""
     send_depth: int = 2
-    """Chunks one transfer keeps in flight on the sender: packing chunk i+1 overlaps sending i."""
+    """Chunks one transfer prepares ahead on the sender (checksums, packing): packing chunk i+1
+    overlaps sending i."""
+    send_window_bytes: int = 16 * MiB
+    """Bytes of messages one transfer keeps on the wire at once (at least one message)."""
+    direct_min_bytes: int = 256 * 1024
+    """A run of pages that is contiguous in both pools travels in place (sent from and received
+    into the pools, one message per layer and K/V, no pack or unpack) when it holds at least
+    this many bytes per layer and K/V; shorter runs are packed (worker/transfer/runs.py). The
+    receiver's setting (and `max_direct_runs`) travels in its request: both sides plan alike."""
+    max_direct_runs: int = 16
+    """At most this many runs of a request travel in place (the longest); the rest is packed:
+    every direct run adds a message per layer and K/V."""
     recv_window: int = 2
     """Chunk receives one transfer keeps posted on the receiver: unpacking i overlaps receiving
     the next ones."""
     connect_timeout_s: float = 5.0
     """Deadline of connecting to a peer's listener (part of BOOTSTRAPPING)."""
-    answer_timeout_s: float = 5.0
-    """How long a receiver waits for the sender to acknowledge a transfer request (and the
-    grace it adds to the wait the sender announced): a request or answer lost on the way costs
-    this bound, never the request's deadline."""
+    answer_timeout_s: float = 10.0
+    """How long a link may stay silent after a transfer request before the receiver takes the
+    request as lost (and the grace it adds to the wait the sender announced): a request or answer
+    lost on the way costs this bound, never the request's deadline. A sender that keeps answering
+    other requests on the link is alive and is waited for (under a 1,000-request burst on 2 cores
+    a rank's answers came more than 5 s late)."""
     room_wait_s: float = 5.0
     """How long the sender holds a request for a room that is not offered (the decode may come
     first) before it answers NOT_FOUND; `KvSender.expect(room, ...)` extends it for one room."""
@@ -87,12 +121,34 @@ class TransferConfig:
     """Host the sender publishes in its address (the listener binds every interface)."""
     listen_port: int = 0
     """Port of the sender's UCX listener; 0 lets the OS choose."""
+    path: str = "auto"
+    """How KV moves: "auto" writes straight into the peer's pool where both ranks share a host
+    and can map it (samehost.py), UCX elsewhere; "ucx" always uses UCX. Entry points set it from
+    --kv-transfer-path / PDMESH_KV_TRANSFER_PATH."""
+    same_host_verify: bool = False
+    """Same host: the receiver also re-reads its pages after the trailer and checks the writer's
+    checksum (taken in the copy pass). Off by default: it is a second pass over every byte
+    (README, transfer benchmark, gives its cost); the trailer's token, first token and byte count
+    are always checked."""
+
+    def for_device(self, device: str) -> "TransferConfig":
+        """These settings with the chunking measured for pools on `device` ("cuda...": packed
+        chunks of `GPU_CHUNK_BYTES`, nothing in place, a GiB in flight; see above)."""
+        if not str(device).startswith("cuda"):
+            return self
+        return replace(self, chunk_bytes=max(self.chunk_bytes, GPU_CHUNK_BYTES),
+                       send_window_bytes=max(self.send_window_bytes, GPU_WINDOW_BYTES),
+                       recv_window=max(self.recv_window, GPU_WINDOW_BYTES // GPU_CHUNK_BYTES),
+                       send_depth=max(self.send_depth, 4), max_direct_runs=0)
 
     def __post_init__(self) -> None:
-        for name in ("chunk_bytes", "min_chunks", "send_depth", "recv_window", "copy_threads"):
+        for name in ("chunk_bytes", "min_chunks", "send_depth", "recv_window", "copy_threads",
+                     "send_window_bytes", "direct_min_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be >= 1")
         for name in ("connect_timeout_s", "answer_timeout_s", "room_wait_s", "transfer_timeout_s",
                      "abort_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TransferConfig.{name} must be > 0")
+        if self.path not in ("auto", "ucx"):
+            raise ValueError(f"TransferConfig.path must be auto or ucx, got {self.path!r}")

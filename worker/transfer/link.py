@@ -40,6 +40,8 @@ class Link(abc.ABC):
         self.peer = peer
         self._on_control: Callable[[bytes], None] | None = None
         self._early: list[bytes] = []  # control messages that arrived before on_control was set
+        #: Event-loop time of the last control message received (0: none yet).
+        self.last_received = 0.0
         self.on_closed: Callable[[PdmeshError], None] = lambda error: None
         self.closed_error: PdmeshError | None = None
 
@@ -63,6 +65,7 @@ class Link(abc.ABC):
         """Backends call this for every arriving control message, in order."""
         if self.closed_error is not None:
             return
+        self.last_received = asyncio.get_running_loop().time()
         if self._on_control is None:
             self._early.append(data)
             return

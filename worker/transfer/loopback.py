@@ -13,7 +13,8 @@ on stdout (UCX may print its own lines there too: skip lines that do not start w
     receiver: {"op": "fetch", "address": A, "rooms": [R, ..], "pages": N, "timeout": T,
                "verify": true, "sequential": false, "layers_per_chunk": k (optional),
                "fresh_links": false (each room on a brand-new link, closed after it)}
-              -> {"event": "fetch_done", "room": R, "ok": .., "seconds": .., "bytes": .., "cpu_s": ..}
+              -> {"event": "fetch_done", "room": R, "ok": .., "seconds": .., "bytes": .., "cpu_s": ..,
+                  "path": "samehost" or "ucx"}
                  per room,
                  then {"event": "batch_done", "seconds": ..}
     both:     {"op": "pool"} -> {"event": "pool", "free": F, "total": P};  {"op": "exit"}
@@ -21,12 +22,18 @@ on stdout (UCX may print its own lines there too: skip lines that do not start w
 Any command may name another "layout" (same syntax as --layout); its pool is made on first use
 with "pool_pages" pages.
 
-With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
+Pages come from the pool as it hands them out (contiguous runs where free pages allow), or with
+"scattered": true (offer and fetch) at random ids among all free pages, or with "max_run": K in
+runs of random lengths 1..K in random order: pools fragmented by other requests. With "fill", the sender writes room R's pages from a generator seeded by R and the receiver
 ("verify") compares every byte it received with the same bytes. The token of room R is derived
-from R on both sides (the real control path sends a random one). Pages are handed out in a
-shuffled order, so a request's pages sit at scattered ids as they do in a serving rank.
-`--pack-delay S` slows each chunk's pack by S seconds and reports {"event": "packing"} (used to
-kill a sender mid-transfer).
+from R on both sides (the real control path sends a random one).
+`--pack-delay S` slows each chunk's pack (or same-host copy) by S seconds and reports
+{"event": "packing"} (used to kill a sender mid-transfer).
+
+`--kv-transfer-path auto|ucx` (default: PDMESH_KV_TRANSFER_PATH, else auto) picks the path as a
+rank does: with auto, the receiver's pools live in shared memory and a sender of the same host
+writes straight into them (worker/transfer/samehost.py); ucx moves every byte over UCX.
+`--set FIELD=INT` sets an integer TransferConfig field (e.g. direct_min_bytes).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from pdmesh.errors import PdmeshError
 from pdmesh.worker.kv.layout import DTYPE_NAMES, KvLayout
 from pdmesh.worker.kv.pack import pack, unpack
 from pdmesh.worker.kv.pool import KvPool
+from pdmesh.worker.transfer import samehost
 from pdmesh.worker.transfer import sender as sender_module
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import make_transport
@@ -79,13 +87,28 @@ def parse_layout(text: str) -> KvLayout:
     return KvLayout(int(layers), int(size), int(heads), int(dim), DTYPE_NAMES[dtype])
 
 
-def make_pool(layout: KvLayout, pages: int) -> KvPool:
-    pool = KvPool(layout, pages)
+def make_pool(layout: KvLayout, pages: int, shared: bool = False, device: str = "cpu") -> KvPool:
+    pool = KvPool(layout, pages, device=device, shared=shared)
     pool.kv.view(torch.uint8).random_()  # touch every page now, not inside a timed transfer
-    ids = pool.alloc(pages)
-    random.Random(pages).shuffle(ids)
-    pool.free(ids)  # the free list is now shuffled
     return pool
+
+
+def alloc(pool: KvPool, n: int, cmd: dict, seed: int) -> list[int]:
+    """n pages: as the pool hands them out (runs), at random ids among all free pages
+    ("scattered"), or in runs of random lengths 1..max_run in random order ("max_run")."""
+    max_run = 1 if cmd.get("scattered") else int(cmd.get("max_run", 0))
+    if max_run < 1:
+        return pool.alloc(n)
+    free = sorted(pool.alloc(pool.num_free) if n <= pool.num_free else pool.alloc(n))
+    rng, runs, at = random.Random(seed), [], 0
+    while at < len(free):
+        length = rng.randint(1, max_run)
+        runs.append(free[at:at + length])
+        at += length
+    rng.shuffle(runs)
+    ids = [page for run in runs for page in run]
+    pool.free(ids[n:])
+    return ids[:n]
 
 
 def error_fields(err: BaseException | None) -> dict:
@@ -99,12 +122,16 @@ def error_fields(err: BaseException | None) -> dict:
 class Rank:
     def __init__(self, args) -> None:
         self.args = args
-        self.pools: dict[str, KvPool] = {args.layout: make_pool(parse_layout(args.layout),
-                                                                 args.pages)}
+        # a receiver offers its pools to same-host senders unless the path is forced to UCX
+        self.shared = args.role == "receiver" and args.kv_transfer_path == "auto"
+        self.pools: dict[str, KvPool] = {args.layout: make_pool(
+            parse_layout(args.layout), args.pages, self.shared, args.device)}
+        extra = {key: int(value) for key, value in (kv.split("=", 1) for kv in args.set)}
         config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace,
-                                send_depth=args.depth, recv_window=args.depth)
+                                send_depth=args.depth, recv_window=args.depth,
+                                path=args.kv_transfer_path, **extra)
         self.transport = make_transport(args.transport)
-        self.sender = KvSender(self.transport, epoch=EPOCH, config=config) \
+        self.sender = KvSender(self.transport, epoch=EPOCH, config=config, device=args.device) \
             if args.role == "sender" else None
         self.receiver = KvReceiver(self.transport, config=config) \
             if args.role == "receiver" else None
@@ -114,18 +141,19 @@ class Rank:
         """The pool of the command's layout (created on first use with `pool_pages` pages)."""
         key = cmd.get("layout", self.args.layout)
         if key not in self.pools:
-            self.pools[key] = make_pool(parse_layout(key), cmd.get("pool_pages", self.args.pages))
+            self.pools[key] = make_pool(parse_layout(key), cmd.get("pool_pages", self.args.pages),
+                                        self.shared, self.args.device)
         return self.pools[key]
 
     async def offer(self, cmd: dict) -> None:
         room, pages, pool = cmd["room"], cmd["pages"], self.pool_for(cmd)
         try:
-            ids = pool.alloc(pages)
+            ids = alloc(pool, pages, cmd, ~room)
         except PdmeshError as err:
             emit(event="offer_done", room=room, **error_fields(err))
             return
         if cmd.get("fill"):
-            unpack(content(pool.layout, room, pages), pool.kv, ids)
+            unpack(content(pool.layout, room, pages).to(pool.kv.device), pool.kv, ids)
         try:
             offer = self.sender.offer(room, pool, ids, room % 50000, token=token_for(room),
                                       timeout=cmd.get("timeout", 30.0))
@@ -141,7 +169,7 @@ class Rank:
     async def fetch_one(self, cmd: dict, room: int) -> None:
         pages, pool = cmd["pages"], self.pool_for(cmd)
         try:
-            ids = pool.alloc(pages)
+            ids = alloc(pool, pages, cmd, room)
         except PdmeshError as err:
             emit(event="fetch_done", room=room, **error_fields(err))
             return
@@ -159,17 +187,19 @@ class Rank:
             if first != room % 50000:
                 error = PdmeshError(f"first token {first} != {room % 50000}")
             if cmd.get("verify"):
-                got = pack(pool.kv, ids).reshape(-1)
+                got = pack(pool.kv, ids).reshape(-1).cpu()
                 verified = torch.equal(got.view(torch.uint8),
                                        content(pool.layout, room, pages).view(torch.uint8))
         except PdmeshError as err:
             seconds, error, cpu = time.perf_counter() - started, err, 0.0
         finally:
             pool.free(ids)
+            link = receiver._links.get(cmd["address"])
+            path = "samehost" if link and receiver._samehost.mapped(link, pool) else "ucx"
             if receiver is not self.receiver:
                 await receiver.close()  # closes its link: the sender's endpoint goes too
         emit(event="fetch_done", room=room, seconds=seconds, verified=verified, cpu_s=cpu,
-             bytes=pool.layout.request_bytes(pages), **error_fields(error))
+             bytes=pool.layout.request_bytes(pages), path=path, **error_fields(error))
 
     async def fetch(self, cmd: dict) -> None:
         started = time.perf_counter()
@@ -220,15 +250,16 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
     loop.call_soon_threadsafe(lines.put_nowait, "")
 
 
-def _slow_pack(delay: float):
-    real = sender_module._pack_chunk
+def _slow(real, delay: float, layers_at: int):
+    """`real` (a chunk's pack, or same-host copy, whose layers a, b are its arguments
+    `layers_at` and `layers_at + 1`), announced and slowed by `delay` seconds."""
 
-    def pack_chunk(kv, ids, a, b, buf):
-        emit(event="packing", layers=[a, b])
+    def slowed(*args):
+        emit(event="packing", layers=[int(args[layers_at]), int(args[layers_at + 1])])
         time.sleep(delay)
-        return real(kv, ids, a, b, buf)
+        return real(*args)
 
-    return pack_chunk
+    return slowed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,11 +275,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=TransferConfig.send_depth,
                         help="chunks in flight per transfer, each way")
     parser.add_argument("--pack-delay", type=float, default=0.0)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                        help="an integer TransferConfig field, e.g. --set direct_min_bytes=65536")
+    parser.add_argument("--device", default="cpu", help="torch device of the pools (e.g. cuda:0)")
+    parser.add_argument("--kv-transfer-path", choices=samehost.PATHS,
+                        default=os.environ.get(samehost.PATH_ENV, "auto"),
+                        help=f"auto: same-host writes where possible; ucx: always UCX "
+                             f"[{samehost.PATH_ENV}]")
     parser.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
     args = parser.parse_args(argv)
+    if args.kv_transfer_path not in samehost.PATHS:  # a bad PDMESH_KV_TRANSFER_PATH
+        parser.error(f"{samehost.PATH_ENV}={args.kv_transfer_path!r} is not one of "
+                     f"{', '.join(samehost.PATHS)}")
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
     if args.pack_delay:
-        sender_module._pack_chunk = _slow_pack(args.pack_delay)
+        sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay, 2)
+        samehost._copy_job = _slow(samehost._copy_job, args.pack_delay, 3)
+        samehost.CPU_CHUNK_BYTES = 1  # chunk as the receiver asks, so there is a "mid-copy"
     rank = Rank(args)
     if args.loop == "uvloop":
         import uvloop

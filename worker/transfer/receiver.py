@@ -9,10 +9,10 @@
         pool.free(pages)   # safe: fetch raises only once nothing writes into them any more
         raise
 
-One cached link per peer address. fetch sends the typed request (BOOTSTRAPPING) and waits at
-most `answer_timeout_s` for the sender to acknowledge it (a `TransferWaiting` or the status); a
-sender that does not answer gets its link closed as unresponsive and the fetch fails UNAVAILABLE
-KV_TRANSFER_NO_ANSWER (the decode retries once on a fresh link). Then it waits for the status
+One cached link per peer address. fetch sends the typed request (BOOTSTRAPPING) and waits for the
+sender to acknowledge it (a `TransferWaiting` or the status); when the link stays silent for
+`answer_timeout_s` the fetch fails UNAVAILABLE KV_TRANSFER_NO_ANSWER and the link is retired (the
+decode retries once, on a fresh link). Then it waits for the status
 (WAITING_FOR_INPUT: the prefill may not have offered the room yet), bounded by how long the
 sender said it would wait (each `TransferWaiting` renews it) plus `answer_timeout_s`, then
 (TRANSFERRING, bounded by `transfer_timeout_s` without a chunk arriving: with layer streaming the
@@ -43,12 +43,14 @@ import torch
 from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, PdmeshError,
                            Unavailable)
 from pdmesh.transfer.v1 import transfer_pb2 as pb
-from pdmesh.worker.kv.pack import check_page_ids, unpack_checked
+from pdmesh.worker.kv.pack import check_page_ids
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import wire
+from pdmesh.worker.transfer import runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
+from pdmesh.worker.transfer.runs import PoolSide
 from pdmesh.worker.transfer.staging import StagingCache
+from pdmesh.worker.transfer.streams import Incoming
 from pdmesh.worker.transfer.state import TransferState, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -66,9 +68,14 @@ class _Fetch:
     request_sent: bool = False
     accepted: bool = False
     peer_failed: bool = False
-    posted: int = 0
+    unanswered: bool = False  # the sender never acknowledged the request (presumed lost)
+    posted: int = 0  # messages posted, in plan order
+    own_runs: list = field(default_factory=list)  # this side's page runs, sent in the request
+    plan: runs.WirePlan | None = None  # known once the sender's OK (with its runs) arrived
     pending: list = field(default_factory=list)  # every UCX request and unpack job it started
     lent: list = field(default_factory=list)  # staging buffers not yet given back
+    direct: bool = False  # same host: the sender writes into the pages itself (samehost.py)
+    ended: asyncio.Future | None = None  # same host: the sender's last message came
 
 
 class KvReceiver:
@@ -83,8 +90,10 @@ class KvReceiver:
         self._connecting: dict[str, asyncio.Future] = {}
         self._fetches: dict[int, _Fetch] = {}
         self._by_id: dict[tuple[int, int], _Fetch] = {}
+        self._retired: set[Link] = set()  # links left unanswered: closed once no fetch uses them
         self._staging: StagingCache | None = None
         self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-unpack")
+        self._samehost = samehost.SameHostReceiver(self.config.path, self.config.connect_timeout_s)
 
     def state(self, room: int) -> TransferState | None:
         fetch = self._fetches.get(room)
@@ -97,7 +106,7 @@ class KvReceiver:
             return False
         return fetch.status.fail(error or Cancelled(f"the decode rank aborted room {room}",
                                                     reason="KV_TRANSFER_ABORTED",
-                                                    metadata={"room": room}))
+                                                    metadata={"bootstrap_room": room}))
 
     async def close(self) -> None:
         for room in list(self._fetches):
@@ -119,7 +128,7 @@ class KvReceiver:
                                   reason="INVALID_TRANSFER_TOKEN")
         if room in self._fetches:
             raise AlreadyExists(f"room {room} is already being fetched by this rank",
-                                reason="KV_TRANSFER_IN_PROGRESS", metadata={"room": room})
+                                reason="KV_TRANSFER_IN_PROGRESS", metadata={"bootstrap_room": room})
         layout = pool.layout
         plan = wire.ChunkPlan(layout, len(ids), layers_per_chunk or wire.ChunkPlan.layers_for(
             layout, len(ids), self.config.chunk_bytes, self.config.min_chunks))
@@ -128,7 +137,8 @@ class KvReceiver:
             f"fetch room {room}", timeout,
             {TransferState.BOOTSTRAPPING: self.config.connect_timeout_s + 1.0,
              TransferState.TRANSFERRING: self.config.transfer_timeout_s}),
-            loop.create_future(), loop.create_future(), loop.create_future())
+            loop.create_future(), loop.create_future(), loop.create_future(),
+            ended=loop.create_future())
         self._fetches[room] = fetch
         try:
             return await self._run(fetch, address, epoch, pool, ids, token, plan)
@@ -136,6 +146,7 @@ class KvReceiver:
             del self._fetches[room]
             if fetch.link is not None:
                 self._by_id.pop((id(fetch.link), fetch.transfer_id), None)
+                self._close_if_idle(fetch.link)
 
     async def _run(self, fetch: _Fetch, address: str, epoch: int, pool: KvPool,
                    ids: torch.Tensor, token: bytes, plan: wire.ChunkPlan) -> int:
@@ -143,11 +154,19 @@ class KvReceiver:
         try:
             fetch.link = await status.guard(self._link(address))
             self._by_id[(id(fetch.link), fetch.transfer_id)] = fetch
+            fetch.own_runs = runs.page_runs(ids)
             request = pb.TransferRequest(
                 transfer_id=fetch.transfer_id, room=fetch.room, epoch=epoch,
                 layout=pool.layout.to_proto(), num_pages=len(ids),
                 expected_bytes=plan.total_bytes, layers_per_chunk=plan.layers_per_chunk,
-                token=token)
+                token=token, page_runs=fetch.own_runs,
+                direct_min_bytes=self.config.direct_min_bytes,
+                max_direct_runs=self.config.max_direct_runs)
+            pool_id = await status.guard(self._samehost.target(fetch.link, pool))
+            if pool_id is not None:  # same host: the sender writes straight into these pages
+                request.same_host.pool_id = pool_id
+                request.same_host.page_ids.extend(ids.tolist())
+                fetch.direct = True
             fetch.request_sent = True
             await status.guard(fetch.link.send_control(wire.encode(pb.TransferMessage(
                 request=request))))
@@ -158,9 +177,24 @@ class KvReceiver:
                 raise wire.failure_from_proto(response.failure)
             fetch.accepted = True
             status.advance(TransferState.TRANSFERRING)
-            acc, total = await self._receive(fetch, pool, ids, plan)
+            if fetch.direct:
+                # same host: nothing arrives before the trailer, and a streamed prefill may still
+                # compute: bounded by the fetch's deadline (not yet per chunk, as over UCX)
+                status.rebound(status.remaining())
+                trailer = await status.guard(fetch.trailer)
+                value = None
+                if self.config.same_host_verify:
+                    value = await status.guard(asyncio.get_running_loop().run_in_executor(
+                        self._executor, samehost.checksum_of, pool.kv, ids, plan))
+                samehost.verify_trailer(trailer, plan.total_bytes, token, value)
+                status.succeed()
+                return trailer.first_token
+            wire_plan = self._wire_plan(fetch, plan, response)
+            incoming = Incoming(fetch, wire_plan, PoolSide(wire_plan, pool.kv, ids),
+                                self._staging_for(pool), self.config)
+            await incoming.run(self._executor)
             trailer = await status.guard(fetch.trailer)
-            _verify(trailer, plan, acc, total, token)
+            _verify(trailer, plan, incoming.digest.value(), incoming.total, token)
             status.succeed()
             return trailer.first_token
         except PdmeshError as err:
@@ -174,58 +208,59 @@ class KvReceiver:
             raise
 
     async def _acknowledged(self, fetch: _Fetch) -> None:
-        """Wait (bounded) until the sender acknowledges the request. No answer means the request
-        or its answer was lost: the link is closed as unresponsive and the fetch fails typed."""
-        bound = min(self.config.answer_timeout_s, fetch.status.remaining())
-        done, _ = await asyncio.wait({fetch.answered, fetch.status.failed}, timeout=bound,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if done:
+        """Wait until the sender acknowledges the request. The wait ends only after the link has
+        been silent for `answer_timeout_s` since the request went out: a sender that keeps
+        answering others on the same (ordered) link is alive, merely slow under load. Silence
+        means the request or its answer was lost: the fetch fails UNAVAILABLE KV_TRANSFER_NO_ANSWER
+        and the link is retired (new fetches open a fresh one; it closes once idle)."""
+        link, loop = fetch.link, asyncio.get_running_loop()
+        sent_at = loop.time()
+        while True:
+            quiet_until = max(sent_at, link.last_received) + self.config.answer_timeout_s
+            bound = min(quiet_until - loop.time(), fetch.status.remaining())
+            done, _ = await asyncio.wait({fetch.answered, fetch.status.failed},
+                                         timeout=max(bound, 0.0), return_when=asyncio.FIRST_COMPLETED)
             if fetch.status.error is not None:
                 raise fetch.status.error
-            return
-        link = fetch.link
-        log.warning("KV transfer of room %d: %s did not answer the request within %.1f s; closing "
-                    "the link", fetch.room, link.peer, bound)
+            if done:
+                return
+            if max(sent_at, link.last_received) + self.config.answer_timeout_s <= loop.time():
+                break  # silent for the whole bound: nothing of ours is being read
+        log.warning("KV transfer of room %d: %s left the request unanswered and the link silent for "
+                    "%.1f s; retiring the link", fetch.room, link.peer, self.config.answer_timeout_s)
         fetch.status.fail(Unavailable(
             f"the prefill rank at {link.peer} did not answer the transfer request for room "
-            f"{fetch.room} within {bound:.1f} s", reason="KV_TRANSFER_NO_ANSWER",
-            metadata={"room": fetch.room, "state": fetch.status.state.name, "peer": link.peer}))
-        link.close(Unavailable(f"{link.peer} left a transfer request unanswered",
-                               reason="KV_LINK_UNRESPONSIVE", metadata={"peer": link.peer}))
+            f"{fetch.room} (the link was silent for {self.config.answer_timeout_s:.1f} s)",
+            reason="KV_TRANSFER_NO_ANSWER",
+            metadata={"bootstrap_room": fetch.room, "state": fetch.status.state.name, "peer": link.peer}))
+        fetch.unanswered = True
+        self._retire(link)
         raise fetch.status.error
 
-    async def _receive(self, fetch: _Fetch, pool: KvPool, ids: torch.Tensor,
-                       plan: wire.ChunkPlan) -> tuple[int, int]:
-        staging = self._staging_for(pool)
-        loop = asyncio.get_running_loop()
-        slots: dict[int, tuple[asyncio.Future, torch.Tensor]] = {}
+    def _retire(self, link: Link) -> None:
+        """New fetches open a fresh link; this one closes when no fetch uses it any more."""
+        for address, cached in list(self._links.items()):
+            if cached is link:
+                del self._links[address]
+        self._retired.add(link)
+        self._close_if_idle(link)
 
-        def post() -> None:
-            index = fetch.posted
-            buf = staging.take(plan.chunk_bytes(index))
-            fetch.lent.append(buf)
-            future = fetch.link.recv_data(buf, wire.chunk_tag(fetch.transfer_id, index))
-            fetch.pending.append(future)
-            slots[index] = (future, buf)
-            fetch.posted += 1
+    def _close_if_idle(self, link: Link) -> None:
+        if link in self._retired and not any(k[0] == id(link) for k in self._by_id):
+            self._retired.discard(link)
+            link.close(Unavailable(f"{link.peer} left a transfer request unanswered",
+                                   reason="KV_LINK_UNRESPONSIVE", metadata={"peer": link.peer}))
 
-        while fetch.posted < min(self.config.recv_window, plan.num_chunks):
-            post()
-        acc, total = wire.FOLD_START, 0
-        for index, (a, b) in enumerate(plan.ranges):
-            future, buf = slots.pop(index)
-            await fetch.status.guard(future)
-            fetch.status.rebound(self.config.transfer_timeout_s)  # progress (a streamed prefill
-            # may still compute later layers: the bound is per chunk, not the whole transfer)
-            if fetch.posted < plan.num_chunks:
-                post()  # the next receive lands while this chunk unpacks
-            job = loop.run_in_executor(self._executor, _unpack_chunk, buf, pool.kv, ids, a, b)
-            fetch.pending.append(job)
-            acc = wire.fold(acc, await fetch.status.guard(job))
-            total += buf.numel()
-            fetch.lent.remove(buf)
-            staging.give(buf)
-        return acc, total
+    def _wire_plan(self, fetch: _Fetch, plan: wire.ChunkPlan,
+                   response: pb.TransferResponse) -> runs.WirePlan:
+        """The plan both sides build from both sides' runs (runs.py); DATA_LOSS if the sender's
+        runs do not describe the request."""
+        fetch.plan = runs.WirePlan.build(
+            plan.layout, plan.num_pages, plan.layers_per_chunk, fetch.own_runs,
+            runs.checked_runs(response.page_runs, plan.num_pages, from_request=False),
+            min_direct_bytes=self.config.direct_min_bytes,
+            max_direct_runs=self.config.max_direct_runs)
+        return fetch.plan
 
     async def _wind_down(self, fetch: _Fetch, plan: wire.ChunkPlan, pool: KvPool) -> None:
         """Tell the sender, receive what it still owes, wait until UCX is done with it all."""
@@ -239,17 +274,27 @@ class KvReceiver:
                 await link.send_control(wire.encode(pb.TransferMessage(abort=abort)))
             except PdmeshError:
                 pass
-        if not fetch.accepted and not fetch.peer_failed and not link.closed:
+        if not fetch.accepted and not fetch.peer_failed and not fetch.unanswered and not link.closed:
             # the sender answers every request exactly once; OK means chunks are coming
             done, _ = await asyncio.wait({fetch.response}, timeout=grace)
             if not done:
                 await drain([fetch.response], link, grace)
             elif not fetch.response.result().HasField("failure"):
                 fetch.accepted = True
-        if fetch.accepted and fetch.posted < plan.num_chunks and not link.closed:
-            scratch = self._staging_for(pool).take(plan.max_chunk_bytes)
+        if fetch.direct:  # no chunk tags: wait until the sender writes no more
+            if fetch.accepted:
+                await samehost.wait_for_writer(fetch.ended, link, grace)
+            return
+        if fetch.accepted and fetch.plan is None and not link.closed:
+            try:  # the OK came during the wind-down: its runs say how many messages follow
+                self._wire_plan(fetch, plan, fetch.response.result())
+            except PdmeshError:  # runs we cannot read: only closing the link ends its messages
+                link.close(fetch.status.error)
+        wire_plan = fetch.plan
+        if fetch.accepted and wire_plan and fetch.posted < wire_plan.num_messages and not link.closed:
+            scratch = self._staging_for(pool).take(wire_plan.max_message_bytes)
             fetch.lent.append(scratch)
-            while fetch.posted < plan.num_chunks:
+            while fetch.posted < wire_plan.num_messages:
                 fetch.pending.append(link.recv_data(
                     scratch, wire.chunk_tag(fetch.transfer_id, fetch.posted)))
                 fetch.posted += 1
@@ -286,9 +331,14 @@ class KvReceiver:
             return
         kind = message.WhichOneof("body")
         body = getattr(message, kind)
+        if kind == "same_host_ready":
+            self._samehost.on_ready(link, body)
+            return
         fetch = self._by_id.get((id(link), body.transfer_id))
         if fetch is None:
             return  # a transfer that already ended
+        if kind in ("trailer", "abort") and not fetch.ended.done():
+            fetch.ended.set_result(kind)
         if kind in ("waiting", "response") and not fetch.answered.done():
             fetch.answered.set_result(None)
         if kind == "waiting":
@@ -306,9 +356,12 @@ class KvReceiver:
     def _link_closed(self, address: str, link: Link, error: PdmeshError) -> None:
         if self._links.get(address) is link:
             del self._links[address]
+        self._samehost.link_closed(link)
         for (link_id, _), fetch in list(self._by_id.items()):
             if link_id == id(link):
                 fetch.status.fail(error)
+                if not fetch.ended.done():  # a closed link writes nothing more
+                    fetch.ended.set_result("closed")
 
     def _staging_for(self, pool: KvPool) -> StagingCache:
         if self._staging is None or self._staging.device != pool.kv.device:
@@ -331,13 +384,3 @@ def _verify(trailer: pb.TransferTrailer, plan: wire.ChunkPlan, acc: int, total: 
         raise DataLoss("KV transfer arrived damaged (" + "; ".join(
             f"{k}: {v}" for k, v in problems.items()) + "); nothing was committed, retry the "
             "request", reason="KV_TRANSFER_CORRUPT", metadata=problems)
-
-
-def _unpack_chunk(buf: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int, b: int) -> int:
-    """Worker thread: checksum `buf`, then unpack it into layers [a, b) of the pages."""
-    value = wire.checksum(buf)
-    staging = buf.view(kv.dtype).view((b - a, 2, ids.numel()) + tuple(kv.shape[3:]))
-    unpack_checked(staging, kv, ids, a, b)
-    if kv.is_cuda:
-        torch.cuda.current_stream(kv.device).synchronize()
-    return value

@@ -29,22 +29,23 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from pdmesh.errors import (Aborted, AlreadyExists, Cancelled, EpochMismatch, FailedPrecondition,
                            InvalidArgument, NotFound, PdmeshError, Unauthenticated)
-from pdmesh.rules import MAX_ROOM
+from pdmesh.rules import validate_room
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.kv.pack import check_page_ids, pack_checked
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import wire
+from pdmesh.worker.transfer import digest, runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.layers import LayerReadiness
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
+from pdmesh.worker.transfer.runs import PoolSide
+from pdmesh.worker.transfer.streams import Outgoing
 from pdmesh.worker.transfer.staging import StagingCache
 from pdmesh.worker.transfer.state import TransferState, TransferStatus
 
@@ -119,7 +120,7 @@ class KvSender:
     """Serves KV transfer requests for the rooms this rank offers."""
 
     def __init__(self, transport: Transport | str = "ucx", *, epoch: int,
-                 config: TransferConfig | None = None) -> None:
+                 config: TransferConfig | None = None, device: str | None = None) -> None:
         self.config = config or TransferConfig()
         self._owns_transport = isinstance(transport, str)
         self.transport = make_transport(transport) if isinstance(transport, str) else transport
@@ -134,6 +135,9 @@ class KvSender:
         self._tasks: set[asyncio.Task] = set()
         self._staging: StagingCache | None = None
         self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-pack")
+        # same host: the decodes' pools this rank mapped (samehost.py); `device`: this rank's pool
+        self._samehost = samehost.SameHostSender(self.config.path)
+        self._device = None if device is None else torch.device(device)
 
     async def start(self) -> str:
         """Start listening; return the address to publish for this rank."""
@@ -151,7 +155,7 @@ class KvSender:
         with `abort`); chunks leave as their layers become final (layers.py)."""
         if room in self._offers:
             raise FailedPrecondition(f"room {room} is already offered by this rank",
-                                     reason="KV_ROOM_ALREADY_OFFERED", metadata={"room": room})
+                                     reason="KV_ROOM_ALREADY_OFFERED", metadata={"bootstrap_room": room})
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
                                   reason="INVALID_TRANSFER_TOKEN")
@@ -186,7 +190,7 @@ class KvSender:
             return False
         return offer.status.fail(error or Aborted(f"the prefill rank aborted room {room}",
                                                   reason="KV_TRANSFER_ABORTED",
-                                                  metadata={"room": room}))
+                                                  metadata={"bootstrap_room": room}))
 
     async def close(self) -> None:
         for room in list(self._offers):
@@ -198,6 +202,7 @@ class KvSender:
         for task in list(self._tasks):
             task.cancel()
         self._executor.shutdown(wait=True)
+        self._samehost.close()
 
     # -- control messages ---------------------------------------------------------------------
 
@@ -224,8 +229,23 @@ class KvSender:
             aborted = self._jobs.get((id(link), message.abort.transfer_id))
             if aborted is not None and not aborted.done():
                 aborted.set_result(wire.failure_from_proto(message.abort.failure))
+        elif kind == "same_host_hello":
+            self._spawn(self._answer_hello(link, message.same_host_hello))
+
+    async def _answer_hello(self, link: Link, hello: pb.SameHostHello) -> None:
+        device = torch.device("cpu") if hello.kind == "cpu" else self._device or (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+        if self._device is not None and device is not None and device.type != self._device.type:
+            device = None  # a CPU pool cannot write a CUDA one (or back): UCX
+
+        ready = self._samehost.on_hello(link, hello, device)
+        try:
+            await link.send_control(wire.encode(pb.TransferMessage(same_host_ready=ready)))
+        except PdmeshError as err:
+            log.info("same-host answer to %s: %s", link.peer, err)
 
     def _link_closed(self, link: Link, error: PdmeshError) -> None:
+        self._samehost.link_closed(link)  # unmapped once no copy uses it
         for (link_id, _), aborted in list(self._jobs.items()):
             if link_id == id(link) and not aborted.done():
                 aborted.set_result(error)
@@ -243,15 +263,20 @@ class KvSender:
         key = (id(link), request.transfer_id)
         try:
             try:
-                offer = await self._claim(link, request, aborted)
+                offer, direct = await self._claim(link, request, aborted)
             except PdmeshError as err:
                 await self._respond(link, request.transfer_id, err)
                 return
-            await self._respond(link, request.transfer_id, None)
+            plan, mine = self._plan(request, offer)
+            await self._respond(link, request.transfer_id, None, mine)
             offer.status.advance(TransferState.TRANSFERRING)
             aborted.add_done_callback(lambda f, o=offer: o.status.fail(f.result()))
             try:
-                await self._stream(link, request, offer, aborted)
+                if direct is not None:  # same host: straight into the decode's pages
+                    await samehost.write(link, request, offer, *direct, self._samehost,
+                                         self._executor)
+                else:
+                    await self._stream(link, request, offer, plan, aborted)
             finally:
                 self._retire(offer)
                 offer._finish()
@@ -268,15 +293,16 @@ class KvSender:
         except PdmeshError as err:  # the link broke while answering
             log.info("transfer %x to %s: %s", transfer_id, link.peer, err)
 
-    async def _respond(self, link: Link, transfer_id: int, error: PdmeshError | None) -> None:
-        response = pb.TransferResponse(transfer_id=transfer_id)
+    async def _respond(self, link: Link, transfer_id: int, error: PdmeshError | None,
+                       page_runs: list[int] | None = None) -> None:
+        response = pb.TransferResponse(transfer_id=transfer_id, page_runs=page_runs or [])
         if error is not None:
             response.failure.CopyFrom(wire.failure_to_proto(error))
         await link.send_control(wire.encode(pb.TransferMessage(response=response)))
 
-    async def _claim(self, link: Link, request: pb.TransferRequest,
-                     aborted: asyncio.Future) -> Offer:
-        """The offer this request may take, after every check; raises the status to answer."""
+    async def _claim(self, link: Link, request: pb.TransferRequest, aborted: asyncio.Future):
+        """The offer this request may take, after every check, and its same-host target (or
+        None); raises the status to answer."""
         layout = _check_request(request)
         self._check_epoch(request)  # before any wait: a stale decode must re-resolve at once
         offer = await self._wait_for_offer(link, request, aborted)
@@ -284,18 +310,21 @@ class KvSender:
             raise Unauthenticated(f"wrong transfer token for room {request.room}; only the "
                                   "decode the router paired with this prefill may take it",
                                   reason="KV_TRANSFER_TOKEN_MISMATCH",
-                                  metadata={"room": request.room})
+                                  metadata={"bootstrap_room": request.room})
         if offer.claimed:
             raise FailedPrecondition(f"room {request.room} is already being sent",
                                      reason="KV_TRANSFER_ALREADY_CLAIMED",
-                                     metadata={"room": request.room})
+                                     metadata={"bootstrap_room": request.room})
         try:
             self._check_fit(request, layout, offer)
         except PdmeshError as err:
             offer.status.fail(err)
             raise
+        direct = None
+        if request.HasField("same_host"):  # a bad target fails the request, not the offer
+            direct = self._samehost.target(link, request, layout, offer.pool.kv.device)
         offer.claimed = True
-        return offer
+        return offer, direct
 
     def _check_epoch(self, request: pb.TransferRequest) -> None:
         # An instance's epoch grows whenever one of its ranks (re)starts; a decode whose info is
@@ -304,7 +333,7 @@ class KvSender:
             raise EpochMismatch(f"decode resolved this prefill at epoch {request.epoch}, this rank "
                                 f"started at epoch {self.epoch}; refresh the instance info and retry",
                                 metadata={"requested": request.epoch, "actual": self.epoch,
-                                          "room": request.room})
+                                          "bootstrap_room": request.room})
 
     def _check_fit(self, request: pb.TransferRequest, layout: KvLayout, offer: Offer) -> None:
         offer.pool.layout.check_compatible(layout)
@@ -352,7 +381,7 @@ class KvSender:
                 raise NotFound(f"room {room} is not held by this prefill rank (waited "
                                f"{self.config.room_wait_s:.1f} s); the decode asked the wrong "
                                "rank, or the prefill failed or has not started it",
-                               reason="KV_ROOM_NOT_FOUND", metadata={"room": room})
+                               reason="KV_ROOM_NOT_FOUND", metadata={"bootstrap_room": room})
             arrival = self._arrival(room)
             waiter = asyncio.ensure_future(arrival.wait())
             await asyncio.wait({waiter, aborted}, timeout=left,
@@ -378,75 +407,69 @@ class KvSender:
 
     # -- streaming ----------------------------------------------------------------------------
 
+    def _plan(self, request: pb.TransferRequest, offer: Offer) -> tuple[runs.WirePlan, list[int]]:
+        """The wire plan of this request (runs.py) and this side's runs, sent in the OK."""
+        mine = runs.page_runs(offer.page_ids)
+        plan = runs.WirePlan.build(
+            offer.pool.layout, len(offer.page_ids), request.layers_per_chunk,
+            runs.checked_runs(request.page_runs, request.num_pages, from_request=True), mine,
+            min_direct_bytes=request.direct_min_bytes, max_direct_runs=request.max_direct_runs)
+        return plan, mine
+
     async def _stream(self, link: Link, request: pb.TransferRequest, offer: Offer,
-                      aborted: asyncio.Future) -> None:
-        plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), request.layers_per_chunk)
-        staging = self._staging_for(offer.pool)
+                      plan: runs.WirePlan, aborted: asyncio.Future) -> None:
         ids = check_page_ids(offer.pool.kv, offer.page_ids, unique=False)  # once, not per chunk
-        status, tid = offer.status, request.transfer_id
-        inflight: deque[tuple[asyncio.Future, torch.Tensor | None]] = deque()
-        sent, acc, total = 0, wire.FOLD_START, 0
-        loop = asyncio.get_running_loop()
+        out = Outgoing(link, request.transfer_id, plan, PoolSide(plan, offer.pool.kv, ids),
+                       self._staging_for(offer.pool), offer.status, self.config,
+                       pack=lambda *args: _pack_chunk(*args))  # late lookup: tests hook it
+        status = offer.status
         try:
-            for index, (a, b) in enumerate(plan.ranges):
+            for c in range(len(plan.chunks)):
                 if status.terminal:
                     break
-                await status.guard(offer.wait_layers(b))  # layer streaming: [a, b) are final
-                buf = staging.take(plan.chunk_bytes(index))
-                job = loop.run_in_executor(self._executor, _pack_chunk, offer.pool.kv, ids, a, b,
-                                           buf)
-                try:
-                    chunk_sum = await status.guard(job)
-                except PdmeshError:
-                    await asyncio.wait({job})  # the pack thread still writes into buf
-                    staging.give(buf)
+                # layer streaming: chunk c's layers are final; nothing reads a later chunk's
+                # pages ahead of time until the prefill's compute ended
+                await status.guard(offer.wait_layers(plan.ranges[c][1]))
+                out.prepare_ahead(c, self._executor, until=None if offer.layers.done else c + 1)
+                if not await out.send_chunk(c):
                     break
-                inflight.append((link.send_data(buf, wire.chunk_tag(tid, index)), buf))
-                sent, acc, total = sent + 1, wire.fold(acc, chunk_sum), total + buf.numel()
-                while len(inflight) >= self.config.send_depth and not status.terminal:
-                    await self._retire_one(inflight, staging, status)
-            while inflight and not status.terminal:
-                await self._retire_one(inflight, staging, status)
+            await out.settle()
             if not status.terminal:
-                trailer = pb.TransferTrailer(transfer_id=tid, first_token=offer.first_token,
-                                             byte_count=total, checksum=acc, token=offer.token)
+                trailer = pb.TransferTrailer(transfer_id=request.transfer_id,
+                                             first_token=offer.first_token, byte_count=out.total,
+                                             checksum=out.digest.value(), token=offer.token)
                 await status.guard(link.send_control(wire.encode(pb.TransferMessage(
                     trailer=trailer))))
                 status.succeed()
                 return
         except PdmeshError as err:
             status.fail(err)
-        await self._wind_down(link, tid, plan, sent, inflight, staging, status, aborted)
+        await self._wind_down(link, request.transfer_id, out, status, aborted)
 
-    async def _retire_one(self, inflight, staging: StagingCache, status: TransferStatus) -> None:
-        future, buf = inflight[0]
-        try:
-            await status.guard(future)
-        except PdmeshError:
-            if not future.done():
-                return  # the transfer failed first; wind-down drains it
-            raise
-        inflight.popleft()
-        staging.give(buf)
-
-    async def _wind_down(self, link: Link, tid: int, plan: wire.ChunkPlan, sent: int, inflight,
-                         staging: StagingCache, status: TransferStatus,
+    async def _wind_down(self, link: Link, tid: int, out: Outgoing, status: TransferStatus,
                          aborted: asyncio.Future) -> None:
-        """After a failure: tell the receiver (unless it told us), complete the remaining chunk
-        tags with empty messages, and wait until UCX is done with every buffer."""
+        """After a failure: tell the receiver (unless it told us), complete the remaining message
+        tags with empty messages, and wait until UCX and the pack threads are done with every
+        buffer and page."""
         if not aborted.done() and not link.closed:
             abort = pb.TransferAbort(transfer_id=tid, failure=wire.failure_to_proto(status.error))
             try:
                 await link.send_control(wire.encode(pb.TransferMessage(abort=abort)))
             except PdmeshError:
                 pass
-        for index in range(sent, plan.num_chunks):
-            inflight.append((link.send_data(_EMPTY, wire.chunk_tag(tid, index)), None))
-        futures = [f for f, _ in inflight]
+        for index in range(out.sent, out.plan.num_messages):
+            out.inflight.append((link.send_data(_EMPTY, wire.chunk_tag(tid, index)), None, 0))
+        jobs = [job for job, _ in out.jobs.values()]
+        if jobs:  # pack threads still write into their buffers
+            await asyncio.wait(jobs)
+        futures = [f for f, _, _ in out.inflight]
         if await drain(futures, link, self.config.abort_grace_s):
-            for _, buf in inflight:
+            for _, buf, _ in out.inflight:
                 if buf is not None:
-                    staging.give(buf)
+                    out.staging.give(buf)
+            for _, buf in out.jobs.values():
+                if buf is not None:
+                    out.staging.give(buf)
 
     def _staging_for(self, pool: KvPool) -> StagingCache:
         if self._staging is None or self._staging.device != pool.kv.device:
@@ -457,15 +480,14 @@ class KvSender:
 def _check_request(request: pb.TransferRequest) -> KvLayout:
     """The checks a request must pass whatever the sender holds: answered at once, before any
     wait for the room (a malformed request never holds a task for `room_wait_s`)."""
-    if not 0 < request.room <= MAX_ROOM:
-        raise InvalidArgument(f"room must be in 1..2^63-1, got {request.room}",
-                              reason="INVALID_BOOTSTRAP_ROOM", metadata={"room": request.room})
+    validate_room(request.room)
     layout = KvLayout.from_proto(request.layout)
     if not 1 <= request.layers_per_chunk <= layout.num_layers:
         raise InvalidArgument(f"layers_per_chunk {request.layers_per_chunk} is outside "
                               f"1..{layout.num_layers}", reason="INVALID_CHUNKING")
     if not request.token:
         raise InvalidArgument("the transfer request carries no token", reason="INVALID_TRANSFER_TOKEN")
+    runs.checked_runs(request.page_runs, request.num_pages, from_request=True)
     return layout
 
 
@@ -474,10 +496,16 @@ def _task_done(task: asyncio.Task) -> None:
         log.error("KV sender task failed", exc_info=task.exception())
 
 
-def _pack_chunk(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor) -> int:
-    """Worker thread: pack layers [a, b) into `buf`; return its checksum."""
+def _pack_chunk(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor
+                ) -> torch.Tensor:
+    """Worker thread: pack layers [a, b) of pages `ids` into `buf`; return its checksum parts
+    (digest.py). On a GPU, returns once the packed bytes are there (an event, not a device-wide
+    sync): UCX reads them from another stream."""
     n = ids.numel()
     pack_checked(kv, ids, a, b, buf.view(kv.dtype).view((b - a, 2, n) + tuple(kv.shape[3:])))
+    sums = digest.parts(buf)
     if kv.is_cuda:
-        torch.cuda.current_stream(kv.device).synchronize()
-    return wire.checksum(buf)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(kv.device))
+        done.synchronize()
+    return sums

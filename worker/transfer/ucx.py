@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import struct
 import weakref
 from collections.abc import Callable
 
 import torch
 
+from pdmesh.config import env_flag
 from pdmesh.errors import Cancelled, DataLoss, DeadlineExceeded, PdmeshError, Unavailable
 from pdmesh.worker.transfer.config import apply_ucx_defaults
 from pdmesh.worker.transfer.link import Link, Transport
@@ -91,7 +91,7 @@ class _Engine:
         self.Array, self.Tag, self.TagMaskFull = Array, Tag, TagMaskFull
         self.worker = api.UCXWorker(context)
         self.worker.init_blocking_progress_mode()
-        self.hot_poll = os.environ.get("PDMESH_UCX_HOT_POLL", "0") == "1"
+        self.hot_poll = env_flag("UCX_HOT_POLL")
         self._pending: dict = {}  # UCXRequest -> (future, buffer kept alive, peer)
         self._scheduled = False
         loop.add_reader(self.worker.epoll_file_descriptor, self.progress)

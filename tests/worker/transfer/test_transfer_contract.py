@@ -1,11 +1,19 @@
-"""The transfer contract, run against both transports (in-process and UCX in this process).
+"""The transfer contract, run against every path: the in-process transport, UCX in this process,
+and the same-host path (UCX for control messages, the sender writing straight into the
+receiver's pool, which lives in shared memory).
 
-Every test ends with both pools back to full and no transfer left in either side's tables.
+Each transport runs it with three kinds of pools (the wire plan of worker/transfer/runs.py):
+`packed` (fresh pools, runs too short to travel in place: every byte packed), `one-run` (fresh
+pools, every request one run, every byte sent from and received into the pools in place) and
+`fragmented` (both pools fragmented on purpose, differently: requests of runs of 1 and 2 pages,
+the 2-page runs both sides share in place, the rest packed). Every test ends with both pools
+back to where they started and no transfer left in either side's tables.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -20,7 +28,9 @@ from pdmesh.worker.kv.pack import pack
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import (KvReceiver, KvSender, TransferConfig, TransferState,
                                     make_transport)
+from pdmesh.worker.transfer import samehost
 from pdmesh.worker.transfer import sender as sender_module
+from pdmesh.worker.transfer import streams
 
 LAYOUT = KvLayout(num_layers=6, page_size=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
 CONFIG = TransferConfig(room_wait_s=0.5, abort_grace_s=2.0, connect_timeout_s=3.0,
@@ -28,16 +38,46 @@ CONFIG = TransferConfig(room_wait_s=0.5, abort_grace_s=2.0, connect_timeout_s=3.
 EPOCH = 7
 
 
+PIECE = LAYOUT.page_bytes_per_layer
+POOLS = {"packed": CONFIG,
+         "one-run": dataclasses.replace(CONFIG, direct_min_bytes=1),
+         "fragmented": dataclasses.replace(CONFIG, direct_min_bytes=2 * PIECE, max_direct_runs=2)}
+
+
+def fragment(pool: KvPool, pattern: tuple[int, ...]) -> list[int]:
+    """Hold pages so the free ones form runs of the lengths in `pattern` (repeated), each
+    followed by one held page; return the held pages (ballast)."""
+    pages = pool.alloc(pool.num_pages)
+    held, at, k = [], 0, 0
+    while at < len(pages):
+        run = pattern[k % len(pattern)]
+        k += 1
+        held.extend(pages[at + run:at + run + 1])
+        at += run + 1
+    pool.free(sorted(set(pages) - set(held)))
+    return held
+
+
 class Mesh:
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.sender = KvSender(make_transport(kind), epoch=EPOCH, config=CONFIG)
-        self.receiver = KvReceiver(make_transport(kind), config=CONFIG)
-        self.src = KvPool(LAYOUT, 64)
-        self.dst = KvPool(LAYOUT, 64)
+    def __init__(self, kind: str, pools: str, sender: KvSender, receiver: KvReceiver) -> None:
+        self.kind = "ucx" if kind == "samehost" else kind
+        self.same_host = kind == "samehost"
+        self.sender, self.receiver = sender, receiver
+        receiver.config = POOLS[pools]  # the receiver's request tells the sender how to plan
+        self.src = KvPool(LAYOUT, 64 if pools != "fragmented" else 192)
+        self.dst = KvPool(LAYOUT, 64 if pools != "fragmented" else 192, shared=self.same_host)
         self.src.kv.copy_(torch.randn(self.src.kv.shape).to(LAYOUT.dtype))
+        self.held = {"src": [], "dst": []}
+        if pools == "fragmented":
+            self.held = {"src": fragment(self.src, (1, 3, 2)),
+                         "dst": fragment(self.dst, (2, 1, 4))}
         self.address = ""
         self.rooms = iter(range(1000, 1 << 30))
+
+    def settled(self) -> bool:
+        """Both pools hold exactly their ballast again."""
+        return (self.src.num_used == len(self.held["src"])
+                and self.dst.num_used == len(self.held["dst"]))
 
     def room(self) -> int:
         return next(self.rooms)
@@ -63,15 +103,32 @@ def loop():
     loop.close()
 
 
-@pytest.fixture(scope="module", params=["inproc", "ucx"])
-def mesh(request, loop):
-    mesh = Mesh(request.param)
-    mesh.address = loop.run_until_complete(mesh.sender.start())
+@pytest.fixture(scope="module")
+def ends(loop):
+    """One sender and one receiver per transport for the whole module (every kind of pool)."""
+    made: dict[str, tuple[KvSender, KvReceiver, str]] = {}
+    yield made
+    for sender, receiver, _ in made.values():
+        loop.run_until_complete(sender.close())
+        loop.run_until_complete(receiver.close())
+        loop.run_until_complete(receiver.transport.close())
+        loop.run_until_complete(sender.transport.close())
+
+
+@pytest.fixture(scope="module",
+                params=[(k, p) for k in ("inproc", "ucx") for p in POOLS] + [("samehost", "packed")],
+                ids=lambda p: "-".join(p))
+def mesh(request, loop, ends):
+    kind, pools = request.param
+    if kind not in ends:
+        transport = "ucx" if kind == "samehost" else kind
+        sender = KvSender(make_transport(transport), epoch=EPOCH, config=CONFIG)
+        receiver = KvReceiver(make_transport(transport), config=CONFIG)
+        ends[kind] = (sender, receiver, loop.run_until_complete(sender.start()))
+    sender, receiver, address = ends[kind]
+    mesh = Mesh(kind, pools, sender, receiver)
+    mesh.address = address
     yield mesh
-    loop.run_until_complete(mesh.sender.close())
-    loop.run_until_complete(mesh.receiver.close())
-    loop.run_until_complete(mesh.receiver.transport.close())
-    loop.run_until_complete(mesh.sender.transport.close())
 
 
 @pytest.fixture
@@ -80,8 +137,10 @@ def run(loop, mesh):
         return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
     yield run
+    # the path the mesh names is the one that ran: pools mapped only on the same-host mesh
+    assert bool(mesh.sender._samehost._maps) == (mesh.same_host and bool(mesh.receiver._links))
     # nothing leaks: pages back, no transfer in any table
-    assert mesh.src.is_full() and mesh.dst.is_full()
+    assert mesh.settled()
     assert not mesh.sender._offers and not mesh.sender._jobs
     assert not mesh.receiver._fetches and not mesh.receiver._by_id
 
@@ -95,20 +154,25 @@ async def _expect(aw, cls, reason=None):
 
 
 class BlockPack:
-    """Hold the sender's pack of chunk `at` until released: a transfer stopped mid-way."""
+    """Hold the sender's pack (or same-host copy) of chunk `at` until released: a transfer
+    stopped mid-way."""
 
     def __init__(self, monkeypatch, at: int = 1) -> None:
         self.reached, self.release, self.calls = threading.Event(), threading.Event(), 0
-        real = sender_module._pack_chunk
+        for module, name in ((sender_module, "_pack_chunk"), (samehost, "_copy_job")):
+            monkeypatch.setattr(module, name, self._blocked(getattr(module, name), at))
+        # a CPU same-host writer copies every layer at once; chunk as the receiver asks here
+        monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
 
-        def blocked(kv, ids, a, b, buf):
+    def _blocked(self, real, at: int):
+        def blocked(*args):
             self.calls += 1
             if self.calls == at + 1:
                 self.reached.set()
                 self.release.wait(10)
-            return real(kv, ids, a, b, buf)
+            return real(*args)
 
-        monkeypatch.setattr(sender_module, "_pack_chunk", blocked)
+        return blocked
 
     async def wait_reached(self):
         for _ in range(1000):
@@ -235,7 +299,7 @@ def test_an_unanswered_request_fails_within_its_bound_and_a_fresh_link_works(mes
         deaf(mesh.sender, "_on_control", lambda link, data: None)
         started = time.monotonic()
         err = await _expect(mesh.fetch(room, dst, timeout=60.0), Unavailable, "KV_TRANSFER_NO_ANSWER")
-        assert str(err.metadata["room"]) == str(room) and err.metadata["state"] == "BOOTSTRAPPING"
+        assert str(err.metadata["bootstrap_room"]) == str(room) and err.metadata["state"] == "BOOTSTRAPPING"
         assert time.monotonic() - started < CONFIG.answer_timeout_s + 2.0
         monkeypatch.undo()
         assert offer.state == TransferState.BOOTSTRAPPING  # still held for the decode
@@ -319,7 +383,10 @@ def test_receiver_abort_mid_transfer(mesh, run, monkeypatch):
         offer = mesh.offer(room, src)
         fetch = asyncio.ensure_future(mesh.fetch(room, dst, layers_per_chunk=1))
         await block.wait_reached()
-        assert mesh.receiver.state(room) == TransferState.TRANSFERRING
+        # the sender packs ahead of what the receiver has read (small chunks go out eagerly):
+        # the receiver gets to TRANSFERRING on its own, and cannot finish while chunk 2 is held
+        while mesh.receiver.state(room) != TransferState.TRANSFERRING:
+            await asyncio.sleep(0.005)
         assert mesh.receiver.abort(room)
         block.release.set()
         await _expect(fetch, Cancelled, "KV_TRANSFER_ABORTED")
@@ -398,15 +465,28 @@ def test_deadlines(mesh, run):
 
 
 def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
-    real = sender_module._pack_chunk
+    real, real_copy = streams._prepare_chunk, samehost._copy_job
 
-    def corrupt(kv, ids, a, b, buf):
-        value = real(kv, ids, a, b, buf)
-        if a == 1:
+    def corrupt(pack, side, msgs, a, b, buf):
+        sums = real(pack, side, msgs, a, b, buf)
+        if a == 1 and buf.numel():
             buf[5] ^= 0x10  # one bit flips after the checksum was taken
+        elif a == 1:  # every message in place: the bytes sent differ from those checksummed
+            sums[0] = sums[0] + 1
+        return sums
+
+    def corrupt_copy(src_kv, dst_kv, copies, a, b):
+        value = real_copy(src_kv, dst_kv, copies, a, b)
+        if a == 1:  # one bit of the written pages flips after the checksum was taken
+            dst_kv[1, 0, int(copies.dst_ids[0])].view(torch.uint8).view(-1)[5] ^= 0x10
         return value
 
-    monkeypatch.setattr(sender_module, "_pack_chunk", corrupt)
+    monkeypatch.setattr(streams, "_prepare_chunk", corrupt)
+    monkeypatch.setattr(samehost, "_copy_job", corrupt_copy)
+    monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
+    # same host: the receiver re-reads its pages only when asked to (same_host_verify)
+    monkeypatch.setattr(mesh.receiver, "config",
+                        dataclasses.replace(mesh.receiver.config, same_host_verify=True))
 
     async def go():
         room = mesh.room()

@@ -15,9 +15,55 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")]
 
 
-@pytest.mark.parametrize("layers_per_chunk", [0, 5])
-def test_cuda_pool_to_pool_over_ucx(layers_per_chunk):
+@pytest.mark.parametrize("layers_per_chunk,pages", [(0, "scattered"), (5, "scattered"),
+                                                    (0, "one-run")])
+def test_cuda_pool_to_pool_over_ucx(layers_per_chunk, pages):
     from bench import gpu_engine
-    rows = gpu_engine.run([512, 48], iters=2, layers_per_chunk=layers_per_chunk, timeout=120)
+    rows = gpu_engine.run([512, 48], iters=2, layers_per_chunk=layers_per_chunk, timeout=120,
+                          pages=pages)
     assert [(r["tokens"], r["ok"]) for r in rows] == [(512, True), (48, True)]
     assert rows[0]["bytes"] == 512 * 32 * 2 * 8 * 128 * 2
+
+
+@pytest.fixture(scope="module")
+def cuda_pair():
+    """A loopback sender and receiver with CUDA pools on the one GPU, path auto (same host)."""
+    import os
+    import sys
+
+    from bench.transfer import Proc
+    env = dict(os.environ, PDMESH_KV_TRANSFER_PATH="auto", PDMESH_TORCH_THREADS="1")
+    base = [sys.executable, "-m", "pdmesh.worker.transfer.loopback"]
+    args = ["--device", "cuda", "--pages", "64", "--layout", "4,16,8,128,bf16"]
+    sender, receiver = Proc(base + ["sender"] + args, env), Proc(base + ["receiver"] + args, env)
+    try:
+        address = sender.get("event", "ready", timeout=120)["address"]
+        receiver.get("event", "ready", timeout=120)
+        yield sender, receiver, address
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_same_host_cuda_pool_to_pool_is_bit_exact(cuda_pair, dtype):
+    """Two processes on one GPU: the prefill writes straight into the decode's CUDA pool (CUDA
+    IPC, one Triton launch per chunk); every byte checked, for 1-, 16- and 64-token pages,
+    several rooms at once, and both pools full afterwards."""
+    sender, receiver, address = cuda_pair
+    room = {"bf16": 1000, "fp16": 2000, "fp32": 3000}[dtype]
+    for page in (1, 16, 64):
+        layout, pages = f"4,{page},8,128,{dtype}", max(1, 512 // page)
+        common = {"layout": layout, "pool_pages": 2 * pages + 8, "pages": pages}
+        rooms = [room + page * 10 + i for i in range(3)]
+        for r in rooms:
+            sender.send(op="offer", room=r, fill=True, timeout=60, **common)
+            sender.get("event", "offered")
+        receiver.send(op="fetch", address=address, rooms=rooms, verify=True, timeout=60, **common)
+        done = [receiver.get("event", "fetch_done", timeout=120) for _ in rooms]
+        assert all(d["ok"] and d["verified"] and d["path"] == "samehost" for d in done), done
+        assert all(sender.get("event", "offer_done")["ok"] for _ in rooms)
+        for proc in (sender, receiver):
+            proc.send(op="pool", **common)
+            pool = proc.get("event", "pool")
+            assert pool["free"] == pool["total"]

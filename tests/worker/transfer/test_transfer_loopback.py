@@ -1,6 +1,7 @@
-"""Two real processes on loopback move KV over UCX (tcp, and shared memory), and a sender dies.
+"""Two real processes on loopback move KV over UCX (tcp, and shared memory) and over the
+same-host path (the sender writes into the receiver's pool), and a sender dies mid-transfer.
 
-One sender and one receiver process per transport for the module (`python -m
+One sender and one receiver process per path for the module (`python -m
 pdmesh.worker.transfer.loopback`, the UCX settings set by pdmesh itself except UCX_TLS).
 """
 
@@ -23,9 +24,16 @@ LAYOUT = "4,16,2,64,bf16"  # 4 KiB per page per layer: 32 KiB a page over K, V a
 PAGES = 1200
 BULK = 1000  # pages of the room whose bytes are counted on the loopback interface (31 MiB)
 TRANSPORTS = {
-    "tcp": {"UCX_TLS": "tcp"},
-    "sm": {"UCX_TLS": "sm,self,tcp"},  # pdmesh adds UCX_MM_ERROR_HANDLING=y itself
+    "tcp": {"UCX_TLS": "tcp", "PDMESH_KV_TRANSFER_PATH": "ucx"},
+    # pdmesh adds UCX_MM_ERROR_HANDLING=y itself
+    "sm": {"UCX_TLS": "sm,self,tcp", "PDMESH_KV_TRANSFER_PATH": "ucx"},
+    # control messages over tcp, every KV byte written straight into the receiver's pool
+    "samehost": {"UCX_TLS": "tcp", "PDMESH_KV_TRANSFER_PATH": "auto"},
 }
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
 class Proc:
@@ -120,8 +128,27 @@ def test_many_rooms_at_once_every_byte_checked(pair):
                   verify=True, layers_per_chunk=1)
     done = receiver.collect("fetch_done", len(small) + len(large))
     assert all(d["ok"] and d["verified"] for d in done), [d for d in done if not d["ok"]]
+    assert {d["path"] for d in done} == {"samehost" if kind == "samehost" else "ucx"}
     offers = sender.collect("offer_done", len(small) + len(large))
     assert all(o["ok"] for o in offers)
+    assert sender.pool()["free"] == PAGES and receiver.pool()["free"] == PAGES
+
+
+def test_fragmented_pools_every_byte_checked(pair):
+    """Both pools fragmented, differently (runs of every length up to 24 and 9 pages, single
+    pages): the runs both sides share travel in place, the rest packed; every byte checked."""
+    kind, _, sender, receiver = pair
+    cases = {500: ({"max_run": 24}, {"max_run": 9}), 501: ({"scattered": True}, {}),
+             502: ({}, {"scattered": True}), 503: ({"max_run": 3}, {"max_run": 40})}
+    for room, (offer, _) in cases.items():
+        sender.send(op="offer", room=room, pages=40, fill=True, timeout=30, **offer)
+        sender.wait("offered")
+    for room, (_, fetch) in cases.items():
+        receiver.send(op="fetch", address=sender.ready["address"], rooms=[room], pages=40,
+                      verify=True, **fetch)
+    done = receiver.collect("fetch_done", len(cases))
+    assert all(d["ok"] and d["verified"] for d in done), done
+    assert all(o["ok"] for o in sender.collect("offer_done", len(cases)))
     assert sender.pool()["free"] == PAGES and receiver.pool()["free"] == PAGES
 
 
@@ -134,8 +161,8 @@ def _loopback_bytes() -> int:
 
 
 def test_shared_memory_really_carries_the_bytes(pair):
-    """tcp moves the payload over the loopback interface; shared memory must not (a silent
-    fall-back to tcp, e.g. without UCX_MM_ERROR_HANDLING=y, would)."""
+    """tcp moves the payload over the loopback interface; shared memory and the same-host path
+    must not (a silent fall-back to tcp, e.g. without UCX_MM_ERROR_HANDLING=y, would)."""
     kind, _, sender, receiver = pair
     _offer(sender, [250], BULK)
     before = _loopback_bytes()
@@ -146,7 +173,7 @@ def test_shared_memory_really_carries_the_bytes(pair):
     sender.collect("offer_done", 1)
     assert done["ok"] and done["verified"], done
     payload = done["bytes"]
-    if kind == "sm":
+    if kind in ("sm", "samehost"):
         assert over_lo < payload / 4, (over_lo, payload)
     else:
         assert over_lo >= payload, (over_lo, payload)
@@ -154,6 +181,7 @@ def test_shared_memory_really_carries_the_bytes(pair):
 
 def test_sender_killed_mid_transfer(pair):
     kind, env, healthy, receiver = pair
+    shm_before = _shm()
     dying = Proc("sender", env, "--pack-delay", "0.5")
     try:
         dying.send(op="offer", room=300, pages=40, fill=True, timeout=60)
@@ -182,9 +210,40 @@ def test_sender_killed_mid_transfer(pair):
         assert again["ok"] and again["verified"]
         healthy.collect("offer_done", 1)
         assert receiver.pool()["free"] == PAGES and healthy.pool()["free"] == PAGES
+        assert _shm() <= shm_before  # the killed writer left no shared segment behind
     finally:
         dying.popen.kill()
         dying.popen.wait()
+
+
+def test_forced_ucx_and_same_host_links_in_one_mesh(pair):
+    """One receiver fetches from a sender forced to UCX and from a same-host one at once; a
+    receiver killed with -9 afterwards leaves nothing in /dev/shm (its pool is a memfd)."""
+    kind, env, same_host, _ = pair
+    if kind != "samehost":
+        pytest.skip("one mesh of both paths is built once, from the same-host pair")
+    shm_before = _shm()
+    forced = Proc("sender", dict(env, PDMESH_KV_TRANSFER_PATH="ucx"))
+    receiver = Proc("receiver", env)
+    try:
+        _offer(forced, [400, 401], 6)
+        _offer(same_host, [402, 403], 6)
+        for sender, rooms in ((forced, [400, 401]), (same_host, [402, 403])):
+            receiver.send(op="fetch", address=sender.ready["address"], rooms=rooms, pages=6,
+                          verify=True)
+        done = {d["room"]: d for d in receiver.collect("fetch_done", 4)}
+        assert all(d["ok"] and d["verified"] for d in done.values()), done
+        assert [done[r]["path"] for r in (400, 401, 402, 403)] == ["ucx"] * 2 + ["samehost"] * 2
+        forced.collect("offer_done", 2)
+        same_host.collect("offer_done", 2)
+        assert receiver.pool()["free"] == PAGES
+        receiver.popen.kill()
+        receiver.popen.wait()
+        assert _shm() <= shm_before
+    finally:
+        forced.stop()
+        receiver.popen.kill()
+        receiver.popen.wait()
 
 
 def test_many_fresh_links_at_once_lose_no_request(pair):

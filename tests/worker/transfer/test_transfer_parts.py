@@ -23,7 +23,7 @@ LAYOUT = KvLayout(num_layers=5, page_size=2, num_kv_heads=2, head_dim=4, dtype=t
 
 
 def test_failures_round_trip_as_the_same_class():
-    for error in (NotFound("gone", reason="KV_ROOM_NOT_FOUND", metadata={"room": 5}),
+    for error in (NotFound("gone", reason="KV_ROOM_NOT_FOUND", metadata={"bootstrap_room": 5}),
                   LayoutMismatch("differs", metadata={"dtype": "a!=b"}),
                   Unavailable("peer died", reason="KV_TRANSFER_PEER_LOST")):
         message = pb.TransferMessage(abort=pb.TransferAbort(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdmesh.errors import PdmeshError
-from pdmesh.proc import Proc
+from testkit.proc import Proc
 from pdmesh.router.client import RouterClient
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -167,7 +167,9 @@ class FaultMesh:
     """bootstrap + prefill (dp 2, round_robin: unpinned rooms take the lookup path) + decode (dp 2)
     + router, each on a fixed port of its own, with the rank fault hooks on."""
 
-    def __init__(self, tag: str = "faults", *, pack_delay_s: float = 1.0, num_pages: int = 256) -> None:
+    def __init__(self, tag: str = "faults", *, pack_delay_s: float = 1.0, num_pages: int = 640) -> None:
+        # 640 pages a rank: the scenarios stream LONG tokens for up to 6 requests, which the
+        # decode may place 3 to a rank (3 x 1,500 tokens of 16-token pages = 282 pages)
         self.tag = tag
         self.ports = {name: free_port() for name in ("bootstrap", "prefill", "decode", "router")}
         self.addr = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
@@ -213,10 +215,25 @@ class FaultMesh:
         return self
 
     def start_part(self, name: str) -> Proc:
-        """(Re)start one part on its own address; returns once it serves."""
+        """(Re)start one part on its own address; returns once it serves (a router: once it sees
+        a healthy prefill and decode, so that the first request is not refused)."""
         proc = self.procs[name] = self._proc(name).start()
         proc.wait_ready(180)
+        if name == "router" and not wait_until(self.router_ready, 60, interval=0.1):
+            raise RuntimeError(f"router sees no healthy prefill and decode:\n{proc.tail()}")
         return proc
+
+    def router_ready(self) -> bool:
+        """Whether the router holds a healthy prefill and a healthy decode instance."""
+        from pdmesh.router.v1 import router_pb2, router_pb2_grpc
+        try:
+            with grpc.insecure_channel(self.addr["router"]) as channel:
+                listed = router_pb2_grpc.RouterServiceStub(channel).ListInstances(
+                    router_pb2.ListInstancesRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        roles = {i.role for i in listed.instances if i.healthy}
+        return {router_pb2.INSTANCE_ROLE_PREFILL, router_pb2.INSTANCE_ROLE_DECODE} <= roles
 
     def kill(self, name: str) -> float:
         """SIGKILL a whole part (its process group: an instance with its ranks); when."""

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 LISTENING = re.compile(r"(?:listening|serving) on (\S+)")
@@ -129,3 +130,29 @@ def start_all(procs: list[Proc], timeout: float = 180.0) -> list[Proc]:
         stop_all(procs)
         raise
     return procs
+
+
+#: Ports `pdmesh up` takes from its base: bootstrap, router, prefill, decode, the HTTP API.
+UP_PORTS = 5
+
+
+def start_up(name: str, *argv: str, log_dir, env: dict | None = None,
+             timeout: float = 240.0) -> tuple[Proc, int]:
+    """Run `pdmesh up ARGV` on free ports and wait until it serves; (the process, its base port).
+    Stop it with `stop_up`."""
+    base = free_port_range(UP_PORTS)
+    up = Proc(name, ["up", "--base-port", str(base), "--log-dir", str(log_dir), *argv], env=env).start()
+    deadline = time.monotonic() + timeout
+    while not any("serving; router at" in line for line in up.lines):
+        if not up.alive() or time.monotonic() > deadline:
+            up.stop()
+            raise RuntimeError(f"pdmesh up did not come up:\n{up.tail()}")
+        time.sleep(0.1)
+    return up, base
+
+
+def stop_up(up: Proc, timeout: float = 60.0) -> None:
+    """Ctrl-C, as a user would; it must stop every process it started and exit 0."""
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(timeout) == 0, up.tail()
+    assert "every process stopped" in "".join(up.lines), up.tail()

@@ -1,0 +1,189 @@
+"""The wire plan of one transfer: which bytes travel in which tagged message, in place or packed.
+
+A pool is [num_layers, 2, num_pages, page_size, heads, head_dim] (kv/layout.py), so for one layer
+and one of K/V, pages with consecutive ids are one contiguous block of memory. A request's pages
+(in request order) fall into *runs*: request pages i..i+r-1 are pool pages p..p+r-1. Each side
+describes its own pages as run lengths (`page_runs`) and they are exchanged before any byte moves
+(the receiver's in its TransferRequest, the sender's in its OK TransferResponse), so both sides
+build the same `WirePlan` from the same inputs:
+
+- *common runs*: the request's pages cut at every run boundary of either side; each common run
+  lies inside one run on both sides.
+- *direct runs*: the common runs of at least `min_direct_bytes` per layer and K/V (the longest
+  `max_direct_runs` of them): for every layer and K/V such a run is one contiguous block in both
+  pools, sent from the sender's pool and received into the receiver's pool in place, one tagged
+  message each: no pack, no unpack, no staging buffer.
+- the other pages are *packed*: per chunk of layers [a, b), one message holding
+  `kv[a:b, :, packed_ids]` in the staging order (layer, K then V, pages in request order), packed
+  and unpacked as before.
+
+Chunk c (layers `ranges[c]`) sends its direct messages (layer, K/V, run order) and then its packed
+message; message k of the transfer has tag `wire.chunk_tag(transfer_id, k)`. A peer that sends no
+runs has every page on its own: everything is packed, one message per chunk, which is the wire
+format of pdmesh before runs existed. Run lengths from a peer are checked (INVALID_ARGUMENT from a
+request, DATA_LOSS from a response): a plan never addresses a page outside the request.
+
+The transfer checksum folds each message's block checksum (wire.checksum, computed by
+`digest.py` without a host sync) in plan order; the trailer carries it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import torch
+
+from pdmesh.errors import DataLoss, InvalidArgument
+from pdmesh.worker.kv.layout import KvLayout
+
+
+def page_runs(page_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    """Run lengths of `page_ids` in order: [3, 1] for pages 7, 8, 9, 2."""
+    ids = page_ids.tolist() if isinstance(page_ids, torch.Tensor) else list(page_ids)
+    runs: list[int] = []
+    for i, page in enumerate(ids):
+        if i and page == ids[i - 1] + 1:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
+def checked_runs(runs: Sequence[int], num_pages: int, *, from_request: bool) -> list[int]:
+    """A peer's run lengths, validated; none given means every page on its own."""
+    runs = [int(r) for r in runs]
+    if not runs:
+        return [1] * num_pages
+    if any(r < 1 for r in runs) or sum(runs) != num_pages:
+        error = InvalidArgument if from_request else DataLoss
+        raise error(f"page_runs must be positive lengths summing to the {num_pages} pages of the "
+                    f"request, got {len(runs)} runs summing to {sum(runs)}",
+                    reason="INVALID_PAGE_RUNS" if from_request else "KV_TRANSFER_BAD_MESSAGE",
+                    metadata={"num_pages": num_pages, "runs": len(runs)})
+    return runs
+
+
+@dataclass(frozen=True)
+class Message:
+    """One tagged message: a direct block (layer, half, pages [start, start + length) of the
+    request) or the packed message of a chunk (layers [a, b), the plan's packed pages)."""
+
+    index: int
+    chunk: int
+    nbytes: int
+    layer: int = -1  # -1: the packed message of the chunk
+    half: int = 0  # 0 = K, 1 = V
+    start: int = 0
+    length: int = 0
+
+    @property
+    def direct(self) -> bool:
+        return self.layer >= 0
+
+
+@dataclass(frozen=True)
+class WirePlan:
+    layout: KvLayout
+    num_pages: int
+    layers_per_chunk: int
+    direct: tuple[tuple[int, int], ...]  # (start, length) of each direct run, request order
+    packed: tuple[int, ...]  # request indices of the packed pages, in order
+    chunks: tuple[tuple[Message, ...], ...] = field(repr=False)
+
+    @classmethod
+    def build(cls, layout: KvLayout, num_pages: int, layers_per_chunk: int,
+              recv_runs: Sequence[int], send_runs: Sequence[int], *,
+              min_direct_bytes: int, max_direct_runs: int) -> "WirePlan":
+        piece = layout.page_bytes_per_layer
+        common = _common_runs(recv_runs, send_runs)
+        long = [run for run in common if run[1] * piece >= min_direct_bytes]
+        long = sorted(sorted(long, key=lambda r: -r[1])[:max_direct_runs])
+        packed = _complement(num_pages, long)
+        ranges = [(a, min(a + layers_per_chunk, layout.num_layers))
+                  for a in range(0, layout.num_layers, layers_per_chunk)]
+        chunks, k = [], 0
+        for c, (a, b) in enumerate(ranges):
+            msgs = []
+            for layer in range(a, b):
+                for half in (0, 1):
+                    for start, length in long:
+                        msgs.append(Message(k, c, length * piece, layer, half, start, length))
+                        k += 1
+            if packed or not long:  # (a request of no pages: one empty message, as before)
+                msgs.append(Message(k, c, (b - a) * 2 * len(packed) * piece))
+                k += 1
+            chunks.append(tuple(msgs))
+        return cls(layout, num_pages, layers_per_chunk, tuple(long), tuple(packed), tuple(chunks))
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        n, k = self.layout.num_layers, self.layers_per_chunk
+        return [(a, min(a + k, n)) for a in range(0, n, k)]
+
+    @property
+    def num_messages(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.layout.request_bytes(self.num_pages)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return max((m.nbytes for c in self.chunks for m in c), default=0)
+
+    @property
+    def direct_pages(self) -> int:
+        return sum(length for _, length in self.direct)
+
+
+def _common_runs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, length) of the runs both run-length lists agree on."""
+    cuts = sorted(set(accumulate(a, initial=0)) | set(accumulate(b, initial=0)))
+    return [(x, y - x) for x, y in zip(cuts, cuts[1:])]
+
+
+def _complement(num_pages: int, runs: list[tuple[int, int]]) -> list[int]:
+    out, at = [], 0
+    for start, length in runs:
+        out.extend(range(at, start))
+        at = start + length
+    out.extend(range(at, num_pages))
+    return out
+
+
+class PoolSide:
+    """One side's view of a plan: the pool tensors its messages read or fill.
+
+    `block(m)` is a direct message's bytes in this side's pool (a contiguous uint8 view);
+    `packed_ids` the pool page ids of the packed pages (on the pool's device) for pack/unpack."""
+
+    def __init__(self, plan: WirePlan, kv: torch.Tensor, ids: torch.Tensor) -> None:
+        self.plan, self.kv = plan, kv
+        host = ids.tolist()
+        self._first = {start: host[start] for start, _ in plan.direct}
+        self.packed_ids = ids[list(plan.packed)] if plan.packed else ids[:0]
+
+    def block(self, m: Message) -> torch.Tensor:
+        first = self._first[m.start]
+        return self.kv[m.layer, m.half, first:first + m.length].reshape(-1).view(torch.uint8)
+
+    def staging_view(self, buf: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """A packed message's buffer as [b - a, 2, n_packed, page_size, heads, head_dim]."""
+        n = self.packed_ids.numel()
+        return buf.view(self.kv.dtype).view((b - a, 2, n) + tuple(self.kv.shape[3:]))
+
+
+def run_histogram(runs: Sequence[int], edges: Sequence[int] = (1, 2, 4, 8, 16, 64)
+                  ) -> dict[str, float]:
+    """Share of pages in runs of each length class (`1`, `2-3`, ..., `64+`): for reports."""
+    total = sum(runs) or 1
+    labels = [f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}" for lo, hi in zip(edges, edges[1:])]
+    labels.append(f"{edges[-1]}+")
+    out = dict.fromkeys(labels, 0.0)
+    for r in runs:
+        out[labels[bisect.bisect_right(edges, r) - 1]] += r / total
+    return out

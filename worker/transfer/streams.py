@@ -1,0 +1,196 @@
+"""The data loops of one transfer: `Outgoing` (sender) and `Incoming` (receiver).
+
+Both follow the wire plan (runs.py) message by message. The sender posts each direct message
+straight from its pool and each packed one once a worker thread has packed it; worker threads
+also compute every message's checksum parts (digest.py), running `send_depth` chunks ahead, and
+at most `send_window_bytes` are on the wire at once. The receiver keeps the messages of
+`recv_window` chunks posted (direct ones straight into its pool), and once a chunk has landed a
+worker thread checksums it and unpacks its packed message while the next chunks arrive.
+
+On a GPU no step waits for the whole device: a packed buffer is handed to UCX after an event
+recorded behind its pack kernel has completed, in the worker thread, so the event loop keeps
+sending chunk i while chunk i+1 packs and chunk i-1 unpacks; checksum parts stay on the device
+until the trailer (one read for the whole transfer).
+
+The owners (sender.py, receiver.py) keep the contract: statuses, aborts, wind-down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import torch
+
+from pdmesh.errors import PdmeshError
+from pdmesh.worker.kv.pack import unpack_checked
+from pdmesh.worker.transfer import digest, runs, wire
+from pdmesh.worker.transfer.config import TransferConfig
+from pdmesh.worker.transfer.link import Link
+from pdmesh.worker.transfer.runs import PoolSide
+from pdmesh.worker.transfer.staging import StagingCache
+from pdmesh.worker.transfer.state import TransferStatus
+
+EMPTY = torch.empty(0, dtype=torch.uint8)
+
+
+def _wait_device(kv: torch.Tensor) -> None:
+    """Worker thread, GPU pools: return once the work queued so far on this stream is done."""
+    if kv.is_cuda:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(kv.device))
+        done.synchronize()
+
+
+def _prepare_chunk(pack, side: PoolSide, msgs: tuple, a: int, b: int, buf: torch.Tensor
+                   ) -> list[torch.Tensor]:
+    """Worker thread: checksum parts of chunk `msgs` in plan order: the direct blocks, read in
+    place in the pool, then the packed message (`_pack_chunk`, called for every chunk)."""
+    sums = [digest.parts(side.block(m)) for m in msgs if m.direct]
+    packed = pack(side.kv, side.packed_ids, a, b, buf)  # sender._pack_chunk
+    if msgs and not msgs[-1].direct:
+        sums.append(packed)
+    return sums
+
+
+class Outgoing:
+    """The sending half of one transfer: chunk jobs (checksums, packing) run ahead in worker
+    threads, messages go out in plan order with at most `send_window_bytes` in flight."""
+
+    def __init__(self, link: Link, tid: int, plan: runs.WirePlan, side: PoolSide,
+                 staging: StagingCache, status: TransferStatus, config: TransferConfig,
+                 pack) -> None:
+        self.link, self.tid, self.plan, self.side, self.pack = link, tid, plan, side, pack
+        self.staging, self.status, self.config = staging, status, config
+        self.jobs: dict[int, tuple[asyncio.Future, torch.Tensor | None]] = {}
+        self.inflight: deque = deque()  # (future, staging buffer or None, bytes)
+        self.digest = digest.Digest()
+        self.sent = self.total = self._bytes_in_flight = 0
+
+    def prepare_ahead(self, c: int, executor, until: int | None = None) -> None:
+        """Start the jobs of chunks c, c+1, ... (`send_depth` of them, none from `until` on:
+        layer streaming prepares no chunk whose layers are not computed yet)."""
+        loop = asyncio.get_running_loop()
+        stop = min(c + self.config.send_depth, len(self.plan.chunks))
+        for k in range(c, stop if until is None else min(stop, until)):
+            if k in self.jobs or k < c:
+                continue
+            msgs, (a, b) = self.plan.chunks[k], self.plan.ranges[k]
+            packed = msgs[-1].nbytes if msgs and not msgs[-1].direct else 0
+            buf = self.staging.take(packed) if packed else EMPTY
+            self.jobs[k] = (loop.run_in_executor(executor, _prepare_chunk, self.pack, self.side,
+                                                 msgs, a, b,
+                                                 buf), buf if packed else None)
+
+    async def send_chunk(self, c: int) -> bool:
+        """Send chunk `c`'s messages; False if the transfer failed meanwhile."""
+        msgs = self.plan.chunks[c]
+        for m in msgs:
+            if m.direct:
+                if not await self._post(m, self.side.block(m), None):
+                    return False
+        job, buf = self.jobs[c]
+        sums = await self.status.guard(job)
+        del self.jobs[c]
+        for part, m in zip(sums, msgs):
+            self.digest.add_parts(part, m.nbytes)
+        if msgs and not msgs[-1].direct:  # the packed message (empty for a request of no pages)
+            return await self._post(msgs[-1], EMPTY if buf is None else buf, buf)
+        return True
+
+    async def _post(self, m: runs.Message, data: torch.Tensor, staged) -> bool:
+        while self.inflight and self._bytes_in_flight + m.nbytes > self.config.send_window_bytes:
+            if not await self._retire_one():
+                return False
+        if self.status.terminal:
+            if staged is not None:
+                self.staging.give(staged)
+            return False
+        future = self.link.send_data(data, wire.chunk_tag(self.tid, m.index))
+        self.inflight.append((future, staged, m.nbytes))
+        self.sent, self.total = self.sent + 1, self.total + m.nbytes
+        self._bytes_in_flight += m.nbytes
+        return True
+
+    async def _retire_one(self) -> bool:
+        future, buf, nbytes = self.inflight[0]
+        try:
+            await self.status.guard(future)
+        except PdmeshError:
+            if not future.done():
+                return False  # the transfer failed first; wind-down drains it
+            raise
+        self.inflight.popleft()
+        self._bytes_in_flight -= nbytes
+        if buf is not None:
+            self.staging.give(buf)
+        return True
+
+    async def settle(self) -> None:
+        while self.inflight and not self.status.terminal:
+            if not await self._retire_one():
+                return
+
+
+def _finish_chunk(side: PoolSide, msgs: tuple, bufs: list, a: int, b: int
+                  ) -> list[torch.Tensor]:
+    """Worker thread: checksum parts of a landed chunk in plan order (direct blocks where they
+    landed in the pool), then unpack its packed message."""
+    sums = [digest.parts(buf) for buf in bufs]
+    if msgs and not msgs[-1].direct:
+        unpack_checked(side.staging_view(bufs[-1], a, b), side.kv, side.packed_ids, a, b)
+        _wait_device(side.kv)  # its staging buffer goes back to the cache (and to UCX) next
+    return sums
+
+
+class Incoming:
+    """The receiving half of one transfer. `fetch` (receiver.py's record) collects every UCX
+    request and job started (`pending`), every staging buffer lent (`lent`) and the number of
+    messages posted (`posted`), for the wind-down after a failure."""
+
+    def __init__(self, fetch, plan: runs.WirePlan, side: PoolSide, staging: StagingCache,
+                 config: TransferConfig) -> None:
+        self.fetch, self.plan, self.side = fetch, plan, side
+        self.staging, self.config = staging, config
+        self.digest = digest.Digest()
+        self.total = 0
+        self._slots: dict[int, list] = {}
+
+    def _post_chunk(self, c: int) -> None:
+        fetch, slots = self.fetch, []
+        for m in self.plan.chunks[c]:
+            if m.direct:
+                buf = self.side.block(m)
+            else:
+                buf = self.staging.take(m.nbytes)
+                fetch.lent.append(buf)
+            future = fetch.link.recv_data(buf, wire.chunk_tag(fetch.transfer_id, m.index))
+            fetch.pending.append(future)
+            fetch.posted += 1
+            slots.append((future, buf))
+        self._slots[c] = slots
+
+    async def run(self, executor) -> None:
+        loop, status, chunks = asyncio.get_running_loop(), self.fetch.status, self.plan.chunks
+        window = min(self.config.recv_window, len(chunks))
+        for c in range(window):
+            self._post_chunk(c)
+        for c, (a, b) in enumerate(self.plan.ranges):
+            slots = self._slots.pop(c)
+            futures = [future for future, _ in slots]
+            # one wait per chunk, not per message (a failed one fails it at once; the others
+            # run on, tracked in fetch.pending for the wind-down)
+            await status.guard(futures[0] if len(futures) == 1 else asyncio.gather(*futures))
+            # progress renews TRANSFERRING's bound: a streamed prefill may still compute layers
+            status.rebound(self.config.transfer_timeout_s)
+            if c + window < len(chunks):
+                self._post_chunk(c + window)  # the next receives land while this one unpacks
+            bufs = [buf for _, buf in slots]
+            job = loop.run_in_executor(executor, _finish_chunk, self.side, chunks[c], bufs, a, b)
+            self.fetch.pending.append(job)
+            for part, m in zip(await status.guard(job), chunks[c]):
+                self.digest.add_parts(part, m.nbytes)
+                self.total += m.nbytes
+            if chunks[c] and not chunks[c][-1].direct:
+                self.fetch.lent.remove(bufs[-1])
+                self.staging.give(bufs[-1])
