@@ -16,26 +16,31 @@ import pytest
 import torch
 
 from pdmesh.errors import Internal, PdmeshError
-from pdmesh.worker.transfer import TransferState
+from pdmesh.worker.transfer import TransferState, samehost
 from pdmesh.worker.transfer import sender as sender_module
 from pdmesh.worker.transfer.layers import LayerReadiness
-from test_transfer_contract import LAYOUT, _expect, loop, mesh, run  # noqa: F401 - fixtures
+from test_transfer_contract import LAYOUT, _expect, ends, loop, mesh, run  # noqa: F401 - fixtures
 
 
 class RecordPack:
-    """Records every chunk the sender packs with the layers final at that moment."""
+    """Records every chunk the sender packs (or copies, same host) with the layers final at
+    that moment."""
 
     def __init__(self, monkeypatch, offer_of) -> None:
         self.packed: list[tuple[int, int, int]] = []  # (a, b, layers ready when packed)
         self.lock = threading.Lock()
-        real = sender_module._pack_chunk
+        # (module, function, index of `a` among its arguments: pack(kv, ids, a, b, buf),
+        # copy(src_kv, dst_kv, copies, a, b))
+        for module, name, at in ((sender_module, "_pack_chunk", 2), (samehost, "_copy_job", 3)):
+            monkeypatch.setattr(module, name, self._recording(getattr(module, name), at, offer_of))
 
-        def recording(kv, ids, a, b, buf):
+    def _recording(self, real, at: int, offer_of):
+        def recording(*args):
             with self.lock:
-                self.packed.append((a, b, offer_of().layers_ready))
-            return real(kv, ids, a, b, buf)
+                self.packed.append((args[at], args[at + 1], offer_of().layers_ready))
+            return real(*args)
 
-        monkeypatch.setattr(sender_module, "_pack_chunk", recording)
+        return recording
 
     def chunks(self) -> int:
         with self.lock:
