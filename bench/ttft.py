@@ -5,7 +5,9 @@ cost of the control path for each rank path.
    8 KV heads, head dim 128, bf16, 16-token pages; a thin body so the CPU can prefill it). The
    baseline is the same engine's prefill in this process (a colocated engine's TTFT). PD TTFT is
    measured from sending both requests to the decode's first token, so it holds prefill compute,
-   the KV transfer and the whole control path.
+   the KV transfer and the whole control path; PD runs without and with layer streaming
+   (two prefill instances, one decode), plotted to docs/ttft-streaming.png.
+   Then the first request of a fresh mesh against its steady state, ranks warmed up or not.
 2. Control path per rank path (tiny engine, 16-token prompts, so compute and bytes are small):
    TTFT minus the prefill's own compute time, p50 over many requests; and how many bootstrap
    lookups each path made (hint and fast path must make none).
@@ -14,6 +16,7 @@ cost of the control path for each rank path.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from bench.pd_client import PdClient, arun, percentile
 from pdmesh.common.v1 import common_pb2
@@ -23,40 +26,120 @@ from pdmesh.worker.engine.reference import time_colocated_prefill
 from pdmesh.worker.engine.runtime import configure_torch_threads
 
 LENGTHS = [128, 512, 2048]
-QUICK_LENGTHS = [128, 512]
+QUICK_LENGTHS = [128, 512, 2048]
+PLOT = Path(__file__).resolve().parent.parent / "docs" / "ttft-streaming.png"
 
 
-def _mesh(preset: str, num_pages: int, prefills: list[tuple[str, list[str], dict]]) -> tuple[Proc, list[Proc]]:
+def _mesh(preset: str, num_pages: int, prefills: list[tuple[str, list[str], dict]],
+          decode_dp: int = 2, env: dict | None = None) -> tuple[Proc, list[Proc]]:
     boot = Proc("bench-bootstrap", ["bootstrap", "--port", "0"]).start()
     addr = boot.wait_ready()
     engine = ["--model-preset", preset, "--num-pages", str(num_pages)]
-    procs = [Proc(name, ["prefill", "--instance-id", name, "--bootstrap-addr", addr, *args, *engine], env=env)
-             for name, args, env in prefills]
-    procs.append(Proc("bench-decode", ["decode", "--instance-id", "bench-decode", "--dp-size", "2", *engine]))
+    procs = [Proc(name, ["prefill", "--instance-id", name, "--bootstrap-addr", addr, *args, *engine],
+                  env={**(env or {}), **penv}) for name, args, penv in prefills]
+    procs.append(Proc("bench-decode", ["decode", "--instance-id", "bench-decode", "--dp-size",
+                                       str(decode_dp), *engine], env=env))
     return boot, start_all(procs)
 
 
-def ttft_vs_length(lengths: list[int], repeats: int) -> list[str]:
+def _prompt(n: int) -> list[int]:
+    return [(i * 7 + 3) % 250 + 1 for i in range(n)]
+
+
+def ttft_vs_length(lengths: list[int], repeats: int) -> tuple[list[str], dict]:
+    """Colocated prefill vs PD without and with layer streaming, same decode, same requests."""
     configure_torch_threads()
     engine = build_engine(EngineSpec(preset="bench-kv"))
     pages = engine.layout.pages_for_tokens(max(lengths)) + 4
-    boot, procs = _mesh("bench-kv", pages, [("p-kv", ["--dp-size", "1"], {})])
-    rows = ["| prompt tokens | KV MiB | colocated TTFT ms (p50) | PD TTFT ms (p50) | PD / colocated | added ms |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    boot, procs = _mesh("bench-kv", pages, [("p-stream", ["--dp-size", "1"], {}),
+                                             ("p-nostream", ["--dp-size", "1"],
+                                              {"PDMESH_LAYER_STREAMING": "0"})], decode_dp=1)
+    rows = ["| prompt tokens | KV MiB | colocated TTFT ms | PD TTFT ms, no streaming | PD TTFT ms, "
+            "streaming | no streaming / colocated | streaming / colocated | streaming saves ms | "
+            "transfer tail after compute ms (no streaming / streaming) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    series: dict = {"tokens": [], "colocated": [], "no streaming": [], "streaming": []}
 
     async def measure() -> None:
-        client = PdClient(procs[0].address, procs[1].address, boot.address, "p-kv")
+        clients = {name: PdClient(procs[i].address, procs[-1].address, boot.address, name)
+                   for i, name in enumerate(("p-stream", "p-nostream"))}
         for n in lengths:
-            ids = [(i * 7 + 3) % 250 + 1 for i in range(n)]
+            ids = _prompt(n)
             colocated = percentile([t * 1e3 for t in time_colocated_prefill(engine, ids, repeats)], 50)
-            await client.pair(ids)  # warm the connections and the ranks
-            pd = percentile([(await client.pair(ids)).ttft_ms for _ in range(repeats)], 50)
+            ttft, tail = {}, {}
+            for name, client in clients.items():
+                await client.pair(ids)  # warm the connections
+            results = {name: [] for name in clients}
+            for _ in range(repeats):  # interleaved: both see the same machine load
+                for name, client in clients.items():
+                    results[name].append(await client.pair(ids))
+            for name, rs in results.items():
+                ttft[name] = percentile([r.ttft_ms for r in rs], 50)
+                tail[name] = percentile([r.prefill.transfer_ms for r in rs], 50)
             mib = engine.layout.request_bytes(engine.layout.pages_for_tokens(n)) / 2**20
-            rows.append(f"| {n} | {mib:.0f} | {colocated:.1f} | {pd:.1f} | {pd / colocated:.2f} | {pd - colocated:.1f} |")
+            off, on = ttft["p-nostream"], ttft["p-stream"]
+            rows.append(f"| {n} | {mib:.0f} | {colocated:.1f} | {off:.1f} | {on:.1f} | "
+                        f"{off / colocated:.2f} | {on / colocated:.2f} | {off - on:.1f} | "
+                        f"{tail['p-nostream']:.1f} / {tail['p-stream']:.1f} |")
+            for key, value in (("tokens", n), ("colocated", colocated), ("no streaming", off),
+                               ("streaming", on)):
+                series[key].append(value)
     try:
         arun(measure())
     finally:
         stop_all([*procs, boot])
+    return rows, series
+
+
+def _plot(series: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, style in (("colocated", "o-"), ("no streaming", "s--"), ("streaming", "^-")):
+        label = "colocated (prefill alone)" if key == "colocated" else f"PD, {key}"
+        ax.plot(series["tokens"], series[key], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(series["tokens"], [str(t) for t in series["tokens"]])
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT ms (p50)")
+    ax.set_title("TTFT, bench-kv model, CPU (2 cores)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = PLOT
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return str(out.relative_to(out.parent.parent))
+
+
+def fresh_vs_steady(meshes: int, steady: int, preset: str = "tiny", tokens: int = 64) -> list[str]:
+    """First request of a fresh mesh vs the steady state, with the ranks' warm-up and without.
+    The tiny model by default: what a fresh mesh pays is set-up, which bench-kv's CPU compute
+    (seconds per prompt here) would hide."""
+    rows = ["| rank warm-up | fresh meshes | first request TTFT ms (median) | steady TTFT ms (p50) | "
+            "first / steady |", "| --- | ---: | ---: | ---: | ---: |"]
+    layout = build_engine(EngineSpec(preset=preset)).layout
+    ids = _prompt(tokens)
+    for label, env in (("off (PDMESH_WARMUP=0)", {"PDMESH_WARMUP": "0"}), ("on (default)", {})):
+        firsts, steadies = [], []
+        for _ in range(meshes):
+            boot, procs = _mesh(preset, layout.pages_for_tokens(tokens) + 4,
+                                [("p-fresh", ["--dp-size", "1"], {})], decode_dp=1, env=env)
+
+            async def measure() -> None:
+                client = PdClient(procs[0].address, procs[1].address, boot.address, "p-fresh")
+                firsts.append((await client.pair(ids)).ttft_ms)
+                steadies.extend([(await client.pair(ids)).ttft_ms for _ in range(steady)])
+            try:
+                arun(measure())
+            finally:
+                stop_all([*procs, boot])
+        first, steady_p50 = percentile(firsts, 50), percentile(steadies, 50)
+        rows.append(f"| {label} | {meshes} | {first:.1f} | {steady_p50:.1f} | {first / steady_p50:.2f} |")
     return rows
 
 
@@ -94,15 +177,26 @@ def control_path(requests: int) -> list[str]:
 
 def run(args) -> str:
     lengths = QUICK_LENGTHS if args.quick else LENGTHS
-    table1 = ttft_vs_length(lengths, 2 if args.quick else 3)
+    table1, series = ttft_vs_length(lengths, 3 if args.quick else 5)
+    plot = _plot(series)
+    table_fresh = fresh_vs_steady(2 if args.quick else 4, 10 if args.quick else 20)
     table2 = control_path(20 if args.quick else 100)
     return "\n".join([
         "TTFT of a prefill/decode pair (dp 1 each, separate processes) beside one colocated engine "
-        "(the same `bench-kv` model: 32 layers, 8 KV heads, head dim 128, bf16) on this 2-core CPU. "
+        "(the same `bench-kv` model: 32 layers, 8 KV heads, head dim 128, bf16) on this 2-core CPU, "
+        "p50. PD runs twice against the same decode, requests interleaved: without layer streaming "
+        "(`PDMESH_LAYER_STREAMING=0`: compute the prompt, then offer the pages) and with it (the "
+        "default: offer first, each chunk of layers leaves as soon as its layers are computed; the "
+        "decode cuts a transfer into at least 8 chunks, `--kv-min-chunks`). The last column is the "
+        "prefill's own report of the time from the end of its compute to the last byte acknowledged. "
         "8k-token prompts take minutes per prefill on this CPU and are left to the GPU machine.", "",
-        *table1, "",
+        *table1, "", f"![TTFT against prompt length]({plot})", "",
+        "First request of a fresh mesh (bootstrap, prefill dp 1, decode dp 1, 64-token prompts, "
+        "the `tiny` model so that set-up is not hidden behind seconds of CPU compute, layer "
+        "streaming on) against the same mesh's steady state, with each rank's warm-up before it "
+        "reports ready (`worker/warmup.py`) and without it (`PDMESH_WARMUP=0`).", "",
+        *table_fresh, "",
         "Control path per rank path (tiny engine, 16-token prompts, one request at a time): "
         "TTFT minus the prefill's own compute, i.e. rank resolution, the UCX handshake, the "
         "transfer of ~20 KiB and two gRPC hops. `lookups made` counts requests whose decode asked "
         "the bootstrap service.", "", *table2])
-

@@ -175,7 +175,9 @@ class FaultMesh:
         self.addr = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
         hooks = {"PDMESH_DEBUG_FAULTS": "1"}
         self.prefill_env = {**hooks, "PDMESH_DEBUG_PACK_DELAY_S": str(pack_delay_s)}
-        self.decode_env = hooks
+        # one chunk per transfer (the pack delay is per chunk; the tiny model's 4 layers would
+        # otherwise be 4 chunks, each delayed, under layer streaming's chunking)
+        self.decode_env = {**hooks, "PDMESH_KV_MIN_CHUNKS": "1"}
         self.num_pages = num_pages
         #: The prefill's policy flags, read at each (re)start: change them to replace the prefill
         #: with another policy under the same instance id.

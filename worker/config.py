@@ -45,6 +45,12 @@ class InstanceConfig:
     #: decode often asks first; the prefill may be queued), and a decode rank waits for a looked-up
     #: room to be registered. Also bounded by the request's deadline.
     unknown_room_wait_s: float = 30.0
+    #: Prefill: offer a room before computing it and send each layer's KV as soon as it is final
+    #: (worker/layer_stream.py); off: compute the whole prompt, then send.
+    layer_streaming: bool = True
+    #: Decode: cut each KV transfer into at least this many chunks of layers (fewer where the
+    #: model has fewer layers); see TransferConfig.min_chunks.
+    kv_min_chunks: int = 8
     #: Seconds a decode waits for free pages before RESOURCE_EXHAUSTED.
     page_wait_s: float = 5.0
     #: Most requests a rank serves at once; more wait in its queue.

@@ -31,6 +31,9 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                    help="how long a request waits for free KV pages before RESOURCE_EXHAUSTED")
     p.add_argument("--ucx-tls", default=env("UCX_TLS_OVERRIDE"),
                    help="UCX transports for KV, e.g. tcp or sm,self,tcp (default: pdmesh's choice)")
+    p.add_argument("--kv-min-chunks", type=int, default=int(env("KV_MIN_CHUNKS", "8")),
+                   help="decode: cut each KV transfer into at least this many chunks of layers, so "
+                        "a streamed prefill's first layers leave early (default 8) [PDMESH_KV_MIN_CHUNKS]")
     p.add_argument("--kv-transfer-path", choices=("auto", "ucx"), default=env("KV_TRANSFER_PATH", "auto"),
                    help="auto: KV between ranks of one host is written straight into the decode's pool "
                         "(shared memory, CUDA IPC), UCX elsewhere; ucx: always UCX [PDMESH_KV_TRANSFER_PATH]")
@@ -47,6 +50,11 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                             "[PDMESH_FORCE_QUERY_PREFILL_DP_RANK=1]")
         p.add_argument("--transfer-wait-s", type=float, default=float(env("TRANSFER_WAIT_S", "30")),
                        help="how long a computed room waits for the decode's transfer request")
+        p.add_argument("--layer-streaming", action=argparse.BooleanOptionalAction,
+                       default=(env("LAYER_STREAMING", "1") or "1").strip().lower()
+                       not in {"0", "false", "no", "off"},
+                       help="offer each room before computing it and send every layer's KV as "
+                            "soon as it is final (default on) [PDMESH_LAYER_STREAMING=0 turns it off]")
         p.add_argument("--transfer-host", default=env("TRANSFER_HOST"),
                        help="address the ranks' UCX listeners publish for decodes to fetch KV from "
                             "(default: --host, or 127.0.0.1 when --host is a wildcard) [PDMESH_TRANSFER_HOST]")
@@ -71,7 +79,8 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
     if role == PREFILL:
         extra = dict(bootstrap_port=args.bootstrap_port, bootstrap_address=args.bootstrap_addr,
                      force_query_prefill_dp_rank=args.force_query_prefill_dp_rank,
-                     transfer_wait_s=args.transfer_wait_s, transfer_host=_transfer_host(args))
+                     transfer_wait_s=args.transfer_wait_s, transfer_host=_transfer_host(args),
+                     layer_streaming=args.layer_streaming)
     devices = tuple(d for d in args.devices.split(",") if d)
     return InstanceConfig(
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
@@ -80,6 +89,7 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
         ucx_tls=args.ucx_tls, kv_transfer_path=args.kv_transfer_path, devices=devices,
         debug_kv_dir=env("DEBUG_KV_DIR"), tls=tls.from_args(args),
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, page_wait_s=args.page_wait_s,
+        kv_min_chunks=args.kv_min_chunks,
         **extra)
 
 

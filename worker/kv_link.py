@@ -28,7 +28,7 @@ class RankTransfer:
         self.pages = pages
         self.is_prefill = inst.role == PREFILL
         tconfig = TransferConfig(room_wait_s=inst.unknown_room_wait_s,
-                                 advertise_host=inst.transfer_host,
+                                 advertise_host=inst.transfer_host, min_chunks=inst.kv_min_chunks,
                                  path=inst.kv_transfer_path).for_device(device)
         if self.is_prefill:
             from pdmesh.worker.transfer.sender import KvSender
@@ -58,6 +58,18 @@ class RankTransfer:
         offer = self.sender.offer(room, self.pages.pool, page_ids, first_token, token=token,
                                   timeout=self._remaining(deadline, "the decode fetched the KV"))
         await self._counted("send", len(page_ids), self._settled(room, offer))
+
+    def open_room(self, *, room: int, page_ids: list[int], token: bytes, deadline: float):
+        """Offer the pages before their KV is computed (layer streaming, layer_stream.py): the
+        Offer takes each final layer and then the first token; bounded by `deadline`."""
+        return self.sender.offer(room, self.pages.pool, page_ids, None, token=token,
+                                 timeout=self._remaining(deadline, "the prefill computed the KV"))
+
+    def settle(self, room: int, offer) -> asyncio.Task:
+        """A task that ends once `offer` is sent (or raises its failure) and nothing uses its
+        pages any more; cancelling it aborts the offer first."""
+        return asyncio.ensure_future(self._counted("send", len(offer.page_ids),
+                                                   self._settled(room, offer)))
 
     async def _settled(self, room: int, offer) -> None:
         """Await `offer`. If the caller is cancelled (its client went away), abort the offer and wait

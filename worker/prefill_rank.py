@@ -2,8 +2,9 @@
 
 For each room: check the request, apply the prefill rule (`pdmesh.rules.prefill_rule`: nothing to
 register when hinted or on the fast path, register room -> rank at the bootstrap service before
-the KV is offered, or fail typed with the conflict), take pages (bounded wait), compute the KV
-and the first token on the engine thread, offer the pages to the decode over UCX and wait until
+the KV is offered, or fail typed with the conflict), take pages (bounded wait), offer the pages
+to the decode and compute the KV and the first token on the engine thread while each finished
+layer streams out (`layer_stream.py`; with layer streaming off: compute, then offer), wait until
 they are sent (bounded by `transfer_wait_s` from the offer and by the caller's deadline), then free them. The
 answer says which rank path the room took and what it cost. A registered room is kept known to a
 bootstrap service that restarts meanwhile (`room_keeper.RoomKeeper`) and removed from the
@@ -24,6 +25,7 @@ from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import PrefillAction, optional_dp_rank, prefill_rule, validate_room
 from pdmesh.worker import requests
+from pdmesh.worker.layer_stream import prefill_streamed
 from pdmesh.worker.rank_state import RankState
 from pdmesh.worker.room_keeper import RoomKeeper
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -75,14 +77,8 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
                                                   st.config.instance.page_wait_s)
                 try:
                     started = time.perf_counter()
-                    first = await st.engine_thread.run(st.engine.prefill, ids, st.pages.kv, pages, sampling)
-                    computed = time.perf_counter()
-                    # the computed room waits for its decode `transfer_wait_s` at most, whatever
-                    # the caller's deadline: a decode that never comes costs that, not the deadline
-                    hold = min(deadline, time.monotonic() + st.config.instance.transfer_wait_s)
-                    await st.transfer.send_room(room=room, page_ids=pages, first_token=first, token=token,
-                                                deadline=hold)
-                    sent = time.perf_counter()
+                    send = prefill_streamed if st.config.instance.layer_streaming else self._then_send
+                    first, computed, sent = await send(st, room, ids, pages, sampling, token, deadline)
                 finally:
                     st.pages.free(pages)
         finally:
@@ -97,6 +93,19 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
                                           first_token_id=first, prompt_tokens=len(ids),
                                           compute_ms=(computed - started) * 1e3,
                                           transfer_ms=(sent - computed) * 1e3)
+
+    @staticmethod
+    async def _then_send(st: RankState, room: int, ids, pages: list[int], sampling, token: bytes,
+                         deadline: float) -> tuple[int, float, float]:
+        """Without layer streaming: compute the whole prompt, then offer the pages."""
+        first = await st.engine_thread.run(st.engine.prefill, ids, st.pages.kv, pages, sampling)
+        computed = time.perf_counter()
+        # the computed room waits for its decode `transfer_wait_s` at most, whatever the
+        # caller's deadline: a decode that never comes costs that, not the deadline
+        hold = min(deadline, time.monotonic() + st.config.instance.transfer_wait_s)
+        await st.transfer.send_room(room=room, page_ids=pages, first_token=first, token=token,
+                                    deadline=hold)
+        return first, computed, time.perf_counter()
 
     def _background(self, coro) -> None:
         task = asyncio.create_task(coro)

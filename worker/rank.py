@@ -1,7 +1,8 @@
 """The DP rank process: `python -m pdmesh.worker.rank '<RankConfig JSON>'` (started by its controller).
 
 Builds the rank's engine, KV pool, UCX data-plane endpoint and gRPC server (127.0.0.1, a free
-port), then prints one readiness line `PDMESH_RANK_READY {"grpc_address", "transfer_address"}` on
+port), warms them up (`warmup.py`: engine, kernels, staging buffers, a loopback transfer), then
+prints one readiness line `PDMESH_RANK_READY {"grpc_address", "transfer_address"}` on
 stdout for the controller and serves until SIGTERM. A prefill rank serves `PrefillService`, a
 decode rank `DecodeService` (with its continuous-batching loop); both serve `InstanceService`.
 """
@@ -49,12 +50,14 @@ async def serve(config: RankConfig) -> None:
     pages = PageBroker(KvPool(engine.layout, inst.num_pages, device=spec.device, shared=shared))
     transfer = RankTransfer(config, pages)
     transfer_address = await transfer.start()
-    from pdmesh.worker import debug_faults
-    debug_faults.install(transfer, asyncio.get_running_loop())
     bootstrap = shared_client(config.bootstrap_address, inst.tls) if config.bootstrap_address else None
     if bootstrap is not None:  # connect now, not under the first burst of registrations
         await asyncio.wait([asyncio.ensure_future(bootstrap.channel.channel_ready())], timeout=5.0)
     state = RankState(config, engine, pages, transfer, bootstrap)
+    from pdmesh.worker import debug_faults, warmup
+    if warmup.enabled():  # before the rank reports ready: the first request pays no set-up
+        await warmup.warm_rank(engine, pages, transfer, state.engine_thread)
+    debug_faults.install(transfer, asyncio.get_running_loop())
     register = [lambda s: worker_pb2_grpc.add_InstanceServiceServicer_to_server(
         RankInstanceService(state, transfer.abort), s)]
     names = [worker_pb2.DESCRIPTOR.services_by_name["InstanceService"].full_name]

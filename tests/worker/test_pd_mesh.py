@@ -1,7 +1,8 @@
 """A prefill and a decode instance, real processes on loopback, called directly (no router).
 
-One mesh serves the whole module: a bootstrap service; three prefills (dp 2 follow_bootstrap_room,
-dp 2 follow_bootstrap_room with force-query, dp 1); one decode (dp 2). Exactness: the engine is
+One mesh serves the whole module: a bootstrap service; four prefills (dp 2 follow_bootstrap_room,
+dp 2 follow_bootstrap_room with force-query, dp 1, dp 1 without layer streaming); one decode
+(dp 2). Exactness: the engine is
 the `tiny` preset, float64 and batch-invariant (each sequence of a decode batch goes through the
 model alone, so batching cannot change summation order), with one torch thread in every process:
 the PD output must equal one colocated engine's token for token, and the KV the decode received
@@ -48,6 +49,8 @@ def mesh(kv_dir):
                                "--load-balance-method", "follow_bootstrap_room", *common],
              env={"PDMESH_FORCE_QUERY_PREFILL_DP_RANK": "1"}),
         Proc("prefill-dp1", ["prefill", "--instance-id", "p-dp1", "--dp-size", "1", *common]),
+        Proc("prefill-nostream", ["prefill", "--instance-id", "p-nostream", "--dp-size", "1", *common],
+             env={"PDMESH_LAYER_STREAMING": "0"}),
         Proc("decode", ["decode", "--instance-id", "d-0", "--dp-size", "2", "--num-pages", "256"],
              env={"PDMESH_DEBUG_KV_DIR": str(kv_dir)}),
         # 8 pages of 16 tokens: a pool that fills up.
@@ -116,6 +119,20 @@ def test_concurrent_prompts_equal_colocated_engine_and_kv_is_bit_identical(mesh,
         assert torch.equal(received, ref.prompt_kv), "decode's KV differs from the colocated prefill's"
         assert messages[0].routing.rank_path == common_pb2.RANK_PATH_FAST_PATH
         assert messages[0].routing.prefill_dp_rank == room % 2 == reply.dp_rank
+
+
+def test_layer_streaming_on_and_off_equal_the_colocated_engine_bit_for_bit(mesh, engine, kv_dir):
+    """Layer streaming (the default: the room is offered before compute and each layer's KV
+    leaves once final, here with the decode's request racing the compute) and without it
+    (PDMESH_LAYER_STREAMING=0): the same tokens as one colocated engine, the same KV bits."""
+    prompts = [f"stream {i}: " + "a long prompt of many pages " * (3 + 4 * i) for i in range(3)]
+    for prefill in ("prefill-dp1", "prefill-nostream"):
+        for prompt in prompts:
+            room, reply, messages = call_pair(mesh, prefill, prompt)
+            ref = colocated_generate(engine, engine.tokenizer.encode(prompt), MAX_NEW)
+            assert tokens_of(messages) == list(ref.output_ids), (prefill, prompt)
+            assert reply.first_token_id == ref.output_ids[0]
+            assert torch.equal(torch.load(kv_dir / f"{room}.pt"), ref.prompt_kv), prefill
 
 
 def test_every_rank_path(mesh, engine):
@@ -195,7 +212,8 @@ def test_pools_are_full_afterwards(mesh):
         stub = worker_pb2_grpc.InstanceServiceStub(mesh["channels"][name])
         status = stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=10)
         return all(r.alive and r.free_pages == r.total_pages for r in status.ranks), status
-    for name in ("prefill-follow", "prefill-force", "prefill-dp1", "decode", "decode-small"):
+    for name in ("prefill-follow", "prefill-force", "prefill-dp1", "prefill-nostream", "decode",
+                 "decode-small"):
         deadline = time.monotonic() + 45
         ok, status = full(name)
         while not ok and time.monotonic() < deadline:

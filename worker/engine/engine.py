@@ -15,7 +15,7 @@ With `batch_invariant` off, linear layers process the whole batch at once (faste
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -79,8 +79,9 @@ class TorchEngine:
 
     @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int], kv: torch.Tensor, page_ids: Sequence[int],
-                sampling: SamplingParams = GREEDY) -> int:
-        hidden = self._prefill_hidden(token_ids, kv, page_ids)
+                sampling: SamplingParams = GREEDY,
+                on_layer: Callable[[int], None] | None = None) -> int:
+        hidden = self._prefill_hidden(token_ids, kv, page_ids, on_layer)
         logits = self.model.logits(hidden[-1:])[0]  # only the last position is needed
         return sample(logits, sampling, len(token_ids))
 
@@ -122,8 +123,8 @@ class TorchEngine:
     def _ints(self, values: Sequence[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def _prefill_hidden(self, token_ids: Sequence[int], kv: torch.Tensor,
-                        page_ids: Sequence[int]) -> torch.Tensor:
+    def _prefill_hidden(self, token_ids: Sequence[int], kv: torch.Tensor, page_ids: Sequence[int],
+                        on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         self._check_pool(kv)
         n = len(token_ids)
         if n == 0:
@@ -134,7 +135,7 @@ class TorchEngine:
                        prompt_tokens=n, max_seq_len=self.max_seq_len)
         ids = self._check_tokens(token_ids)
         slots = self._slots(page_ids, n, kv.shape[2]).to(self.device)
-        return self.model.prefill(kv, ids, slots)
+        return self.model.prefill(kv, ids, slots, on_layer)
 
     def _decode_row(self, item: DecodeItem, num_pages: int) -> _Row:
         """(token, position, write slot, read slots [position + 1]) of one decode item, checked."""

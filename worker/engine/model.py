@@ -10,7 +10,7 @@ that sequence from the pool through its page table, so what decode reads is exac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +55,17 @@ class Model:
         return F.linear(hidden, self.weights.lm_head)
 
     @torch.inference_mode()
-    def prefill(self, kv: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """token_ids [T] at positions 0..T-1, their flat pool slots [T] -> final hidden [T, hidden]."""
+    def prefill(self, kv: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor,
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """token_ids [T] at positions 0..T-1, their flat pool slots [T] -> final hidden [T, hidden].
+        `on_layer(i)` runs as soon as layer i's K/V writes are issued (nothing writes them again)."""
         positions = torch.arange(token_ids.shape[0], device=self.device)
         h = self.weights.embed[token_ids]
         for layer, lw in enumerate(self.weights.layers):
             q, k, v = self._qkv(lw, h, positions)
             write_kv(kv, layer, slots, k, v)
+            if on_layer is not None:
+                on_layer(layer)
             h = self._finish_layer(lw, h, attention(q, k, v, causal=True))
         return rms_norm(h, self.weights.final_norm, self.cfg.rms_eps)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -129,8 +129,17 @@ class Engine(Protocol):
         ...
 
     def prefill(self, token_ids: Sequence[int], kv: torch.Tensor, page_ids: Sequence[int],
-                sampling: SamplingParams = GREEDY) -> int:
-        """Write the prompt's K/V into `page_ids` of `kv`; return the first output token."""
+                sampling: SamplingParams = GREEDY,
+                on_layer: Callable[[int], None] | None = None) -> int:
+        """Write the prompt's K/V into `page_ids` of `kv`; return the first output token.
+
+        `on_layer(i)`, if given, is called on the calling (engine) thread once for every layer i
+        in order, as soon as layer i's K/V writes into the pages are issued: nothing writes
+        them again during this call. On the CPU they are then in memory; on a GPU they are
+        queued on the current stream, so a consumer waits on an event recorded there at that
+        moment (the worker's layer streaming does this, `pdmesh.worker.layer_stream`). Bad input
+        raises before the first call. The worker streams layer i's KV to the decode while later
+        layers compute."""
         ...
 
     def decode_step(self, kv: torch.Tensor, batch: Sequence[DecodeItem]) -> list[int]:

@@ -8,6 +8,9 @@ the room, the sender's address and epoch, and a random per-transfer token to bot
    address (`ucx://HOST:PORT`) the rank publishes in its instance info.
 2. Prefill: once room R's KV is in `pages` of its pool, `offer = sender.offer(R, pool, pages,
    first_token, token=token, timeout=...)`; `await offer`; then free the pages (either way).
+   Layer streaming: offer BEFORE computing (`first_token=None`), report each final layer with
+   `offer.layer_done(i)` and the end with `offer.computed(first_token)`; chunk i leaves once
+   its layers are final (`layers`), the trailer once the first token is known.
 3. Decode: `pages = pool.alloc(...)`; `first = await receiver.fetch(address, R, epoch=...,
    pool=pool, page_ids=pages, token=token, timeout=...)`; on failure free the pages.
 4. On the wire (protos/pdmesh/transfer/v1/transfer.proto): request (with the receiver's page
@@ -29,7 +32,8 @@ the room, the sender's address and epoch, and a random per-transfer token to bot
 Modules: `config` (TransferConfig, UCX settings), `wire` (messages, tags, chunk plan,
 checksum), `runs` (the wire plan of page runs), `digest` (the checksum computed in place),
 `streams` (the send and receive loops), `state`, `link` (the transport interface), `ucx` and
-`inproc` (its two backends), `staging` (reused buffers), `sender`, `receiver`, `samehost` (the
+`inproc` (its two backends), `staging` (reused buffers), `layers` (which layers of an offer are
+final: layer streaming), `sender`, `receiver`, `samehost` (the
 same-host path: the sender maps the receiver's pool, shared memory or CUDA IPC, and writes the
 pages straight into it; chosen per link, `TransferConfig.path` / PDMESH_KV_TRANSFER_PATH=ucx
 turns it off), `loopback`

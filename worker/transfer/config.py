@@ -74,6 +74,10 @@ class TransferConfig:
     """Target size of one chunk (a range of layers) of a request; the receiver picks how many
     layers make one chunk (at least one) and tells the sender in its request. Each chunk is one
     rendezvous: 2 MiB chunks cost ~1.5x the CPU of 8-16 MiB ones here (README)."""
+    min_chunks: int = 8
+    """At least this many chunks per request (fewer layers each, where the request has that many
+    layers): with layer streaming a chunk leaves once its last layer is computed, so the part of
+    a transfer left after the prefill ends is about one chunk (README, TTFT benchmark)."""
     send_depth: int = 2
     """Chunks one transfer prepares ahead on the sender (checksums, packing): packing chunk i+1
     overlaps sending i."""
@@ -102,7 +106,9 @@ class TransferConfig:
     """How long the sender holds a request for a room that is not offered (the decode may come
     first) before it answers NOT_FOUND; `KvSender.expect(room, ...)` extends it for one room."""
     transfer_timeout_s: float = 60.0
-    """Deadline of the TRANSFERRING state of one transfer (capped by the caller's deadline)."""
+    """Deadline of the TRANSFERRING state of one transfer (capped by the caller's deadline); on
+    the receiver, renewed by every chunk that lands (a streamed prefill may still be computing
+    later layers); an offer made before compute gets it once its compute ended."""
     abort_grace_s: float = 5.0
     """After a transfer fails, how long to wait for its in-flight UCX requests to finish or be
     cancelled before closing the link to that peer (which cancels them); its buffers and pages
@@ -136,7 +142,7 @@ class TransferConfig:
                        send_depth=max(self.send_depth, 4), max_direct_runs=0)
 
     def __post_init__(self) -> None:
-        for name in ("chunk_bytes", "send_depth", "recv_window", "copy_threads",
+        for name in ("chunk_bytes", "min_chunks", "send_depth", "recv_window", "copy_threads",
                      "send_window_bytes", "direct_min_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be >= 1")

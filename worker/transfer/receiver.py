@@ -15,7 +15,8 @@ sender to acknowledge it (a `TransferWaiting` or the status); when the link stay
 decode retries once, on a fresh link). Then it waits for the status
 (WAITING_FOR_INPUT: the prefill may not have offered the room yet), bounded by how long the
 sender said it would wait (each `TransferWaiting` renews it) plus `answer_timeout_s`, then
-(TRANSFERRING) keeps `recv_window` chunk receives posted into reused staging buffers, unpacks
+(TRANSFERRING, bounded by `transfer_timeout_s` without a chunk arriving: with layer streaming the
+prefill may still compute later layers) keeps `recv_window` chunk receives posted into reused staging buffers, unpacks
 each arrived chunk in a worker thread while the next ones arrive, and finally checks the trailer:
 first token present, byte count, checksum, per-transfer token. Any mismatch is DATA_LOSS and the
 fetch fails (the pages' content is then undefined: nothing is committed to the request).
@@ -130,7 +131,7 @@ class KvReceiver:
                                 reason="KV_TRANSFER_IN_PROGRESS", metadata={"bootstrap_room": room})
         layout = pool.layout
         plan = wire.ChunkPlan(layout, len(ids), layers_per_chunk or wire.ChunkPlan.layers_for(
-            layout, len(ids), self.config.chunk_bytes))
+            layout, len(ids), self.config.chunk_bytes, self.config.min_chunks))
         loop = asyncio.get_running_loop()
         fetch = _Fetch(room, secrets.randbits(64), TransferStatus(
             f"fetch room {room}", timeout,
@@ -177,6 +178,9 @@ class KvReceiver:
             fetch.accepted = True
             status.advance(TransferState.TRANSFERRING)
             if fetch.direct:
+                # same host: nothing arrives before the trailer, and a streamed prefill may still
+                # compute: bounded by the fetch's deadline (not yet per chunk, as over UCX)
+                status.rebound(status.remaining())
                 trailer = await status.guard(fetch.trailer)
                 value = None
                 if self.config.same_host_verify:

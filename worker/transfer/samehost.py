@@ -283,7 +283,8 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
 
     status, tid = offer.status, request.transfer_id
     layers = request.layers_per_chunk
-    if not offer.pool.kv.is_cuda:  # CPU: one strided copy per page run covers every layer
+    if not offer.pool.kv.is_cuda and offer.layers.done:  # CPU: one strided copy per page run
+        # covers every layer (a room still computing streams in the receiver's chunks instead)
         layers = max(layers, wire.ChunkPlan.layers_for(offer.pool.layout, len(offer.page_ids),
                                                        CPU_CHUNK_BYTES))
     plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), layers)
@@ -299,6 +300,7 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
                                                reason="KV_SAME_HOST_NOT_MAPPED"))
             if status.terminal:
                 break
+            await status.guard(offer.wait_layers(b))  # layer streaming: [a, b) are final
             job = loop.run_in_executor(executor, _copy_job, offer.pool.kv, mapped.peer.kv,
                                        copies, a, b)
             try:

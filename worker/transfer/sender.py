@@ -4,6 +4,8 @@
     address = await sender.start()        # publish in the instance info (per rank)
     ...                                   # prefill computes room R's KV into `pages`
     offer = sender.offer(R, pool, pages, first_token, token=token, timeout=30)
+    # or offer before computing (first_token=None), then offer.layer_done(i) per layer and
+    # offer.computed(first_token): chunk i leaves once its layers are final (layers.py)
     try:
         await offer                       # sent (or raises the typed failure)
     finally:
@@ -40,6 +42,7 @@ from pdmesh.worker.kv.pack import check_page_ids, pack_checked
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import digest, runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
+from pdmesh.worker.transfer.layers import LayerReadiness
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
 from pdmesh.worker.transfer.runs import PoolSide
 from pdmesh.worker.transfer.streams import Outgoing
@@ -53,12 +56,19 @@ _EMPTY = torch.empty(0, dtype=torch.uint8)
 class Offer:
     """Room `room`'s KV, held for one decode. Await it: None once sent, else the failure."""
 
-    def __init__(self, room: int, pool: KvPool, page_ids: list[int], first_token: int,
+    def __init__(self, room: int, pool: KvPool, page_ids: list[int], first_token: int | None,
                  token: bytes, timeout: float, config: TransferConfig) -> None:
         self.room, self.pool, self.page_ids = room, pool, list(page_ids)
-        self.first_token, self.token = first_token, token
-        self.status = TransferStatus(f"offer room {room}", timeout,
+        self.token = token
+        layers = pool.layout.num_layers
+        self.layers = (LayerReadiness(layers) if first_token is None
+                       else LayerReadiness.complete(layers, first_token))
+        # an offer made before compute is bounded by `timeout` (the request's) until computed,
+        # then its transfer by transfer_timeout_s like any other
+        self._transfer_timeout_s = config.transfer_timeout_s
+        self.status = TransferStatus(f"offer room {room}", timeout, {} if first_token is None else
                                      {TransferState.TRANSFERRING: config.transfer_timeout_s})
+        self.status.on_fail(self.layers.fail)
         self.claimed = False
         self._done = asyncio.get_running_loop().create_future()
         self._done.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -66,6 +76,34 @@ class Offer:
     @property
     def state(self) -> TransferState:
         return self.status.state
+
+    @property
+    def first_token(self) -> int | None:
+        """None until the prefill computed it (an offer made before compute)."""
+        return self.layers.first_token
+
+    @property
+    def layers_ready(self) -> int:
+        """Layers [0, layers_ready) of the pages hold their final KV (layers.py)."""
+        return self.layers.count
+
+    def wait_layers(self, n: int) -> asyncio.Future:
+        """Resolves once layers [0, n) are final and written (also on a GPU); n == num_layers
+        also means the first token is known. Race it with the transfer: `status.guard(...)`."""
+        return self.layers.wait(n, on_host=True)
+
+    def layer_done(self, layer: int, mark=None) -> None:
+        """The prefill wrote layer `layer`'s KV (`mark`: its CUDA event on a GPU)."""
+        self.layers.layer_done(layer, mark)
+
+    def computed(self, first_token: int, hold_s: float | None = None) -> None:
+        """The prefill ended with `first_token`. `hold_s`: from now, wait at most that long for
+        a decode that has not claimed the room yet (its computed room's bound)."""
+        self.layers.computed(first_token)
+        if self.status.state == TransferState.TRANSFERRING:
+            self.status.rebound(self._transfer_timeout_s)
+        elif hold_s is not None and not self.claimed:
+            self.status.rebound(hold_s)
 
     def __await__(self):
         return self._done.__await__()
@@ -107,10 +145,14 @@ class KvSender:
                                                    self.config.listen_port)
         return self.address
 
-    def offer(self, room: int, pool: KvPool, page_ids: list[int], first_token: int, *,
+    def offer(self, room: int, pool: KvPool, page_ids: list[int], first_token: int | None, *,
               token: bytes, timeout: float) -> Offer:
         """Hold `page_ids` of `pool` for room `room` until a decode with `token` takes them, or
-        `timeout` seconds pass (DEADLINE_EXCEEDED). Await the returned Offer."""
+        `timeout` seconds pass (DEADLINE_EXCEEDED). Await the returned Offer.
+
+        `first_token=None` offers the room before its KV is computed: report each final layer
+        with `offer.layer_done(i)` and the end with `offer.computed(first_token)` (or fail it
+        with `abort`); chunks leave as their layers become final (layers.py)."""
         if room in self._offers:
             raise FailedPrecondition(f"room {room} is already offered by this rank",
                                      reason="KV_ROOM_ALREADY_OFFERED", metadata={"bootstrap_room": room})
@@ -385,7 +427,10 @@ class KvSender:
             for c in range(len(plan.chunks)):
                 if status.terminal:
                     break
-                out.prepare_ahead(c, self._executor)
+                # layer streaming: chunk c's layers are final; nothing reads a later chunk's
+                # pages ahead of time until the prefill's compute ended
+                await status.guard(offer.wait_layers(plan.ranges[c][1]))
+                out.prepare_ahead(c, self._executor, until=None if offer.layers.done else c + 1)
                 if not await out.send_chunk(c):
                     break
             await out.settle()

@@ -67,9 +67,12 @@ class Outgoing:
         self.digest = digest.Digest()
         self.sent = self.total = self._bytes_in_flight = 0
 
-    def prepare_ahead(self, c: int, executor) -> None:
+    def prepare_ahead(self, c: int, executor, until: int | None = None) -> None:
+        """Start the jobs of chunks c, c+1, ... (`send_depth` of them, none from `until` on:
+        layer streaming prepares no chunk whose layers are not computed yet)."""
         loop = asyncio.get_running_loop()
-        for k in range(c, min(c + self.config.send_depth, len(self.plan.chunks))):
+        stop = min(c + self.config.send_depth, len(self.plan.chunks))
+        for k in range(c, stop if until is None else min(stop, until)):
             if k in self.jobs or k < c:
                 continue
             msgs, (a, b) = self.plan.chunks[k], self.plan.ranges[k]
@@ -178,6 +181,8 @@ class Incoming:
             # one wait per chunk, not per message (a failed one fails it at once; the others
             # run on, tracked in fetch.pending for the wind-down)
             await status.guard(futures[0] if len(futures) == 1 else asyncio.gather(*futures))
+            # progress renews TRANSFERRING's bound: a streamed prefill may still compute layers
+            status.rebound(self.config.transfer_timeout_s)
             if c + window < len(chunks):
                 self._post_chunk(c + window)  # the next receives land while this one unpacks
             bufs = [buf for _, buf in slots]

@@ -100,12 +100,16 @@ class ChunkPlan:
         return (b - a) * self.layer_bytes
 
     @staticmethod
-    def layers_for(layout: KvLayout, num_pages: int, target_bytes: int) -> int:
-        """Layers per chunk so a chunk is about `target_bytes` (at least one layer)."""
+    def layers_for(layout: KvLayout, num_pages: int, target_bytes: int, min_chunks: int = 1) -> int:
+        """Layers per chunk so a chunk is about `target_bytes` (at least one layer), and a
+        request has at least `min_chunks` chunks where it has that many layers (with layer
+        streaming a chunk leaves once its last layer is computed: smaller ones leave sooner)."""
         per_layer = 2 * num_pages * layout.page_bytes_per_layer
+        n = layout.num_layers
+        by_count = max(1, -(-n // max(1, min_chunks)))
         if per_layer == 0:
-            return layout.num_layers
-        return max(1, min(layout.num_layers, target_bytes // per_layer))
+            return by_count
+        return max(1, min(n, by_count, target_bytes // per_layer))
 
 
 def checksum(data: torch.Tensor) -> int:

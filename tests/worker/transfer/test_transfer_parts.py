@@ -47,6 +47,11 @@ def test_chunk_plan_covers_every_layer_once():
     assert wire.ChunkPlan.layers_for(LAYOUT, 3, plan.layer_bytes * 2 + 1) == 2
     assert wire.ChunkPlan.layers_for(LAYOUT, 3, 1) == 1
     assert wire.ChunkPlan.layers_for(LAYOUT, 3, 1 << 40) == 5
+    # layer streaming: at least `min_chunks` chunks, bytes permitting, never below one layer
+    assert wire.ChunkPlan.layers_for(LAYOUT, 3, 1 << 40, min_chunks=2) == 3
+    assert wire.ChunkPlan.layers_for(LAYOUT, 3, 1 << 40, min_chunks=8) == 1
+    assert wire.ChunkPlan.layers_for(LAYOUT, 3, plan.layer_bytes * 2, min_chunks=2) == 2
+    assert wire.ChunkPlan.layers_for(LAYOUT, 0, 1 << 20, min_chunks=2) == 3
 
 
 def test_chunk_tags_differ_per_transfer_and_index():

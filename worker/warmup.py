@@ -1,0 +1,114 @@
+"""A rank's warm-up: everything the first request would otherwise pay, done before it is healthy.
+
+`rank.serve` awaits `warm_rank(...)` after building the engine, pool and data-plane endpoint and
+before it prints its readiness line (the controller reports the instance healthy only once every
+rank is ready), so the first request of a fresh mesh finds:
+
+1. the engine run once (a one-page prompt on the engine thread; a decode step on a decode rank):
+   torch's lazy kernel and allocator set-up, cuBLAS handles and CUDA context on a GPU;
+2. the pack / unpack kernels and the checksum run once on one page (on a GPU this compiles the
+   Triton kernels, `worker/kv/pack_triton.py`);
+3. the staging buffers of a transfer of up to `chunk_bytes` per chunk allocated and touched
+   (first-touch page faults cost ~10x a copy here; staging.py);
+4. the transport warm: one loopback transfer of one page through this rank's own data-plane
+   end (a prefill rank fetches from its own listener; a decode rank fetches from a temporary
+   listener of its own), so the UCX worker, its listener, endpoint wire-up and the shared-memory
+   transports have run once.
+
+The pages it uses go back to the pool before the rank reports ready. `PDMESH_WARMUP=0` skips it
+(for measuring what it saves: `make bench`, part ttft). Each step's time is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import torch
+
+from pdmesh.worker.engine.protocol import DecodeItem
+from pdmesh.worker.kv.pack import check_page_ids, pack_checked, unpack_checked
+from pdmesh.worker.transfer import wire
+
+log = logging.getLogger(__name__)
+_ROOM, _TOKEN = 1, b"pdmesh-warmup"
+
+
+def enabled() -> bool:
+    return os.environ.get("PDMESH_WARMUP", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+async def warm_rank(engine, pages, transfer, engine_thread) -> dict[str, float]:
+    """Warm this rank (see the module docstring); the milliseconds each step took."""
+    took: dict[str, float] = {}
+    ids = pages.alloc(2)
+    try:
+        for name, step in (("engine", lambda: engine_thread.run(_engine_once, engine, pages.kv, ids,
+                                                                 not transfer.is_prefill)),
+                           ("kernels", lambda: engine_thread.run(_kernels_once, pages.kv, ids)),
+                           ("staging", lambda: _touch_staging(transfer, pages)),
+                           ("transport", lambda: _loopback(transfer, pages, ids))):
+            started = time.perf_counter()
+            await step()
+            took[name] = round((time.perf_counter() - started) * 1e3, 1)
+    finally:
+        pages.free(ids)
+    log.info("rank warmed up (ms): %s", took)
+    return took
+
+
+def _engine_once(engine, kv: torch.Tensor, ids: list[int], decode: bool) -> None:
+    n = max(1, min(engine.layout.page_size, engine.max_seq_len - 2))
+    prompt = [1 + i % max(1, engine.tokenizer.vocab_size - 1) for i in range(n)]
+    first = engine.prefill(prompt, kv, ids, on_layer=lambda layer: None)
+    if decode:
+        engine.decode_step(kv, [DecodeItem(first, n, ids)])
+
+
+def _kernels_once(kv: torch.Tensor, ids: list[int]) -> None:
+    index = check_page_ids(kv, ids[:1], unique=True)
+    staging = torch.empty((1, 2, 1) + tuple(kv.shape[3:]), dtype=kv.dtype, device=kv.device)
+    pack_checked(kv, index, 0, 1, staging)
+    wire.checksum(staging.view(-1).view(torch.uint8))
+    unpack_checked(staging, kv, index, 0, 1)
+    if kv.is_cuda:
+        torch.cuda.synchronize(kv.device)
+
+
+async def _touch_staging(transfer, pages) -> None:
+    """Allocate and touch the staging buffers a transfer of full-size chunks takes."""
+    end = transfer.sender if transfer.is_prefill else transfer.receiver
+    config = end.config
+    layer = wire.ChunkPlan(pages.layout, 1, 1).layer_bytes  # one page, one layer
+    per_chunk = max(layer, config.chunk_bytes)
+    depth = (config.send_depth if transfer.is_prefill else config.recv_window) + 1
+    staging = end._staging_for(pages.pool)  # the cache the transfers draw from
+    taken = [staging.take(per_chunk) for _ in range(depth)]
+    for buf in taken:
+        buf.zero_()
+    for buf in taken:
+        staging.give(buf)
+
+
+async def _loopback(transfer, pages, ids: list[int]) -> None:
+    """One page through this rank's own data-plane end, and back into the pool."""
+    from pdmesh.worker.transfer.receiver import KvReceiver
+    from pdmesh.worker.transfer.sender import KvSender
+
+    if transfer.is_prefill:
+        sender, receiver = transfer.sender, KvReceiver("ucx", config=transfer.sender.config)
+        own = receiver
+    else:
+        sender = KvSender("ucx", epoch=0, config=transfer.receiver.config)
+        receiver, own = transfer.receiver, sender
+        await sender.start()
+    try:
+        offer = sender.offer(_ROOM, pages.pool, ids[:1], 0, token=_TOKEN, timeout=10.0)
+        await receiver.fetch(sender.address, _ROOM, epoch=sender.epoch, pool=pages.pool,
+                             page_ids=ids[1:], token=_TOKEN, timeout=10.0)
+        await offer
+    finally:
+        await own.close()
+        await asyncio.sleep(0)
