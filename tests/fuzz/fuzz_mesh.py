@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from typing import Callable
@@ -20,7 +19,7 @@ from pdmesh.router.v1 import router_pb2 as rpb
 from pdmesh.worker.v1 import worker_pb2 as wpb
 from fuzz_oracle import Expect, check, expect_parsed
 from fuzz_wire import Caller, LoopThread, Outcome
-from procs import Proc
+from procs import start_up
 
 BOOTSTRAP = "/pdmesh.bootstrap.v1.BootstrapService/"
 PREFILL = "/pdmesh.worker.v1.PrefillService/"
@@ -33,45 +32,19 @@ STREAMING = {DECODE + "Decode", ROUTER + "Generate"}
 CHILD_PID = re.compile(r"\(pid (\d+),")  # `pdmesh up` prints each child's pid
 
 
-def free_base_port(n: int = 5) -> int:
-    """A port with n-1 free ports after it (pdmesh up takes consecutive ones)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65535 and all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 class Mesh:
     """A running `pdmesh up` and one raw caller per service, on `loop`."""
 
     def __init__(self, loop: LoopThread, log_dir: str) -> None:
         self.loop = loop
         attach = os.environ.get("PDMESH_FUZZ_BASE_PORT")  # a `pdmesh up` already running there
-        base = int(attach) if attach else free_base_port()
+        self.up, self.log_dir = None, None if attach else log_dir
+        if attach:
+            base = int(attach)
+        else:
+            self.up, base = start_up("fuzz-up", "--model-preset", "tiny", log_dir=log_dir, timeout=300)
         self.address = {name: f"127.0.0.1:{base + i}"
                         for i, name in enumerate(["bootstrap", "router", "prefill", "decode"])}
-        self.up, self.log_dir = None, None if attach else log_dir
-        if not attach:
-            self.up = Proc("fuzz-up", ["up", "--model-preset", "tiny", "--base-port", str(base),
-                                       "--log-dir", log_dir]).start()
-            deadline = time.monotonic() + 300
-            while not any("serving; router at" in line for line in self.up.lines):
-                if not self.up.alive() or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"pdmesh up did not come up:\n{self.up.tail()}")
-                time.sleep(0.1)
         self.callers = self.run(self._callers())
         info = self.run(self.callers["bootstrap"].unary(
             BOOTSTRAP + "GetInstance", bpb.GetInstanceRequest(instance_id=PREFILL_ID).SerializeToString(), 10))

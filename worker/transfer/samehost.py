@@ -310,11 +310,7 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
                 break
             acc, total = (acc + value) & page_copy.MASK64, total + plan.chunk_bytes(index)
         if not status.terminal:
-            trailer = pb.TransferTrailer(transfer_id=tid, first_token=offer.first_token,
-                                         byte_count=total, checksum=acc, token=offer.token)
-            await status.guard(link.send_control(wire.encode(pb.TransferMessage(
-                trailer=trailer))))
-            status.succeed()
+            await wire.send_trailer(link, status, tid, offer, total, acc)
             return
     except PdmeshError as err:
         status.fail(err)

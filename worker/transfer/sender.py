@@ -435,12 +435,8 @@ class KvSender:
                     break
             await out.settle()
             if not status.terminal:
-                trailer = pb.TransferTrailer(transfer_id=request.transfer_id,
-                                             first_token=offer.first_token, byte_count=out.total,
-                                             checksum=out.digest.value(), token=offer.token)
-                await status.guard(link.send_control(wire.encode(pb.TransferMessage(
-                    trailer=trailer))))
-                status.succeed()
+                await wire.send_trailer(link, status, request.transfer_id, offer, out.total,
+                                        out.digest.value())
                 return
         except PdmeshError as err:
             status.fail(err)

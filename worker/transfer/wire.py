@@ -145,3 +145,12 @@ def fold(acc: int, chunk_checksum: int) -> int:
 
 
 FOLD_START = 0xCBF29CE484222325
+
+
+async def send_trailer(link, status, transfer_id: int, offer, byte_count: int, checksum: int) -> None:
+    """The last message of a transfer whose bytes all went out (first token, byte count, checksum,
+    token; the receiver checks every one), then the transfer succeeds; both paths end this way."""
+    trailer = transfer_pb2.TransferTrailer(transfer_id=transfer_id, first_token=offer.first_token,
+                                           byte_count=byte_count, checksum=checksum, token=offer.token)
+    await status.guard(link.send_control(encode(transfer_pb2.TransferMessage(trailer=trailer))))
+    status.succeed()
