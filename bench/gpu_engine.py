@@ -94,7 +94,7 @@ def _pool(tokens: int, seed: int, pages: str = "scattered"):
 async def _sender(sizes: list[int], iters: int, pages: str) -> None:
     from pdmesh.worker.transfer import KvSender, TransferConfig
     from pdmesh.worker.transfer.config import apply_ucx_defaults
-    apply_ucx_defaults(device="cuda")  # as a rank with CUDA pools does (worker/kv_link.py)
+    apply_ucx_defaults(device="cuda")  # as a rank with CUDA pools does (worker/rank/kv_link.py)
     # over UCX (same-host mapping off): the cross-host path, measured on one host
     sender = KvSender("ucx", epoch=1,
                       config=TransferConfig(room_wait_s=60, path="ucx").for_device("cuda"))

@@ -194,7 +194,7 @@ def run(args) -> str:
         "First request of a fresh mesh (bootstrap, prefill dp 1, decode dp 1, 64-token prompts, "
         "the `tiny` model so that set-up is not hidden behind seconds of CPU compute, layer "
         "streaming on) against the same mesh's steady state, with each rank's warm-up before it "
-        "reports ready (`worker/warmup.py`) and without it (`PDMESH_WARMUP=0`).", "",
+        "reports ready (`worker/rank/warmup.py`) and without it (`PDMESH_WARMUP=0`).", "",
         *table_fresh, "",
         "Control path per rank path (tiny engine, 16-token prompts, one request at a time): "
         "TTFT minus the prefill's own compute, i.e. rank resolution, the UCX handshake, the "

@@ -16,8 +16,8 @@ from pdmesh import logs
 
 SUBCOMMANDS = {
     "bootstrap": ("pdmesh.server.cli", "run the bootstrap service (prefill registry and room lookups)"),
-    "prefill": ("pdmesh.worker.prefill_cli", "run a prefill instance (DP controller and its ranks)"),
-    "decode": ("pdmesh.worker.decode_cli", "run a decode instance (DP controller and its ranks)"),
+    "prefill": ("pdmesh.worker.instance.prefill_cli", "run a prefill instance (DP controller and its ranks)"),
+    "decode": ("pdmesh.worker.instance.decode_cli", "run a decode instance (DP controller and its ranks)"),
     "router": ("pdmesh.router.cli", "run the router in front of prefill and decode instances"),
     "up": ("pdmesh.router.up", "start a whole mesh on loopback, ask the model a demo question, keep serving"),
 }

@@ -2,7 +2,7 @@
 
 `FaultMesh` starts a bootstrap service, one prefill, one decode (dp 2 each) and a router as
 `pdmesh` subprocesses on fixed free ports (so each can be restarted on the same address), with the
-rank fault hooks on (`worker/debug_faults.py`: every KV chunk is packed `pack_delay_s` late, so a
+rank fault hooks on (`worker/rank/debug_faults.py`: every KV chunk is packed `pack_delay_s` late, so a
 transfer is really in flight when something dies; SIGUSR1 drops a rank's UCX links). It knows
 how to find a rank's pid, kill or restart each part, read instance status and process memory.
 `request` runs one request through the router and records how it ended (`Outcome`): its tokens,

@@ -46,7 +46,7 @@ class InstanceConfig:
     #: room to be registered. Also bounded by the request's deadline.
     unknown_room_wait_s: float = 30.0
     #: Prefill: offer a room before computing it and send each layer's KV as soon as it is final
-    #: (worker/layer_stream.py); off: compute the whole prompt, then send.
+    #: (worker/rank/layer_stream.py); off: compute the whole prompt, then send.
     layer_streaming: bool = True
     #: Decode: cut each KV transfer into at least this many chunks of layers (fewer where the
     #: model has fewer layers); see TransferConfig.min_chunks.

@@ -16,7 +16,7 @@ from pki import Pki, make_pki
 
 ENV = ("PDMESH_TLS_CERT", "PDMESH_TLS_KEY", "PDMESH_TLS_CA", "PDMESH_MTLS", "PDMESH_TLS_SERVER_NAME")
 COMMANDS = {"bootstrap": "pdmesh.server.cli", "router": "pdmesh.router.cli", "up": "pdmesh.router.up",
-            "prefill": "pdmesh.worker.prefill_cli", "decode": "pdmesh.worker.decode_cli"}
+            "prefill": "pdmesh.worker.instance.prefill_cli", "decode": "pdmesh.worker.instance.decode_cli"}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 
 from pdmesh.errors import InvalidArgument
-from pdmesh.worker.dispatch import Dispatcher
+from pdmesh.worker.instance.dispatch import Dispatcher
 
 
 def test_routed_rank_wins_over_every_method():

@@ -1,4 +1,4 @@
-"""A prefill rank's layer streaming (`worker/layer_stream.py`) with the real engine and the rank's
+"""A prefill rank's layer streaming (`worker/rank/layer_stream.py`) with the real engine and the rank's
 own `RankTransfer`, over the in-process transport: the decode's KV is bit-identical to a
 colocated prefill's, and an engine that fails mid-compute fails the decode typed and returns
 every page once nothing uses it.
@@ -20,9 +20,9 @@ from pdmesh.worker.engine.factory import EngineSpec, build_engine
 from pdmesh.worker.engine.protocol import GREEDY
 from pdmesh.worker.engine.reference import empty_kv_pool
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.kv_link import RankTransfer
-from pdmesh.worker.layer_stream import prefill_streamed
-from pdmesh.worker.pages import EngineThread, PageBroker
+from pdmesh.worker.rank.kv_link import RankTransfer
+from pdmesh.worker.rank.layer_stream import prefill_streamed
+from pdmesh.worker.rank.pages import EngineThread, PageBroker
 from pdmesh.worker.transfer import KvReceiver, make_transport
 
 

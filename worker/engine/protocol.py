@@ -137,7 +137,7 @@ class Engine(Protocol):
         in order, as soon as layer i's K/V writes into the pages are issued: nothing writes
         them again during this call. On the CPU they are then in memory; on a GPU they are
         queued on the current stream, so a consumer waits on an event recorded there at that
-        moment (the worker's layer streaming does this, `pdmesh.worker.layer_stream`). Bad input
+        moment (the worker's layer streaming does this, `pdmesh.worker.rank.layer_stream`). Bad input
         raises before the first call. The worker streams layer i's KV to the decode while later
         layers compute."""
         ...

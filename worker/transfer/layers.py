@@ -3,7 +3,7 @@
 A prefill rank may offer a room BEFORE computing it (its pages allocated, the first token not
 known yet): the decode's request is then answered at once and chunk i (layers [a, b)) leaves as
 soon as layer b - 1 is final, while later layers still compute. The engine reports each layer
-(`Engine.prefill(..., on_layer=...)`, on the engine thread; `pdmesh.worker.layer_stream` hands it
+(`Engine.prefill(..., on_layer=...)`, on the engine thread; `pdmesh.worker.rank.layer_stream` hands it
 to the event loop with `loop.call_soon_threadsafe`), then the first token once the prefill ends.
 
     ready = LayerReadiness(num_layers)       # an offer made before compute

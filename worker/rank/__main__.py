@@ -18,7 +18,7 @@ import sys
 
 from pdmesh import grpcutil, logs, metrics
 from pdmesh.worker.config import DECODE, PREFILL, RankConfig
-from pdmesh.worker.supervisor import READY_PREFIX
+from pdmesh.worker.instance.supervisor import READY_PREFIX
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,12 @@ async def serve(config: RankConfig) -> None:
     import dataclasses
 
     from pdmesh.server.client import close_shared_clients, shared_client
-    from pdmesh.worker.decode_loop import DecodeLoop
+    from pdmesh.worker.rank.decode_loop import DecodeLoop
     from pdmesh.worker.engine.factory import build_engine
     from pdmesh.worker.kv.pool import KvPool
-    from pdmesh.worker.kv_link import RankTransfer
-    from pdmesh.worker.pages import PageBroker
-    from pdmesh.worker.rank_state import RankInstanceService, RankState
+    from pdmesh.worker.rank.kv_link import RankTransfer
+    from pdmesh.worker.rank.pages import PageBroker
+    from pdmesh.worker.rank.rank_state import RankInstanceService, RankState
 
     inst = config.instance
     spec = dataclasses.replace(inst.engine, device=_device(config))
@@ -54,7 +54,7 @@ async def serve(config: RankConfig) -> None:
     if bootstrap is not None:  # connect now, not under the first burst of registrations
         await asyncio.wait([asyncio.ensure_future(bootstrap.channel.channel_ready())], timeout=5.0)
     state = RankState(config, engine, pages, transfer, bootstrap)
-    from pdmesh.worker import debug_faults, warmup
+    from pdmesh.worker.rank import debug_faults, warmup
     if warmup.enabled():  # before the rank reports ready: the first request pays no set-up
         await warmup.warm_rank(engine, pages, transfer, state.engine_thread)
     debug_faults.install(transfer, asyncio.get_running_loop())
@@ -63,12 +63,12 @@ async def serve(config: RankConfig) -> None:
     names = [worker_pb2.DESCRIPTOR.services_by_name["InstanceService"].full_name]
     loop_ = None
     if inst.role == PREFILL:
-        from pdmesh.worker.prefill_rank import PrefillRankService
+        from pdmesh.worker.rank.prefill_rank import PrefillRankService
         service = PrefillRankService(state)
         register.append(lambda s: worker_pb2_grpc.add_PrefillServiceServicer_to_server(service, s))
         names.append(worker_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name)
     else:
-        from pdmesh.worker.decode_rank import DecodeRankService
+        from pdmesh.worker.rank.decode_rank import DecodeRankService
         loop_ = DecodeLoop(engine, pages, state.engine_thread, inst.max_running_requests)
         loop_.start()
         service = DecodeRankService(state, loop_)

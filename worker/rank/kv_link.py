@@ -14,7 +14,7 @@ import time
 from pdmesh import metrics
 from pdmesh.errors import Cancelled, DeadlineExceeded
 from pdmesh.worker.config import PREFILL, RankConfig
-from pdmesh.worker.pages import PageBroker
+from pdmesh.worker.rank.pages import PageBroker
 from pdmesh.worker.transfer.config import TransferConfig, apply_ucx_defaults
 
 

@@ -96,7 +96,7 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
 def run(args: argparse.Namespace, role: str) -> int:
     from pdmesh.errors import PdmeshError
     from pdmesh.worker.engine.factory import check_model
-    from pdmesh.worker.instance import serve
+    from pdmesh.worker.instance.instance import serve
     try:
         config = config_from_args(args, role)
         # The model is resolved (a named one converted into the cache, once) and checked here,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pdmesh import metrics
 from pdmesh.errors import Internal, PdmeshError, ResourceExhausted, Unavailable
 from pdmesh.worker.engine.protocol import DecodeItem, Engine, SamplingParams
-from pdmesh.worker.pages import EngineThread, PageBroker
+from pdmesh.worker.rank.pages import EngineThread, PageBroker
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.rules import validate_room
 from pdmesh.worker.config import InstanceConfig, RankConfig
-from pdmesh.worker.dispatch import Dispatcher
-from pdmesh.worker.supervisor import RankSupervisor
+from pdmesh.worker.instance.dispatch import Dispatcher
+from pdmesh.worker.instance.supervisor import RankSupervisor
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from pdmesh.bootstrap.v1 import bootstrap_pb2
 from pdmesh.config import LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError
 from pdmesh.worker.config import PREFILL, InstanceConfig
-from pdmesh.worker.controller import Controller
-from pdmesh.worker.controller_service import (DecodeControllerService, InstanceControllerService,
+from pdmesh.worker.instance.controller import Controller
+from pdmesh.worker.instance.controller_service import (DecodeControllerService, InstanceControllerService,
                                               PrefillControllerService)
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 

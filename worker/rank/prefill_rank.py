@@ -24,10 +24,10 @@ from pdmesh.config import DEFAULT_DEADLINE_S, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import PrefillAction, optional_dp_rank, prefill_rule, validate_room
-from pdmesh.worker import requests
-from pdmesh.worker.layer_stream import prefill_streamed
-from pdmesh.worker.rank_state import RankState
-from pdmesh.worker.room_keeper import RoomKeeper
+from pdmesh.worker.rank import requests
+from pdmesh.worker.rank.layer_stream import prefill_streamed
+from pdmesh.worker.rank.rank_state import RankState
+from pdmesh.worker.rank.room_keeper import RoomKeeper
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

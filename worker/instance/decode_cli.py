@@ -1,6 +1,6 @@
 """`pdmesh decode`: a decode instance (DP controller and its rank processes)."""
 
-from pdmesh.worker import instance_cli
+from pdmesh.worker.instance import instance_cli
 from pdmesh.worker.config import DECODE
 
 

@@ -17,7 +17,7 @@ from pdmesh import metrics
 from pdmesh.errors import Aborted, AlreadyExists
 from pdmesh.grpcutil import translate_errors
 from pdmesh.worker.config import RankConfig
-from pdmesh.worker.pages import EngineThread, PageBroker
+from pdmesh.worker.rank.pages import EngineThread, PageBroker
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

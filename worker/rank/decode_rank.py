@@ -23,10 +23,10 @@ from pdmesh.errors import (DeadlineExceeded, EpochMismatch, FailedPrecondition, 
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import decode_rule, optional_dp_rank, validate_room
 from pdmesh.server.client import shared_client
-from pdmesh.worker import requests
-from pdmesh.worker.decode_loop import DecodeLoop, Sequence
+from pdmesh.worker.rank import requests
+from pdmesh.worker.rank.decode_loop import DecodeLoop, Sequence
 from pdmesh.worker.kv.layout import KvLayout
-from pdmesh.worker.rank_state import RankState
+from pdmesh.worker.rank.rank_state import RankState
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import optional_dp_rank, validate_room
-from pdmesh.worker.controller import Controller
+from pdmesh.worker.instance.controller import Controller
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
 

@@ -1,6 +1,6 @@
 """`pdmesh prefill`: a prefill instance (DP controller, its rank processes, optional bootstrap)."""
 
-from pdmesh.worker import instance_cli
+from pdmesh.worker.instance import instance_cli
 from pdmesh.worker.config import PREFILL
 
 
