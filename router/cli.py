@@ -130,7 +130,7 @@ async def serve(config: RouterConfig) -> None:
         scheme = "https" if config.tls is not None and config.tls.has_identity else "http"
         print(f"pdmesh router HTTP API at {scheme}://{config.http_host or config.host}:{app.http_port}/v1 "
               f"(model {config.served_model_name!r})", flush=True)
-    print(f"pdmesh router listening on {config.host}:{app.port}", flush=True)
+    print(f"pdmesh router: serving on {config.host}:{app.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

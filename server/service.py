@@ -171,7 +171,7 @@ class BootstrapService:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         metrics.enable("bootstrap")
         self._untrack = metrics.track(self, BootstrapService.gauge_samples)
-        log.info("bootstrap service listening on %s", self.address)
+        log.info("bootstrap service serving on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls; calls in flight get `grace` seconds (config.grace_s by default)."""

@@ -1,7 +1,7 @@
 """Real `pdmesh` processes for tests and benchmarks: start as the README does, wait for readiness, stop.
 
 A `Proc` runs `python -m pdmesh.cli ...`, copies its output to a log file (printed when a test
-fails to start it), and is ready when it prints its "listening on HOST:PORT" line.
+fails to start it), and is ready when it prints its "<kind>: serving on HOST:PORT" line.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-LISTENING = re.compile(r"(?:listening|serving) on (\S+)")
+LISTENING = re.compile(r": serving on (\S+)")
 LOG_DIR = Path(tempfile.mkdtemp(prefix="pdmesh-test-logs-"))
 
 

@@ -162,7 +162,7 @@ async def serve(config: InstanceConfig) -> int:
     warn_if_exposed(f"pdmesh {config.role}", config.host, config.tls)
     endpoint = metrics.start(config.role, config.metrics_port, config.metrics_host or config.host,
                              tls=config.tls, registry=metrics.controller_fan_in(instance.controller))
-    print(f"pdmesh {config.role} {config.instance_id} listening on {config.host}:{instance.port}"
+    print(f"pdmesh {config.role} {config.instance_id}: serving on {config.host}:{instance.port}"
           + (f" (bootstrap {instance.bootstrap_address})" if instance.bootstrap_address else ""), flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
