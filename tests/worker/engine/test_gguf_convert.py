@@ -229,7 +229,7 @@ def test_an_instance_with_a_bad_model_exits_at_once_with_the_reason(tmp_path, pd
     out = subprocess.run([*pdmesh_cmd, "prefill", "--dp-size", "2", "--bootstrap-port", "0", "--model", str(bad),
                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
-    assert "INVALID_MODEL_FILE" in out.stderr and "listening" not in out.stdout
+    assert "INVALID_MODEL_FILE" in out.stderr and "serving on" not in out.stdout
     assert "rank" not in out.stdout + out.stderr  # no rank was started
     out = subprocess.run([*pdmesh_cmd, "up", "--model", str(bad), "--cache-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
