@@ -118,11 +118,13 @@ def rank_pids(controller_pid: int) -> dict[int, int]:
     return ranks
 
 
-def rss_kib(pid: int) -> int:
-    """Resident memory of one process (VmRSS), in KiB."""
+def rss_kib(pid: int, field: str = "RssAnon") -> int:
+    """Resident memory of one process, in KiB: by default its private anonymous memory (RssAnon:
+    heap, where a leak grows), not VmRSS, which also counts shared mappings as they get touched
+    (a prefill rank that writes into a decode's shared pool maps it whole)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 

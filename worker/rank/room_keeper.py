@@ -52,7 +52,10 @@ class RoomKeeper:
 
     async def _watch(self) -> None:
         while True:
-            await self._channel.wait_for_state_change(self._state)
+            try:
+                await self._channel.wait_for_state_change(self._state)
+            except grpc.aio.UsageError:  # the channel was closed: the rank is stopping
+                return
             new = self._channel.get_state(try_to_connect=False)
             self.connections += new == READY and self._state != READY
             self._state = new
