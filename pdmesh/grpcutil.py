@@ -109,7 +109,11 @@ async def set_serving(health_servicer: Any, names: Iterable[str], serving: bool 
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: PdmeshError) -> None:
-    """Abort the call with `error`'s code, message and ErrorInfo."""
+    """Abort the call with `error`'s code, message and ErrorInfo. A call that already ended (its
+    deadline passed, its caller left) has nobody to tell: grpc would fail the write and log it as
+    an error, so it ends as cancelled instead."""
+    if context.done():
+        raise asyncio.CancelledError(f"the call ended before its status: {error.reason}")
     await context.abort_with_status(error.to_status())
 
 
