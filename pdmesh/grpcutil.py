@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 import grpc
+from grpc._cython import cygrpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -112,9 +113,13 @@ async def abort_with(context: grpc.aio.ServicerContext, error: PdmeshError) -> N
     """Abort the call with `error`'s code, message and ErrorInfo. A call that already ended (its
     deadline passed, its caller left) has nobody to tell: grpc would fail the write and log it as
     an error, so it ends as cancelled instead."""
-    if context.done():
+    left = context.time_remaining()
+    if context.done() or (left is not None and left <= 0):
         raise asyncio.CancelledError(f"the call ended before its status: {error.reason}")
-    await context.abort_with_status(error.to_status())
+    try:
+        await context.abort_with_status(error.to_status())
+    except cygrpc.ExecuteBatchError:  # it ended while the status was being written
+        raise asyncio.CancelledError(f"the call ended while its status was written: {error.reason}") from None
 
 
 def _room_field(error: PdmeshError) -> dict[str, str]:
