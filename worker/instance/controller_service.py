@@ -53,6 +53,7 @@ class InstanceControllerService(worker_pb2_grpc.InstanceServiceServicer):
 
     @translate_errors
     async def Drain(self, request, context) -> worker_pb2.DrainResponse:
-        active = sum(self.controller.active)
-        self._on_drained(self.controller.drain())
-        return worker_pb2.DrainResponse(active_requests=active)
+        self._on_drained(self.controller.drain())  # no new work from now on
+        # what it holds, counted as GetInstanceStatus counts it (a rank's rooms, or its calls in flight)
+        status = await self.controller.status()
+        return worker_pb2.DrainResponse(active_requests=sum(r.active_requests for r in status.ranks))
