@@ -25,6 +25,7 @@ from pdmesh.router.cli import RouterApp
 from pdmesh.router.service import RouterConfig
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+from testkit.faultkit import wait_until
 
 PROMPT = "An OpenAI client talks to the mesh"
 
@@ -45,14 +46,6 @@ def pools_full(address: str) -> bool:
 def both_pools_full(mesh) -> bool:
     return pools_full(mesh["prefill"]) and pools_full(mesh["decode"])
 
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_models_and_completion_equal_the_colocated_engine(client):

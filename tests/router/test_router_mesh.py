@@ -11,18 +11,17 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import PdmeshError
 from pdmesh.router.client import RouterClient
 from pdmesh.router.up import colocated_text
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 from procs import Proc
+from testkit.faultkit import wait_until
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 PROMPT = "Disaggregated serving splits prefill from decode"
@@ -108,14 +107,6 @@ def pools_full(address: str) -> bool:
     return all(r.free_pages == r.total_pages and r.active_requests == 0 for r in status.ranks)
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
 
 def test_a_cancelled_stream_frees_pages_on_both_sides(mesh):
     async def cancel_midway():
@@ -125,7 +116,7 @@ def test_a_cancelled_stream_frees_pages_on_both_sides(mesh):
                 break  # first tokens arrived: the decode holds pages; now go away
             await stream.aclose()
     run(cancel_midway())
-    assert wait_until(lambda: pools_full(mesh["prefill"]) and pools_full(mesh["decode"]))
+    assert wait_until(lambda: pools_full(mesh["prefill"]) and pools_full(mesh["decode"]), 10)
 
 
 def test_admission_refuses_with_retry_info_beyond_the_queue(mesh):
