@@ -38,6 +38,27 @@ def parts(data: torch.Tensor) -> torch.Tensor:
     return torch.stack([sums.sum(), (sums * weights).sum()])
 
 
+def rows_parts(rows: torch.Tensor) -> torch.Tensor:
+    """`parts` of many equal-sized messages at once: `rows` is [..., nbytes] uint8 whose last
+    dimension is contiguous (e.g. one page run's blocks of several layers and K/V: a strided
+    view of the pool). Returns int64 [..., 2], entry i equal to `parts(rows[i])`: one reduction
+    for a whole chunk instead of ~10 small ops per message (they cost as much as the sums)."""
+    n, lead = rows.shape[-1], tuple(rows.shape[:-1])
+    if n % 8 or rows.storage_offset() % 8 or any(s % 8 for s in rows.stride()[:-1]):
+        flat = rows.reshape(-1, n)
+        if not flat.shape[0]:
+            return torch.zeros(lead + (2,), dtype=torch.int64, device=rows.device)
+        return torch.stack([parts(row) for row in flat]).view(lead + (2,))
+    words = rows.view(torch.int64)
+    count = n // 8
+    full = count // _BLOCK_WORDS
+    sums = words[..., : full * _BLOCK_WORDS].unflatten(-1, (full, _BLOCK_WORDS)).sum(-1)
+    if count > full * _BLOCK_WORDS:
+        sums = torch.cat([sums, words[..., full * _BLOCK_WORDS:].sum(-1, keepdim=True)], -1)
+    weights = torch.arange(1, sums.shape[-1] + 1, dtype=torch.int64, device=sums.device)
+    return torch.stack([sums.sum(-1), (sums * weights).sum(-1)], -1)
+
+
 def combine(sums: tuple[int, int], n: int) -> int:
     total, positional = sums
     if n % 8:
@@ -58,19 +79,24 @@ class Digest:
         self._parts: list[tuple[torch.Tensor, int]] = []
 
     def add(self, data: torch.Tensor) -> None:
-        self._parts.append((parts(data), data.numel()))
+        self.add_parts(parts(data), data.numel())
 
     def add_parts(self, sums: torch.Tensor, n: int) -> None:
-        self._parts.append((sums, n))
+        self._parts.append((sums.view(1, 2), [n]))
+
+    def add_rows(self, sums: torch.Tensor, sizes: list[int]) -> None:
+        """Parts of several messages in plan order: `sums` [k, 2], `sizes` their byte counts."""
+        self._parts.append((sums.view(-1, 2), list(sizes)))
 
     def __len__(self) -> int:
-        return len(self._parts)
+        return sum(len(sizes) for _, sizes in self._parts)
 
     def value(self) -> int:
         acc = wire.FOLD_START
         if not self._parts:
             return acc
-        values = torch.stack([p.to("cpu", non_blocking=False) for p, _ in self._parts]).tolist()
-        for (total, positional), (_, n) in zip(values, self._parts):
+        values = torch.cat([p.to("cpu", non_blocking=False) for p, _ in self._parts]).tolist()
+        sizes = [n for _, group in self._parts for n in group]
+        for (total, positional), n in zip(values, sizes, strict=True):
             acc = wire.fold(acc, combine((total, positional), n))
         return acc

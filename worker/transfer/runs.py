@@ -38,6 +38,7 @@ import torch
 
 from pdmesh.errors import DataLoss, InvalidArgument
 from pdmesh.worker.kv.layout import KvLayout
+from pdmesh.worker.transfer import digest
 
 
 def page_runs(page_ids: Sequence[int] | torch.Tensor) -> list[int]:
@@ -158,18 +159,33 @@ def _complement(num_pages: int, runs: list[tuple[int, int]]) -> list[int]:
 class PoolSide:
     """One side's view of a plan: the pool tensors its messages read or fill.
 
-    `block(m)` is a direct message's bytes in this side's pool (a contiguous uint8 view);
-    `packed_ids` the pool page ids of the packed pages (on the pool's device) for pack/unpack."""
+    `block(m)` is a direct message's bytes in this side's pool (a contiguous uint8 view, made
+    once per transfer: per-message tensor indexing cost more CPU than the message's rendezvous);
+    `direct_parts(a, b)` the checksum parts of chunk [a, b)'s direct messages in plan order, one
+    reduction per run; `packed_ids` the pool page ids of the packed pages (on the pool's device)
+    for pack/unpack."""
 
     def __init__(self, plan: WirePlan, kv: torch.Tensor, ids: torch.Tensor) -> None:
         self.plan, self.kv = plan, kv
         host = ids.tolist()
-        self._first = {start: host[start] for start, _ in plan.direct}
+        # per direct run: [layers, 2, run bytes] uint8, each row one message's block in the pool
+        self._rows = [kv[:, :, host[start]:host[start] + length].flatten(2).view(torch.uint8)
+                      for start, length in plan.direct]
+        self._blocks = {start: [layer.unbind(0) for layer in rows.unbind(0)]
+                        for (start, _), rows in zip(plan.direct, self._rows)}
         self.packed_ids = ids[list(plan.packed)] if plan.packed else ids[:0]
 
     def block(self, m: Message) -> torch.Tensor:
-        first = self._first[m.start]
-        return self.kv[m.layer, m.half, first:first + m.length].reshape(-1).view(torch.uint8)
+        return self._blocks[m.start][m.layer][m.half]
+
+    def direct_parts(self, a: int, b: int) -> torch.Tensor | None:
+        """digest.parts of every direct message of layers [a, b), [k, 2] in plan order (layer,
+        K/V, run); None when the plan has no direct runs."""
+        if not self._rows:
+            return None
+        parts = [digest.rows_parts(rows[a:b]) for rows in self._rows]  # each [b - a, 2, 2]
+        joined = parts[0] if len(parts) == 1 else torch.stack(parts, dim=2)
+        return joined.reshape(-1, 2)
 
     def staging_view(self, buf: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """A packed message's buffer as [b - a, 2, n_packed, page_size, heads, head_dim]."""

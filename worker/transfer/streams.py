@@ -42,15 +42,19 @@ def _wait_device(kv: torch.Tensor) -> None:
         done.synchronize()
 
 
+def _chunk_parts(direct: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    """Checksum parts of a chunk's messages in plan order, [k, 2]: direct ones, then packed."""
+    parts = [p.view(-1, 2) for p in (direct, packed) if p is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _prepare_chunk(pack, side: PoolSide, msgs: tuple, a: int, b: int, buf: torch.Tensor
-                   ) -> list[torch.Tensor]:
+                   ) -> torch.Tensor:
     """Worker thread: checksum parts of chunk `msgs` in plan order: the direct blocks, read in
     place in the pool, then the packed message (`_pack_chunk`, called for every chunk)."""
-    sums = [digest.parts(side.block(m)) for m in msgs if m.direct]
+    direct = side.direct_parts(a, b)
     packed = pack(side.kv, side.packed_ids, a, b, buf)  # sender._pack_chunk
-    if msgs and not msgs[-1].direct:
-        sums.append(packed)
-    return sums
+    return _chunk_parts(direct, packed if msgs and not msgs[-1].direct else None)
 
 
 class Outgoing:
@@ -90,10 +94,9 @@ class Outgoing:
                 if not await self._post(m, self.side.block(m), None):
                     return False
         job, buf = self.jobs[c]
-        sums = await self.status.guard(job)
+        sums = job.result() if job.done() else await self.status.guard(job)
         del self.jobs[c]
-        for part, m in zip(sums, msgs):
-            self.digest.add_parts(part, m.nbytes)
+        self.digest.add_rows(sums, [m.nbytes for m in msgs])
         if msgs and not msgs[-1].direct:  # the packed message (empty for a request of no pages)
             return await self._post(msgs[-1], EMPTY if buf is None else buf, buf)
         return True
@@ -115,7 +118,10 @@ class Outgoing:
     async def _retire_one(self) -> bool:
         future, buf, nbytes = self.inflight[0]
         try:
-            await self.status.guard(future)
+            if future.done():
+                future.result()
+            else:
+                await self.status.guard(future)
         except PdmeshError:
             if not future.done():
                 return False  # the transfer failed first; wind-down drains it
@@ -133,14 +139,15 @@ class Outgoing:
 
 
 def _finish_chunk(side: PoolSide, msgs: tuple, bufs: list, a: int, b: int
-                  ) -> list[torch.Tensor]:
+                  ) -> torch.Tensor:
     """Worker thread: checksum parts of a landed chunk in plan order (direct blocks where they
     landed in the pool), then unpack its packed message."""
-    sums = [digest.parts(buf) for buf in bufs]
+    direct, packed = side.direct_parts(a, b), None
     if msgs and not msgs[-1].direct:
+        packed = digest.parts(bufs[-1])
         unpack_checked(side.staging_view(bufs[-1], a, b), side.kv, side.packed_ids, a, b)
         _wait_device(side.kv)  # its staging buffer goes back to the cache (and to UCX) next
-    return sums
+    return _chunk_parts(direct, packed)
 
 
 class Incoming:
@@ -188,9 +195,9 @@ class Incoming:
             bufs = [buf for _, buf in slots]
             job = loop.run_in_executor(executor, _finish_chunk, self.side, chunks[c], bufs, a, b)
             self.fetch.pending.append(job)
-            for part, m in zip(await status.guard(job), chunks[c]):
-                self.digest.add_parts(part, m.nbytes)
-                self.total += m.nbytes
+            sizes = [m.nbytes for m in chunks[c]]
+            self.digest.add_rows(await status.guard(job), sizes)
+            self.total += sum(sizes)
             if chunks[c] and not chunks[c][-1].direct:
                 self.fetch.lent.remove(bufs[-1])
                 self.staging.give(bufs[-1])

@@ -152,3 +152,23 @@ def test_pool_accounting_is_exact_under_any_sequence(ops):
 def test_a_request_of_no_pages_is_one_empty_message_per_chunk():
     plan = runs.WirePlan.build(LAYOUT, 0, 2, [], [], min_direct_bytes=0, max_direct_runs=4)
     assert [[m.nbytes for m in c] for c in plan.chunks] == [[0], [0], [0]]
+
+
+@pytest.mark.parametrize("piece", [4096, 4096 * 2 + 512, 40, 13])
+def test_rows_parts_equal_parts_of_each_row(piece):
+    """One reduction over strided pool rows (a run's blocks of several layers) gives each
+    block's own parts: the digest of direct messages batched per chunk."""
+    pool = torch.randint(0, 256, (3, 2, 5 * piece), dtype=torch.uint8)
+    rows = pool[:, :, piece:4 * piece]  # strided: rows 3 pieces long, the pool 5
+    got = digest.rows_parts(rows)
+    assert got.shape == (3, 2, 2)
+    for layer in range(3):
+        for half in range(2):
+            block = rows[layer, half].contiguous()
+            assert got[layer, half].tolist() == digest.parts(block).tolist()
+    d = digest.Digest()
+    d.add_rows(got.reshape(-1, 2), [3 * piece] * 6)
+    want = wire.FOLD_START
+    for row in rows.reshape(-1, 3 * piece):
+        want = wire.fold(want, wire.checksum(row.contiguous()))
+    assert d.value() == want
