@@ -7,8 +7,12 @@ Same process settings as a pdmesh rank (pdmesh's UCX defaults, blocking progress
 hot polling while data moves when PDMESH_UCX_HOT_POLL is on), one message in flight (or
 `--depth`), tagged messages (`--mode tag`) or active messages (`--mode am`, ucxx allocates
 each receive) through ucxx's async API, or tagged messages through pdmesh's UCX link and its
-progress engine (`--mode engine`: the wire as pdmesh drives it, without pack/unpack). The receiver prints one JSON line per size: {"size": N, "gbps": G}, counting
-from the first completed message to the last, so connection set-up is not in the figure.
+progress engine (`--mode engine`: the wire as pdmesh drives it, without pack/unpack; with
+`--split K` each size goes as K messages of size/K, at most `--window-bytes` on the wire, as
+pdmesh's wire plan sends 16-token pages: one message per layer and K/V). The receiver prints
+one JSON line per size: {"size": N, "gbps": G}, counting from the first completed message to
+the last (for --split, from the start of the second round of K), so connection set-up is not in
+the figure.
 """
 
 from __future__ import annotations
@@ -102,6 +106,39 @@ async def _send(args) -> None:
     await ep.close()
 
 
+async def _engine_split_recv(link, size: int, args) -> float:
+    """Rounds of `args.split` messages into one reused pool-like buffer; seconds per round."""
+    import torch
+
+    buf = torch.ones(size, dtype=torch.uint8)
+    step = size // args.split
+    parts = [buf[i * step:(i + 1) * step] for i in range(args.split)]
+    started = None
+    for round_ in range(args.iters + 1):
+        futures = [link.recv_data(part, (round_ << 16) | i) for i, part in enumerate(parts)]
+        for future in futures:
+            await future
+        started = started or time.perf_counter()
+    return (time.perf_counter() - started) / args.iters
+
+
+async def _engine_split_send(link, size: int, args) -> None:
+    import torch
+
+    buf = torch.ones(size, dtype=torch.uint8)
+    step = size // args.split
+    parts = [buf[i * step:(i + 1) * step] for i in range(args.split)]
+    window = max(1, args.window_bytes // max(1, step))
+    for round_ in range(args.iters + 1):
+        pending = []
+        for i, part in enumerate(parts):
+            if len(pending) >= window:
+                await pending.pop(0)
+            pending.append(link.send_data(part, (round_ << 16) | i))
+        for future in pending:
+            await future
+
+
 async def _engine_recv(args) -> None:
     """The same measurement through pdmesh's UCX link (its progress engine), no pack/unpack."""
     import torch
@@ -114,6 +151,11 @@ async def _engine_recv(args) -> None:
     print(json.dumps({"port": int(address.rpartition(":")[2])}), flush=True)
     link = await ready
     for size in args.sizes:
+        if args.split > 1:
+            seconds = await _engine_split_recv(link, size, args)
+            print(json.dumps({"size": size, "gbps": size / seconds / 1e9}), flush=True)
+            await link.send_data(torch.zeros(1, dtype=torch.uint8), 1 << 40)
+            continue
         bufs = [torch.ones(size, dtype=torch.uint8) for _ in range(args.depth)]
         started, posted, pending = None, 0, []
         while posted < min(args.depth, args.iters + 1):
@@ -139,6 +181,10 @@ async def _engine_send(args) -> None:
     transport = UcxTransport()
     link = await transport.connect(f"ucx://127.0.0.1:{args.port}", 10)
     for size in args.sizes:
+        if args.split > 1:
+            await _engine_split_send(link, size, args)
+            await link.recv_data(torch.zeros(1, dtype=torch.uint8), 1 << 40)
+            continue
         buf = torch.ones(size, dtype=torch.uint8)
         pending = []
         for i in range(args.iters + 1):
@@ -159,6 +205,10 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--depth", type=int, default=1)
     parser.add_argument("--mode", choices=("tag", "am", "engine"), default="tag")
+    parser.add_argument("--split", type=int, default=1,
+                        help="engine mode: send each size as this many messages")
+    parser.add_argument("--window-bytes", type=int, default=16 << 20,
+                        help="engine mode with --split: bytes on the wire at most")
     args = parser.parse_args()
     apply_ucx_defaults()
     if args.mode == "engine":

@@ -20,8 +20,10 @@ class Row:
     scattered: float  # pages at random ids (packed)
     bare: float
     link: float
+    split: float  # the link again, the bytes cut into 64 messages like 16-token pages
     perftest: float | None
     nixl: float | None
+    cpu: tuple[float, float] = (0.0, 0.0)  # pdmesh, runs: CPU ms per transfer, sender, receiver
 
 
 def _f(value: float | None) -> str:
@@ -37,17 +39,22 @@ def markdown(rows: list[Row], explore: list[tuple[str, float, float]] | None, pl
         "pages at random ids on both sides (packed and unpacked per chunk). GB/s = 1e9 B/s, "
         "medians. Baselines from the same script and environment: bare ucxx (one contiguous "
         "reused buffer, back to back, ucxx's async API), the same buffer through pdmesh's UCX "
-        "link (its engine without pack, unpack or protocol), and `ucx_perftest -t tag_bw -e`; "
-        "NIXL's figures (issue 14, same machine) for reference.",
+        "link (its engine without pack, unpack or protocol), the same cut into 64 messages "
+        "(`64 msgs`: what the wire plan of 16-token pages sends, one message per layer and K/V, "
+        "16 MiB on the wire at most) and `ucx_perftest -t tag_bw -e`; NIXL's figures (issue 14, "
+        "same machine) for reference. CPU: process CPU ms per transfer of `pdmesh, runs`, "
+        "sender / receiver (all threads; medians).",
         "",
         "| transport | page tokens | MiB | pdmesh, runs | pdmesh, scattered | bare ucxx | "
-        "pdmesh link, contiguous | ucx_perftest | runs / bare ucxx | NIXL (issue) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "pdmesh link, contiguous | link, 64 msgs | ucx_perftest | runs / bare ucxx | "
+        "CPU ms (runs) | NIXL (issue) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(f"| {r.transport} | {r.page_tokens} | {r.nbytes / MiB:g} | {r.pdmesh:.2f} | "
-                     f"{r.scattered:.2f} | {r.bare:.2f} | {r.link:.2f} | {_f(r.perftest)} | "
-                     f"{r.pdmesh / r.bare:.2f} | {_f(r.nixl)} |")
+                     f"{r.scattered:.2f} | {r.bare:.2f} | {r.link:.2f} | {r.split:.2f} | "
+                     f"{_f(r.perftest)} | {r.pdmesh / r.bare:.2f} | "
+                     f"{r.cpu[0]:.0f} / {r.cpu[1]:.0f} | {_f(r.nixl)} |")
     if explore:
         lines += ["", "Settings explored (64 MiB requests, 16-token pages unless named; each row "
                   "its own pair of processes, the bare row of its transport measured alongside):",

@@ -41,6 +41,8 @@ SAME_HOST = {"same host": {"UCX_TLS": "sm,self,tcp", "PDMESH_KV_TRANSFER_PATH": 
 LAYOUTS = {16: "32,16,8,128,bf16", 1: "32,1,8,128,bf16", 64: "32,64,8,128,bf16"}
 UCX_PAGE_TOKENS = (16, 1)
 PAGE_BYTES = {16: 2 * MiB, 1: 128 * 1024, 64: 8 * MiB}  # one page over 32 layers, K and V
+# The engine baseline cut like pdmesh's wire plan of 16-token pages: one message per layer and K/V
+SPLIT = 64
 # Peers measured on this machine (issue 3), one request's pages pool to pool, GB/s.
 NIXL = {("tcp", 16): 2.62, ("shared memory", 16): 6.5, ("tcp", 1): 0.37, ("shared memory", 1): 1.1}
 
@@ -99,8 +101,10 @@ def _pages(page_tokens: int, size: int) -> int:
 
 def pdmesh_goodput(env: dict, sizes: list[int], iters: dict[int, int], flags: list[str] = (),
                    layers_per_chunk: int | None = None, page_tokens: tuple = (16, 1),
-                   scattered: bool = False) -> dict[tuple[int, int], float]:
-    """{(page_tokens, size): GB/s} from one loopback sender/receiver pair."""
+                   scattered: bool = False, cpu: dict | None = None
+                   ) -> dict[tuple[int, int], float]:
+    """{(page_tokens, size): GB/s} from one loopback sender/receiver pair; `cpu`, if given,
+    gets {(page_tokens, size): (sender, receiver)} median process CPU ms per transfer."""
     pool_pages = {t: int(_pages(t, max(sizes)) * 1.25) + 8 for t in LAYOUTS}
     base = [sys.executable, "-m", "pdmesh.worker.transfer.loopback"]
     args = ["--layout", LAYOUTS[16], "--pages", str(pool_pages[16]), *flags]
@@ -112,7 +116,7 @@ def pdmesh_goodput(env: dict, sizes: list[int], iters: dict[int, int], flags: li
         for tokens in page_tokens:
             layout = LAYOUTS[tokens]
             for size in sizes:
-                pages, seconds = _pages(tokens, size), []
+                pages, seconds, cpus = _pages(tokens, size), [], []
                 common = {"layout": layout, "pool_pages": pool_pages[tokens], "pages": pages,
                           "scattered": scattered}
                 for i in range(iters[size] + 1):
@@ -121,14 +125,18 @@ def pdmesh_goodput(env: dict, sizes: list[int], iters: dict[int, int], flags: li
                     receiver.send(op="fetch", address=address, rooms=[room], timeout=120,
                                   layers_per_chunk=layers_per_chunk, **common)
                     done = receiver.get("event", "fetch_done")
-                    sender.get("event", "offer_done")
+                    offered = sender.get("event", "offer_done")
                     if not done["ok"]:
                         raise RuntimeError(f"transfer failed: {done}")
                     if i:  # the first one warms buffers and the link
                         seconds.append(done["seconds"])
+                        cpus.append((offered.get("cpu_s", 0.0), done["cpu_s"]))
                     room += 1
                 results[(tokens, size)] = pages * PAGE_BYTES[tokens] / statistics.median(
                     seconds) / 1e9
+                if cpu is not None:
+                    cpu[(tokens, size)] = tuple(1e3 * statistics.median(c[k] for c in cpus)
+                                                for k in (0, 1))
     finally:
         sender.stop()
         receiver.stop()
@@ -136,10 +144,10 @@ def pdmesh_goodput(env: dict, sizes: list[int], iters: dict[int, int], flags: li
 
 
 def bare_goodput(env: dict, sizes: list[int], iters: int, mode: str = "tag",
-                 depth: int = 1) -> dict[int, float]:
+                 depth: int = 1, split: int = 1) -> dict[int, float]:
     argv = [sys.executable, "-m", "bench._transfer_bare"]
     common = ["--sizes", ",".join(map(str, sizes)), "--iters", str(iters), "--mode", mode,
-              "--depth", str(depth)]
+              "--depth", str(depth), "--split", str(split)]
     recv = Proc(argv + ["recv"] + common, env)
     port = recv.get("port")["port"]
     send = Proc(argv + ["send", "--port", str(port)] + common, env)
@@ -196,21 +204,27 @@ def run(args) -> str:
     rounds = 1 if args.quick else 3  # rounds alternate pdmesh and its baselines: noise hits all
     rows = []
     for transport in TRANSPORTS:
-        env, ours, scattered, bare, link = _env(transport), [], [], [], []
+        env, ours, scattered, bare, link, split = _env(transport), [], [], [], [], []
+        cpu: list[dict] = []
         for i in range(rounds):
             print(f"   {transport}: round {i + 1}/{rounds}", file=sys.stderr, flush=True)
-            ours.append(pdmesh_goodput(env, sizes, iters))
+            cpu.append({})
+            ours.append(pdmesh_goodput(env, sizes, iters, cpu=cpu[-1]))
             scattered.append(pdmesh_goodput(env, sizes, iters, scattered=True))
             bare.append(bare_goodput(env, sizes, max(iters.values())))
             link.append(bare_goodput(env, sizes, max(iters.values()), mode="engine"))
+            split.append(bare_goodput(env, sizes, max(iters.values()), mode="engine",
+                                      split=SPLIT))
         perf = {s: perftest_goodput(env, s, iters[s] * 2) for s in sizes}
         for tokens in UCX_PAGE_TOKENS:
             for size in sizes:
+                key = (tokens, size)
                 rows.append(report.Row(
                     transport, tokens, _pages(tokens, size) * PAGE_BYTES[tokens],
-                    _median(ours, (tokens, size)), _median(scattered, (tokens, size)),
-                    _median(bare, size), _median(link, size),
-                    perf[size], NIXL.get((transport, tokens)) if size == 64 * MiB else None))
+                    _median(ours, key), _median(scattered, key),
+                    _median(bare, size), _median(link, size), _median(split, size),
+                    perf[size], NIXL.get((transport, tokens)) if size == 64 * MiB else None,
+                    tuple(statistics.median(c[key][k] for c in cpu) for k in (0, 1))))
     explore = None if args.quick else report.explore(sys.modules[__name__])
     from bench import _fragmentation, _transfer_samehost
 
