@@ -435,8 +435,8 @@ class KvSender:
                     break
             await out.settle()
             if not status.terminal:
-                await wire.send_trailer(link, status, request.transfer_id, offer, out.total,
-                                        out.digest.value())
+                value = await out.checksum()
+                await wire.send_trailer(link, status, request.transfer_id, offer, out.total, value)
                 return
         except PdmeshError as err:
             status.fail(err)

@@ -68,7 +68,7 @@ class Outgoing:
         self.staging, self.status, self.config = staging, status, config
         self.jobs: dict[int, tuple[asyncio.Future, torch.Tensor | None]] = {}
         self.inflight: deque = deque()  # (future, staging buffer or None, bytes)
-        self.digest = digest.Digest()
+        self._sums: dict[int, torch.Tensor] = {}  # checksum parts per chunk, once known
         self.sent = self.total = self._bytes_in_flight = 0
 
     def prepare_ahead(self, c: int, executor, until: int | None = None) -> None:
@@ -87,19 +87,33 @@ class Outgoing:
                                                  buf), buf if packed else None)
 
     async def send_chunk(self, c: int) -> bool:
-        """Send chunk `c`'s messages; False if the transfer failed meanwhile."""
+        """Send chunk `c`'s messages; False if the transfer failed meanwhile. A chunk of direct
+        messages only does not wait for its checksum job (`checksum()` collects it): a slow
+        worker thread never holds the wire back."""
         msgs = self.plan.chunks[c]
         for m in msgs:
             if m.direct:
                 if not await self._post(m, self.side.block(m), None):
                     return False
+        if not msgs or msgs[-1].direct:
+            return True
         job, buf = self.jobs[c]
-        sums = job.result() if job.done() else await self.status.guard(job)
+        await self._collect(c)  # the packed message (empty for a request of no pages)
+        return await self._post(msgs[-1], EMPTY if buf is None else buf, buf)
+
+    async def _collect(self, c: int) -> None:
+        job, _ = self.jobs[c]
+        self._sums[c] = job.result() if job.done() else await self.status.guard(job)
         del self.jobs[c]
-        self.digest.add_rows(sums, [m.nbytes for m in msgs])
-        if msgs and not msgs[-1].direct:  # the packed message (empty for a request of no pages)
-            return await self._post(msgs[-1], EMPTY if buf is None else buf, buf)
-        return True
+
+    async def checksum(self) -> int:
+        """The transfer checksum, once every chunk's job has ended (plan order)."""
+        for c in sorted(self.jobs):
+            await self._collect(c)
+        total = digest.Digest()
+        for c, msgs in enumerate(self.plan.chunks):
+            total.add_rows(self._sums[c], [m.nbytes for m in msgs])
+        return total.value()
 
     async def _post(self, m: runs.Message, data: torch.Tensor, staged) -> bool:
         while self.inflight and self._bytes_in_flight + m.nbytes > self.config.send_window_bytes:
@@ -178,16 +192,21 @@ class Incoming:
         self._slots[c] = slots
 
     async def run(self, executor) -> None:
+        """Receive every chunk; a landed chunk's job (checksum, unpack) runs in a worker thread
+        while the next chunks land, and is collected in plan order once done (at most
+        `recv_window` of them wait): the receives never wait for a slow worker thread."""
         loop, status, chunks = asyncio.get_running_loop(), self.fetch.status, self.plan.chunks
         window = min(self.config.recv_window, len(chunks))
         for c in range(window):
             self._post_chunk(c)
+        jobs: deque = deque()  # (chunk, job, its staging buffer or None), plan order
         for c, (a, b) in enumerate(self.plan.ranges):
             slots = self._slots.pop(c)
-            futures = [future for future, _ in slots]
+            waiting = [future for future, _ in slots if not future.done()]
             # one wait per chunk, not per message (a failed one fails it at once; the others
             # run on, tracked in fetch.pending for the wind-down)
-            await status.guard(futures[0] if len(futures) == 1 else asyncio.gather(*futures))
+            if waiting:
+                await status.guard(waiting[0] if len(waiting) == 1 else asyncio.gather(*waiting))
             # progress renews TRANSFERRING's bound: a streamed prefill may still compute layers
             status.rebound(self.config.transfer_timeout_s)
             if c + window < len(chunks):
@@ -195,9 +214,18 @@ class Incoming:
             bufs = [buf for _, buf in slots]
             job = loop.run_in_executor(executor, _finish_chunk, self.side, chunks[c], bufs, a, b)
             self.fetch.pending.append(job)
-            sizes = [m.nbytes for m in chunks[c]]
-            self.digest.add_rows(await status.guard(job), sizes)
-            self.total += sum(sizes)
-            if chunks[c] and not chunks[c][-1].direct:
-                self.fetch.lent.remove(bufs[-1])
-                self.staging.give(bufs[-1])
+            packed = chunks[c] and not chunks[c][-1].direct
+            jobs.append((c, job, bufs[-1] if packed else None))
+            while jobs and (jobs[0][1].done() or len(jobs) > self.config.recv_window):
+                await self._collect(*jobs.popleft())
+        while jobs:
+            await self._collect(*jobs.popleft())
+
+    async def _collect(self, c: int, job: asyncio.Future, staged: torch.Tensor | None) -> None:
+        sizes = [m.nbytes for m in self.plan.chunks[c]]
+        self.digest.add_rows(job.result() if job.done() else await self.fetch.status.guard(job),
+                             sizes)
+        self.total += sum(sizes)
+        if staged is not None:
+            self.fetch.lent.remove(staged)
+            self.staging.give(staged)
