@@ -34,6 +34,13 @@ UCX_DEFAULTS: dict[str, str] = {
     "UCX_PROTO_ENABLE": "n",
     # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 no longer reads; don't warn about it.
     "UCX_WARN_UNUSED_ENV_VARS": "n",
+    # tcp only (no effect on sm, rc/dc/ud or CUDA transports): a rendezvous over tcp moves its
+    # data as active-message fragments of at most the receive segment (64 KiB by default, and 8
+    # KiB send segments), each a syscall and a UCX handler call on both sides, which cost more
+    # CPU than the bytes on a loaded host. 512 KiB segments: 1 MiB messages in two fragments,
+    # not sixteen; a worker then holds a few MiB of segment buffers (README, UCX table).
+    "UCX_TCP_TX_SEG_SIZE": "512K",
+    "UCX_TCP_RX_SEG_SIZE": "512K",
 }
 
 
