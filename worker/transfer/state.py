@@ -103,6 +103,8 @@ class TransferStatus:
         """Await `awaitable` unless the transfer fails first (then raise its error). The
         awaitable is NOT cancelled on failure: in-flight UCX requests must run to their end."""
         if self.error is not None:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # never started: no "coroutine was never awaited" warning
             raise self.error
         future = asyncio.ensure_future(awaitable)
         future.add_done_callback(_consume)
