@@ -2,10 +2,12 @@
 
 Both follow the wire plan (runs.py) message by message. The sender posts each direct message
 straight from its pool and each packed one once a worker thread has packed it; worker threads
-also compute every message's checksum parts (digest.py), running `send_depth` chunks ahead, and
-at most `send_window_bytes` are on the wire at once. The receiver keeps the messages of
-`recv_window` chunks posted (direct ones straight into its pool), and once a chunk has landed a
-worker thread checksums it and unpacks its packed message while the next chunks arrive.
+also compute every message's checksum parts (digest.py), running `send_depth` chunks ahead (one
+job for all chunks when nothing is packed and every layer is computed), and at most
+`send_window_bytes` are on the wire at once; no direct message waits for a checksum. The
+receiver keeps the messages of `recv_window` chunks posted (direct ones straight into its pool),
+and once a chunk has landed a worker thread checksums it and unpacks its packed message while the
+next chunks arrive; the jobs' results are collected in plan order.
 
 On a GPU no step waits for the whole device: a packed buffer is handed to UCX after an event
 recorded behind its pack kernel has completed, in the worker thread, so the event loop keeps
