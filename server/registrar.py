@@ -39,17 +39,23 @@ class RoomRegistrar(TaggedStream):
         """Register one room; True if the record is new, False for a retry of the same request_id."""
         if self._closed:
             raise self._closed_error()
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._out.append((registration, future))
         self._kick()
+        # a timer on the future itself: asyncio.wait_for would wrap it in one more future per call
+        timer = loop.call_later(timeout, self._expire, future, registration, timeout)
         try:
-            return await asyncio.wait_for(future, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise DeadlineExceeded(
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future, registration, timeout: float) -> None:
+        if not future.done():
+            future.set_exception(DeadlineExceeded(
                 f"room {registration.bootstrap_room} was not registered at the bootstrap service at "
                 f"{self._address} within {timeout:g} s", reason="BOOTSTRAP_TIMEOUT",
-                metadata={"address": self._address,
-                          "bootstrap_room": registration.bootstrap_room}) from None
+                metadata={"address": self._address, "bootstrap_room": registration.bootstrap_room}))
 
     # ---- the stream's hooks ----------------------------------------------------------------
 
