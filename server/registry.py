@@ -252,6 +252,10 @@ class Registry:
                     log.exception("room %d waiter callback failed", room)
         return True
 
+    def is_watched(self, room: int) -> bool:
+        """Whether a lookup waits for `room` now (a hint: no lock, the answer may change at once)."""
+        return room in self._waiters
+
     @staticmethod
     def _check_room_rank(inst: Instance, room: int, dp_rank: int, epoch: int) -> None:
         if epoch and epoch != inst.epoch:
