@@ -166,7 +166,8 @@ async def _beside(registration: asyncio.Task, work):
     No decode can claim the room before its record is durable: a decode finds this rank only
     through the record (the hinted and fast paths register nothing). A registration that fails
     stops the compute (cancelled: the engine thread is done with the pages when it returns) and
-    its typed error is the request's; the registration's latency hides behind the compute.
+    its typed error is the request's; the registration's latency hides behind the compute. Work
+    that ends first ends the request as it ended: failed, or sent (then a decode found the record).
     """
     task = asyncio.ensure_future(work)
     try:
@@ -178,5 +179,6 @@ async def _beside(registration: asyncio.Task, work):
         task.cancel()
         await wait_quietly(task)
         raise
-    await registration  # its error first: it is why the compute stopped
+    if registration.done() and not registration.cancelled() and registration.exception() is not None:
+        await registration  # its error: it is why the compute stopped
     return task.result()
