@@ -54,6 +54,22 @@ def _register_ops(prefill, stub, sgl, rooms) -> dict:
     return {"stream": stream, "unary": unary, "sglang": sglang_register}
 
 
+def _life_ops(prefill, rooms) -> dict:
+    """A record's whole life on a prefill: registered, then removed once its transfer ended."""
+
+    async def over_stream(_i: int) -> None:
+        room = next(rooms)
+        await prefill.register_room_streamed(bb.INSTANCE, room, room % 8, f"room-{room}", timeout=5)
+        prefill.remove_room_streamed(room)  # rides on the stream's next message
+
+    async def unary_removal(_i: int) -> None:  # how a prefill removed its records before
+        room = next(rooms)
+        await prefill.register_room_streamed(bb.INSTANCE, room, room % 8, f"room-{room}", timeout=5)
+        await prefill.remove_room(room, timeout=5)
+
+    return {"life_stream": over_stream, "life_unary_removal": unary_removal}
+
+
 def _round_ops(prefill, decode, sgl, rooms) -> dict:
     """Register-then-lookup, each op returning the seconds a decode waited to know the rank."""
 
@@ -133,6 +149,9 @@ async def measure(quick: bool) -> dict:
                     per_round = n_tp // rounds // (8 if conc == 1 else 1)
                     tp = await bb.alternate(ops, lambda op: bb.throughput(op, per_round, conc), rounds)
                     out[f"c{conc}"] = {k: statistics.median(v) for k, v in tp.items()}
+                life = {**_life_ops(prefill, rooms), "sglang": ops["sglang"]}
+                tp = await bb.alternate(life, lambda op: bb.throughput(op, n_tp // rounds, 64), rounds)
+                out["life"] = {k: statistics.median(v) for k, v in tp.items()}
             finally:
                 await sgl.close()
     finally:
@@ -144,7 +163,7 @@ async def measure(quick: bool) -> dict:
 def render(m: dict) -> str:
     p50 = {k: bb.pct(v, 0.5) for k, v in {**m["lat"], **m["round"]}.items()}
     p99 = {k: bb.pct(v, 0.99) for k, v in {**m["lat"], **m["round"]}.items()}
-    c1, c64 = m["c1"], m["c64"]
+    c1, c64, life = m["c1"], m["c64"], m["life"]
 
     def lat_row(label: str, ours: str, theirs: str, unary: str = "") -> str:
         u = f"{p50[unary]:.3f} / {p99[unary]:.3f}" if unary else ""
@@ -164,6 +183,9 @@ def render(m: dict) -> str:
         lat_row("register, then look up: p50 / p99 (ms)", "pdmesh_sequential", "sglang_sequential"),
         lat_row("register until a waiting decode knows the rank: p50 / p99 (ms)", "pdmesh_waiting",
                 "sglang_sequential"),
+        f"| a record's life, registered then removed, 64 in flight (records/s) "
+        f"| {life['life_stream']:,.0f} | {life['sglang']:,.0f} | {life['life_stream'] / life['sglang']:.2f}x "
+        f"| {life['life_unary_removal']:,.0f} (unary removal) |",
         f"| floor: empty message, raw gRPC stream / client's shared stream, p50 (ms) "
         f"| {p50['raw_stream']:.3f} / {p50['stream_empty']:.3f} | | | |",
     ]
@@ -176,6 +198,10 @@ def render(m: dict) -> str:
             "`/query_dp_ranks`, so its register-then-lookup row (asked at once after the "
             "registration) is its best case; a pdmesh decode already waits on its lookup stream, "
             "and the registration reaches it before the prefill has its answer (last latency "
-            "row). The unary row is for grpcurl and simple callers. At 1 in flight a registration "
+            "row). A prefill removes its record once the room's transfer ended: over the stream, "
+            "unanswered, riding on its next message (the life row; its last column removes with "
+            "the unary RemoveRoom, as prefills did before); SGLang removes nothing (its records "
+            "expire), so its column there is its registration alone. "
+            "The unary row is for grpcurl and simple callers. At 1 in flight a registration "
             "costs one round trip of the stream, a few tens of us over the raw gRPC floor (the "
             "last row).\n")

@@ -160,6 +160,12 @@ class BootstrapClient:
                                                       epoch=epoch)
         return await self._registrar.register(registration, self._t(timeout))
 
+    def remove_room_streamed(self, room: int) -> None:
+        """`remove_room` over the registration stream, with its next message and unanswered: what a
+        prefill does once a room's transfer ended (best effort; the record's TTL is the backstop)."""
+        validate_room(room)
+        self._registrar.remove(room)
+
     async def lookup_room(self, room: int, wait: bool = False, timeout: float | None = None
                           ) -> bootstrap_pb2.LookupRoomResponse:
         """One unary lookup (NotFound if absent); with `wait`, a long poll of at most `timeout` s.

@@ -9,7 +9,8 @@ Connection, handshake and reconnects are the shared stream's (`pdmesh.server.tag
 - after a break every registration not answered yet is sent again: each carries its request_id,
   so one the service did record before the break is answered as a retry, never as a conflict;
 - a registration that the service refuses fails alone with its typed error; the stream goes on;
-- each caller waits at most its `timeout` (DeadlineExceeded, reason BOOTSTRAP_TIMEOUT).
+- each caller waits at most its `timeout` (DeadlineExceeded, reason BOOTSTRAP_TIMEOUT);
+- `remove(room)` rides on the next message, unanswered (a prefill's records once transfers end).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class RoomRegistrar(TaggedStream):
         super().__init__(stub, address, connect_timeout_s=connect_timeout_s,
                          max_reconnects=max_reconnects)
         self._out: list[Entry] = []  # queued, not written yet
+        self._removals: list[int] = []  # rooms to remove, not written yet
         self._tagged: dict[int, list[Entry]] = {}  # written, not answered yet
 
     async def register(self, registration: bootstrap_pb2.RoomRegistration, timeout: float) -> bool:
@@ -50,6 +52,13 @@ class RoomRegistrar(TaggedStream):
         finally:
             timer.cancel()
 
+    def remove(self, room: int) -> None:
+        """Have the service forget `room` with the next message; not answered (best effort: a
+        removal lost with a broken stream leaves the record to its TTL)."""
+        if not self._closed:
+            self._removals.append(room)
+            self._kick()
+
     def _expire(self, future: asyncio.Future, registration, timeout: float) -> None:
         if not future.done():
             future.set_exception(DeadlineExceeded(
@@ -66,17 +75,17 @@ class RoomRegistrar(TaggedStream):
         return bootstrap_pb2.RegisterRoomsStreamRequest(tag=tag)
 
     def _has_pending(self) -> bool:
-        return bool(self._out)
+        return bool(self._out or self._removals)
 
     async def _write_pending(self, call) -> None:
         entries = [e for e in self._out if not e[1].done()]  # callers that gave up: dropped
-        self._out = []
-        if not entries:
+        removals, self._out, self._removals = self._removals, [], []
+        if not entries and not removals:
             return
         tag = next(self._tags)
         self._tagged[tag] = entries
         await call.write(bootstrap_pb2.RegisterRoomsStreamRequest(
-            tag=tag, registrations=[r for r, _ in entries]))
+            tag=tag, registrations=[r for r, _ in entries], remove_bootstrap_rooms=removals))
 
     def _dispatch(self, response: bootstrap_pb2.RegisterRoomsStreamResponse) -> None:
         entries = self._tagged.pop(response.tag, None)
@@ -109,6 +118,7 @@ class RoomRegistrar(TaggedStream):
         futures += [f for _, f in self._out]
         self._tagged.clear()
         self._out.clear()
+        self._removals.clear()
         for future in futures:
             if not future.done():
                 future.set_exception(error)

@@ -48,7 +48,6 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         inst = state.config.instance
         self.method = LOAD_BALANCE_METHODS[inst.load_balance_method]
         self.force_query = inst.force_query_prefill_dp_rank
-        self._tasks: set[asyncio.Task] = set()
         self._keeper: RoomKeeper | None = None
 
     def _path(self, action: PrefillAction) -> int:
@@ -111,11 +110,6 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
                                     deadline=hold)
         return first, computed, time.perf_counter()
 
-    def _background(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _register(self, room: int, request_id: str) -> None:
         st = self.state
         try:
@@ -138,7 +132,7 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         def forget(task: asyncio.Task) -> None:
             if not task.cancelled() and task.exception() is None:
                 self.keeper.discard(room)
-                self._background(self._forget(room))
+                self.state.bootstrap.remove_room_streamed(room)  # rides on the stream, unanswered
         if registration.done():
             forget(registration)
         else:
@@ -151,13 +145,6 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
             st = self.state
             self._keeper = RoomKeeper(st.bootstrap.channel, self._register, st.transfer.decode_asked)
         return self._keeper
-
-    async def _forget(self, room: int) -> None:
-        """The room record is no longer needed once the transfer ended (TTL would drop it anyway)."""
-        try:
-            await self.state.bootstrap.remove_room(room, timeout=2.0)
-        except PdmeshError as exc:
-            log.debug("remove room %d: %s", room, exc)
 
 
 async def _beside(registration: asyncio.Task, work):
