@@ -82,4 +82,4 @@ bench-gpu:
 	sh bench/gpu_run.sh $(GPU_PY) -m bench gpu --no-readme
 
 test-gpu:
-	sh bench/gpu_run.sh $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu $(GPU_TESTS)
+	sh bench/gpu_run.sh $(GPU_PY) -m pytest -q -p no:cacheprovider -o pythonpath= -m gpu $(GPU_TESTS)
