@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 disable_created_metrics()  # no `*_created` series: half the lines, nothing lost for rates
 
 RANK_PATHS = ("hint", "dp1", "fast_path", "lookup")
-CONFLICT_REASON = "FOLLOW_BOOTSTRAP_ROOM_CONFLICT"
+CONFLICT_REASON = Reason.FOLLOW_BOOTSTRAP_ROOM_CONFLICT
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -279,3 +279,4 @@ def prepare_rank(role: str) -> None:
 # re-exported so every service reaches metrics through this one module.
 from pdmesh.metrics_http import (MetricsServer, RankFanIn, add_arguments, announce,  # noqa: E402
                                  controller_fan_in, serve, start)
+from pdmesh.reasons import Reason

@@ -24,6 +24,7 @@ import grpc
 from pdmesh import grpcutil
 from pdmesh.addresses import validate_address
 from pdmesh.errors import FailedPrecondition, InvalidArgument, NotFound, PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.router.admission import Admission
 from pdmesh.router.v1 import router_pb2
 from pdmesh.tls import TlsConfig
@@ -110,7 +111,7 @@ class InstanceTable:
             await self.remove(address)
             raise FailedPrecondition(
                 f"{address} serves a {entry.reported_role} instance, not a {ROLE_NAMES[role]} one",
-                reason="INSTANCE_ROLE_MISMATCH",
+                reason=Reason.INSTANCE_ROLE_MISMATCH,
                 metadata={"address": address, "role": ROLE_NAMES[role], "serves": entry.reported_role})
         entry.poller = asyncio.create_task(self._poll(entry))
         return entry
@@ -118,7 +119,7 @@ class InstanceTable:
     async def remove(self, address: str) -> None:
         entry = self._entries.pop(address, None)
         if entry is None:
-            raise NotFound(f"no instance at {address}", reason="INSTANCE_NOT_FOUND", metadata={"address": address})
+            raise NotFound(f"no instance at {address}", reason=Reason.INSTANCE_NOT_FOUND, metadata={"address": address})
         if entry.poller:
             entry.poller.cancel()
         await entry.channel.close(grace=5.0)
@@ -166,7 +167,7 @@ class InstanceTable:
         candidates = [e for e in self._entries.values() if e.role == role and e.healthy]
         if not candidates:
             raise Unavailable(f"no healthy {ROLE_NAMES[role]} instance; add one with AddInstance",
-                              reason="NO_HEALTHY_INSTANCE", metadata={"role": ROLE_NAMES[role]})
+                              reason=Reason.NO_HEALTHY_INSTANCE, metadata={"role": ROLE_NAMES[role]})
         if self.policy == "least_outstanding":
             return min(candidates, key=lambda e: (e.outstanding, e.admission.queued))
         return candidates[next(self._counters[role]) % len(candidates)]

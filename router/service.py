@@ -26,6 +26,7 @@ import grpc
 
 from pdmesh import logs, metrics
 from pdmesh.errors import DeadlineExceeded, InvalidArgument, PdmeshError
+from pdmesh.reasons import Reason
 from pdmesh.rules import optional_dp_rank, validate_dp_rank
 from pdmesh.grpcutil import translate_errors
 from pdmesh.common.v1 import common_pb2
@@ -84,7 +85,7 @@ class RouterConfig:
         for name in ("queue_timeout_s", "default_deadline_s", "first_token_timeout_s", "token_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}",
-                                      reason="INVALID_ROUTER_CONFIG")
+                                      reason=Reason.INVALID_ROUTER_CONFIG)
 
 
 def sample_sampling(sampling: common_pb2.SamplingParams, index: int) -> common_pb2.SamplingParams:
@@ -120,7 +121,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise InvalidArgument(f"n must be at most {MAX_SAMPLES}, got {n}", metadata={"n": n})
         if not request.prompt.text and not request.prompt.token_ids.ids:
             raise InvalidArgument("the prompt is empty: set prompt.text or prompt.token_ids",
-                                  reason="EMPTY_PROMPT")
+                                  reason=Reason.EMPTY_PROMPT)
         prefill, decode = self.table.choose(PREFILL), self.table.choose(DECODE)
         pinned = self._pinned_rank(request, prefill)
         deadline = timeout_s or self.config.default_deadline_s
@@ -172,7 +173,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                       pinned: int | None) -> tuple[InstanceEntry, InstanceEntry] | None:
         """A new pair when a worker refused the sample because it drains (nothing of it ran), else
         None. The refusing instance is skipped from now on, without waiting for its next poll."""
-        if err.reason != "INSTANCE_DRAINING":
+        if err.reason != Reason.INSTANCE_DRAINING:
             return None
         gone = decode if decode.instance_id and err.metadata.get("instance_id") == decode.instance_id else prefill
         self.table.mark_draining(gone)
@@ -321,7 +322,7 @@ class _Watchdog:
         self._timer.cancel()
 
     def _fire(self, bound: float) -> None:
-        reason = "ROUTER_FIRST_TOKEN_TIMEOUT" if self.state != "STREAMING" else "ROUTER_TOKEN_TIMEOUT"
+        reason = Reason.ROUTER_FIRST_TOKEN_TIMEOUT if self.state != "STREAMING" else Reason.ROUTER_TOKEN_TIMEOUT
         what = "a first token" if self.state != "STREAMING" else "the next token"
         self.fired = DeadlineExceeded(
             f"room {self.room}: no {what} within {bound:g} s (state {self.state}); the workers are "

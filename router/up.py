@@ -31,6 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh import grpcutil, tls
+from pdmesh.reasons import Reason
 from pdmesh.config import env
 from pdmesh.models import DEFAULT_MODEL
 
@@ -220,7 +221,7 @@ def demo_prompt(args: argparse.Namespace) -> tuple[str, int, str]:
                                        cache_dir=spec.cache_dir)
             return text, args.max_new_tokens or 64, f"question: {args.question!r} ({spec.model}'s chat template)"
         except InvalidArgument as exc:
-            if exc.reason != "NO_CHAT_TEMPLATE":
+            if exc.reason != Reason.NO_CHAT_TEMPLATE:
                 raise
     prompt = args.prompt or DEMO_PROMPT
     return prompt, args.max_new_tokens or 24, f"prompt : {prompt!r}"

@@ -18,6 +18,7 @@ import grpc
 
 from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.worker.config import InstanceConfig, RankConfig
 from pdmesh.worker.instance.dispatch import Dispatcher
@@ -73,7 +74,7 @@ class Controller:
         if failed:
             await self.stop()
             raise Unavailable("ranks failed to start: " + "; ".join(f"rank {r}: {e}" for r, e in failed),
-                              reason="RANK_START_FAILED")
+                              reason=Reason.RANK_START_FAILED)
 
     async def _rank_restarted(self, dp_rank: int) -> None:
         if self._on_epoch_change is not None:
@@ -87,7 +88,7 @@ class Controller:
     def pick(self, room: int, routed_dp_rank: int | None) -> int:
         if self.draining:
             raise Unavailable(f"instance {self.config.instance_id} is draining; send to another instance",
-                              reason="INSTANCE_DRAINING", metadata={"instance_id": self.config.instance_id})
+                              reason=Reason.INSTANCE_DRAINING, metadata={"instance_id": self.config.instance_id})
         validate_room(room)
         return self.dispatcher.pick(room, routed_dp_rank, self.active, [r.alive for r in self.ranks])
 
@@ -104,7 +105,7 @@ class Controller:
             except asyncio.TimeoutError:
                 raise Unavailable(f"{self.config.role} rank {dp_rank} of {self.config.instance_id} accepts no "
                                   f"connection within {RANK_READY_WAIT_S:.0f}s; retry shortly",
-                                  reason="RANK_UNAVAILABLE", metadata={"dp_rank": dp_rank}) from None
+                                  reason=Reason.RANK_UNAVAILABLE, metadata={"dp_rank": dp_rank}) from None
         return channel
 
     @staticmethod
@@ -120,7 +121,7 @@ class Controller:
         if err.code == grpc.StatusCode.UNAVAILABLE and not sent_by_rank:
             return Unavailable(f"{self.config.role} rank {dp_rank} of {self.config.instance_id} "
                                f"went away mid-request ({err.message}); it is being restarted",
-                               reason="RANK_DIED", metadata={"dp_rank": dp_rank})
+                               reason=Reason.RANK_DIED, metadata={"dp_rank": dp_rank})
         return err
 
     async def unary(self, dp_rank: int, call_factory, request, context):

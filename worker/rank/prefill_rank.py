@@ -22,6 +22,7 @@ from pdmesh import logs, metrics
 from pdmesh.common.v1 import common_pb2
 from pdmesh.config import DEFAULT_DEADLINE_S, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.grpcutil import translate_errors
 from pdmesh.rules import PrefillAction, optional_dp_rank, prefill_rule, validate_room
 from pdmesh.worker.rank import requests
@@ -121,7 +122,7 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
             if err.code.name != "UNAVAILABLE":
                 raise
             raise Unavailable(f"the bootstrap service at {st.bootstrap.address} cannot be reached to register "
-                              f"room {room}: {err.message}", reason="BOOTSTRAP_UNAVAILABLE",
+                              f"room {room}: {err.message}", reason=Reason.BOOTSTRAP_UNAVAILABLE,
                               metadata={"bootstrap": st.bootstrap.address}) from None
 
     @property

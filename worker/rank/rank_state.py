@@ -15,6 +15,7 @@ from typing import Iterator
 
 from pdmesh import metrics
 from pdmesh.errors import Aborted, AlreadyExists
+from pdmesh.reasons import Reason
 from pdmesh.grpcutil import translate_errors
 from pdmesh.worker.config import RankConfig
 from pdmesh.worker.rank.pages import EngineThread, PageBroker
@@ -61,7 +62,7 @@ class RankState:
         if room in self.rooms:
             raise AlreadyExists(f"room {room} is already being served by {self.config.instance.role} "
                                 f"rank {self.dp_rank}; rooms must be unique per request",
-                                reason="ROOM_IN_USE", metadata={"bootstrap_room": room})
+                                reason=Reason.ROOM_IN_USE, metadata={"bootstrap_room": room})
         early = self._early_aborts.pop(room, None)
         if early is not None and early[1] > time.monotonic():
             raise self._aborted_error(room, early[0])
@@ -84,7 +85,7 @@ class RankState:
 
     def _aborted_error(self, room: int, why: str) -> Aborted:
         return Aborted(f"room {room} was aborted on {self.config.instance.role} rank "
-                       f"{self.dp_rank}: {why}", reason="ROOM_ABORTED",
+                       f"{self.dp_rank}: {why}", reason=Reason.ROOM_ABORTED,
                        metadata={"bootstrap_room": room, "dp_rank": self.dp_rank})
 
     def abort(self, room: int, reason: str) -> bool:
