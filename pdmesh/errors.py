@@ -47,6 +47,9 @@ class PdmeshError(Exception):
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
         #: Sent as a google.rpc.RetryInfo detail when set (e.g. admission control's back-off).
         self.retry_after_s = retry_after_s
+        #: True when decoded from a status its peer sent with details (an ErrorInfo); False for a
+        #: local error and for a failure of the call itself (a connection broke, a process died).
+        self.sent_by_peer = False
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.message}"
@@ -82,8 +85,10 @@ class PdmeshError(Exception):
         code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
         reason, metadata, retry_after_s = _details(status)
         cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, PdmeshError)
-        return cls(status.message, reason=reason or _reason_for_code(code), metadata=metadata,
-                   retry_after_s=retry_after_s)
+        err = cls(status.message, reason=reason or _reason_for_code(code), metadata=metadata,
+                  retry_after_s=retry_after_s)
+        err.sent_by_peer = True
+        return err
 
     @staticmethod
     def from_rpc_error(err: grpc.RpcError) -> "PdmeshError":
@@ -98,8 +103,10 @@ class PdmeshError(Exception):
         if status is not None:
             reason, metadata, retry_after_s = _details(status)
         cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, PdmeshError)
-        return cls(message, reason=reason or _reason_for_code(code), metadata=metadata,
-                   retry_after_s=retry_after_s)
+        typed = cls(message, reason=reason or _reason_for_code(code), metadata=metadata,
+                    retry_after_s=retry_after_s)
+        typed.sent_by_peer = status is not None
+        return typed
 
     def same_as(self, other: "PdmeshError") -> bool:
         return self.code == other.code and self.reason == other.reason

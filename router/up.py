@@ -27,13 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh import grpcutil, tls
-from pdmesh.reasons import Reason
 from pdmesh.config import env
+from pdmesh.errors import PdmeshError
 from pdmesh.models import DEFAULT_MODEL
+from pdmesh.reasons import Reason
 
 DEMO_PROMPT = "The prefill computes the prompt's KV cache; the decode"  # raw prompt of random models
 DEMO_QUESTION = "What is the capital of France?"  # asked through a real model's chat template
@@ -171,10 +171,10 @@ async def wait_healthy(child: Child, deadline: float, tls_config: tls.TlsConfig 
             if child.proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}")
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                reply = await grpcutil.call(stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0))
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.aio.AioRpcError:
+            except PdmeshError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{child.name} did not become healthy within {START_TIMEOUT_S:.0f}s")
@@ -262,7 +262,6 @@ def colocated_text(prompt: str, max_new_tokens: int, *, model: str | None, prese
 
 
 async def run(args: argparse.Namespace) -> int:
-    from pdmesh.errors import PdmeshError
     from pdmesh.worker.engine.factory import check_model
 
     try:  # before any process starts: a bad model is one message, not a half-started mesh
