@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pdmesh.errors import InvalidArgument
-from pdmesh.reasons import Reason
 from pdmesh.models import DEFAULT_MODEL, resolve_model
+from pdmesh.reasons import Reason
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -21,8 +21,8 @@ import torch
 
 from pdmesh.config import env, env_bool
 from pdmesh.errors import InvalidArgument
-from pdmesh.reasons import Reason
 from pdmesh.models import NAMED_MODELS, named_model, resolve_model
+from pdmesh.reasons import Reason
 from pdmesh.worker.engine.config import PRESETS, ModelConfig, from_hf_config, parse_dtype, preset
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.engine.engine import TorchEngine

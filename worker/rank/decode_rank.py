@@ -20,8 +20,8 @@ from pdmesh.common.v1 import common_pb2
 from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import (DeadlineExceeded, EpochMismatch, FailedPrecondition, InvalidArgument, NotFound,
                            PdmeshError, Unavailable)
-from pdmesh.reasons import Reason
 from pdmesh.grpcutil import translate_errors
+from pdmesh.reasons import Reason
 from pdmesh.rules import decode_rule, optional_dp_rank, validate_room
 from pdmesh.server.client import shared_client
 from pdmesh.worker.rank import requests

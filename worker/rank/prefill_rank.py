@@ -22,8 +22,8 @@ from pdmesh import logs, metrics
 from pdmesh.common.v1 import common_pb2
 from pdmesh.config import DEFAULT_DEADLINE_S, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError, Unavailable
-from pdmesh.reasons import Reason
 from pdmesh.grpcutil import translate_errors
+from pdmesh.reasons import Reason
 from pdmesh.rules import PrefillAction, optional_dp_rank, prefill_rule, validate_room
 from pdmesh.worker.rank import requests
 from pdmesh.worker.rank.layer_stream import prefill_streamed

@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from pdmesh import metrics
+from pdmesh.config import INSTANCE_ROLES
 from pdmesh.errors import Aborted, AlreadyExists
-from pdmesh.reasons import Reason
 from pdmesh.grpcutil import translate_errors
+from pdmesh.reasons import Reason
 from pdmesh.worker.config import RankConfig
 from pdmesh.worker.rank.pages import EngineThread, PageBroker
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -122,7 +123,8 @@ class RankInstanceService(worker_pb2_grpc.InstanceServiceServicer):
                                      free_pages=st.pages.pool.num_free, total_pages=st.pages.num_pages)
         return worker_pb2.GetInstanceStatusResponse(instance_id=st.instance_id, epoch=st.epoch,
                                                     ranks=[rank], draining=st.draining,
-                                                    dp_size=st.dp_size, role=st.config.instance.role)
+                                                    dp_size=st.dp_size,
+                                                    role=INSTANCE_ROLES[st.config.instance.role])
 
     @translate_errors
     async def Drain(self, request, context) -> worker_pb2.DrainResponse:
