@@ -40,6 +40,8 @@ from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metr
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pdmesh.reasons import Reason
+
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # no `*_created` series: half the lines, nothing lost for rates
@@ -280,4 +282,3 @@ def prepare_rank(role: str) -> None:
 # re-exported so every service reaches metrics through this one module.
 from pdmesh.metrics_http import (MetricsServer, RankFanIn, add_arguments, announce,  # noqa: E402
                                  controller_fan_in, serve, start)
-from pdmesh.reasons import Reason

@@ -30,8 +30,8 @@ from typing import Callable, NamedTuple, Sequence
 
 from pdmesh.bootstrap.v1 import bootstrap_pb2
 from pdmesh.errors import AlreadyExists, FailedPrecondition, FollowBootstrapRoomConflict, \
-from pdmesh.reasons import Reason
     InvalidArgument, NotFound, PdmeshError, ResourceExhausted
+from pdmesh.reasons import Reason
 from pdmesh.rules import FOLLOW, FORCE_QUERY_ENV, MAX_ROOM, validate_dp_rank, validate_room
 from pdmesh.server.instances import MAX_ID_CHARS, Instance, validate_instance, validate_instance_id
 
