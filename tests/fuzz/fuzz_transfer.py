@@ -46,12 +46,12 @@ def transfer_messages(room, token, layout) -> st.SearchStrategy[bytes]:
     failure = st.builds(status_pb2.Status, code=st.integers(-(1 << 31), (1 << 31) - 1),
                         message=st.text(max_size=20), details=st.lists(detail, max_size=2))
     others = st.one_of(
-        st.builds(pb.TransferResponse, transfer_id=st.integers(0, U64), failure=failure).map(
+        st.builds(pb.TransferResponse, transfer_id=st.integers(0, U64), status=failure).map(
             lambda r: pb.TransferMessage(response=r)),
         st.builds(pb.TransferTrailer, transfer_id=st.integers(0, U64), first_token=st.integers(-5, 5),
                   byte_count=st.integers(0, U64), checksum=st.integers(0, U64)).map(
             lambda t: pb.TransferMessage(trailer=t)),
-        st.builds(pb.TransferAbort, transfer_id=st.integers(0, U64), failure=failure).map(
+        st.builds(pb.TransferAbort, transfer_id=st.integers(0, U64), status=failure).map(
             lambda a: pb.TransferMessage(abort=a)))
     requests = request.map(lambda r: pb.TransferMessage(request=r))
     encoded = requests.map(lambda m: m.SerializeToString())
