@@ -22,6 +22,7 @@ class PairResult:
     prefill: worker_pb2.PrefillResponse
     routing: worker_pb2.RoutingInfo
     token_times: list[float]
+    token_ids: list[int]
 
 
 class PdClient:
@@ -49,12 +50,13 @@ class PdClient:
             d_req.disagg_prefill_dp_rank = pin
         start = time.perf_counter()
         p_call = asyncio.ensure_future(self.prefill.prefill(p_req, timeout=600))
-        times, routing, tokens = [], None, 0
+        times, routing, tokens, ids = [], None, 0, []
         try:
             async for message in self.decode.decode(d_req, timeout=600):
                 if message.token_ids:
                     times.append(time.perf_counter())
                     tokens += len(message.token_ids)
+                    ids.extend(message.token_ids)
                 if message.HasField("routing"):
                     routing = message.routing
             reply = await p_call
@@ -63,7 +65,7 @@ class PdClient:
             raise
         end = time.perf_counter()
         return PairResult((times[0] - start) * 1e3, (end - start) * 1e3, tokens, reply, routing,
-                          [(t - start) * 1e3 for t in times])
+                          [(t - start) * 1e3 for t in times], ids)
 
 
 def percentile(values: list[float], q: float) -> float:
