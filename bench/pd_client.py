@@ -7,11 +7,11 @@ import secrets
 import time
 from dataclasses import dataclass
 
-import grpc
-
 from pdmesh import grpcutil
 from pdmesh.common.v1 import common_pb2
-from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+from pdmesh.errors import PdmeshError
+from pdmesh.worker.client import WorkerClient
+from pdmesh.worker.v1 import worker_pb2
 
 
 @dataclass
@@ -29,8 +29,8 @@ class PdClient:
     """Channels to one prefill and one decode instance."""
 
     def __init__(self, prefill: str, decode: str, bootstrap: str, prefill_id: str) -> None:
-        self.prefill = worker_pb2_grpc.PrefillServiceStub(grpcutil.open_channel(prefill))
-        self.decode = worker_pb2_grpc.DecodeServiceStub(grpcutil.open_channel(decode))
+        self.prefill = WorkerClient(grpcutil.open_channel(prefill))
+        self.decode = WorkerClient(grpcutil.open_channel(decode))
         self.bootstrap, self.prefill_id = bootstrap, prefill_id
 
     async def pair(self, prompt_ids: list[int], max_new_tokens: int = 1, *, pin: int | None = None,
@@ -49,10 +49,10 @@ class PdClient:
             p_req.disagg_prefill_dp_rank = pin
             d_req.disagg_prefill_dp_rank = pin
         start = time.perf_counter()
-        p_call = self.prefill.Prefill(p_req, timeout=600)
+        p_call = asyncio.ensure_future(self.prefill.prefill(p_req, timeout=600))
         times, routing, tokens, ids = [], None, 0, []
         try:
-            async for message in self.decode.Decode(d_req, timeout=600):
+            async for message in self.decode.decode(d_req, timeout=600):
                 if message.token_ids:
                     times.append(time.perf_counter())
                     tokens += len(message.token_ids)
@@ -60,7 +60,7 @@ class PdClient:
                 if message.HasField("routing"):
                     routing = message.routing
             reply = await p_call
-        except grpc.aio.AioRpcError:
+        except PdmeshError:
             p_call.cancel()
             raise
         end = time.perf_counter()

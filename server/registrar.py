@@ -19,6 +19,7 @@ import asyncio
 
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.errors import DeadlineExceeded, PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.server.tagged_stream import TaggedStream
 
 Entry = tuple[bootstrap_pb2.RoomRegistration, asyncio.Future]
@@ -63,8 +64,9 @@ class RoomRegistrar(TaggedStream):
         if not future.done():
             future.set_exception(DeadlineExceeded(
                 f"room {registration.bootstrap_room} was not registered at the bootstrap service at "
-                f"{self._address} within {timeout:g} s", reason="BOOTSTRAP_TIMEOUT",
-                metadata={"address": self._address, "bootstrap_room": registration.bootstrap_room}))
+                f"{self._address} within {timeout:g} s", reason=Reason.BOOTSTRAP_TIMEOUT,
+                metadata={"address": self._address,
+                          "bootstrap_room": registration.bootstrap_room}))
 
     # ---- the stream's hooks ----------------------------------------------------------------
 
@@ -95,7 +97,7 @@ class RoomRegistrar(TaggedStream):
         results = response.results
         if len(results) != len(entries):
             error = Unavailable(f"the bootstrap service at {self._address} answered {len(results)} "
-                                f"results to {len(entries)} registrations", reason="BOOTSTRAP_PROTOCOL")
+                                f"results to {len(entries)} registrations", reason=Reason.BOOTSTRAP_PROTOCOL)
             for _, future in entries:
                 if not future.done():
                     future.set_exception(error)

@@ -202,7 +202,7 @@ def add_instance_requests(addresses) -> st.SearchStrategy[bytes]:
 
 def add_instance_model(m: rpb.AddInstanceRequest) -> Expect:
     i = m.instance
-    bad = (i.role not in (rpb.INSTANCE_ROLE_PREFILL, rpb.INSTANCE_ROLE_DECODE) or address_bad(i.address)
+    bad = (i.role not in (cpb.INSTANCE_ROLE_PREFILL, cpb.INSTANCE_ROLE_DECODE) or address_bad(i.address)
            or (i.bootstrap_address and address_bad(i.bootstrap_address)))
     return INVALID if bad else ANY
 

@@ -240,3 +240,8 @@ def test_pools_are_full_afterwards(mesh):
             time.sleep(0.2)
             ok, status = full(name)
         assert ok, (name, status)
+        # role and method travel as the proto enums (issue 12), not as strings
+        role = common_pb2.INSTANCE_ROLE_PREFILL if name.startswith("prefill") else common_pb2.INSTANCE_ROLE_DECODE
+        assert status.role == role, (name, status)
+        if name in ("prefill-follow", "prefill-force"):
+            assert status.load_balance_method == common_pb2.LOAD_BALANCE_METHOD_FOLLOW_BOOTSTRAP_ROOM, status

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from pdmesh.errors import Cancelled, Internal, PdmeshError
+from pdmesh.reasons import Reason
 
 
 class LayerReporter:
@@ -97,9 +98,9 @@ def _offer_error(room: int, err: BaseException) -> PdmeshError:
         return err
     if isinstance(err, asyncio.CancelledError):
         return Cancelled(f"the prefill request for room {room} was cancelled",
-                         reason="KV_TRANSFER_CANCELLED", metadata={"room": room})
+                         reason=Reason.KV_TRANSFER_CANCELLED, metadata={"room": room})
     return Internal(f"the prefill of room {room} failed while computing: {err!r}",
-                    reason="PREFILL_COMPUTE_FAILED", metadata={"room": room})
+                    reason=Reason.PREFILL_COMPUTE_FAILED, metadata={"room": room})
 
 
 async def wait_quietly(task: asyncio.Future) -> None:

@@ -28,6 +28,7 @@ from pdmesh.common.v1 import common_pb2
 from pdmesh.config import DEFAULT_DEADLINE_S, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
+from pdmesh.reasons import Reason
 from pdmesh.rules import PrefillAction, optional_dp_rank, prefill_rule, validate_room
 from pdmesh.worker.rank import requests
 from pdmesh.worker.rank.layer_stream import prefill_streamed, wait_quietly
@@ -119,7 +120,7 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
             if err.code.name != "UNAVAILABLE":
                 raise
             raise Unavailable(f"the bootstrap service at {st.bootstrap.address} cannot be reached to register "
-                              f"room {room}: {err.message}", reason="BOOTSTRAP_UNAVAILABLE",
+                              f"room {room}: {err.message}", reason=Reason.BOOTSTRAP_UNAVAILABLE,
                               metadata={"bootstrap": st.bootstrap.address}) from None
 
     async def _register_kept(self, room: int, request_id: str) -> None:
