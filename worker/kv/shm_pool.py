@@ -9,7 +9,10 @@ transfer path, worker/transfer/samehost.py). This module owns the memory side of
   of 4 KiB in front of the pool holds a random nonce. `export(kv)` describes it; a peer maps it
   with `map_peer(desc)` by opening `/proc/<pid>/fd/<fd>` of the owner (same host, same pid
   namespace, the owner's user or root) and checks the nonce, so a pid that means another process
-  (another pid namespace, a container) never maps the wrong memory.
+  (another pid namespace, a container) never maps the wrong memory. Both sides fault the pages in
+  up front (`populate`): the owner's memory is committed when the pool is made, and the peer
+  maps it with MAP_POPULATE when the link is set up, so no transfer pays first-touch faults
+  (measured: the first 64 MiB copy into a fresh mapping took 4-8x a warm one).
 - CUDA: any pool tensor from torch's allocator is exported with the driver's IPC calls
   (`cuIpcGetMemHandle` on the allocation, plus the pool's offset in it) and mapped with
   `cuIpcOpenMemHandle` (lazy peer access: a peer GPU of the same host maps it over NVLink/PCIe);
@@ -35,6 +38,7 @@ from pdmesh.errors import FailedPrecondition
 
 HEADER = 4096
 NONCE_BYTES = 16
+MADV_POPULATE_WRITE = 23  # Linux 5.14+; Python 3.11's mmap does not name it
 _SEGMENTS: dict[int, "_Segment"] = {}  # data_ptr of a shared pool tensor -> its segment
 _LOCK = threading.Lock()
 
@@ -63,9 +67,19 @@ class _Segment:
         self.fd = os.memfd_create("pdmesh-kv-pool", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, HEADER + nbytes)
         self.map = mmap.mmap(self.fd, HEADER + nbytes)
+        populate(self.map)
         self.nonce = secrets.token_bytes(NONCE_BYTES)
         self.map[:NONCE_BYTES] = self.nonce
         self.nbytes = nbytes
+
+
+def populate(region: mmap.mmap) -> None:
+    """Fault every page of a shared mapping in, writable, now (allocating what the file does
+    not hold yet); an older kernel without MADV_POPULATE_WRITE leaves it to the first touch."""
+    try:
+        region.madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        pass
 
 
 def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -142,7 +156,9 @@ def _map_cpu(desc: PoolExport, shape: tuple[int, ...], dtype: torch.dtype) -> Pe
         size = os.fstat(fd).st_size
         if size < desc.offset + desc.nbytes or desc.offset < NONCE_BYTES:
             raise MapError(f"{path} holds {size} bytes, the pool needs {desc.offset + desc.nbytes}")
-        region = mmap.mmap(fd, desc.offset + desc.nbytes)
+        # MAP_POPULATE: the pool's pages enter this process's page tables now, at link set-up
+        region = mmap.mmap(fd, desc.offset + desc.nbytes,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
         os.close(fd)
     if region[:NONCE_BYTES] != desc.nonce:

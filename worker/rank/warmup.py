@@ -7,7 +7,8 @@ rank is ready), so the first request of a fresh mesh finds:
 1. the engine run once (a one-page prompt on the engine thread; a decode step on a decode rank):
    torch's lazy kernel and allocator set-up, cuBLAS handles and CUDA context on a GPU;
 2. the pack / unpack kernels and the checksum run once on one page (on a GPU this compiles the
-   Triton kernels, `worker/kv/pack_triton.py`);
+   Triton kernels, `worker/kv/pack_triton.py`; on a CPU the same-host page copy's compiled loop,
+   `worker/kv/copy_numba.py`);
 3. the staging buffers of a transfer of up to `chunk_bytes` per chunk allocated and touched
    (first-touch page faults cost ~10x a copy here; staging.py);
 4. the transport warm: one loopback transfer of one page through this rank's own data-plane
@@ -29,6 +30,7 @@ import time
 import torch
 
 from pdmesh.worker.engine.protocol import DecodeItem
+from pdmesh.worker.kv import page_copy
 from pdmesh.worker.kv.pack import check_page_ids, pack_checked, unpack_checked
 from pdmesh.worker.transfer import wire
 
@@ -73,6 +75,7 @@ def _kernels_once(kv: torch.Tensor, ids: list[int]) -> None:
     pack_checked(kv, index, 0, 1, staging)
     wire.checksum(staging.view(-1).view(torch.uint8))
     unpack_checked(staging, kv, index, 0, 1)
+    page_copy.warm(kv)
     if kv.is_cuda:
         torch.cuda.synchronize(kv.device)
 
