@@ -89,11 +89,12 @@ def same_host_pairs(sizes: list[int], iters: dict[int, int], tokens: tuple, scat
                     if not done["ok"] or done["path"] != "samehost":
                         raise RuntimeError(f"same-host transfer failed: {done}")
                     src, dst = copies[size]
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.thread_time()
                     dst.copy_(src)
-                    copy_s = time.perf_counter() - start
+                    copy_s, copy_cpu = time.perf_counter() - start, time.thread_time() - cpu
                     if i:  # the first one warms the link and the mapping
-                        got.append((done["seconds"], copy_s, done["cpu_s"] + offered["cpu_s"]))
+                        got.append((done["seconds"], copy_s, done["cpu_s"] + offered["cpu_s"],
+                                    copy_cpu))
                     room += 1
                 nbytes = pages * bench.PAGE_BYTES[t]
                 results[(t, size)] = {
@@ -101,7 +102,8 @@ def same_host_pairs(sizes: list[int], iters: dict[int, int], tokens: tuple, scat
                     "ms": 1e3 * statistics.median(g[0] for g in got),
                     "copy": nbytes / statistics.median(g[1] for g in got) / 1e9,
                     "ratio": statistics.median(g[1] / g[0] for g in got),
-                    "cpu_ms": 1e3 * statistics.median(g[2] for g in got)}
+                    "cpu_ms": 1e3 * statistics.median(g[2] for g in got),
+                    "cpu_ratio": statistics.median(g[3] / g[2] for g in got)}
     finally:
         sender.stop()
         receiver.stop()
@@ -169,11 +171,15 @@ def _tables(sizes, tokens, same, in_runs, ucx, shares) -> str:
         "memory, all measured by this script (`bench/_transfer_samehost.py`). 32 layers x K,V, "
         "8 KV heads, head dim 128, bf16, pages at scattered ids on both sides (one row per page; "
         "the last row: pages in runs as the allocator hands them out). `CPU ms`: both "
-        "processes' CPU time per transfer. GB/s = 1e9 B/s, medians; aims checked against the "
+        "processes' CPU time per transfer, and `CPU: copy / same host` the copy's CPU time over "
+        "that (per pair, median): what a transfer costs in CPU where wall time waits for cores "
+        "other sessions hold. GB/s = 1e9 B/s, medians; aims checked against the "
         "upper end of NIXL's range.", "",
-        "| page tokens | MiB | same host | ms | CPU ms | contiguous copy | same host / copy | "
-        "UCX (shared memory) | same host / UCX | NIXL (issue) | same host / NIXL | aim | met |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+        "| page tokens | MiB | same host | ms | CPU ms | contiguous copy | same host / copy | CPU: "
+        "copy / same host | UCX (shared memory) | same host / UCX | NIXL (issue) | same host / "
+        "NIXL | aim | met |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
+        "| --- |"]
     rows = [(t, s, same[(t, s)], ucx[(t, s)], "") for t in tokens for s in sizes]
     rows.append((16, 64 * MiB, in_runs[(16, 64 * MiB)], None, " (runs)"))
     for t, s, got, other, note in rows:
@@ -185,6 +191,7 @@ def _tables(sizes, tokens, same, in_runs, ucx, shares) -> str:
         ucx_cells = f"{other:.2f} | {gbps / other:.1f}x" if other else "- | -"
         lines.append(f"| {t}{note} | {s // MiB} | {gbps:.2f} | {got['ms']:.1f} | "
                      f"{got['cpu_ms']:.1f} | {got['copy']:.2f} | {got['ratio']:.2f} | "
+                     f"{got['cpu_ratio']:.2f} | "
                      f"{ucx_cells} | {nixl_cell} | {ratio} | {aim} | {met} |")
     lines += ["", "The checksum's cost (64 MiB, scattered ids, in this process): the same-host "
               "copy with its row sums against the same compiled copy without them (alternating; "
