@@ -310,7 +310,8 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
                                                reason="KV_SAME_HOST_NOT_MAPPED"))
             if status.terminal:
                 break
-            await status.guard(offer.wait_layers(b))  # layer streaming: [a, b) are final
+            if offer.pool.kv.is_cuda or not offer.layers.done:  # layer streaming: [a, b)
+                await status.guard(offer.wait_layers(b))  # final (a computed CPU room: at once)
             job = loop.run_in_executor(executor, _copy_job, offer.pool.kv, mapped.peer.kv,
                                        copies, a, b)
             try:
