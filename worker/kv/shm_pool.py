@@ -113,7 +113,7 @@ def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     tensor = flat.view(dtype).view(shape)
     with _LOCK:
         _SEGMENTS[tensor.data_ptr()] = segment
-    prefault_in_background(tensor)  # committed ahead of use, as a torch.zeros pool is on first use
+    prefault_in_background(tensor)  # pages committed now, off the request path
     return tensor
 
 

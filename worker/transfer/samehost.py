@@ -196,8 +196,8 @@ class SameHostSender:
 
     async def on_hello(self, link, hello: pb.SameHostHello, device: torch.device | None,
                        executor) -> pb.SameHostReady:
-        """Map the pool of `hello` if possible (in `executor`: faulting a large pool's pages in
-        takes a while); the answer to send back."""
+        """Map the pool of `hello` if possible (in `executor`, off the event loop: opening a
+        file or a CUDA IPC handle may block); the answer to send back."""
         ready = pb.SameHostReady(pool_id=hello.pool_id, pid=os.getpid())
         try:
             layout = self._check_hello(hello, device)
