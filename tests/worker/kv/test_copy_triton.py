@@ -74,3 +74,18 @@ def test_triton_copy_is_bit_exact_with_the_same_checksum(shape, dtype):
     assert got == want
     assert torch.equal(dst.cpu().view(torch.uint8), ref_dst.view(torch.uint8))
     assert copy_pages_triton(src, dst, s[:0].cuda(), d[:0].cuda(), 0, layers) == 0
+
+
+@pytest.mark.parametrize("impl", ["compiled", "torch"])
+def test_cpu_copy_without_checksum_copies_the_same_bytes(impl):
+    """The bench's copy-alone baseline (checksum=False) moves exactly what the checked copy does."""
+    if impl == "compiled" and copy_numba.kernel() is None:
+        pytest.skip("numba is not importable here")
+    copy = copy_pages if impl == "compiled" else page_copy._copy_torch
+    src, dst = _pools(3, 16, 2, 8, torch.bfloat16, "cpu")
+    twin = dst.clone()
+    s, d = _ids(12, 40, 50, seed=5)
+    plan = CopyPlan(s, d)
+    assert copy(src, dst, plan, 0, 3, checksum=False) == 0
+    assert copy(src, twin, plan, 0, 3) == checksum_pages(src, s, 0, 3)
+    assert torch.equal(dst.view(torch.uint8), twin.view(torch.uint8))
