@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmesh.errors import FailedPrecondition
+from pdmesh.reasons import Reason
 
 HEADER = 4096
 NONCE_BYTES = 16
@@ -49,7 +50,7 @@ _LOCK = threading.Lock()
 class MapError(FailedPrecondition):
     """The peer's pool cannot be mapped here (the link then uses UCX)."""
 
-    default_reason = "KV_SAME_HOST_MAP_FAILED"
+    default_reason = Reason.KV_SAME_HOST_MAP_FAILED
 
 
 @dataclass
