@@ -195,12 +195,20 @@ class SameHostSender:
         self._maps: dict[tuple[int, int], _Mapped] = {}
         self._host = host_id()
 
-    def on_hello(self, link, hello: pb.SameHostHello, device: torch.device | None
-                 ) -> pb.SameHostReady:
-        """Map the pool of `hello` if possible; the answer to send back."""
+    async def on_hello(self, link, hello: pb.SameHostHello, device: torch.device | None,
+                       executor) -> pb.SameHostReady:
+        """Map the pool of `hello` if possible (in `executor`, off the event loop: opening a
+        file or a CUDA IPC handle may block); the answer to send back."""
         ready = pb.SameHostReady(pool_id=hello.pool_id, pid=os.getpid())
         try:
-            self._map(link, hello, device)
+            layout = self._check_hello(hello, device)
+            shape = (layout.num_layers, 2, hello.num_pages, layout.page_size,
+                     layout.num_kv_heads, layout.head_dim)
+            desc = shm_pool.PoolExport(hello.kind, hello.pid, hello.nbytes, hello.fd,
+                                       hello.offset, hello.nonce, hello.cuda_handle)
+            peer = await asyncio.get_running_loop().run_in_executor(
+                executor, shm_pool.map_peer, desc, shape, layout.dtype, device)
+            self._add(link, hello, peer, layout)
         except PdmeshError as err:
             ready.status.CopyFrom(wire.failure_to_proto(err))
         except Exception as err:  # noqa: BLE001 - any mapping fault leaves the link on UCX
@@ -209,7 +217,7 @@ class SameHostSender:
                 f"mapping failed: {type(err).__name__}: {err}", reason=Reason.KV_SAME_HOST_MAP_FAILED)))
         return ready
 
-    def _map(self, link, hello: pb.SameHostHello, device: torch.device | None) -> None:
+    def _check_hello(self, hello: pb.SameHostHello, device: torch.device | None) -> KvLayout:
         if not self.enabled:
             raise FailedPrecondition("this rank sends KV over UCX only (PDMESH_KV_TRANSFER_PATH"
                                      "=ucx)", reason=Reason.KV_SAME_HOST_OFF)
@@ -218,12 +226,14 @@ class SameHostSender:
                                      reason=Reason.KV_SAME_HOST_OTHER_HOST)
         if device is None:
             raise FailedPrecondition("this rank has no pool yet", reason=Reason.KV_SAME_HOST_NO_POOL)
-        layout = KvLayout.from_proto(hello.layout)
-        shape = (layout.num_layers, 2, hello.num_pages, layout.page_size, layout.num_kv_heads,
-                 layout.head_dim)
-        desc = shm_pool.PoolExport(hello.kind, hello.pid, hello.nbytes, hello.fd, hello.offset,
-                                   hello.nonce, hello.cuda_handle)
-        peer = shm_pool.map_peer(desc, shape, layout.dtype, device)
+        return KvLayout.from_proto(hello.layout)
+
+    def _add(self, link, hello: pb.SameHostHello, peer: shm_pool.PeerPool,
+             layout: KvLayout) -> None:
+        if link.closed:  # closed while mapping: nothing will use it
+            peer.close()
+            raise FailedPrecondition("the link closed while the pool was mapped",
+                                     reason=Reason.KV_SAME_HOST_NOT_MAPPED)
         old = self._maps.pop((id(link), hello.pool_id), None)
         self._maps[(id(link), hello.pool_id)] = _Mapped(peer, layout, hello.num_pages)
         if old is not None:
@@ -301,7 +311,8 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
                                                reason=Reason.KV_SAME_HOST_NOT_MAPPED))
             if status.terminal:
                 break
-            await status.guard(offer.wait_layers(b))  # layer streaming: [a, b) are final
+            if offer.pool.kv.is_cuda or not offer.layers.done:  # layer streaming: [a, b)
+                await status.guard(offer.wait_layers(b))  # final (a computed CPU room: at once)
             job = loop.run_in_executor(executor, _copy_job, offer.pool.kv, mapped.peer.kv,
                                        copies, a, b)
             try:

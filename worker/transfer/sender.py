@@ -239,7 +239,7 @@ class KvSender:
         if self._device is not None and device is not None and device.type != self._device.type:
             device = None  # a CPU pool cannot write a CUDA one (or back): UCX
 
-        ready = self._samehost.on_hello(link, hello, device)
+        ready = await self._samehost.on_hello(link, hello, device, self._executor)
         try:
             await link.send_control(wire.encode(pb.TransferMessage(same_host_ready=ready)))
         except PdmeshError as err:
