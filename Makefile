@@ -59,12 +59,15 @@ clean:
 # ---- GPU machine (one H100; no registry there; README "Running on a GPU") ----
 # `make gpu-wheels` (here) downloads what that machine lacks for its Python 3.12 into the ignored
 # .gpu/wheels/<group>: ucx (the -cu13 builds matching its CUDA 13, ~52 MiB), grpc (for the
-# worker's transfer code, ~8 MiB), test (pytest). Send along only the groups a run needs: the tree
+# worker's code and whole meshes: grpc, health, reflection, prometheus; ~8 MiB), test (pytest).
+# Send along only the groups a run needs: the tree
 # sent is capped at 64 MiB. There, `make bench-gpu` / `make test-gpu` need no venv: bench/gpu_run.sh
 # installs the wheels sent along and maps the pdmesh namespace with links.
 GPU_PY      ?= python3
 GPU_WHEELS  := .gpu/wheels
-GPU_TESTS   ?= tests/worker/kv/test_pack_triton.py tests/worker/kv/test_copy_triton.py tests/worker/transfer/test_transfer_gpu.py
+GPU_TESTS   ?= tests/worker/kv/test_pack_triton.py tests/worker/kv/test_copy_triton.py \
+	tests/worker/transfer/test_transfer_gpu.py tests/worker/engine/test_engine_gpu.py \
+	tests/worker/test_pd_mesh_gpu.py
 GPU_DOWNLOAD = $(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
 	--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
@@ -74,7 +77,8 @@ gpu-wheels: $(STAMP)
 	$(GPU_DOWNLOAD) -d $(GPU_WHEELS)/ucx ucxx-cu13==0.52.0 libucxx-cu13==0.52.0 libucx-cu13==1.21.0 \
 		rmm-cu13==26.10.0 librmm-cu13==26.10.0 rapids-logger==0.3.0 nvidia-ml-py==13.615.71
 	$(GPU_DOWNLOAD) -d $(GPU_WHEELS)/grpc grpcio==1.85.1 grpcio-status==1.85.1 protobuf==7.36.2 \
-		googleapis-common-protos==1.76.0
+		googleapis-common-protos==1.76.0 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+		prometheus-client==0.21.1
 	$(GPU_DOWNLOAD) -d $(GPU_WHEELS)/test pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
 	du -sh $(GPU_WHEELS)/*
 
@@ -82,4 +86,4 @@ bench-gpu:
 	sh bench/gpu_run.sh $(GPU_PY) -m bench gpu --no-readme
 
 test-gpu:
-	sh bench/gpu_run.sh $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu $(GPU_TESTS)
+	sh bench/gpu_run.sh $(GPU_PY) -m pytest -q -p no:cacheprovider -o pythonpath= -m gpu $(GPU_TESTS)

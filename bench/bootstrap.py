@@ -10,8 +10,9 @@ noise from a shared machine hits both alike:
   message on the same stream;
 - the same lookup against a registry holding 1,000,000 live rooms beside one holding only the
   rooms looked up (the issue asks for < 10 % slow-down);
-- registrations: unary RegisterRoom beside the registration stream, 1 and 64 in flight
-  (`bench._bootstrap_register`), with SGLang's registration figures as the peer column.
+- registrations: the registration stream beside SGLang's bootstrap server measured in the same
+  run (and the unary RegisterRoom), 1 and 64 in flight, register-then-lookup
+  (`bench._bootstrap_register`).
 
 SGLang's HTTP bootstrap server, measured on this 2-core machine with a keep-alive aiohttp client,
 answered in 0.16-0.19 ms p50 (1 in flight), 13,000-16,000 lookups/s (64 in flight), ~770,000

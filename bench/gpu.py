@@ -173,6 +173,12 @@ def measure(quick: bool = False, sweep: bool = False, ucx: bool = True,
     except Exception as exc:  # noqa: BLE001 - the other figures still stand
         raw["samehost_error"] = traceback.format_exc()
         parts.append(f"#### Same host\n\nNot measured: {exc}\n")
+    try:  # issue 13: TTFT of a PD pair on the GPU beside the prefill alone
+        from bench import gpu_ttft
+        parts.append(gpu_ttft.run(quick))
+    except Exception as exc:  # noqa: BLE001 - the other figures still stand
+        raw["ttft_error"] = traceback.format_exc()
+        parts.append(f"#### Time to first token on the GPU\n\nNot measured: {exc}\n")
     parts.append(AIMS)
     fragment = "\n".join(parts) + "\n"
     if not quick:

@@ -47,7 +47,8 @@ def pair_goodput(path: str, tokens: list[int], pages: list[int], iters: int) -> 
     from bench.transfer import Proc
     env = dict(_env(), PDMESH_KV_TRANSFER_PATH=path, PDMESH_TORCH_THREADS="1")
     base = [sys.executable, "-m", "pdmesh.worker.transfer.loopback"]
-    args = ["--device", "cuda", "--pages", "16", "--layout", "32,16,8,128,bf16",
+    # The start-up pool's layout is one no case uses: every case gets a pool of its own size.
+    args = ["--device", "cuda", "--pages", "16", "--layout", "4,16,8,128,bf16",
             "--room-wait", "60"]
     sender, receiver = Proc(base + ["sender"] + args, env), Proc(base + ["receiver"] + args, env)
     out, room = {}, 1
@@ -65,7 +66,9 @@ def pair_goodput(path: str, tokens: list[int], pages: list[int], iters: int) -> 
                         room += inflight
                         for r in rooms:
                             sender.send(op="offer", room=r, timeout=120, **common)
-                            sender.get("event", "offered")
+                            offered = sender.get("room", r)  # or offer_done, had it failed
+                            if offered["event"] != "offered":
+                                raise RuntimeError(f"offer failed: {offered}")
                         receiver.send(op="fetch", address=address, rooms=rooms, timeout=120,
                                       **common)
                         done = [receiver.get("event", "fetch_done") for _ in rooms]

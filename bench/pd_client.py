@@ -7,11 +7,11 @@ import secrets
 import time
 from dataclasses import dataclass
 
-import grpc
-
 from pdmesh import grpcutil
 from pdmesh.common.v1 import common_pb2
-from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+from pdmesh.errors import PdmeshError
+from pdmesh.worker.client import WorkerClient
+from pdmesh.worker.v1 import worker_pb2
 
 
 @dataclass
@@ -22,14 +22,15 @@ class PairResult:
     prefill: worker_pb2.PrefillResponse
     routing: worker_pb2.RoutingInfo
     token_times: list[float]
+    token_ids: list[int]
 
 
 class PdClient:
     """Channels to one prefill and one decode instance."""
 
     def __init__(self, prefill: str, decode: str, bootstrap: str, prefill_id: str) -> None:
-        self.prefill = worker_pb2_grpc.PrefillServiceStub(grpcutil.open_channel(prefill))
-        self.decode = worker_pb2_grpc.DecodeServiceStub(grpcutil.open_channel(decode))
+        self.prefill = WorkerClient(grpcutil.open_channel(prefill))
+        self.decode = WorkerClient(grpcutil.open_channel(decode))
         self.bootstrap, self.prefill_id = bootstrap, prefill_id
 
     async def pair(self, prompt_ids: list[int], max_new_tokens: int = 1, *, pin: int | None = None,
@@ -48,22 +49,23 @@ class PdClient:
             p_req.disagg_prefill_dp_rank = pin
             d_req.disagg_prefill_dp_rank = pin
         start = time.perf_counter()
-        p_call = self.prefill.Prefill(p_req, timeout=600)
-        times, routing, tokens = [], None, 0
+        p_call = asyncio.ensure_future(self.prefill.prefill(p_req, timeout=600))
+        times, routing, tokens, ids = [], None, 0, []
         try:
-            async for message in self.decode.Decode(d_req, timeout=600):
+            async for message in self.decode.decode(d_req, timeout=600):
                 if message.token_ids:
                     times.append(time.perf_counter())
                     tokens += len(message.token_ids)
+                    ids.extend(message.token_ids)
                 if message.HasField("routing"):
                     routing = message.routing
             reply = await p_call
-        except grpc.aio.AioRpcError:
+        except PdmeshError:
             p_call.cancel()
             raise
         end = time.perf_counter()
         return PairResult((times[0] - start) * 1e3, (end - start) * 1e3, tokens, reply, routing,
-                          [(t - start) * 1e3 for t in times])
+                          [(t - start) * 1e3 for t in times], ids)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -46,14 +46,18 @@ def _prompt(n: int) -> list[int]:
     return [(i * 7 + 3) % 250 + 1 for i in range(n)]
 
 
-def ttft_vs_length(lengths: list[int], repeats: int) -> tuple[list[str], dict]:
-    """Colocated prefill vs PD without and with layer streaming, same decode, same requests."""
+def ttft_vs_length(lengths: list[int], repeats: int, device: str = "cpu"
+                   ) -> tuple[list[str], dict]:
+    """Colocated prefill vs PD without and with layer streaming, same decode, same requests;
+    every engine (this process's and the ranks') on `device`."""
     configure_torch_threads()
-    engine = build_engine(EngineSpec(preset="bench-kv"))
+    engine = build_engine(EngineSpec(preset="bench-kv", device=device))
     pages = engine.layout.pages_for_tokens(max(lengths)) + 4
+    env = {"PDMESH_DEVICE": device}
     boot, procs = _mesh("bench-kv", pages, [("p-stream", ["--dp-size", "1"], {}),
                                              ("p-nostream", ["--dp-size", "1"],
-                                              {"PDMESH_LAYER_STREAMING": "0"})], decode_dp=1)
+                                              {"PDMESH_LAYER_STREAMING": "0"})], decode_dp=1,
+                        env=env)
     rows = ["| prompt tokens | KV MiB | colocated TTFT ms | PD TTFT ms, no streaming | PD TTFT ms, "
             "streaming | no streaming / colocated | streaming / colocated | streaming saves ms | "
             "transfer tail after compute ms (no streaming / streaming) |",
@@ -91,7 +95,8 @@ def ttft_vs_length(lengths: list[int], repeats: int) -> tuple[list[str], dict]:
     return rows, series
 
 
-def _plot(series: dict) -> str:
+def _plot(series: dict, title: str = "TTFT, bench-kv model, CPU (2 cores)", out: Path = PLOT
+          ) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,18 +110,18 @@ def _plot(series: dict) -> str:
     ax.set_xticks(series["tokens"], [str(t) for t in series["tokens"]])
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("TTFT ms (p50)")
-    ax.set_title("TTFT, bench-kv model, CPU (2 cores)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = PLOT
     out.parent.mkdir(exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return str(out.relative_to(out.parent.parent))
 
 
-def fresh_vs_steady(meshes: int, steady: int, preset: str = "tiny", tokens: int = 64) -> list[str]:
+def fresh_vs_steady(meshes: int, steady: int, preset: str = "tiny", tokens: int = 64,
+                    device: str = "cpu") -> list[str]:
     """First request of a fresh mesh vs the steady state, with the ranks' warm-up and without.
     The tiny model by default: what a fresh mesh pays is set-up, which bench-kv's CPU compute
     (seconds per prompt here) would hide."""
@@ -125,6 +130,7 @@ def fresh_vs_steady(meshes: int, steady: int, preset: str = "tiny", tokens: int 
     layout = build_engine(EngineSpec(preset=preset)).layout
     ids = _prompt(tokens)
     for label, env in (("off (PDMESH_WARMUP=0)", {"PDMESH_WARMUP": "0"}), ("on (default)", {})):
+        env = {**env, "PDMESH_DEVICE": device}
         firsts, steadies = [], []
         for _ in range(meshes):
             boot, procs = _mesh(preset, layout.pages_for_tokens(tokens) + 4,

@@ -9,6 +9,7 @@ or an exception from deep inside grpc.
 from __future__ import annotations
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 
 MAX_ADDRESS_CHARS = 262  # a 255-character host name, ':' and a port
 
@@ -21,6 +22,6 @@ def validate_address(address: str, field: str = "address") -> str:
             or not port.isdigit() or not 0 < int(port) < 65536
             or not host.isprintable() or any(c.isspace() or c in "/?#@" for c in host)):
         raise InvalidArgument(f"{field} must be host:port (port 1..65535), got {address[:80]!r}",
-                              reason="INVALID_ADDRESS", metadata={"field": field,
+                              reason=Reason.INVALID_ADDRESS, metadata={"field": field,
                                                                   "address": address[:80]})
     return address

@@ -25,12 +25,13 @@ from typing import Any, Mapping, Sequence
 
 from pdmesh.errors import InvalidArgument
 from pdmesh.models import DEFAULT_MODEL, resolve_model
+from pdmesh.reasons import Reason
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
 def _bad(message: str) -> InvalidArgument:
-    return InvalidArgument(message, reason="INVALID_CHAT_MESSAGES")
+    return InvalidArgument(message, reason=Reason.INVALID_CHAT_MESSAGES)
 
 
 def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -61,7 +62,7 @@ class ChatTemplate:
         source = template_path.read_text() if template_path.is_file() else config.get("chat_template")
         if not isinstance(source, str) or not source:
             raise InvalidArgument(f"the model in {folder} has no chat template; send a plain prompt",
-                                  reason="NO_CHAT_TEMPLATE", metadata={"path": folder})
+                                  reason=Reason.NO_CHAT_TEMPLATE, metadata={"path": folder})
         self.folder = folder
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))

@@ -10,10 +10,16 @@ import os
 
 from pdmesh.common.v1 import common_pb2
 
+#: Load-balance methods as flags spell them, and their `pdmesh.common.v1.LoadBalanceMethod` values.
 LOAD_BALANCE_METHODS = {
     "round_robin": common_pb2.LOAD_BALANCE_METHOD_ROUND_ROBIN,
     "shortest_queue": common_pb2.LOAD_BALANCE_METHOD_SHORTEST_QUEUE,
     "follow_bootstrap_room": common_pb2.LOAD_BALANCE_METHOD_FOLLOW_BOOTSTRAP_ROOM,
+}
+#: Instance roles as flags and logs spell them, and their `pdmesh.common.v1.InstanceRole` values.
+INSTANCE_ROLES = {
+    "prefill": common_pb2.INSTANCE_ROLE_PREFILL,
+    "decode": common_pb2.INSTANCE_ROLE_DECODE,
 }
 
 

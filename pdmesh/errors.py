@@ -3,7 +3,12 @@
 Every failure a caller can see is a `PdmeshError`: it knows its gRPC status code and its
 `google.rpc.ErrorInfo` reason (domain `pdmesh`, UPPER_SNAKE), with values in `metadata`.
 Servers send it with `to_status()` (see `grpcutil.abort_with`); clients turn a status back into
-the same class with `from_rpc_error()`, so callers never catch a bare `grpc.RpcError`.
+the same class with `from_rpc_error()`, so callers never catch a bare `grpc.RpcError`. Messages
+that carry a failure in their body (the transfer link, the bootstrap streams) carry the same
+`google.rpc.Status` (`to_status_proto` / `from_status_proto`).
+
+Reasons are the members of `pdmesh.reasons.Reason` (the catalogue: each with its code); a reason a
+peer sent that the catalogue lacks is kept as its string.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from pdmesh.reasons import Reason
 
 DOMAIN = "pdmesh"
 #: Longest status message and ErrorInfo metadata value sent on the wire (trailers are small).
@@ -28,17 +35,21 @@ class PdmeshError(Exception):
     """Base of every typed pdmesh failure."""
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
-    default_reason: ClassVar[str] = "UNKNOWN"
+    default_reason: ClassVar[Reason] = Reason.UNKNOWN
 
-    def __init__(self, message: str, *, reason: str | None = None,
+    def __init__(self, message: str, *, reason: Reason | str | None = None,
                  metadata: Mapping[str, object] | None = None,
                  retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.reason = reason or self.default_reason
+        #: A catalogue member (a `str`), or the string of a foreign reason.
+        self.reason: str = Reason.of(reason) or reason if reason else self.default_reason
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
         #: Sent as a google.rpc.RetryInfo detail when set (e.g. admission control's back-off).
         self.retry_after_s = retry_after_s
+        #: True when decoded from a status its peer sent with details (an ErrorInfo); False for a
+        #: local error and for a failure of the call itself (a connection broke, a process died).
+        self.sent_by_peer = False
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.message}"
@@ -74,8 +85,10 @@ class PdmeshError(Exception):
         code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
         reason, metadata, retry_after_s = _details(status)
         cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, PdmeshError)
-        return cls(status.message, reason=reason or _reason_for_code(code), metadata=metadata,
-                   retry_after_s=retry_after_s)
+        err = cls(status.message, reason=reason or _reason_for_code(code), metadata=metadata,
+                  retry_after_s=retry_after_s)
+        err.sent_by_peer = True
+        return err
 
     @staticmethod
     def from_rpc_error(err: grpc.RpcError) -> "PdmeshError":
@@ -90,24 +103,17 @@ class PdmeshError(Exception):
         if status is not None:
             reason, metadata, retry_after_s = _details(status)
         cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, PdmeshError)
-        return cls(message, reason=reason or _reason_for_code(code), metadata=metadata,
-                   retry_after_s=retry_after_s)
-
-    @staticmethod
-    def from_parts(code: grpc.StatusCode | str, message: str, reason: str = "",
-                   metadata: Mapping[str, object] | None = None) -> "PdmeshError":
-        """The typed error for a code (or its name) and reason carried inside a message body."""
-        if isinstance(code, str):
-            code = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
-        cls = _BY_REASON.get(reason) or _BY_CODE.get(code, PdmeshError)
-        return cls(message, reason=reason or _reason_for_code(code), metadata=metadata)
+        typed = cls(message, reason=reason or _reason_for_code(code), metadata=metadata,
+                    retry_after_s=retry_after_s)
+        typed.sent_by_peer = status is not None
+        return typed
 
     def same_as(self, other: "PdmeshError") -> bool:
         return self.code == other.code and self.reason == other.reason
 
 
-def _reason_for_code(code: grpc.StatusCode) -> str:
-    return code.name
+def _reason_for_code(code: grpc.StatusCode) -> Reason:
+    return Reason.of(code.name) or Reason.UNKNOWN
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -127,82 +133,82 @@ def _details(status: status_pb2.Status) -> tuple[str | None, dict[str, str], flo
 
 class InvalidArgument(PdmeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
+    default_reason = Reason.INVALID_ARGUMENT
 
 
 class NotFound(PdmeshError):
     code = grpc.StatusCode.NOT_FOUND
-    default_reason = "NOT_FOUND"
+    default_reason = Reason.NOT_FOUND
 
 
 class AlreadyExists(PdmeshError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "ALREADY_EXISTS"
+    default_reason = Reason.ALREADY_EXISTS
 
 
 class FailedPrecondition(PdmeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "FAILED_PRECONDITION"
+    default_reason = Reason.FAILED_PRECONDITION
 
 
 class FollowBootstrapRoomConflict(FailedPrecondition):
     """A follow_bootstrap_room prefill was dispatched to a rank other than room % dp_size."""
 
-    default_reason = "FOLLOW_BOOTSTRAP_ROOM_CONFLICT"
+    default_reason = Reason.FOLLOW_BOOTSTRAP_ROOM_CONFLICT
 
 
 class PrefillDpRankHintMismatch(FailedPrecondition):
     """The request's disagg_prefill_dp_rank names another rank than the one that took it."""
 
-    default_reason = "PREFILL_DP_RANK_HINT_MISMATCH"
+    default_reason = Reason.PREFILL_DP_RANK_HINT_MISMATCH
 
 
 class LayoutMismatch(FailedPrecondition):
-    default_reason = "KV_LAYOUT_MISMATCH"
+    default_reason = Reason.KV_LAYOUT_MISMATCH
 
 
 class EpochMismatch(FailedPrecondition):
-    default_reason = "INSTANCE_EPOCH_MISMATCH"
+    default_reason = Reason.INSTANCE_EPOCH_MISMATCH
 
 
 class ResourceExhausted(PdmeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
+    default_reason = Reason.RESOURCE_EXHAUSTED
 
 
 class Unavailable(PdmeshError):
     code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "UNAVAILABLE"
+    default_reason = Reason.UNAVAILABLE
 
 
 class DeadlineExceeded(PdmeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
+    default_reason = Reason.DEADLINE_EXCEEDED
 
 
 class DataLoss(PdmeshError):
     code = grpc.StatusCode.DATA_LOSS
-    default_reason = "DATA_LOSS"
+    default_reason = Reason.DATA_LOSS
 
 
 class Cancelled(PdmeshError):
     code = grpc.StatusCode.CANCELLED
-    default_reason = "CANCELLED"
+    default_reason = Reason.CANCELLED
 
 
 class Aborted(PdmeshError):
     code = grpc.StatusCode.ABORTED
-    default_reason = "ABORTED"
+    default_reason = Reason.ABORTED
 
 
 class Internal(PdmeshError):
     code = grpc.StatusCode.INTERNAL
-    default_reason = "INTERNAL"
+    default_reason = Reason.INTERNAL
 
 
 class Unauthenticated(PdmeshError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = "UNAUTHENTICATED"
+    default_reason = Reason.UNAUTHENTICATED
 
 
 _BY_CODE: dict[grpc.StatusCode, type[PdmeshError]] = {}

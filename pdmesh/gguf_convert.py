@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 _NAMES = {  # GGUF tensor name (after `blk.N.`) -> transformers' name (after `model.layers.N.`)
@@ -62,7 +63,7 @@ def open_gguf(path: str | Path):
         return GGUFReader(path)
     except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         raise _unsupported(f"{path} is not a readable GGUF file ({exc}); reinstall or download it "
-                           "again", "INVALID_MODEL_FILE", path=path) from None
+                           "again", Reason.INVALID_MODEL_FILE, path=path) from None
 
 
 def metadata(reader) -> dict[str, Any]:
@@ -79,24 +80,24 @@ def check_supported(reader, meta: dict[str, Any]) -> None:
         raise _unsupported(f"the GGUF architecture {arch!r} is not one this engine runs "
                            f"({', '.join(SUPPORTED_ARCHITECTURES)}); use a Llama-architecture GGUF, "
                            "or a Hugging Face folder of a llama, mistral or qwen2 model",
-                           "UNSUPPORTED_MODEL_ARCHITECTURE", architecture=arch)
+                           Reason.UNSUPPORTED_MODEL_ARCHITECTURE, architecture=arch)
     known = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
     bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in known})
     if bad:
         raise _unsupported(f"GGUF tensor type(s) {', '.join(bad)} cannot be dequantized here (the gguf "
                            "package reads F32, F16, BF16, Q4_0..Q8_0, the K and IQ quants); use a file "
-                           "quantized with one of those", "UNSUPPORTED_GGUF_QUANTIZATION", types=",".join(bad))
+                           "quantized with one of those", Reason.UNSUPPORTED_GGUF_QUANTIZATION, types=",".join(bad))
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names or meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
         raise _unsupported("this GGUF scales rotary frequencies in a way the converter does not read "
                            "(rope_freqs / yarn); use the model's Hugging Face folder instead",
-                           "UNSUPPORTED_MODEL_ARCHITECTURE")
+                           Reason.UNSUPPORTED_MODEL_ARCHITECTURE)
     tok_model = meta.get("tokenizer.ggml.model")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if tok_model != "gpt2" or pre not in PRE_TOKENIZERS:
         raise _unsupported(f"the GGUF tokenizer {tok_model!r} (pre-tokenizer {pre!r}) is not supported: "
                            f"byte-level BPE ('gpt2') with pre-tokenizer {', '.join(PRE_TOKENIZERS)} is; "
-                           "use the model's Hugging Face folder", "UNSUPPORTED_MODEL_ARCHITECTURE",
+                           "use the model's Hugging Face folder", Reason.UNSUPPORTED_MODEL_ARCHITECTURE,
                            tokenizer=tok_model, pre=pre)
 
 
@@ -107,13 +108,13 @@ def hf_config(reader, meta: dict[str, Any]) -> dict[str, Any]:
     def key(name: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{name}", default)
         if value is None:
-            raise _unsupported(f"GGUF metadata {arch}.{name} is missing", "INVALID_MODEL_FILE")
+            raise _unsupported(f"GGUF metadata {arch}.{name} is missing", Reason.INVALID_MODEL_FILE)
         return value
 
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", hidden // heads))
     if int(key("rope.dimension_count", head_dim)) != head_dim:
-        raise _unsupported("partial rotary embeddings are not supported", "UNSUPPORTED_MODEL_ARCHITECTURE")
+        raise _unsupported("partial rotary embeddings are not supported", Reason.UNSUPPORTED_MODEL_ARCHITECTURE)
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": hidden, "intermediate_size": int(key("feed_forward_length")),
@@ -145,7 +146,7 @@ def hf_tensor_name(name: str) -> tuple[str, str | None]:
         return _TOP_NAMES[name], None
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if not match or match.group(2) not in _NAMES:
-        raise _unsupported(f"GGUF tensor {name!r} has no place in a Llama model", "UNSUPPORTED_MODEL_ARCHITECTURE",
+        raise _unsupported(f"GGUF tensor {name!r} has no place in a Llama model", Reason.UNSUPPORTED_MODEL_ARCHITECTURE,
                            tensor=name)
     layer, part, kind = match.groups()
     return f"model.layers.{layer}.{_NAMES[part]}.{kind}", part
@@ -162,7 +163,7 @@ def tensors(reader, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
         expected = tuple(int(n) for n in reversed(tensor.shape.tolist()))
         if weight.shape != expected:
             raise _unsupported(f"GGUF tensor {tensor.name} reads as {weight.shape}, its header says "
-                               f"{expected}: the file is damaged", "INVALID_MODEL_FILE", tensor=tensor.name)
+                               f"{expected}: the file is damaged", Reason.INVALID_MODEL_FILE, tensor=tensor.name)
         if part == "attn_q":
             weight = unpermute(weight, cfg["num_attention_heads"])
         elif part == "attn_k":

@@ -23,8 +23,9 @@ from typing import Any, Callable
 import grpc
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 
-REASON = "MALFORMED_REQUEST"
+REASON = Reason.MALFORMED_REQUEST
 
 
 class Malformed:

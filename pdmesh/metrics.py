@@ -40,11 +40,14 @@ from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metr
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pdmesh.reasons import Reason
+
+
 log = logging.getLogger(__name__)
 disable_created_metrics()  # no `*_created` series: half the lines, nothing lost for rates
 
 RANK_PATHS = ("hint", "dp1", "fast_path", "lookup")
-CONFLICT_REASON = "FOLLOW_BOOTSTRAP_ROOM_CONFLICT"
+CONFLICT_REASON = Reason.FOLLOW_BOOTSTRAP_ROOM_CONFLICT
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdmesh.errors import FailedPrecondition, InvalidArgument
+from pdmesh.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,13 @@ def _record_sha256(model: NamedModel) -> tuple[Path, str]:
         dist = metadata.distribution(model.distribution)
     except metadata.PackageNotFoundError:
         raise FailedPrecondition(f"model {model.name!r} needs the PyPI package {model.distribution} "
-                                 f"(not installed); {hint}", reason="MODEL_NOT_INSTALLED",
+                                 f"(not installed); {hint}", reason=Reason.MODEL_NOT_INSTALLED,
                                  metadata={"model": model.name, "package": model.distribution}) from None
     entry = next((f for f in dist.files or () if str(f) == model.file), None)
     if dist.version != model.version or entry is None or entry.hash is None:
         raise FailedPrecondition(f"{model.distribution} {dist.version} is installed, model {model.name!r} "
                                  f"is read from version {model.version}; {hint}",
-                                 reason="MODEL_NOT_INSTALLED", metadata={"model": model.name})
+                                 reason=Reason.MODEL_NOT_INSTALLED, metadata={"model": model.name})
     digest = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
     return Path(dist.locate_file(entry)), digest
 
@@ -122,7 +123,7 @@ def resolve_model(model: str, cache_dir: str | Path | None = None) -> Path:
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
         return cached_folder(path, cache / f"{path.stem}-{key[:16]}", hint="check the file")
     raise InvalidArgument(f"--model {model!r} is neither a model name ({', '.join(NAMED_MODELS)}), a local "
-                          "Hugging Face folder nor a .gguf file", reason="INVALID_MODEL_FOLDER",
+                          "Hugging Face folder nor a .gguf file", reason=Reason.INVALID_MODEL_FOLDER,
                           metadata={"model": model})
 
 
@@ -141,7 +142,7 @@ def cached_folder(source: Path, folder: Path, *, expect_sha256: str | None = Non
     except OSError as exc:  # read-only home, full disk, ...
         raise FailedPrecondition(f"cannot write the model cache in {folder.parent} ({exc}); point "
                                  "--cache-dir / PDMESH_CACHE_DIR at a writable folder with ~1 GB free",
-                                 reason="MODEL_CACHE_UNWRITABLE", metadata={"path": folder.parent}) from None
+                                 reason=Reason.MODEL_CACHE_UNWRITABLE, metadata={"path": folder.parent}) from None
     return folder
 
 
@@ -160,11 +161,11 @@ def _build(source: Path, folder: Path, expect_sha256: str | None, hint: str) -> 
     try:
         actual = _sha256(source) if expect_sha256 is not None else None
     except OSError as exc:
-        raise InvalidArgument(f"{source} cannot be read ({exc}); {hint}", reason="INVALID_MODEL_FILE",
+        raise InvalidArgument(f"{source} cannot be read ({exc}); {hint}", reason=Reason.INVALID_MODEL_FILE,
                               metadata={"path": source}) from None
     if actual != expect_sha256:
         raise InvalidArgument(f"{source} is damaged (its SHA-256 differs from its package's record); {hint}",
-                              reason="INVALID_MODEL_FILE", metadata={"path": source})
+                              reason=Reason.INVALID_MODEL_FILE, metadata={"path": source})
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

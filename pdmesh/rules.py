@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import FollowBootstrapRoomConflict, InvalidArgument, PrefillDpRankHintMismatch
+from pdmesh.reasons import Reason
 
 MAX_ROOM = (1 << 63) - 1  # valid rooms are 1 .. 2^63-1; 0 means unset
 MAX_DP_SIZE = 1024
@@ -62,7 +63,7 @@ def validate_room(room: object) -> int:
     if type(room) is not int or not 0 < room <= MAX_ROOM:  # bool is not a room
         raise InvalidArgument(
             f"bootstrap_room must be an integer in 1..2^63-1 (0 means unset), got {room!r}",
-            reason="INVALID_BOOTSTRAP_ROOM", metadata={"bootstrap_room": room})
+            reason=Reason.INVALID_BOOTSTRAP_ROOM, metadata={"bootstrap_room": room})
     return room
 
 
@@ -70,7 +71,7 @@ def validate_dp_size(dp_size: object) -> int:
     """Return `dp_size` if it is an int in 1 .. MAX_DP_SIZE, else INVALID_ARGUMENT."""
     if type(dp_size) is not int or not 1 <= dp_size <= MAX_DP_SIZE:
         raise InvalidArgument(f"dp_size must be an integer in 1..{MAX_DP_SIZE}, got {dp_size!r}",
-                              reason="INVALID_DP_SIZE", metadata={"dp_size": dp_size})
+                              reason=Reason.INVALID_DP_SIZE, metadata={"dp_size": dp_size})
     return dp_size
 
 
@@ -79,7 +80,7 @@ def validate_dp_rank(dp_rank: object, dp_size: int, *, field: str = "dp_rank") -
     if type(dp_rank) is not int or not 0 <= dp_rank < dp_size:
         raise InvalidArgument(
             f"{field} must be an integer in 0..{dp_size - 1} (dp_size {dp_size}), got {dp_rank!r}",
-            reason="DP_RANK_OUT_OF_RANGE", metadata={field: dp_rank, "dp_size": dp_size})
+            reason=Reason.DP_RANK_OUT_OF_RANGE, metadata={field: dp_rank, "dp_size": dp_size})
     return dp_rank
 
 
@@ -94,7 +95,7 @@ def required_dp_rank(message, field: str = "dp_rank") -> int:
     rank = optional_dp_rank(message, field)
     if rank is None:
         raise InvalidArgument(f"{field} is required (rank 0 is valid and must be set explicitly)",
-                              reason="DP_RANK_MISSING",
+                              reason=Reason.DP_RANK_MISSING,
                               metadata={"bootstrap_room": getattr(message, "bootstrap_room", 0)})
     return rank
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from pdmesh.errors import ResourceExhausted
+from pdmesh.reasons import Reason
 
 
 class Admission:
@@ -29,7 +30,7 @@ class Admission:
     def _refuse(self, why: str) -> ResourceExhausted:
         return ResourceExhausted(
             f"{self.name} is at capacity ({why}); retry after the suggested delay",
-            reason="ROUTER_AT_CAPACITY", retry_after_s=0.1,
+            reason=Reason.ROUTER_AT_CAPACITY, retry_after_s=0.1,
             metadata={"instance": self.name, "in_flight": self.in_flight, "queued": self.queued})
 
     @asynccontextmanager

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -66,7 +67,7 @@ def _compiled(template: str):
 
         def raise_exception(message: str) -> None:
             raise InvalidArgument(f"the model's chat template refused the messages: {message}",
-                                  reason="CHAT_TEMPLATE_ERROR")
+                                  reason=Reason.CHAT_TEMPLATE_ERROR)
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = raise_exception
         compiled = _CACHE[template] = environment.from_string(template)

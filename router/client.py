@@ -18,6 +18,7 @@ import grpc
 from pdmesh import grpcutil
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.router.v1 import router_pb2, router_pb2_grpc
 from pdmesh.tls import TlsConfig
 from pdmesh.worker.v1 import worker_pb2
@@ -74,7 +75,7 @@ class RouterClient:
             await asyncio.wait_for(self.channel.channel_ready(), timeout)
         except asyncio.TimeoutError:
             raise Unavailable(f"no connection to the router within {timeout:g} s",
-                              reason="ROUTER_UNREACHABLE") from None
+                              reason=Reason.ROUTER_UNREACHABLE) from None
 
     async def stream(self, prompt: str | Sequence[int], *, timeout: float = 120.0,
                      **kwargs) -> AsyncIterator[router_pb2.GenerateResponse]:

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from pdmesh import metrics
 from pdmesh.errors import Internal, InvalidArgument, PdmeshError
+from pdmesh.reasons import Reason
 from pdmesh.router.chat_template import ChatFormatter
 from pdmesh.router.instances import DECODE, PREFILL, InstanceTable
 from pdmesh.router.openai_protocol import CHAT, COMPLETION, parse
@@ -166,14 +167,14 @@ async def _json(request: web.Request) -> Any:
     try:
         return await request.json(loads=json.loads)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not JSON: {exc}", reason="INVALID_JSON") from None
+        raise InvalidArgument(f"the request body is not JSON: {exc}", reason=Reason.INVALID_JSON) from None
 
 
 def _typed(exc: Exception) -> PdmeshError:
     if isinstance(exc, PdmeshError):
         return exc
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return InvalidArgument(f"the request body is larger than {MAX_BODY} bytes", reason="BODY_TOO_LARGE")
+        return InvalidArgument(f"the request body is larger than {MAX_BODY} bytes", reason=Reason.BODY_TOO_LARGE)
     log.exception("unexpected error in the HTTP API")
     return Internal(f"{type(exc).__name__}: {exc}")
 

@@ -23,21 +23,24 @@ import grpc
 
 from pdmesh import grpcutil
 from pdmesh.addresses import validate_address
+from pdmesh.common.v1 import common_pb2
+from pdmesh.config import INSTANCE_ROLES
 from pdmesh.errors import FailedPrecondition, InvalidArgument, NotFound, PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.router.admission import Admission
 from pdmesh.router.v1 import router_pb2
 from pdmesh.tls import TlsConfig
-from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+from pdmesh.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
 
-PREFILL, DECODE = router_pb2.INSTANCE_ROLE_PREFILL, router_pb2.INSTANCE_ROLE_DECODE
+PREFILL, DECODE = INSTANCE_ROLES["prefill"], INSTANCE_ROLES["decode"]
 #: Slow status answers in a row (DEADLINE_EXCEEDED) before an instance counts as unhealthy.
 MAX_SLOW_POLLS = 3
 #: Reconnect quickly after an instance restarts (grpc's default backoff grows to 120 s).
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 1000))
-ROLE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
+ROLE_NAMES = {role: name for name, role in INSTANCE_ROLES.items()}
 
 
 @dataclass
@@ -47,14 +50,16 @@ class InstanceEntry:
     role: int
     address: str
     channel: grpc.aio.Channel
+    client: WorkerClient
     admission: Admission
     bootstrap_address: str = ""
     instance_id: str = ""
     dp_size: int = 1
-    load_balance_method: str = ""
+    #: A `pdmesh.common.v1.LoadBalanceMethod` (UNSPECIFIED until the instance answered).
+    load_balance_method: int = common_pb2.LOAD_BALANCE_METHOD_UNSPECIFIED
     healthy: bool = False
-    #: The role the instance itself reports ("prefill" / "decode"; "" until it answered).
-    reported_role: str = ""
+    #: The role the instance itself reports (INSTANCE_ROLE_UNSPECIFIED until it answered).
+    reported_role: int = common_pb2.INSTANCE_ROLE_UNSPECIFIED
     draining: bool = False
     outstanding: int = 0
     rank_loads: list[int] = field(default_factory=list)
@@ -101,24 +106,25 @@ class InstanceTable:
             return entry
         channel = grpcutil.open_channel(address, credentials=self._credentials, tls=self._tls,
                                         options=RECONNECT_OPTIONS)
-        entry = InstanceEntry(role, address, channel,
+        entry = InstanceEntry(role, address, channel, WorkerClient(channel),
                               Admission(f"{ROLE_NAMES[role]} {address}", *self._limits),
                               bootstrap_address=bootstrap_address)
         self._entries[address] = entry
         await self.refresh(entry)
-        if entry.reported_role not in ("", ROLE_NAMES[role]):  # e.g. a decode added as a prefill
+        if entry.reported_role not in (common_pb2.INSTANCE_ROLE_UNSPECIFIED, role):  # a decode added as a prefill
+            serves = ROLE_NAMES.get(entry.reported_role, str(entry.reported_role))
             await self.remove(address)
             raise FailedPrecondition(
-                f"{address} serves a {entry.reported_role} instance, not a {ROLE_NAMES[role]} one",
-                reason="INSTANCE_ROLE_MISMATCH",
-                metadata={"address": address, "role": ROLE_NAMES[role], "serves": entry.reported_role})
+                f"{address} serves a {serves} instance, not a {ROLE_NAMES[role]} one",
+                reason=Reason.INSTANCE_ROLE_MISMATCH,
+                metadata={"address": address, "role": ROLE_NAMES[role], "serves": serves})
         entry.poller = asyncio.create_task(self._poll(entry))
         return entry
 
     async def remove(self, address: str) -> None:
         entry = self._entries.pop(address, None)
         if entry is None:
-            raise NotFound(f"no instance at {address}", reason="INSTANCE_NOT_FOUND", metadata={"address": address})
+            raise NotFound(f"no instance at {address}", reason=Reason.INSTANCE_NOT_FOUND, metadata={"address": address})
         if entry.poller:
             entry.poller.cancel()
         await entry.channel.close(grace=5.0)
@@ -135,15 +141,14 @@ class InstanceTable:
         return list(self._entries.values())
 
     async def refresh(self, entry: InstanceEntry) -> None:
-        stub = worker_pb2_grpc.InstanceServiceStub(entry.channel)
         try:
-            status = await stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError as err:
-            entry.slow_polls += err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and entry.slow_polls < MAX_SLOW_POLLS:
+            status = await entry.client.status(timeout=2.0)
+        except PdmeshError as err:
+            entry.slow_polls += err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and entry.slow_polls < MAX_SLOW_POLLS:
                 return  # busy, not gone: keep its state
             if entry.healthy:
-                log.warning("instance %s unhealthy: %s", entry.address, PdmeshError.from_rpc_error(err))
+                log.warning("instance %s unhealthy: %s", entry.address, err)
             entry.healthy = False
             return
         entry.slow_polls = 0
@@ -155,7 +160,7 @@ class InstanceTable:
         entry.draining = status.draining
         entry.rank_loads = [r.active_requests for r in status.ranks]
         entry.healthy = (not status.draining and any(r.alive for r in status.ranks)
-                         and status.role in ("", ROLE_NAMES[entry.role]))
+                         and status.role in (common_pb2.INSTANCE_ROLE_UNSPECIFIED, entry.role))
 
     async def _poll(self, entry: InstanceEntry) -> None:
         while True:
@@ -166,7 +171,7 @@ class InstanceTable:
         candidates = [e for e in self._entries.values() if e.role == role and e.healthy]
         if not candidates:
             raise Unavailable(f"no healthy {ROLE_NAMES[role]} instance; add one with AddInstance",
-                              reason="NO_HEALTHY_INSTANCE", metadata={"role": ROLE_NAMES[role]})
+                              reason=Reason.NO_HEALTHY_INSTANCE, metadata={"role": ROLE_NAMES[role]})
         if self.policy == "least_outstanding":
             return min(candidates, key=lambda e: (e.outstanding, e.admission.queued))
         return candidates[next(self._counters[role]) % len(candidates)]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pdmesh.errors import InvalidArgument, NotFound
+from pdmesh.reasons import Reason
 from pdmesh.router.chat_template import ROLES, ChatFormatter
 from pdmesh.router.service import MAX_SAMPLES
 from pdmesh.router.v1 import router_pb2
@@ -70,7 +71,7 @@ class Job:
         return self.request.n or 1
 
 
-def bad(param: str, message: str, reason: str = "INVALID_PARAMETER") -> InvalidArgument:
+def bad(param: str, message: str, reason: str = Reason.INVALID_PARAMETER) -> InvalidArgument:
     return InvalidArgument(message, reason=reason, metadata={"param": param})
 
 
@@ -84,7 +85,7 @@ def parse(kind: str, body: Any, served_model: str, chat: ChatFormatter | None = 
         raise bad("model", "model is required: the name GET /v1/models lists")
     if model != served_model:
         raise NotFound(f"model {model!r} is not served here; this router serves {served_model!r}",
-                       reason="MODEL_NOT_FOUND", metadata={"param": "model", "model": model})
+                       reason=Reason.MODEL_NOT_FOUND, metadata={"param": "model", "model": model})
     if kind == COMPLETION:
         prompt, default_max = _completion_prompt(body.get("prompt")), 16
     else:
@@ -107,10 +108,10 @@ def _refuse_unsupported(kind: str, body: dict) -> None:
             continue
         check = NEUTRAL.get(name)
         if check is None:
-            raise bad(name, f"parameter {name!r} is not supported by this server", "UNSUPPORTED_PARAMETER")
+            raise bad(name, f"parameter {name!r} is not supported by this server", Reason.UNSUPPORTED_PARAMETER)
         if not check(value):
             raise bad(name, f"{name}={value!r} is not supported: the engine cannot do it (only the "
-                      "value that asks for nothing is accepted)", "UNSUPPORTED_PARAMETER")
+                      "value that asks for nothing is accepted)", Reason.UNSUPPORTED_PARAMETER)
 
 
 def _sampling(kind: str, body: dict, request: router_pb2.GenerateRequest, default_max: int) -> None:
@@ -173,7 +174,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
     if not stream:
         raise bad("stream_options", "stream_options is only allowed with stream: true")
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise bad("stream_options", "stream_options takes only include_usage", "UNSUPPORTED_PARAMETER")
+        raise bad("stream_options", "stream_options takes only include_usage", Reason.UNSUPPORTED_PARAMETER)
     return _bool(options, "include_usage")
 
 
@@ -187,7 +188,7 @@ def _completion_prompt(value: Any) -> worker_pb2.Prompt:
         return worker_pb2.Prompt(token_ids=worker_pb2.TokenIds(ids=value))
     if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
         raise bad("prompt", "one prompt per request: send each prompt as its own request",
-                  "UNSUPPORTED_PARAMETER")
+                  Reason.UNSUPPORTED_PARAMETER)
     raise bad("prompt", "prompt must be a non-empty string or a non-empty list of token ids")
 
 
@@ -201,7 +202,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         extra = [k for k, v in message.items() if k not in ("role", "content", "name") and v is not None]
         if extra:
             raise bad(f"messages[{i}].{extra[0]}", f"messages[{i}].{extra[0]} is not supported",
-                      "UNSUPPORTED_PARAMETER")
+                      Reason.UNSUPPORTED_PARAMETER)
         entry = {"role": message["role"], "content": _content(i, message.get("content"))}
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]
@@ -217,5 +218,5 @@ def _content(i: int, content: Any) -> str:
         kinds = {p.get("type") for p in content}
         if kinds <= {"text"} and all(isinstance(p.get("text"), str) for p in content):
             return "".join(p["text"] for p in content)
-        raise bad(f"messages[{i}].content", "only text content parts are supported", "UNSUPPORTED_PARAMETER")
+        raise bad(f"messages[{i}].content", "only text content parts are supported", Reason.UNSUPPORTED_PARAMETER)
     raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string or a list of text parts")

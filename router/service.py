@@ -22,10 +22,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import grpc
-
 from pdmesh import logs, metrics
 from pdmesh.errors import DeadlineExceeded, InvalidArgument, PdmeshError
+from pdmesh.reasons import Reason
 from pdmesh.rules import optional_dp_rank, validate_dp_rank
 from pdmesh.grpcutil import translate_errors
 from pdmesh.common.v1 import common_pb2
@@ -33,7 +32,7 @@ from pdmesh.router.instances import DECODE, PREFILL, InstanceEntry, InstanceTabl
 from pdmesh.router.rooms import draw_room, draw_token
 from pdmesh.router.v1 import router_pb2, router_pb2_grpc
 from pdmesh.tls import TlsConfig
-from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+from pdmesh.worker.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class RouterConfig:
         for name in ("queue_timeout_s", "default_deadline_s", "first_token_timeout_s", "token_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}",
-                                      reason="INVALID_ROUTER_CONFIG")
+                                      reason=Reason.INVALID_ROUTER_CONFIG)
 
 
 def sample_sampling(sampling: common_pb2.SamplingParams, index: int) -> common_pb2.SamplingParams:
@@ -120,7 +119,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise InvalidArgument(f"n must be at most {MAX_SAMPLES}, got {n}", metadata={"n": n})
         if not request.prompt.text and not request.prompt.token_ids.ids:
             raise InvalidArgument("the prompt is empty: set prompt.text or prompt.token_ids",
-                                  reason="EMPTY_PROMPT")
+                                  reason=Reason.EMPTY_PROMPT)
         prefill, decode = self.table.choose(PREFILL), self.table.choose(DECODE)
         pinned = self._pinned_rank(request, prefill)
         deadline = timeout_s or self.config.default_deadline_s
@@ -172,7 +171,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                       pinned: int | None) -> tuple[InstanceEntry, InstanceEntry] | None:
         """A new pair when a worker refused the sample because it drains (nothing of it ran), else
         None. The refusing instance is skipped from now on, without waiting for its next poll."""
-        if err.reason != "INSTANCE_DRAINING":
+        if err.reason != Reason.INSTANCE_DRAINING:
             return None
         gone = decode if decode.instance_id and err.metadata.get("instance_id") == decode.instance_id else prefill
         self.table.mark_draining(gone)
@@ -216,13 +215,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def _run_pair(self, index, room, prefill, decode, prefill_request, decode_request,
                         deadline, started, queue) -> None:
-        prefill_call = worker_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(
-            prefill_request, timeout=deadline)
-        decode_call = worker_pb2_grpc.DecodeServiceStub(decode.channel).Decode(
-            decode_request, timeout=deadline)
-        prefill_task = asyncio.ensure_future(prefill_call)
+        prefill_task = asyncio.ensure_future(prefill.client.prefill(prefill_request, deadline))
+        decode_call = decode.client.decode(decode_request, deadline)
         prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or decode_call.cancel())
-        watchdog = _Watchdog(room, self.config, (prefill_call, decode_call))
+        watchdog = _Watchdog(room, self.config, (prefill_task, decode_call))
         completed = counted = False
         try:
             first, ttft_s = True, 0.0
@@ -250,14 +246,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             completed = True
             metrics.ROUTER_SAMPLES.labels(logs.current().get("path", "none"), "OK").inc()
             logs.event(log, logging.INFO, "sample done", ttft_ms=round(ttft_s * 1e3, 2))
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+        except (PdmeshError, asyncio.CancelledError) as exc:
             if watchdog.fired is not None:
                 raise watchdog.fired from None
             raise await self._first_cause(exc, prefill_task) from None
         finally:
             watchdog.stop()
             if not completed:
-                prefill_call.cancel()
+                prefill_task.cancel()
                 decode_call.cancel()
                 await self._abort_both(room, prefill, decode)
 
@@ -265,20 +261,20 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         """The prefill's error when the prefill failed (the decode's is its consequence)."""
         if prefill_task.done() and not prefill_task.cancelled() and prefill_task.exception() is not None:
             err = prefill_task.exception()
-            if isinstance(err, grpc.aio.AioRpcError):
-                return PdmeshError.from_rpc_error(err)
+            if isinstance(err, PdmeshError):
+                return err
         if isinstance(exc, asyncio.CancelledError):
             raise exc
-        return PdmeshError.from_rpc_error(exc)
+        return exc
 
     async def _abort_both(self, room: int, prefill: InstanceEntry, decode: InstanceEntry) -> None:
-        abort = worker_pb2.AbortRoomRequest(bootstrap_room=room, reason="router: the other side failed or the client cancelled")
+        why = "router: the other side failed or the client cancelled"
 
         async def one(entry: InstanceEntry) -> None:
             try:
-                await worker_pb2_grpc.InstanceServiceStub(entry.channel).AbortRoom(abort, timeout=2.0)
-            except grpc.aio.AioRpcError as err:
-                log.warning("abort of room %d at %s failed: %s", room, entry.address, err.code())
+                await entry.client.abort_room(room, why)
+            except PdmeshError as err:
+                log.warning("abort of room %d at %s failed: %s", room, entry.address, err.code.name)
         await asyncio.shield(asyncio.gather(one(prefill), one(decode)))
 
     # --- admin ----------------------------------------------------------------------------------
@@ -321,7 +317,7 @@ class _Watchdog:
         self._timer.cancel()
 
     def _fire(self, bound: float) -> None:
-        reason = "ROUTER_FIRST_TOKEN_TIMEOUT" if self.state != "STREAMING" else "ROUTER_TOKEN_TIMEOUT"
+        reason = Reason.ROUTER_FIRST_TOKEN_TIMEOUT if self.state != "STREAMING" else Reason.ROUTER_TOKEN_TIMEOUT
         what = "a first token" if self.state != "STREAMING" else "the next token"
         self.fired = DeadlineExceeded(
             f"room {self.room}: no {what} within {bound:g} s (state {self.state}); the workers are "

@@ -27,12 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh import grpcutil, tls
 from pdmesh.config import env
+from pdmesh.errors import PdmeshError
 from pdmesh.models import DEFAULT_MODEL
+from pdmesh.reasons import Reason
 
 DEMO_PROMPT = "The prefill computes the prompt's KV cache; the decode"  # raw prompt of random models
 DEMO_QUESTION = "What is the capital of France?"  # asked through a real model's chat template
@@ -170,10 +171,10 @@ async def wait_healthy(child: Child, deadline: float, tls_config: tls.TlsConfig 
             if child.proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}")
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                reply = await grpcutil.call(stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0))
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.aio.AioRpcError:
+            except PdmeshError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{child.name} did not become healthy within {START_TIMEOUT_S:.0f}s")
@@ -220,7 +221,7 @@ def demo_prompt(args: argparse.Namespace) -> tuple[str, int, str]:
                                        cache_dir=spec.cache_dir)
             return text, args.max_new_tokens or 64, f"question: {args.question!r} ({spec.model}'s chat template)"
         except InvalidArgument as exc:
-            if exc.reason != "NO_CHAT_TEMPLATE":
+            if exc.reason != Reason.NO_CHAT_TEMPLATE:
                 raise
     prompt = args.prompt or DEMO_PROMPT
     return prompt, args.max_new_tokens or 24, f"prompt : {prompt!r}"
@@ -261,7 +262,6 @@ def colocated_text(prompt: str, max_new_tokens: int, *, model: str | None, prese
 
 
 async def run(args: argparse.Namespace) -> int:
-    from pdmesh.errors import PdmeshError
     from pdmesh.worker.engine.factory import check_model
 
     try:  # before any process starts: a bad model is one message, not a half-started mesh

@@ -23,6 +23,7 @@ from typing import Iterable
 from pdmesh import grpcutil
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.errors import NotFound, PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.server.registrar import RoomRegistrar
 from pdmesh.server.watcher import RoomWatcher
@@ -134,7 +135,7 @@ class BootstrapClient:
                 registered = False
                 continue
             except PdmeshError as exc:
-                if exc.reason in ("INSTANCE_EPOCH_STALE", "INSTANCE_EPOCH_MISMATCH"):
+                if exc.reason in (Reason.INSTANCE_EPOCH_STALE, Reason.INSTANCE_EPOCH_MISMATCH):
                     raise
                 log.warning("bootstrap %s: %s", self.address, exc)
             await asyncio.sleep(interval_s or 1.0)
@@ -159,6 +160,12 @@ class BootstrapClient:
                                                       dp_rank=dp_rank, request_id=request_id,
                                                       epoch=epoch)
         return await self._registrar.register(registration, self._t(timeout))
+
+    def remove_room_streamed(self, room: int) -> None:
+        """`remove_room` over the registration stream, with its next message and unanswered: what a
+        prefill does once a room's transfer ended (best effort; the record's TTL is the backstop)."""
+        validate_room(room)
+        self._registrar.remove(room)
 
     async def lookup_room(self, room: int, wait: bool = False, timeout: float | None = None
                           ) -> bootstrap_pb2.LookupRoomResponse:

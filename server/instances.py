@@ -12,6 +12,7 @@ from __future__ import annotations
 from pdmesh.bootstrap.v1 import bootstrap_pb2
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.rules import MAX_DP_SIZE, validate_dp_size
 
 MAX_ID_CHARS = 128
@@ -38,12 +39,12 @@ def validate_instance_id(instance_id: str) -> str:
     if not instance_id or len(instance_id) > MAX_ID_CHARS:
         raise InvalidArgument(
             f"instance_id must be a non-empty string of at most {MAX_ID_CHARS} characters, "
-            f"got {instance_id!r}", reason="INVALID_INSTANCE_ID", metadata={"instance_id": instance_id})
+            f"got {instance_id!r}", reason=Reason.INVALID_INSTANCE_ID, metadata={"instance_id": instance_id})
     return instance_id
 
 
 def _bad(message: str, **metadata: object) -> InvalidArgument:
-    return InvalidArgument(message, reason="INVALID_INSTANCE_INFO", metadata=metadata)
+    return InvalidArgument(message, reason=Reason.INVALID_INSTANCE_INFO, metadata=metadata)
 
 
 def _check_address(address: str, what: str, rank: int) -> None:

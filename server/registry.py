@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple, Sequence
 from pdmesh.bootstrap.v1 import bootstrap_pb2
 from pdmesh.errors import AlreadyExists, FailedPrecondition, FollowBootstrapRoomConflict, \
     InvalidArgument, NotFound, PdmeshError, ResourceExhausted
+from pdmesh.reasons import Reason
 from pdmesh.rules import FOLLOW, FORCE_QUERY_ENV, MAX_ROOM, validate_dp_rank, validate_room
 from pdmesh.server.instances import MAX_ID_CHARS, Instance, validate_instance, validate_instance_id
 
@@ -122,14 +123,14 @@ class Registry:
                         raise AlreadyExists(
                             f"instance {info.instance_id} epoch {info.epoch} is registered with other "
                             "info; a restarted or reconfigured instance must use a new, higher epoch",
-                            reason="INSTANCE_EPOCH_CONFLICT",
+                            reason=Reason.INSTANCE_EPOCH_CONFLICT,
                             metadata={"instance_id": info.instance_id, "epoch": info.epoch})
                     old.last_seen = now
                     return False
                 if info.epoch < old.epoch:
                     raise FailedPrecondition(
                         f"instance {info.instance_id} epoch {info.epoch} is older than the registered "
-                        f"epoch {old.epoch}: this process was replaced", reason="INSTANCE_EPOCH_STALE",
+                        f"epoch {old.epoch}: this process was replaced", reason=Reason.INSTANCE_EPOCH_STALE,
                         metadata={"instance_id": info.instance_id, "epoch": info.epoch,
                                   "registered_epoch": old.epoch})
             elif len(self._instances) >= self.max_instances:
@@ -137,7 +138,7 @@ class Registry:
                 if len(self._instances) >= self.max_instances:
                     raise ResourceExhausted(
                         f"the registry holds its maximum of {self.max_instances} instances",
-                        reason="TOO_MANY_INSTANCES", metadata={"max_instances": self.max_instances})
+                        reason=Reason.TOO_MANY_INSTANCES, metadata={"max_instances": self.max_instances})
             if old is not None:  # a new epoch: the old epoch's rooms (and KV) are gone
                 self._drop_instance(old)
             self._instances[info.instance_id] = Instance(copy, now)
@@ -182,14 +183,14 @@ class Registry:
         if inst is None:
             raise NotFound(f"instance {instance_id} is not registered here (register it first; an "
                            "instance registers again when this service restarts)",
-                           reason="INSTANCE_NOT_FOUND", metadata={"instance_id": instance_id})
+                           reason=Reason.INSTANCE_NOT_FOUND, metadata={"instance_id": instance_id})
         return inst
 
     @staticmethod
     def _epoch_mismatch(inst: Instance, epoch: int) -> PdmeshError:
         return FailedPrecondition(
             f"instance {inst.instance_id} is registered with epoch {inst.epoch}, not {epoch}",
-            reason="INSTANCE_EPOCH_MISMATCH",
+            reason=Reason.INSTANCE_EPOCH_MISMATCH,
             metadata={"instance_id": inst.instance_id, "epoch": epoch, "registered_epoch": inst.epoch})
 
     def _expire_instances(self, now: float) -> None:
@@ -223,7 +224,7 @@ class Registry:
         validate_room(room)
         if len(request_id) > MAX_ID_CHARS:
             raise InvalidArgument(f"request_id must be at most {MAX_ID_CHARS} characters",
-                                  reason="INVALID_REQUEST_ID", metadata={"bootstrap_room": room})
+                                  reason=Reason.INVALID_REQUEST_ID, metadata={"bootstrap_room": room})
         with self._lock:
             now = self._clock()
             inst = self._live_instance(instance_id, now)
@@ -239,7 +240,7 @@ class Registry:
                     raise ResourceExhausted(
                         f"the registry holds its maximum of {self.max_rooms} rooms; remove rooms "
                         "once their KV is sent, or raise --max-rooms",
-                        reason="REGISTRY_FULL", metadata={"max_rooms": self.max_rooms})
+                        reason=Reason.REGISTRY_FULL, metadata={"max_rooms": self.max_rooms})
             self._rooms[room] = (dp_rank, inst, request_id, self._track(room, inst, now))
             callbacks = self._waiters.pop(room, None)
             if callbacks:
@@ -251,6 +252,10 @@ class Registry:
                 except Exception:  # a waiter's bug must not break the registration
                     log.exception("room %d waiter callback failed", room)
         return True
+
+    def is_watched(self, room: int) -> bool:
+        """Whether a lookup waits for `room` now (a hint: no lock, the answer may change at once)."""
+        return room in self._waiters
 
     @staticmethod
     def _check_room_rank(inst: Instance, room: int, dp_rank: int, epoch: int) -> None:
@@ -275,7 +280,7 @@ class Registry:
         raise AlreadyExists(
             f"room {room} is already registered to rank {old_rank} of instance {old_inst.instance_id}"
             f"{' by request ' + repr(old_request) if old_request else ''}; every request needs its "
-            "own room", reason="ROOM_ALREADY_REGISTERED",
+            "own room", reason=Reason.ROOM_ALREADY_REGISTERED,
             metadata={"bootstrap_room": room, "registered_dp_rank": old_rank, "dp_rank": dp_rank,
                       "registered_instance_id": old_inst.instance_id, "instance_id": inst.instance_id,
                       "registered_request_id": old_request, "request_id": request_id})
@@ -321,7 +326,7 @@ class Registry:
             self._expire_due(self._clock())
             if room not in self._rooms:
                 raise NotFound(f"room {room} is not registered (never, removed, or expired after "
-                               f"{self.room_ttl_s:g} s)", reason="ROOM_NOT_FOUND",
+                               f"{self.room_ttl_s:g} s)", reason=Reason.ROOM_NOT_FOUND,
                                metadata={"bootstrap_room": room})
             del self._rooms[room]
 
@@ -366,7 +371,7 @@ class Registry:
         if self._num_waiters + len(rooms) > self.max_waiters:
             raise ResourceExhausted(
                 f"{self._num_waiters} lookups already wait here (max {self.max_waiters}); "
-                "retry later or raise --max-waiters", reason="TOO_MANY_WAITERS",
+                "retry later or raise --max-waiters", reason=Reason.TOO_MANY_WAITERS,
                 metadata={"max_waiters": self.max_waiters, "waiters": self._num_waiters})
         waiters = self._waiters
         for room in rooms:

@@ -25,6 +25,7 @@ import grpc
 from pdmesh import grpcutil, logs, metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.errors import DeadlineExceeded, NotFound
+from pdmesh.reasons import Reason
 from pdmesh.rules import required_dp_rank
 from pdmesh.server.config import BootstrapConfig
 from pdmesh.server.register_stream import RegistrationSession
@@ -96,7 +97,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
         metrics.BOOTSTRAP_LOOKUPS.labels("LookupRoom", "missing" if record is None else "found").inc()
         if record is None:
             raise NotFound(f"room {room} is not registered (yet: ask with wait=true to wait for it)",
-                           reason="ROOM_NOT_FOUND", metadata={"bootstrap_room": room})
+                           reason=Reason.ROOM_NOT_FOUND, metadata={"bootstrap_room": room})
         return bootstrap_pb2.LookupRoomResponse(bootstrap_room=room, dp_rank=record.dp_rank,
                                                 instance_id=record.instance_id, epoch=record.epoch)
 
@@ -118,7 +119,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
         except (asyncio.TimeoutError, TimeoutError):
             raise DeadlineExceeded(
                 f"room {room} was not registered within {timeout:.3f} s: the prefill failed, was "
-                "never sent this room, or has not reached it yet", reason="ROOM_WAIT_TIMEOUT",
+                "never sent this room, or has not reached it yet", reason=Reason.ROOM_WAIT_TIMEOUT,
                 metadata={"bootstrap_room": room, "waited_ms": int(timeout * 1000)}) from None
         finally:
             self.registry.unwatch(room, wake)

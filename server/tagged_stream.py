@@ -28,6 +28,7 @@ import logging
 import grpc
 
 from pdmesh.errors import PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class TaggedStream(abc.ABC):
     # ---- shared ----------------------------------------------------------------------------
 
     def _closed_error(self) -> Unavailable:
-        return Unavailable(f"the bootstrap client for {self._address} was closed", reason="CLIENT_CLOSED")
+        return Unavailable(f"the bootstrap client for {self._address} was closed", reason=Reason.CLIENT_CLOSED)
 
     async def close(self) -> None:
         self._closed = True
@@ -147,7 +148,7 @@ class TaggedStream(abc.ABC):
             detail = exc.message if isinstance(exc, PdmeshError) else type(exc).__name__
             raise Unavailable(
                 f"the bootstrap service at {self._address} is unreachable (no answer within "
-                f"{self._connect_timeout_s:g} s: {detail})", reason="BOOTSTRAP_UNREACHABLE",
+                f"{self._connect_timeout_s:g} s: {detail})", reason=Reason.BOOTSTRAP_UNREACHABLE,
                 metadata={"address": self._address}) from None
 
     async def _handshake(self, call, tag: int, handshake: asyncio.Future) -> None:

@@ -19,7 +19,8 @@ import grpc
 
 from pdmesh import metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2
-from pdmesh.errors import PdmeshError
+from pdmesh.errors import FailedPrecondition, NotFound, PdmeshError
+from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.server.registry import Registry
 
@@ -30,26 +31,33 @@ _WAITED = {result: metrics.BOOTSTRAP_WAIT_SECONDS.labels("WatchRooms", result)
            for result in ("registered", "expired")}
 
 
+def room_error(room: int, error: PdmeshError) -> bootstrap_pb2.RoomError:
+    """One room's failure on the lookup stream: the google.rpc.Status a call would fail with (its
+    ErrorInfo metadata names the room)."""
+    error.metadata.setdefault("bootstrap_room", str(room))
+    return bootstrap_pb2.RoomError(bootstrap_room=room, status=error.to_status_proto())
+
+
 def _epoch_changed(room: int, instance_id: str, epoch: int, now: int) -> bootstrap_pb2.RoomError:
-    return bootstrap_pb2.RoomError(
-        bootstrap_room=room, code="FAILED_PRECONDITION", reason="INSTANCE_EPOCH_CHANGED",
-        message=f"prefill instance {instance_id} is registered under epoch {now}, not {epoch} as "
-                "the caller resolved it: refresh its instance info and resolve the rank again")
+    return room_error(room, FailedPrecondition(
+        f"prefill instance {instance_id} is registered under epoch {now}, not {epoch} as "
+        "the caller resolved it: refresh its instance info and resolve the rank again",
+        reason=Reason.INSTANCE_EPOCH_CHANGED,
+        metadata={"instance_id": instance_id, "epoch": epoch, "registered_epoch": now}))
 
 
 def _instance_gone(room: int, instance_id: str) -> bootstrap_pb2.RoomError:
-    return bootstrap_pb2.RoomError(
-        bootstrap_room=room, code="NOT_FOUND", reason="INSTANCE_NOT_FOUND",
-        message=f"prefill instance {instance_id} deregistered while room {room} was awaited")
+    return room_error(room, NotFound(
+        f"prefill instance {instance_id} deregistered while room {room} was awaited",
+        reason=Reason.INSTANCE_NOT_FOUND, metadata={"instance_id": instance_id}))
 
 
 def _invalid(room: int) -> bootstrap_pb2.RoomError:
-    """The lookup stream's form of `validate_room`'s refusal (the same code, reason and message)."""
+    """The lookup stream's form of `validate_room`'s refusal (the same status a call gets)."""
     try:
         validate_room(room)
     except PdmeshError as err:
-        return bootstrap_pb2.RoomError(bootstrap_room=room, code=err.code.name, reason=err.reason,
-                                       message=err.message)
+        return room_error(room, err)
     raise ValueError(f"room {room} is valid")
 
 
@@ -137,8 +145,8 @@ class WatchSession:
         try:
             now_found, now_ranks, waiting, invalid = self._registry.lookup_many(rooms, self._on_registered)
         except PdmeshError as exc:  # too many waiters: these rooms fail, the stream goes on
-            errors.extend(bootstrap_pb2.RoomError(bootstrap_room=r, code=exc.code.name, reason=exc.reason,
-                                                  message=exc.message) for r in rooms)
+            errors.extend(room_error(r, type(exc)(exc.message, reason=exc.reason, metadata=exc.metadata))
+                          for r in rooms)
             return
         found.extend(now_found)
         ranks.extend(now_ranks)

@@ -23,6 +23,7 @@ from typing import Iterable
 
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.errors import DeadlineExceeded, PdmeshError
+from pdmesh.reasons import Reason
 from pdmesh.rules import MAX_ROOM, validate_room
 from pdmesh.server.tagged_stream import TaggedStream
 
@@ -97,7 +98,7 @@ class RoomWatcher(TaggedStream):
             return await asyncio.wait_for(future, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise DeadlineExceeded(f"no answer from the bootstrap service at {self._address} within "
-                                   f"{timeout:g} s", reason="BOOTSTRAP_TIMEOUT",
+                                   f"{timeout:g} s", reason=Reason.BOOTSTRAP_TIMEOUT,
                                    metadata={"address": self._address}) from None
 
     def _time_out(self, room: int, future: asyncio.Future, timeout: float) -> None:
@@ -105,7 +106,7 @@ class RoomWatcher(TaggedStream):
             future.set_exception(DeadlineExceeded(
                 f"room {room} was not registered at {self._address} within {timeout:g} s: the prefill "
                 "failed, was never sent this room, or has not reached it yet",
-                reason="ROOM_WAIT_TIMEOUT", metadata={"bootstrap_room": room,
+                reason=Reason.ROOM_WAIT_TIMEOUT, metadata={"bootstrap_room": room,
                                                       "waited_ms": int(timeout * 1000)}))
 
     def _forget(self, room: int, future: asyncio.Future) -> None:
@@ -168,9 +169,7 @@ class RoomWatcher(TaggedStream):
             if room in self._waits:  # the server stopped waiting but a caller still does
                 self._out_waits[room] = _RESEND_WAIT_MS
                 self._kick()
-        failed = {e.bootstrap_room: PdmeshError.from_parts(e.code, e.message, e.reason,
-                                                           {"bootstrap_room": e.bootstrap_room})
-                  for e in response.errors}
+        failed = {e.bootstrap_room: PdmeshError.from_status_proto(e.status) for e in response.errors}
         for room, error in failed.items():
             self._owners.pop(room, None)
             for future in self._waits.pop(room, ()):

@@ -227,6 +227,7 @@ class FaultMesh:
 
     def router_ready(self) -> bool:
         """Whether the router holds a healthy prefill and a healthy decode instance."""
+        from pdmesh.common.v1 import common_pb2
         from pdmesh.router.v1 import router_pb2, router_pb2_grpc
         try:
             with grpc.insecure_channel(self.addr["router"]) as channel:
@@ -235,7 +236,7 @@ class FaultMesh:
         except grpc.RpcError:
             return False
         roles = {i.role for i in listed.instances if i.healthy}
-        return {router_pb2.INSTANCE_ROLE_PREFILL, router_pb2.INSTANCE_ROLE_DECODE} <= roles
+        return {common_pb2.INSTANCE_ROLE_PREFILL, common_pb2.INSTANCE_ROLE_DECODE} <= roles
 
     def kill(self, name: str) -> float:
         """SIGKILL a whole part (its process group: an instance with its ranks); when."""

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.tls import TlsConfig
 from pdmesh.worker.engine.factory import EngineSpec
 
@@ -83,7 +84,7 @@ class InstanceConfig:
             raise InvalidArgument("instance id must not be empty")
         if self.kv_transfer_path not in ("auto", "ucx"):
             raise InvalidArgument(f"kv_transfer_path must be auto or ucx, got {self.kv_transfer_path!r}",
-                                  reason="INVALID_TRANSFER_PATH")
+                                  reason=Reason.INVALID_TRANSFER_PATH)
         if not 1 <= self.dp_size <= 1024:
             raise InvalidArgument(f"dp_size must be in 1..1024, got {self.dp_size}")
         if self.role == PREFILL and self.bootstrap_port is None and not self.bootstrap_address:

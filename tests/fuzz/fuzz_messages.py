@@ -202,7 +202,7 @@ def add_instance_requests(addresses) -> st.SearchStrategy[bytes]:
 
 def add_instance_model(m: rpb.AddInstanceRequest) -> Expect:
     i = m.instance
-    bad = (i.role not in (rpb.INSTANCE_ROLE_PREFILL, rpb.INSTANCE_ROLE_DECODE) or address_bad(i.address)
+    bad = (i.role not in (cpb.INSTANCE_ROLE_PREFILL, cpb.INSTANCE_ROLE_DECODE) or address_bad(i.address)
            or (i.bootstrap_address and address_bad(i.bootstrap_address)))
     return INVALID if bad else ANY
 
@@ -285,9 +285,11 @@ def _registrations(instance_ids) -> st.SearchStrategy[bpb.RoomRegistration]:
 
 
 def register_stream_streams(instance_ids) -> st.SearchStrategy[list[bytes]]:
-    """Streams of RegisterRoomsStream messages: tagged batches of registrations, some damaged."""
+    """Streams of RegisterRoomsStream messages: tagged batches of registrations and removals, some
+    damaged."""
     request = st.builds(bpb.RegisterRoomsStreamRequest, tag=st.one_of(st.integers(0, 3), st.integers(0, U64)),
-                        registrations=st.lists(_registrations(instance_ids), max_size=6))
+                        registrations=st.lists(_registrations(instance_ids), max_size=6),
+                        remove_bootstrap_rooms=st.lists(ROOMS, max_size=3))
     return st.lists(wire(request), min_size=0, max_size=4)
 
 

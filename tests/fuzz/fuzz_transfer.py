@@ -6,7 +6,7 @@ logic): it sends whatever bytes it is given as control messages and collects wha
 wait `room_wait_s` for a room that is never offered), and checks the rule of the transfer
 protocol: every decodable TransferRequest gets exactly one TransferResponse with its
 transfer id (a duplicate id on the link is refused ALREADY_EXISTS), carrying a typed failure
-(a known code and an UPPER_SNAKE reason) unless it asked for the one room on offer with its
+(a google.rpc.Status of a known code with an ErrorInfo whose reason is in the catalogue) unless it asked for the one room on offer with its
 token and matching sizes; anything else (responses, trailers, aborts for unknown transfers,
 undecodable bytes) is ignored without an answer and without breaking the link.
 """
@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from hypothesis import strategies as st
 
+from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
+from pdmesh.worker.transfer import wire as transfer_wire
 from fuzz_messages import LAYOUTS, ROOMS, U32, U64, times, wire
 from fuzz_oracle import count
 
-REASON = re.compile(r"^[A-Z][A-Z0-9_]*$")
 #: google.rpc codes a refused transfer request may carry.
 REFUSALS = {1: "CANCELLED", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
             6: "ALREADY_EXISTS", 9: "FAILED_PRECONDITION", 10: "ABORTED", 16: "UNAUTHENTICATED"}
@@ -39,19 +41,27 @@ def transfer_messages(room, token, layout) -> st.SearchStrategy[bytes]:
         expected_bytes=st.one_of(st.integers(0, 4096), st.integers(0, U64)),
         layers_per_chunk=st.one_of(st.integers(0, 4), st.just(U32)),
         token=st.one_of(st.just(token), st.binary(max_size=80)))
-    failure = st.builds(pb.TransferFailure, code=st.integers(-(1 << 31), (1 << 31) - 1),
-                        reason=st.text(max_size=20), message=st.text(max_size=20))
+    info = st.builds(error_details_pb2.ErrorInfo, reason=st.text(max_size=20), domain=st.text(max_size=8))
+    detail = st.one_of(info, st.builds(error_details_pb2.RetryInfo)).map(_packed)
+    failure = st.builds(status_pb2.Status, code=st.integers(-(1 << 31), (1 << 31) - 1),
+                        message=st.text(max_size=20), details=st.lists(detail, max_size=2))
     others = st.one_of(
-        st.builds(pb.TransferResponse, transfer_id=st.integers(0, U64), failure=failure).map(
+        st.builds(pb.TransferResponse, transfer_id=st.integers(0, U64), status=failure).map(
             lambda r: pb.TransferMessage(response=r)),
         st.builds(pb.TransferTrailer, transfer_id=st.integers(0, U64), first_token=st.integers(-5, 5),
                   byte_count=st.integers(0, U64), checksum=st.integers(0, U64)).map(
             lambda t: pb.TransferMessage(trailer=t)),
-        st.builds(pb.TransferAbort, transfer_id=st.integers(0, U64), failure=failure).map(
+        st.builds(pb.TransferAbort, transfer_id=st.integers(0, U64), status=failure).map(
             lambda a: pb.TransferMessage(abort=a)))
     requests = request.map(lambda r: pb.TransferMessage(request=r))
     encoded = requests.map(lambda m: m.SerializeToString())
     return st.one_of(*times(encoded, 2), wire(requests), wire(others), st.sampled_from([b"", b"\x00" * 70_000]))
+
+
+def _packed(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
 
 
 def parse(data: bytes) -> pb.TransferMessage | None:
@@ -128,14 +138,15 @@ async def exchange(peer: RawPeer, batch: list[bytes], abort: list[bool], wait_s:
     for tid, n in wanted.items():
         responses = [m.response for m in peer.answers[tid] if m.WhichOneof("body") == "response"]
         assert len(responses) == n, f"transfer {tid:#x}: {n} requests, {len(responses)} responses"
-        ok = [r for r in responses if not r.HasField("failure")]
+        ok = [r for r in responses if not r.HasField("status")]
         mine = [q for q in requests if q.transfer_id == tid]
         assert len(ok) <= 1 and (not ok or any(is_acceptable(q) for q in mine)), \
             f"transfer {tid:#x} accepted: {mine}"
         accepted += len(ok)
         for r in responses:
-            if r.HasField("failure"):
-                f = r.failure
-                assert f.code in REFUSALS and REASON.match(f.reason), f"untyped refusal {f} of {mine}"
+            if r.HasField("status"):
+                f = transfer_wire.failure_from_proto(r.status)
+                assert r.status.code in REFUSALS and isinstance(f.reason, Reason) \
+                    and f.code.value[0] == r.status.code, f"untyped refusal {r.status} of {mine}"
     assert not peer.link.closed, f"the sender broke the link: {peer.link.closed_error}"
     return accepted

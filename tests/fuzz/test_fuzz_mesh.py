@@ -26,6 +26,7 @@ from google.rpc import error_details_pb2
 
 from pdmesh.bootstrap.v1 import bootstrap_pb2 as bpb
 from pdmesh.common.v1 import common_pb2 as cpb
+from pdmesh.reasons import Reason
 from pdmesh.router.v1 import router_pb2 as rpb
 from pdmesh.worker.v1 import worker_pb2 as wpb
 import fuzz_messages as fm
@@ -366,9 +367,9 @@ def test_a_malformed_message_while_the_stream_writes_ends_it_typed(mesh):
 def test_a_decode_added_as_a_prefill_is_refused(mesh):
     """The router would have sent it Prefill calls (UNIMPLEMENTED) for every other request."""
     decode_alias = "localhost:" + mesh.address["decode"].rsplit(":", 1)[1]
-    request = rpb.AddInstanceRequest(instance=rpb.Instance(role=rpb.INSTANCE_ROLE_PREFILL, address=decode_alias))
+    request = rpb.AddInstanceRequest(instance=rpb.Instance(role=cpb.INSTANCE_ROLE_PREFILL, address=decode_alias))
     mesh.fuzz("router.AddInstance", "router", ROUTER + "AddInstance", rpb.AddInstanceRequest,
-              expect_all(Expect(frozenset({C.FAILED_PRECONDITION}), reason="INSTANCE_ROLE_MISMATCH")),
+              expect_all(Expect(frozenset({C.FAILED_PRECONDITION}), reason=Reason.INSTANCE_ROLE_MISMATCH)),
               [request.SerializeToString()])
     assert decode_alias not in [i.address for i in mesh.router_instances()]
 

@@ -14,8 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-from pdmesh.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from pdmesh.errors import (AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PdmeshError,
+                           ResourceExhausted)
 from pdmesh.grpcutil import BindError
+from pdmesh.reasons import Reason
 from pdmesh.rules import MAX_ROOM
 from pdmesh.server.client import BootstrapClient
 from pdmesh.server.config import BootstrapConfig
@@ -221,9 +223,11 @@ def test_raw_stream_reports_invalid_rooms_per_room(bootstrap):
                                                              wait_bootstrap_rooms=[1 << 63]))
             reply = await call.read()
             assert reply.tag == 9 and list(reply.missing_bootstrap_rooms) == [31337]
-            assert sorted((e.bootstrap_room, e.code, e.reason) for e in reply.errors) == [
-                (0, "INVALID_ARGUMENT", "INVALID_BOOTSTRAP_ROOM"),
-                (1 << 63, "INVALID_ARGUMENT", "INVALID_BOOTSTRAP_ROOM")]
+            errors = {e.bootstrap_room: PdmeshError.from_status_proto(e.status) for e in reply.errors}
+            assert sorted(errors) == [0, 1 << 63]
+            for room, err in errors.items():  # a google.rpc.Status with its ErrorInfo, as a call's
+                assert isinstance(err, InvalidArgument) and err.reason == Reason.INVALID_BOOTSTRAP_ROOM
+                assert err.metadata["bootstrap_room"] == str(room)
             await call.done_writing()
             assert await call.read() is grpc.aio.EOF
     asyncio.run(main())

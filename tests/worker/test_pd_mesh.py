@@ -21,6 +21,7 @@ import grpc
 import pytest
 import torch
 
+from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import PdmeshError
 from pdmesh.worker.engine.factory import EngineSpec, build_engine
@@ -167,6 +168,25 @@ def test_force_query_lets_the_pinned_request_through(mesh, engine):
     assert tokens_of(msgs) == list(ref.output_ids)
 
 
+def test_a_registration_refused_stops_the_prefill_typed_and_promptly(mesh):
+    # The room is registered while its pages compute; a refused registration must end the request
+    # with its own status at once, not after the 30 s an unclaimed room waits for its decode.
+    room = 2 * 779 + 1
+    bootstrap = grpc.insecure_channel(mesh["bootstrap"])
+    bootstrap_pb2_grpc.BootstrapServiceStub(bootstrap).RegisterRoom(bootstrap_pb2.RegisterRoomRequest(
+        instance_id="p-force", bootstrap_room=room, dp_rank=1, request_id="another-request"), timeout=10)
+    bootstrap.close()
+    stub = worker_pb2_grpc.PrefillServiceStub(mesh["channels"]["prefill-force"])
+    request = worker_pb2.PrefillRequest(bootstrap_room=room, routed_dp_rank=0, transfer_token=b"t" * 16,
+                                        prompt=worker_pb2.Prompt(text="refused " * 20))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prefill(request, timeout=60)
+    typed = PdmeshError.from_rpc_error(err.value)
+    assert (typed.code, typed.reason) == (grpc.StatusCode.ALREADY_EXISTS, "ROOM_ALREADY_REGISTERED")
+    assert time.monotonic() - started < 20
+
+
 def test_bad_input_is_invalid_argument(mesh):
     stub = worker_pb2_grpc.PrefillServiceStub(mesh["channels"]["prefill-follow"])
     for request in (worker_pb2.PrefillRequest(bootstrap_room=0, prompt=worker_pb2.Prompt(text="x"),
@@ -220,3 +240,8 @@ def test_pools_are_full_afterwards(mesh):
             time.sleep(0.2)
             ok, status = full(name)
         assert ok, (name, status)
+        # role and method travel as the proto enums (issue 12), not as strings
+        role = common_pb2.INSTANCE_ROLE_PREFILL if name.startswith("prefill") else common_pb2.INSTANCE_ROLE_DECODE
+        assert status.role == role, (name, status)
+        if name in ("prefill-follow", "prefill-force"):
+            assert status.load_balance_method == common_pb2.LOAD_BALANCE_METHOD_FOLLOW_BOOTSTRAP_ROOM, status

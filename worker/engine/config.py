@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.worker.kv.layout import DTYPE_NAMES, KvLayout
 
 HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -67,7 +68,7 @@ class ModelConfig:
 
 
 def _bad(message: str) -> InvalidArgument:
-    return InvalidArgument(message, reason="INVALID_MODEL_CONFIG")
+    return InvalidArgument(message, reason=Reason.INVALID_MODEL_CONFIG)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.worker.engine.config import ModelConfig
 from pdmesh.worker.engine.model import Model
 from pdmesh.worker.engine.protocol import GREEDY, DecodeItem, SamplingParams, Tokenizer
@@ -50,7 +51,7 @@ class TorchEngine:
                  device: torch.device | str = "cpu") -> None:
         if tokenizer.vocab_size > cfg.vocab_size:
             raise _bad(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                       f"{cfg.vocab_size}", "INVALID_MODEL_CONFIG")
+                       f"{cfg.vocab_size}", Reason.INVALID_MODEL_CONFIG)
         self.config = cfg
         self.device = _resolve(torch.device(device))
         self.model = Model(cfg, weights, self.device)
@@ -108,7 +109,7 @@ class TorchEngine:
         writes = [int(r[2]) for r in rows]
         if len(set(writes)) != len(writes):
             raise _bad("two sequences of the decode batch would write the same page slot; each "
-                       "sequence needs pages of its own", "INVALID_PAGE_TABLE")
+                       "sequence needs pages of its own", Reason.INVALID_PAGE_TABLE)
         groups = [[row] for row in rows] if self.config.batch_invariant else [rows]
         return torch.cat([self._decode_group(kv, group) for group in groups])
 
@@ -128,10 +129,10 @@ class TorchEngine:
         self._check_pool(kv)
         n = len(token_ids)
         if n == 0:
-            raise _bad("the prompt is empty", "INVALID_PROMPT")
+            raise _bad("the prompt is empty", Reason.INVALID_PROMPT)
         if n >= self.max_seq_len:
             raise _bad(f"the prompt has {n} tokens; this model holds at most {self.max_seq_len} per "
-                       "sequence, prompt and output together", "SEQUENCE_TOO_LONG",
+                       "sequence, prompt and output together", Reason.SEQUENCE_TOO_LONG,
                        prompt_tokens=n, max_seq_len=self.max_seq_len)
         ids = self._check_tokens(token_ids)
         slots = self._slots(page_ids, n, kv.shape[2]).to(self.device)
@@ -142,7 +143,7 @@ class TorchEngine:
         pos = item.position
         if not isinstance(pos, int) or not 0 <= pos < self.max_seq_len:
             raise _bad(f"decode position {pos!r} is outside 0..{self.max_seq_len - 1}",
-                       "SEQUENCE_TOO_LONG", position=pos, max_seq_len=self.max_seq_len)
+                       Reason.SEQUENCE_TOO_LONG, position=pos, max_seq_len=self.max_seq_len)
         self._check_tokens([item.token_id])
         reads = self._slots(item.page_ids, pos + 1, num_pages)
         return item.token_id, pos, int(reads[-1]), reads.to(self.device)
@@ -150,7 +151,7 @@ class TorchEngine:
     def _check_tokens(self, token_ids: Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(list(token_ids), dtype=torch.int64)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise _bad(f"token ids must be in 0..{self.config.vocab_size - 1}", "INVALID_TOKEN_ID",
+            raise _bad(f"token ids must be in 0..{self.config.vocab_size - 1}", Reason.INVALID_TOKEN_ID,
                        min=int(ids.min()), max=int(ids.max()))
         return ids.to(self.device)
 
@@ -162,10 +163,10 @@ class TorchEngine:
         pages = list(page_ids)
         if len(pages) < need:
             raise _bad(f"{num_tokens} tokens need {need} pages of {size} tokens, the page table "
-                       f"has {len(pages)}", "INVALID_PAGE_TABLE", need=need, have=len(pages))
+                       f"has {len(pages)}", Reason.INVALID_PAGE_TABLE, need=need, have=len(pages))
         table = torch.as_tensor(pages[:need], dtype=torch.int64)
         if int(table.min()) < 0 or int(table.max()) >= num_pages or len(set(pages[:need])) != need:
-            raise _bad(f"page ids must be distinct and in 0..{num_pages - 1}", "INVALID_PAGE_TABLE",
+            raise _bad(f"page ids must be distinct and in 0..{num_pages - 1}", Reason.INVALID_PAGE_TABLE,
                        min=int(table.min()), max=int(table.max()))
         return (table[:, None] * size + torch.arange(size)).flatten()[:num_tokens]
 
@@ -177,4 +178,4 @@ class TorchEngine:
                 or kv.device != self.device or not kv.is_contiguous()):
             raise _bad(f"the KV pool tensor must be contiguous [{lay.num_layers}, 2, pages, "
                        f"{lay.page_size}, {lay.num_kv_heads}, {lay.head_dim}] {lay.dtype} on "
-                       f"{self.device}, got {list(shape)} {kv.dtype} on {kv.device}", "KV_POOL_MISMATCH")
+                       f"{self.device}, got {list(shape)} {kv.dtype} on {kv.device}", Reason.KV_POOL_MISMATCH)

@@ -22,6 +22,7 @@ import torch
 from pdmesh.config import env, env_bool
 from pdmesh.errors import InvalidArgument
 from pdmesh.models import NAMED_MODELS, named_model, resolve_model
+from pdmesh.reasons import Reason
 from pdmesh.worker.engine.config import PRESETS, ModelConfig, from_hf_config, parse_dtype, preset
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.engine.engine import TorchEngine
@@ -125,12 +126,12 @@ def _folder_config(folder: Path, dtype: torch.dtype | None, page_size: int,
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InvalidArgument(f"{config_path} is missing; --model wants a model name, a local Hugging "
-                              "Face model folder or a .gguf file", reason="INVALID_MODEL_FOLDER",
+                              "Face model folder or a .gguf file", reason=Reason.INVALID_MODEL_FOLDER,
                               metadata={"path": folder})
     try:
         raw = json.loads(config_path.read_text())
     except ValueError as exc:
-        raise InvalidArgument(f"{config_path} is not valid JSON ({exc})", reason="INVALID_MODEL_FOLDER",
+        raise InvalidArgument(f"{config_path} is not valid JSON ({exc})", reason=Reason.INVALID_MODEL_FOLDER,
                               metadata={"path": folder}) from None
     return from_hf_config(raw, dtype=dtype, page_size=page_size, max_seq_len=max_seq_len)
 
@@ -149,6 +150,6 @@ def check_model(spec: EngineSpec) -> str:
     tokenizer = load_hf_tokenizer(folder)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise InvalidArgument(f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model "
-                              f"only {cfg.vocab_size}", reason="INVALID_MODEL_CONFIG")
+                              f"only {cfg.vocab_size}", reason=Reason.INVALID_MODEL_CONFIG)
     return (f"{spec.model} from {folder} ({cfg.num_layers} layers, vocabulary {tokenizer.vocab_size}, "
             f"{cfg.dtype}, EOS {sorted(tokenizer.eos_ids)})")

@@ -31,6 +31,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import torch
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.worker.kv.layout import KvLayout
 
 
@@ -79,14 +80,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}",
-                                  reason="INVALID_SAMPLING_PARAMS",
+                                  reason=Reason.INVALID_SAMPLING_PARAMS,
                                   metadata={"temperature": self.temperature})
         if not (0 < self.top_p <= 1):
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}",
-                                  reason="INVALID_SAMPLING_PARAMS", metadata={"top_p": self.top_p})
+                                  reason=Reason.INVALID_SAMPLING_PARAMS, metadata={"top_p": self.top_p})
         if self.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {self.top_k}",
-                                  reason="INVALID_SAMPLING_PARAMS", metadata={"top_k": self.top_k})
+                                  reason=Reason.INVALID_SAMPLING_PARAMS, metadata={"top_k": self.top_k})
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.worker.engine.protocol import GREEDY, DecodeItem, Engine, SamplingParams
 
 
@@ -53,7 +54,7 @@ def colocated_generate(engine: Engine, prompt_ids: Sequence[int], max_new_tokens
     page table is not contiguous, as in a busy pool.
     """
     if max_new_tokens < 1:
-        raise InvalidArgument("max_new_tokens must be >= 1", reason="INVALID_ARGUMENT")
+        raise InvalidArgument("max_new_tokens must be >= 1", reason=Reason.INVALID_ARGUMENT)
     size = engine.layout.page_size
     limit = min(len(prompt_ids) + max_new_tokens, engine.max_seq_len)
     num_pages = max(1, engine.layout.pages_for_tokens(limit))

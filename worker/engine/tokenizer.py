@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 
 
 class ByteTokenizer:
@@ -56,12 +57,12 @@ class HfTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers package raises a bare Exception on a bad file
             raise InvalidArgument(f"{path} cannot be read as a tokenizer ({exc}); replace it, or delete the "
-                                  "folder if pdmesh cached it", reason="INVALID_MODEL_FOLDER",
+                                  "folder if pdmesh cached it", reason=Reason.INVALID_MODEL_FOLDER,
                                   metadata={"path": path}) from None
         self._bos = bos_id
         if not eos_ids:
             raise InvalidArgument(f"no eos_token_id in the model folder of {path}; set one in "
-                                  "config.json or generation_config.json", reason="INVALID_MODEL_FOLDER")
+                                  "config.json or generation_config.json", reason=Reason.INVALID_MODEL_FOLDER)
         self._eos = tuple(dict.fromkeys(eos_ids))
 
     @property
@@ -101,7 +102,7 @@ def load_hf_tokenizer(folder: str | Path) -> HfTokenizer:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise InvalidArgument(f"{path} is missing; this engine reads fast tokenizers (tokenizer.json) "
-                              "only", reason="INVALID_MODEL_FOLDER", metadata={"path": path})
+                              "only", reason=Reason.INVALID_MODEL_FOLDER, metadata={"path": path})
     configs = [json.loads(p.read_text()) for p in (folder / "config.json", folder / "generation_config.json")
                if p.is_file()]
     bos = next((c["bos_token_id"] for c in configs if c.get("bos_token_id") is not None), None)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.worker.engine.config import ModelConfig
 
 
@@ -71,7 +72,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0, device: torch.device | str =
 
 
 def _bad_folder(message: str, **metadata: object) -> InvalidArgument:
-    return InvalidArgument(message, reason="INVALID_MODEL_FOLDER", metadata=metadata)
+    return InvalidArgument(message, reason=Reason.INVALID_MODEL_FOLDER, metadata=metadata)
 
 
 def _damaged(path: Path, exc: Exception) -> InvalidArgument:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.worker.config import InstanceConfig, RankConfig
 from pdmesh.worker.instance.dispatch import Dispatcher
 from pdmesh.worker.instance.supervisor import RankSupervisor
-from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+from pdmesh.worker.client import DecodeStream, WorkerClient
+from pdmesh.worker.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class Controller:
         self._idle.set()
         self._epochs = [0] * config.dp_size
         self._on_epoch_change = on_epoch_change
+        self._clients: dict[int, WorkerClient] = {}
         self.ranks = [RankSupervisor(lambda r=r: self._rank_config(r), self._rank_restarted)
                       for r in range(config.dp_size)]
 
@@ -73,7 +76,7 @@ class Controller:
         if failed:
             await self.stop()
             raise Unavailable("ranks failed to start: " + "; ".join(f"rank {r}: {e}" for r, e in failed),
-                              reason="RANK_START_FAILED")
+                              reason=Reason.RANK_START_FAILED)
 
     async def _rank_restarted(self, dp_rank: int) -> None:
         if self._on_epoch_change is not None:
@@ -87,7 +90,7 @@ class Controller:
     def pick(self, room: int, routed_dp_rank: int | None) -> int:
         if self.draining:
             raise Unavailable(f"instance {self.config.instance_id} is draining; send to another instance",
-                              reason="INSTANCE_DRAINING", metadata={"instance_id": self.config.instance_id})
+                              reason=Reason.INSTANCE_DRAINING, metadata={"instance_id": self.config.instance_id})
         validate_room(room)
         return self.dispatcher.pick(room, routed_dp_rank, self.active, [r.alive for r in self.ranks])
 
@@ -104,7 +107,7 @@ class Controller:
             except asyncio.TimeoutError:
                 raise Unavailable(f"{self.config.role} rank {dp_rank} of {self.config.instance_id} accepts no "
                                   f"connection within {RANK_READY_WAIT_S:.0f}s; retry shortly",
-                                  reason="RANK_UNAVAILABLE", metadata={"dp_rank": dp_rank}) from None
+                                  reason=Reason.RANK_UNAVAILABLE, metadata={"dp_rank": dp_rank}) from None
         return channel
 
     @staticmethod
@@ -112,43 +115,52 @@ class Controller:
         remaining = context.time_remaining()
         return DEFAULT_DEADLINE_S if remaining is None else max(remaining, 0.001)
 
-    def rank_died(self, dp_rank: int, rpc_error: grpc.aio.AioRpcError) -> PdmeshError:
+    def rank_died(self, dp_rank: int, err: PdmeshError) -> PdmeshError:
         """The typed error of a forwarded call; an UNAVAILABLE that the rank did not send itself (no
         status details: the connection to its process broke) names the rank as gone."""
-        err = PdmeshError.from_rpc_error(rpc_error)
-        sent_by_rank = any(key == "grpc-status-details-bin" for key, _ in rpc_error.trailing_metadata() or ())
-        if err.code == grpc.StatusCode.UNAVAILABLE and not sent_by_rank:
+        if err.code == grpc.StatusCode.UNAVAILABLE and not err.sent_by_peer:
             return Unavailable(f"{self.config.role} rank {dp_rank} of {self.config.instance_id} "
                                f"went away mid-request ({err.message}); it is being restarted",
-                               reason="RANK_DIED", metadata={"dp_rank": dp_rank})
+                               reason=Reason.RANK_DIED, metadata={"dp_rank": dp_rank})
         return err
 
-    async def unary(self, dp_rank: int, call_factory, request, context):
-        """Forward a unary call to `dp_rank`, counting it as active there (from the step that picked
-        it: a drain must not see the instance idle while a picked request waits for its rank)."""
+    def client(self, dp_rank: int, channel: grpc.aio.Channel) -> WorkerClient:
+        """The typed client of a rank's current channel (a new one after a restart)."""
+        client = self._clients.get(dp_rank)
+        if client is None or client.channel is not channel:
+            client = self._clients[dp_rank] = WorkerClient(channel)
+        return client
+
+    async def unary(self, dp_rank: int, call: Callable[[WorkerClient, float], Awaitable], context):
+        """Forward a unary call to `dp_rank` (`call(client, timeout)`), counting it as active there
+        (from the step that picked it: a drain must not see the instance idle while a picked request
+        waits for its rank)."""
         self._enter(dp_rank)
         try:
-            channel = await self.ready_channel(dp_rank)
-            return await call_factory(channel)(request, timeout=self.deadline(context))
-        except grpc.aio.AioRpcError as err:
-            raise self.rank_died(dp_rank, err) from None
+            client = self.client(dp_rank, await self.ready_channel(dp_rank))
+            try:
+                return await call(client, self.deadline(context))
+            except PdmeshError as err:
+                raise self.rank_died(dp_rank, err) from None
         finally:
             self._leave(dp_rank)
 
-    async def stream(self, dp_rank: int, call_factory, request, context) -> AsyncIterator:
+    async def stream(self, dp_rank: int, call: Callable[[WorkerClient, float], DecodeStream],
+                     context) -> AsyncIterator:
         """Forward a server-streaming call to `dp_rank`; cancelling the caller cancels the rank's call."""
         self._enter(dp_rank)
-        call = None
+        forwarded = None
         try:
-            channel = await self.ready_channel(dp_rank)
-            call = call_factory(channel)(request, timeout=self.deadline(context))
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as err:
-            raise self.rank_died(dp_rank, err) from None
+            client = self.client(dp_rank, await self.ready_channel(dp_rank))
+            forwarded = call(client, self.deadline(context))
+            try:
+                async for message in forwarded:
+                    yield message
+            except PdmeshError as err:
+                raise self.rank_died(dp_rank, err) from None
         finally:
-            if call is not None:
-                call.cancel()
+            if forwarded is not None:
+                forwarded.cancel()
             self._leave(dp_rank)
 
     def _enter(self, dp_rank: int) -> None:
@@ -166,10 +178,10 @@ class Controller:
         async def one(rank: RankSupervisor) -> bool:
             if not rank.alive or rank.channel is None:
                 return False
-            stub = worker_pb2_grpc.InstanceServiceStub(rank.channel)
             try:
-                return (await stub.AbortRoom(request, timeout=2.0)).found
-            except grpc.aio.AioRpcError:
+                return await self.client(rank.dp_rank, rank.channel).abort_room(
+                    request.bootstrap_room, request.reason)
+            except PdmeshError:
                 return False
         return any(await asyncio.gather(*(one(r) for r in self.ranks)))
 
@@ -180,10 +192,9 @@ class Controller:
                                              active_requests=self.active[rank.dp_rank])
             if not rank.alive or rank.channel is None:
                 return fallback
-            stub = worker_pb2_grpc.InstanceServiceStub(rank.channel)
             try:
-                reply = await stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=2.0)
-            except grpc.aio.AioRpcError:
+                reply = await self.client(rank.dp_rank, rank.channel).status()
+            except PdmeshError:
                 return fallback
             status = reply.ranks[0]
             status.restarts = rank.restarts

@@ -21,8 +21,8 @@ class PrefillControllerService(worker_pb2_grpc.PrefillServiceServicer):
     async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
         routed = optional_dp_rank(request, "routed_dp_rank")
         rank = self.controller.pick(request.bootstrap_room, routed)
-        return await self.controller.unary(
-            rank, lambda ch: worker_pb2_grpc.PrefillServiceStub(ch).Prefill, request, context)
+        return await self.controller.unary(rank, lambda client, timeout: client.prefill(request, timeout),
+                                           context)
 
 
 class DecodeControllerService(worker_pb2_grpc.DecodeServiceServicer):
@@ -33,7 +33,7 @@ class DecodeControllerService(worker_pb2_grpc.DecodeServiceServicer):
     async def Decode(self, request: worker_pb2.DecodeRequest, context):
         rank = self.controller.pick(request.bootstrap_room, None)
         async for message in self.controller.stream(
-                rank, lambda ch: worker_pb2_grpc.DecodeServiceStub(ch).Decode, request, context):
+                rank, lambda client, timeout: client.decode(request, timeout), context):
             yield message
 
 

@@ -16,7 +16,7 @@ import signal
 
 from pdmesh import grpcutil, metrics
 from pdmesh.bootstrap.v1 import bootstrap_pb2
-from pdmesh.config import LOAD_BALANCE_METHODS
+from pdmesh.config import INSTANCE_ROLES, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError
 from pdmesh.worker.config import PREFILL, InstanceConfig
 from pdmesh.worker.instance.controller import Controller
@@ -146,8 +146,8 @@ class StatusAwareInstanceService(InstanceControllerService):
         cfg = self.instance.config
         status.bootstrap_address = self.instance.bootstrap_address or ""
         status.dp_size = cfg.dp_size
-        status.role = cfg.role
-        status.load_balance_method = cfg.load_balance_method
+        status.role = INSTANCE_ROLES[cfg.role]
+        status.load_balance_method = LOAD_BALANCE_METHODS[cfg.load_balance_method]
         return status
 
 

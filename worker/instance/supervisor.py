@@ -22,6 +22,7 @@ import grpc
 
 from pdmesh import grpcutil
 from pdmesh.errors import Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.worker.config import RankConfig
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class RankSupervisor:
         except (asyncio.TimeoutError, EOFError) as exc:
             await self._kill()
             raise Unavailable(f"rank {self.dp_rank} did not start: {exc or 'no readiness line'}",
-                              reason="RANK_START_FAILED", metadata={"dp_rank": self.dp_rank}) from None
+                              reason=Reason.RANK_START_FAILED, metadata={"dp_rank": self.dp_rank}) from None
         info = json.loads(line)
         self.endpoint = RankEndpoint(info["grpc_address"], info["transfer_address"], self._proc.pid,
                                      info.get("metrics_address", ""))
@@ -131,7 +132,7 @@ class RankSupervisor:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except asyncio.TimeoutError:
             raise Unavailable(f"DP rank {self.dp_rank} is restarting; retry shortly",
-                              reason="RANK_UNAVAILABLE", metadata={"dp_rank": self.dp_rank}) from None
+                              reason=Reason.RANK_UNAVAILABLE, metadata={"dp_rank": self.dp_rank}) from None
 
     async def _kill(self) -> None:
         if self._proc is not None and self._proc.returncode is None:

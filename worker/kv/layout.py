@@ -18,6 +18,7 @@ import torch
 
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import InvalidArgument, LayoutMismatch
+from pdmesh.reasons import Reason
 
 DTYPES = {
     torch.bfloat16: common_pb2.KV_DTYPE_BF16,
@@ -45,10 +46,10 @@ class KvLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value > 1 << 20:
                 raise InvalidArgument(f"KV layout {name} must be an integer in 1..2^20, got {value!r}",
-                                      reason="INVALID_KV_LAYOUT", metadata={name: value})
+                                      reason=Reason.INVALID_KV_LAYOUT, metadata={name: value})
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"KV dtype {self.dtype} is not one of bf16, fp16, fp32, fp64",
-                                  reason="INVALID_KV_LAYOUT")
+                                  reason=Reason.INVALID_KV_LAYOUT)
 
     @property
     def itemsize(self) -> int:
@@ -74,7 +75,7 @@ class KvLayout:
     @classmethod
     def from_proto(cls, msg: common_pb2.KvLayout) -> "KvLayout":
         if msg.dtype not in _FROM_PROTO:
-            raise InvalidArgument(f"KV dtype {msg.dtype} is unknown", reason="INVALID_KV_LAYOUT")
+            raise InvalidArgument(f"KV dtype {msg.dtype} is unknown", reason=Reason.INVALID_KV_LAYOUT)
         return cls(msg.num_layers, msg.page_size, msg.num_kv_heads, msg.head_dim,
                    _FROM_PROTO[msg.dtype])
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 
 PageIds = Sequence[int] | torch.Tensor
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
@@ -94,9 +95,9 @@ def _check_pool(kv: torch.Tensor, layers: tuple[int, int] | None) -> tuple[int, 
     if not isinstance(kv, torch.Tensor) or kv.dim() != 6 or kv.shape[1] != 2:
         raise InvalidArgument(
             "kv must be a pool tensor [num_layers, 2, num_pages, page_size, num_kv_heads, "
-            f"head_dim], got {getattr(kv, 'shape', type(kv).__name__)}", reason="INVALID_KV_TENSOR")
+            f"head_dim], got {getattr(kv, 'shape', type(kv).__name__)}", reason=Reason.INVALID_KV_TENSOR)
     if not kv.is_contiguous():
-        raise InvalidArgument("kv pool tensor must be contiguous", reason="INVALID_KV_TENSOR")
+        raise InvalidArgument("kv pool tensor must be contiguous", reason=Reason.INVALID_KV_TENSOR)
     num_layers = kv.shape[0]
     if layers is None:
         return 0, num_layers
@@ -104,10 +105,10 @@ def _check_pool(kv: torch.Tensor, layers: tuple[int, int] | None) -> tuple[int, 
         a, b = (int(x) for x in layers)
     except (TypeError, ValueError):
         raise InvalidArgument(f"layers must be a pair (start, end), got {layers!r}",
-                              reason="INVALID_LAYER_RANGE") from None
+                              reason=Reason.INVALID_LAYER_RANGE) from None
     if not 0 <= a <= b <= num_layers:
         raise InvalidArgument(f"layer range [{a}, {b}) is outside [0, {num_layers})",
-                              reason="INVALID_LAYER_RANGE",
+                              reason=Reason.INVALID_LAYER_RANGE,
                               metadata={"start": a, "end": b, "num_layers": num_layers})
     return a, b
 
@@ -118,23 +119,23 @@ def check_page_ids(kv: torch.Tensor, page_ids: PageIds, unique: bool) -> torch.T
     if isinstance(page_ids, torch.Tensor):
         if page_ids.dim() != 1 or page_ids.dtype.is_floating_point or page_ids.dtype == torch.bool:
             raise InvalidArgument("page ids must be a 1-d integer tensor",
-                                  reason="INVALID_PAGE_IDS")
+                                  reason=Reason.INVALID_PAGE_IDS)
         ids = page_ids.to(device="cpu", dtype=torch.int64)
     else:
         try:
             ids = torch.tensor([_as_int(i) for i in page_ids], dtype=torch.int64)
         except TypeError:
-            raise InvalidArgument("page ids must be integers", reason="INVALID_PAGE_IDS") from None
+            raise InvalidArgument("page ids must be integers", reason=Reason.INVALID_PAGE_IDS) from None
     num_pages = kv.shape[2]
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num_pages:
             raise InvalidArgument(
                 f"page ids must lie in [0, {num_pages}), got min {lo} max {hi}",
-                reason="PAGE_ID_OUT_OF_RANGE", metadata={"min": lo, "max": hi, "num_pages": num_pages})
+                reason=Reason.PAGE_ID_OUT_OF_RANGE, metadata={"min": lo, "max": hi, "num_pages": num_pages})
         if unique and torch.unique(ids).numel() != ids.numel():
             raise InvalidArgument("page ids of an unpack must be distinct",
-                                  reason="DUPLICATE_PAGE_IDS")
+                                  reason=Reason.DUPLICATE_PAGE_IDS)
     return ids.to(kv.device)
 
 
@@ -147,7 +148,7 @@ def _as_int(value: object) -> int:
 def _check_buffer(buf: torch.Tensor, kv: torch.Tensor, shape: tuple[int, ...], name: str
                   ) -> torch.Tensor:
     if not isinstance(buf, torch.Tensor):
-        raise InvalidArgument(f"{name} must be a tensor", reason="INVALID_STAGING_BUFFER")
+        raise InvalidArgument(f"{name} must be a tensor", reason=Reason.INVALID_STAGING_BUFFER)
     numel = 1
     for s in shape:
         numel *= s
@@ -162,7 +163,7 @@ def _check_buffer(buf: torch.Tensor, kv: torch.Tensor, shape: tuple[int, ...], n
         problems.append("not contiguous")
     if problems:
         raise InvalidArgument(f"{name} buffer does not fit the request: " + "; ".join(problems),
-                              reason="INVALID_STAGING_BUFFER")
+                              reason=Reason.INVALID_STAGING_BUFFER)
     return buf.view(shape)
 
 

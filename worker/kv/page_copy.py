@@ -16,15 +16,19 @@ bytes that divides a row), so a changed, lost or misplaced row changes it. The w
 row's place in the whole request, so the checksums of any cut into layer ranges add up (mod
 2^64) to the whole request's: the writer may chunk as suits its device.
 
-CPU (torch, the reference): pages that are consecutive on both sides form runs, and each run of
-every layer of the chunk is one strided `copy_` plus one `sum` while its bytes are in cache
-(random ids: one run per page; pages allocated in runs: a few calls per chunk). CUDA: one Triton
-kernel launch per chunk (worker/kv/copy_triton.py), the row sums reduced in the same kernel.
+CPU: one compiled loop per chunk (worker/kv/copy_numba.py) reads each word once, stores it and
+adds it to its row's sum: one pass, the GIL released. The torch version here is the reference
+(and the fallback without numba): pages consecutive on both sides form runs, and each run of
+every layer of the chunk is one strided `copy_` plus one `sum` (random ids: one run per page).
+CUDA: one Triton kernel launch per chunk (worker/kv/copy_triton.py), the row sums reduced in
+the same kernel.
 """
 
 from __future__ import annotations
 
 import torch
+
+from pdmesh.worker.kv import copy_numba
 
 MASK64 = (1 << 64) - 1
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
@@ -37,18 +41,26 @@ class CopyPlan:
     def __init__(self, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
         if src_ids.numel() != dst_ids.numel():
             raise ValueError("source and destination page counts differ")
-        self.src_ids, self.dst_ids = src_ids, dst_ids
+        self.src_ids = src_ids.to(torch.int64).contiguous()
+        self.dst_ids = dst_ids.to(torch.int64).contiguous()
         self.n = src_ids.numel()
-        s, d = src_ids.tolist(), dst_ids.tolist()
-        runs: list[tuple[int, int, int, int]] = []
-        for j in range(self.n):
-            if runs and s[j] == s[j - 1] + 1 and d[j] == d[j - 1] + 1:
-                j0, s0, d0, k = runs[-1]
-                runs[-1] = (j0, s0, d0, k + 1)
-            else:
-                runs.append((j, s[j], d[j], 1))
-        self.runs = runs
+        self._runs: list[tuple[int, int, int, int]] | None = None
         self._weights: dict[tuple[int, str], torch.Tensor] = {}
+
+    @property
+    def runs(self) -> list[tuple[int, int, int, int]]:
+        """The runs (made on first use: only the torch copy walks them)."""
+        if self._runs is None:
+            s, d = self.src_ids.tolist(), self.dst_ids.tolist()
+            runs: list[tuple[int, int, int, int]] = []
+            for j in range(self.n):
+                if runs and s[j] == s[j - 1] + 1 and d[j] == d[j - 1] + 1:
+                    j0, s0, d0, k = runs[-1]
+                    runs[-1] = (j0, s0, d0, k + 1)
+                else:
+                    runs.append((j, s[j], d[j], 1))
+            self._runs = runs
+        return self._runs
 
     def weights(self, a: int, b: int, device: torch.device) -> torch.Tensor:
         """Row weights of layers [a, b): 2 r + 1, r the row's place in the whole request."""
@@ -78,22 +90,32 @@ def _words(kv: torch.Tensor) -> torch.Tensor:
     return kv.view(torch.uint8).view(num_layers, 2, num_pages, -1).view(word_dtype(kv))
 
 
-def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: int, b: int
-               ) -> int:
-    """Copy layers [a, b) of the plan's pages from `src_kv` into `dst_kv`; return the checksum.
-    The caller validated both pools (same layout, contiguous, ids in range, destination ids
-    distinct). On CUDA the copy is finished (its stream synchronized) when this returns."""
+def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: int, b: int,
+               checksum: bool = True) -> int:
+    """Copy layers [a, b) of the plan's pages from `src_kv` into `dst_kv`; return the checksum
+    (0 with `checksum=False`, CPU only: the bench's copy-alone baseline). The caller validated
+    both pools (same layout, contiguous, ids in range, destination ids distinct). On CUDA the
+    copy is finished (its stream synchronized) when this returns."""
     if plan.n == 0 or a == b:
         return 0
     if src_kv.is_cuda:
         from pdmesh.worker.kv import copy_triton
 
         return copy_triton.copy_pages_triton(src_kv, dst_kv, plan.src_ids, plan.dst_ids, a, b)
-    return _copy_torch(src_kv, dst_kv, plan, a, b)
+    if copy_numba.kernel() is not None:
+        return copy_numba.copy_pages_numba(_words(src_kv), _words(dst_kv), plan.src_ids,
+                                           plan.dst_ids, a, b, checksum)
+    return _copy_torch(src_kv, dst_kv, plan, a, b, checksum)
 
 
-def _copy_torch(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: int, b: int
-                ) -> int:
+def warm(kv: torch.Tensor) -> None:
+    """Compile the CPU copy for this pool's word dtype now (a rank's warm-up)."""
+    if not kv.is_cuda:
+        copy_numba.warm(_words(kv))
+
+
+def _copy_torch(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: int, b: int,
+                checksum: bool = True) -> int:
     """One strided copy per run of pages over every layer of the chunk, then the run's row
     sums while its bytes are still in cache. (A helper thread summing the previous runs was
     tried: on 2 shared cores it lost 40-70% to the GIL hand-offs between the many small ops.)"""
@@ -102,7 +124,10 @@ def _copy_torch(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: i
     for j0, s0, d0, k in plan.runs:
         piece = src[:, :, s0:s0 + k]
         dst[:, :, d0:d0 + k].copy_(piece)
-        torch.sum(piece, -1, dtype=torch.int64, out=sums[:, :, j0:j0 + k])
+        if checksum:
+            torch.sum(piece, -1, dtype=torch.int64, out=sums[:, :, j0:j0 + k])
+    if not checksum:
+        return 0
     return int((sums * plan.weights(a, b, sums.device)).sum()) & MASK64
 
 

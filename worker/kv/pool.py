@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import torch
 
 from pdmesh.errors import InvalidArgument, ResourceExhausted
+from pdmesh.reasons import Reason
 from pdmesh.worker.kv.layout import KvLayout
 
 
@@ -38,7 +39,7 @@ class KvPool:
                  shared: bool = False) -> None:
         if not isinstance(num_pages, int) or num_pages < 1:
             raise InvalidArgument(f"a KV pool needs at least one page, got {num_pages!r}",
-                                  reason="INVALID_KV_POOL", metadata={"num_pages": num_pages})
+                                  reason=Reason.INVALID_KV_POOL, metadata={"num_pages": num_pages})
         self.layout = layout
         self.num_pages = num_pages
         self.device = torch.device(device)
@@ -81,14 +82,14 @@ class KvPool:
         """Take `n` pages (all or nothing); RESOURCE_EXHAUSTED if fewer are free."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise InvalidArgument(f"page count must be a non-negative integer, got {n!r}",
-                                  reason="INVALID_PAGE_COUNT")
+                                  reason=Reason.INVALID_PAGE_COUNT)
         with self._lock:
             free = self.num_pages - len(self._allocated)
             if n > free:
                 raise ResourceExhausted(
                     f"KV pool has {free} free pages of {self.num_pages}, {n} asked; "
                     "retry when requests finish or give the rank more pages",
-                    reason="KV_POOL_EXHAUSTED",
+                    reason=Reason.KV_POOL_EXHAUSTED,
                     metadata={"requested": n, "free": free, "total": self.num_pages})
             ids = self._take(n)
             self._allocated.update(ids)
@@ -143,7 +144,7 @@ class KvPool:
                 raise InvalidArgument(
                     f"cannot free KV pages that are not allocated {bad[:8]} or repeated {dup[:8]}; "
                     "nothing was freed (a double free, or ids from another pool)",
-                    reason="KV_PAGE_NOT_ALLOCATED",
+                    reason=Reason.KV_PAGE_NOT_ALLOCATED,
                     metadata={"not_allocated": bad[:32], "repeated": dup[:32]})
             self._allocated.difference_update(ids)
             for start, n in _segments(sorted(ids)):

@@ -9,7 +9,12 @@ transfer path, worker/transfer/samehost.py). This module owns the memory side of
   of 4 KiB in front of the pool holds a random nonce. `export(kv)` describes it; a peer maps it
   with `map_peer(desc)` by opening `/proc/<pid>/fd/<fd>` of the owner (same host, same pid
   namespace, the owner's user or root) and checks the nonce, so a pid that means another process
-  (another pid namespace, a container) never maps the wrong memory.
+  (another pid namespace, a container) never maps the wrong memory. Both sides fault the pages in
+  ahead of the transfers, each in a background thread (`prefault`: MADV_POPULATE_WRITE through
+  libc, the GIL released, 64 MiB a step): the owner from the pool's creation on, the peer from the
+  moment it maps the pool at link set-up, which stays fast (a first copy runs meanwhile and
+  faults what it touches itself). Measured here: the first 64 MiB copy into a fresh mapping took
+  4-8x a warm one; mapping page tables of an allocated pool costs ~0.1 ms per MiB.
 - CUDA: any pool tensor from torch's allocator is exported with the driver's IPC calls
   (`cuIpcGetMemHandle` on the allocation, plus the pool's offset in it) and mapped with
   `cuIpcOpenMemHandle` (lazy peer access: a peer GPU of the same host maps it over NVLink/PCIe);
@@ -32,9 +37,12 @@ from dataclasses import dataclass
 import torch
 
 from pdmesh.errors import FailedPrecondition
+from pdmesh.reasons import Reason
 
 HEADER = 4096
 NONCE_BYTES = 16
+MADV_POPULATE_WRITE = 23  # Linux 5.14+; Python 3.11's mmap does not name it
+PREFAULT_STEP = 64 << 20
 _SEGMENTS: dict[int, "_Segment"] = {}  # data_ptr of a shared pool tensor -> its segment
 _LOCK = threading.Lock()
 
@@ -42,7 +50,7 @@ _LOCK = threading.Lock()
 class MapError(FailedPrecondition):
     """The peer's pool cannot be mapped here (the link then uses UCX)."""
 
-    default_reason = "KV_SAME_HOST_MAP_FAILED"
+    default_reason = Reason.KV_SAME_HOST_MAP_FAILED
 
 
 @dataclass
@@ -68,6 +76,33 @@ class _Segment:
         self.nbytes = nbytes
 
 
+def prefault(kv: torch.Tensor, stop: threading.Event) -> None:
+    """Fault every page of the shared mapping under `kv` in, writable (allocating what the file
+    does not hold yet), `PREFAULT_STEP` bytes a call until done or `stop` is set. The caller
+    holds `kv`, so the mapping outlives this. A kernel without MADV_POPULATE_WRITE (< 5.14)
+    leaves it to the first touch."""
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    start = kv.data_ptr() // page * page
+    end = kv.data_ptr() + kv.numel() * kv.element_size()
+    while start < end and not stop.is_set():
+        length = min(PREFAULT_STEP, end - start)
+        if libc.madvise(start, length, MADV_POPULATE_WRITE) != 0:
+            return
+        start += length
+
+
+def prefault_in_background(kv: torch.Tensor) -> threading.Event:
+    """`prefault(kv)` in a daemon thread; set the returned event to stop it early."""
+    stop = threading.Event()
+    threading.Thread(target=prefault, args=(kv, stop), name="pdmesh-kv-prefault",
+                     daemon=True).start()
+    return stop
+
+
 def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor in shared memory that `export` can describe to a peer."""
     numel = 1
@@ -79,6 +114,7 @@ def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     tensor = flat.view(dtype).view(shape)
     with _LOCK:
         _SEGMENTS[tensor.data_ptr()] = segment
+    prefault_in_background(tensor)  # pages committed now, off the request path
     return tensor
 
 
@@ -99,12 +135,16 @@ def export(kv: torch.Tensor) -> PoolExport | None:
 class PeerPool:
     """A peer's pool, mapped into this process: `kv` has the peer's pool shape and dtype."""
 
-    def __init__(self, kv: torch.Tensor, closer=None) -> None:
+    def __init__(self, kv: torch.Tensor, closer=None, stop: threading.Event | None = None
+                 ) -> None:
         self.kv = kv
         self._closer = closer
+        self._stop = stop  # of its prefault thread (CPU)
 
     def close(self) -> None:
         """Unmap (call only when no copy uses `kv` any more)."""
+        if self._stop is not None:
+            self._stop.set()
         closer, self._closer = self._closer, None
         self.kv = None  # type: ignore[assignment]
         if closer is not None:
@@ -150,7 +190,8 @@ def _map_cpu(desc: PoolExport, shape: tuple[int, ...], dtype: torch.dtype) -> Pe
         raise MapError(f"{path} is not the peer's pool (another process under that pid: a "
                        "different pid namespace or host)")
     flat = torch.frombuffer(region, dtype=torch.uint8, count=desc.nbytes, offset=desc.offset)
-    return PeerPool(flat.view(dtype).view(shape))
+    kv = flat.view(dtype).view(shape)
+    return PeerPool(kv, stop=prefault_in_background(kv))
 
 
 def _cuda() -> "_CudaIpc":

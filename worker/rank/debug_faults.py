@@ -20,6 +20,7 @@ import time
 
 from pdmesh.config import env_flag
 from pdmesh.errors import Unavailable
+from pdmesh.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,6 @@ def drop_links(transfer) -> int:
     links = list(getattr(end.transport, "_links", ()))
     for link in links:
         link.close(Unavailable(f"the KV link to {link.peer} was dropped (fault injection)",
-                               reason="KV_TRANSFER_LINK_DROPPED", metadata={"peer": link.peer}))
+                               reason=Reason.KV_TRANSFER_LINK_DROPPED, metadata={"peer": link.peer}))
     log.warning("debug: dropped %d UCX link(s)", len(links))
     return len(links)

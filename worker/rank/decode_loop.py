@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pdmesh import metrics
 from pdmesh.errors import Internal, PdmeshError, ResourceExhausted, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.worker.engine.protocol import DecodeItem, Engine, SamplingParams
 from pdmesh.worker.rank.pages import EngineThread, PageBroker
 
@@ -65,7 +66,7 @@ class DecodeLoop:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for seq in list(self.running.values()):
-            self._finish(seq, Unavailable("the decode rank is stopping", reason="RANK_STOPPING"))
+            self._finish(seq, Unavailable("the decode rank is stopping", reason=Reason.RANK_STOPPING))
 
     def join(self, seq: Sequence) -> None:
         """Add a sequence whose prompt KV (and first token) are in its pages."""
@@ -102,7 +103,7 @@ class DecodeLoop:
         except ResourceExhausted:
             self._finish(seq, ResourceExhausted(
                 f"room {seq.room} was preempted: the decode KV pool has no free page for token "
-                f"{seq.position + 1}; retry, or run decode with more pages", reason="KV_POOL_EXHAUSTED",
+                f"{seq.position + 1}; retry, or run decode with more pages", reason=Reason.KV_POOL_EXHAUSTED,
                 metadata={"bootstrap_room": seq.room, "num_pages": self.pool.num_pages}))
             return False
 
@@ -123,7 +124,7 @@ class DecodeLoop:
                 log.exception("decode step failed")
                 for seq in batch:
                     self._finish(seq, Internal(f"decode step failed: {type(exc).__name__}: {exc}",
-                                               reason="DECODE_STEP_FAILED"))
+                                               reason=Reason.DECODE_STEP_FAILED))
                 continue
             finally:
                 self._stepping = set()

@@ -21,6 +21,7 @@ from pdmesh.config import DEFAULT_DEADLINE_S
 from pdmesh.errors import (DeadlineExceeded, EpochMismatch, FailedPrecondition, InvalidArgument, NotFound,
                            PdmeshError, Unavailable)
 from pdmesh.grpcutil import translate_errors
+from pdmesh.reasons import Reason
 from pdmesh.rules import decode_rule, optional_dp_rank, validate_room
 from pdmesh.server.client import shared_client
 from pdmesh.worker.rank import requests
@@ -32,9 +33,9 @@ from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 #: A fetch that failed this way never reached the rank: new instance info may name one that is up.
-_UNREACHABLE = frozenset({"KV_TRANSFER_PEER_UNREACHABLE", "KV_TRANSFER_CONNECT_TIMEOUT"})
+_UNREACHABLE = frozenset({Reason.KV_TRANSFER_PEER_UNREACHABLE, Reason.KV_TRANSFER_CONNECT_TIMEOUT})
 #: ... or may have been lost on its link (closed as unresponsive): worth one more try on a new link.
-_NEVER_REACHED = _UNREACHABLE | {"KV_TRANSFER_NO_ANSWER"}
+_NEVER_REACHED = _UNREACHABLE | {Reason.KV_TRANSFER_NO_ANSWER}
 #: Resolutions of one request: a policy change costs one more, a lost request one more.
 _RESOLVES = 3
 
@@ -89,7 +90,7 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         sampling = requests.sampling_params(request.sampling)  # checked before any KV moves
         if not request.prefill_instance_id or not request.prefill_bootstrap_address:
             raise InvalidArgument("prefill_instance_id and prefill_bootstrap_address are required",
-                                  reason="MISSING_PREFILL")
+                                  reason=Reason.MISSING_PREFILL)
         validate_address(request.prefill_bootstrap_address, "prefill_bootstrap_address")
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else DEFAULT_DEADLINE_S)
@@ -173,7 +174,7 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
                             room, iid, wait)
                 raise
             except FailedPrecondition as err:
-                if err.reason != "INSTANCE_EPOCH_CHANGED" or attempt == _RESOLVES - 1:
+                if err.reason != Reason.INSTANCE_EPOCH_CHANGED or attempt == _RESOLVES - 1:
                     raise
                 info = await self._refreshed(addr, iid, info, room, err)
 
@@ -189,7 +190,7 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
             if endpoint.dp_rank == prefill_rank:
                 return endpoint.transfer_address
         raise NotFound(f"prefill {info.instance_id} publishes no endpoint for rank {prefill_rank}",
-                       reason="RANK_ENDPOINT_NOT_FOUND", metadata={"dp_rank": prefill_rank})
+                       reason=Reason.RANK_ENDPOINT_NOT_FOUND, metadata={"dp_rank": prefill_rank})
 
     async def _fetch(self, request, info, prefill_rank, path, room, hint, pages, token, deadline):
         """Fetch the KV; (first token, info, prefill rank, path). A prefill that moved to a new epoch

@@ -13,6 +13,7 @@ import time
 
 from pdmesh import metrics
 from pdmesh.errors import Cancelled, DeadlineExceeded
+from pdmesh.reasons import Reason
 from pdmesh.worker.config import PREFILL, RankConfig
 from pdmesh.worker.rank.pages import PageBroker
 from pdmesh.worker.transfer.config import TransferConfig, apply_ucx_defaults
@@ -45,7 +46,7 @@ class RankTransfer:
     def _remaining(deadline: float, what: str) -> float:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise DeadlineExceeded(f"the request's deadline passed before {what}", reason="DEADLINE_BEFORE_TRANSFER")
+            raise DeadlineExceeded(f"the request's deadline passed before {what}", reason=Reason.DEADLINE_BEFORE_TRANSFER)
         return left
 
     def expect_room(self, room: int, deadline: float) -> None:
@@ -80,7 +81,7 @@ class RankTransfer:
             await asyncio.shield(waiter)
         except asyncio.CancelledError:
             self.sender.abort(room, Cancelled(f"the prefill request for room {room} was cancelled",
-                                              reason="KV_TRANSFER_CANCELLED", metadata={"bootstrap_room": room}))
+                                              reason=Reason.KV_TRANSFER_CANCELLED, metadata={"bootstrap_room": room}))
             await asyncio.wait([waiter])
             raise
 

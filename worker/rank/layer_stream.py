@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from pdmesh.errors import Cancelled, Internal, PdmeshError
+from pdmesh.reasons import Reason
 
 
 class LayerReporter:
@@ -83,7 +84,7 @@ async def prefill_streamed(state, room: int, ids: Sequence[int], pages: list[int
                                            sampling)
     except BaseException as err:
         st.transfer.sender.abort(room, _offer_error(room, err))
-        await _quietly(settled)  # nothing uses the pages any more once this returns
+        await wait_quietly(settled)  # nothing uses the pages any more once this returns
         raise
     computed = time.perf_counter()
     offer.computed(first, max(0.001, min(deadline - time.monotonic(),
@@ -97,12 +98,12 @@ def _offer_error(room: int, err: BaseException) -> PdmeshError:
         return err
     if isinstance(err, asyncio.CancelledError):
         return Cancelled(f"the prefill request for room {room} was cancelled",
-                         reason="KV_TRANSFER_CANCELLED", metadata={"room": room})
+                         reason=Reason.KV_TRANSFER_CANCELLED, metadata={"room": room})
     return Internal(f"the prefill of room {room} failed while computing: {err!r}",
-                    reason="PREFILL_COMPUTE_FAILED", metadata={"room": room})
+                    reason=Reason.PREFILL_COMPUTE_FAILED, metadata={"room": room})
 
 
-async def _quietly(task: asyncio.Future) -> None:
+async def wait_quietly(task: asyncio.Future) -> None:
     """Wait for `task` to end whatever it raises, even when the caller is cancelled meanwhile
     (the cancellation is raised once it ended: the pages are free to go then)."""
     cancelled = False

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from pdmesh.errors import ResourceExhausted
+from pdmesh.reasons import Reason
 from pdmesh.worker.kv.pool import KvPool
 
 
@@ -44,14 +45,14 @@ class PageBroker:
         if n > self.pool.num_pages:
             raise ResourceExhausted(
                 f"the request needs {n} KV pages but the whole pool has {self.pool.num_pages}",
-                reason="REQUEST_LARGER_THAN_POOL", metadata={"pages": n, "num_pages": self.pool.num_pages})
+                reason=Reason.REQUEST_LARGER_THAN_POOL, metadata={"pages": n, "num_pages": self.pool.num_pages})
         async with self._freed:
             try:
                 await asyncio.wait_for(self._freed.wait_for(lambda: self.pool.num_free >= n), timeout_s)
             except asyncio.TimeoutError:
                 raise ResourceExhausted(
                     f"no {n} free KV pages within {timeout_s:.1f}s ({self.pool.num_free} free of "
-                    f"{self.pool.num_pages}); retry later", reason="KV_POOL_EXHAUSTED", retry_after_s=0.5,
+                    f"{self.pool.num_pages}); retry later", reason=Reason.KV_POOL_EXHAUSTED, retry_after_s=0.5,
                     metadata={"pages": n, "free_pages": self.pool.num_free}) from None
             return self.pool.alloc(n)
 

@@ -1,8 +1,8 @@
 """`PrefillService` on one prefill DP rank: the prefill rule, the prompt's KV, the hand-off.
 
 For each room: check the request, apply the prefill rule (`pdmesh.rules.prefill_rule`: nothing to
-register when hinted or on the fast path, register room -> rank at the bootstrap service before
-the KV is offered, or fail typed with the conflict), take pages (bounded wait), offer the pages
+register when hinted or on the fast path, register room -> rank at the bootstrap service, or fail
+typed with the conflict), take pages (bounded wait), offer the pages
 to the decode and compute the KV and the first token on the engine thread while each finished
 layer streams out (`layer_stream.py`; with layer streaming off: compute, then offer), wait until
 they are sent (bounded by `transfer_wait_s` from the offer and by the caller's deadline), then free them. The
@@ -10,6 +10,11 @@ answer says which rank path the room took and what it cost. A registered room is
 bootstrap service that restarts meanwhile (`room_keeper.RoomKeeper`) and removed from the
 registry when the room ends, however it ends. A caller that goes away aborts the offer, and the
 pages go back only once no UCX send or pack thread uses them (`kv_link.RankTransfer`).
+
+The registration is off the request's critical path: it goes out first and is in flight while
+the pages are taken and computed (`_beside`). A decode finds this rank only through the record,
+so nothing is claimed before the record is durable; a registration that fails stops the compute
+and is the request's typed error.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from pdmesh.common.v1 import common_pb2
 from pdmesh.config import DEFAULT_DEADLINE_S, LOAD_BALANCE_METHODS
 from pdmesh.errors import PdmeshError, Unavailable
 from pdmesh.grpcutil import translate_errors
+from pdmesh.reasons import Reason
 from pdmesh.rules import PrefillAction, optional_dp_rank, prefill_rule, validate_room
 from pdmesh.worker.rank import requests
-from pdmesh.worker.rank.layer_stream import prefill_streamed
+from pdmesh.worker.rank.layer_stream import prefill_streamed, wait_quietly
 from pdmesh.worker.rank.rank_state import RankState
 from pdmesh.worker.rank.room_keeper import RoomKeeper
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -43,7 +49,6 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         inst = state.config.instance
         self.method = LOAD_BALANCE_METHODS[inst.load_balance_method]
         self.force_query = inst.force_query_prefill_dp_rank
-        self._tasks: set[asyncio.Task] = set()
         self._keeper: RoomKeeper | None = None
 
     def _path(self, action: PrefillAction) -> int:
@@ -64,27 +69,26 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         logs.event(log, logging.DEBUG, "prefill start", action=action.value, prompt_tokens=len(ids))
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else DEFAULT_DEADLINE_S)
-        registered = False
+        registration: asyncio.Task | None = None
         try:
             with st.track(room):
                 st.transfer.expect_room(room, deadline)
-                if action is PrefillAction.REGISTER:
-                    request_id = request.request_id or f"room-{room}"
-                    await self._register(room, request_id)
-                    registered = True
-                    self.keeper.add(room, request_id)
+                if action is PrefillAction.REGISTER:  # in flight while the pages are taken and computed
+                    registration = asyncio.ensure_future(
+                        self._register_kept(room, request.request_id or f"room-{room}"))
                 pages = await st.pages.alloc_wait(st.layout.pages_for_tokens(len(ids)),
                                                   st.config.instance.page_wait_s)
                 try:
                     started = time.perf_counter()
                     send = prefill_streamed if st.config.instance.layer_streaming else self._then_send
-                    first, computed, sent = await send(st, room, ids, pages, sampling, token, deadline)
+                    work = send(st, room, ids, pages, sampling, token, deadline)
+                    first, computed, sent = await (work if registration is None
+                                                   else _beside(registration, work))
                 finally:
                     st.pages.free(pages)
         finally:
-            if registered:  # the record is not needed any more, whatever happened
-                self.keeper.discard(room)
-                self._background(self._forget(room))
+            if registration is not None:
+                self._end_registration(room, registration)
         st.metrics_path(self._path(action))
         logs.event(log, logging.INFO, "prefill done", path=metrics.path_name(self._path(action)),
                    prompt_tokens=len(ids), compute_ms=round((computed - started) * 1e3, 2),
@@ -107,11 +111,6 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
                                     deadline=hold)
         return first, computed, time.perf_counter()
 
-    def _background(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _register(self, room: int, request_id: str) -> None:
         st = self.state
         try:
@@ -121,8 +120,24 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
             if err.code.name != "UNAVAILABLE":
                 raise
             raise Unavailable(f"the bootstrap service at {st.bootstrap.address} cannot be reached to register "
-                              f"room {room}: {err.message}", reason="BOOTSTRAP_UNAVAILABLE",
+                              f"room {room}: {err.message}", reason=Reason.BOOTSTRAP_UNAVAILABLE,
                               metadata={"bootstrap": st.bootstrap.address}) from None
+
+    async def _register_kept(self, room: int, request_id: str) -> None:
+        await self._register(room, request_id)
+        self.keeper.add(room, request_id)
+
+    def _end_registration(self, room: int, registration: asyncio.Task) -> None:
+        """The record is not needed any more, whatever happened: forget it once it is made (a
+        registration still in flight is left to end, bounded by the client's timeout)."""
+        def forget(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is None:
+                self.keeper.discard(room)
+                self.state.bootstrap.remove_room_streamed(room)  # rides on the stream, unanswered
+        if registration.done():
+            forget(registration)
+        else:
+            registration.add_done_callback(forget)
 
     @property
     def keeper(self) -> RoomKeeper:
@@ -132,9 +147,26 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
             self._keeper = RoomKeeper(st.bootstrap.channel, self._register, st.transfer.decode_asked)
         return self._keeper
 
-    async def _forget(self, room: int) -> None:
-        """The room record is no longer needed once the transfer ended (TTL would drop it anyway)."""
-        try:
-            await self.state.bootstrap.remove_room(room, timeout=2.0)
-        except PdmeshError as exc:
-            log.debug("remove room %d: %s", room, exc)
+
+async def _beside(registration: asyncio.Task, work):
+    """Run `work` (offer and compute the room) while its registration is in flight.
+
+    No decode can claim the room before its record is durable: a decode finds this rank only
+    through the record (the hinted and fast paths register nothing). A registration that fails
+    stops the compute (cancelled: the engine thread is done with the pages when it returns) and
+    its typed error is the request's; the registration's latency hides behind the compute. Work
+    that ends first ends the request as it ended: failed, or sent (then a decode found the record).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait([registration, task], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and registration.exception() is not None:
+            task.cancel()
+        await asyncio.wait([task])
+    except asyncio.CancelledError:  # the caller went away: stop the work, pages stay safe
+        task.cancel()
+        await wait_quietly(task)
+        raise
+    if registration.done() and not registration.cancelled() and registration.exception() is not None:
+        await registration  # its error: it is why the compute stopped
+    return task.result()

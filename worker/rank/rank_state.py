@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from pdmesh import metrics
+from pdmesh.config import INSTANCE_ROLES
 from pdmesh.errors import Aborted, AlreadyExists
 from pdmesh.grpcutil import translate_errors
+from pdmesh.reasons import Reason
 from pdmesh.worker.config import RankConfig
 from pdmesh.worker.rank.pages import EngineThread, PageBroker
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -61,7 +63,7 @@ class RankState:
         if room in self.rooms:
             raise AlreadyExists(f"room {room} is already being served by {self.config.instance.role} "
                                 f"rank {self.dp_rank}; rooms must be unique per request",
-                                reason="ROOM_IN_USE", metadata={"bootstrap_room": room})
+                                reason=Reason.ROOM_IN_USE, metadata={"bootstrap_room": room})
         early = self._early_aborts.pop(room, None)
         if early is not None and early[1] > time.monotonic():
             raise self._aborted_error(room, early[0])
@@ -84,7 +86,7 @@ class RankState:
 
     def _aborted_error(self, room: int, why: str) -> Aborted:
         return Aborted(f"room {room} was aborted on {self.config.instance.role} rank "
-                       f"{self.dp_rank}: {why}", reason="ROOM_ABORTED",
+                       f"{self.dp_rank}: {why}", reason=Reason.ROOM_ABORTED,
                        metadata={"bootstrap_room": room, "dp_rank": self.dp_rank})
 
     def abort(self, room: int, reason: str) -> bool:
@@ -121,7 +123,8 @@ class RankInstanceService(worker_pb2_grpc.InstanceServiceServicer):
                                      free_pages=st.pages.pool.num_free, total_pages=st.pages.num_pages)
         return worker_pb2.GetInstanceStatusResponse(instance_id=st.instance_id, epoch=st.epoch,
                                                     ranks=[rank], draining=st.draining,
-                                                    dp_size=st.dp_size, role=st.config.instance.role)
+                                                    dp_size=st.dp_size,
+                                                    role=INSTANCE_ROLES[st.config.instance.role])
 
     @translate_errors
     async def Drain(self, request, context) -> worker_pb2.DrainResponse:

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from pdmesh.common.v1 import common_pb2
 from pdmesh.errors import InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.worker.engine.protocol import Engine, SamplingParams
 from pdmesh.worker.v1 import worker_pb2
 
@@ -28,12 +29,12 @@ def prompt_ids(engine: Engine, prompt: worker_pb2.Prompt) -> list[int]:
         bad = [i for i in ids if i >= vocab]
         if bad:
             raise InvalidArgument(f"prompt token id {bad[0]} is outside the vocabulary (size {vocab})",
-                                  reason="TOKEN_OUT_OF_VOCABULARY", metadata={"token_id": bad[0], "vocab_size": vocab})
+                                  reason=Reason.TOKEN_OUT_OF_VOCABULARY, metadata={"token_id": bad[0], "vocab_size": vocab})
     else:
-        raise InvalidArgument("the prompt is empty: set prompt.text or prompt.token_ids", reason="EMPTY_PROMPT")
+        raise InvalidArgument("the prompt is empty: set prompt.text or prompt.token_ids", reason=Reason.EMPTY_PROMPT)
     if len(ids) >= engine.max_seq_len:
         raise InvalidArgument(f"the prompt has {len(ids)} tokens; this model takes at most "
-                              f"{engine.max_seq_len - 1}", reason="PROMPT_TOO_LONG",
+                              f"{engine.max_seq_len - 1}", reason=Reason.PROMPT_TOO_LONG,
                               metadata={"prompt_tokens": len(ids), "max_seq_len": engine.max_seq_len})
     return ids
 
@@ -42,7 +43,7 @@ def max_new_tokens(engine: Engine, sampling: common_pb2.SamplingParams, prompt_l
     """The token budget, clipped to what the model's context leaves (at least 1)."""
     wanted = sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     if wanted > 1 << 20:
-        raise InvalidArgument(f"max_new_tokens {wanted} is absurd", reason="INVALID_SAMPLING_PARAMS",
+        raise InvalidArgument(f"max_new_tokens {wanted} is absurd", reason=Reason.INVALID_SAMPLING_PARAMS,
                               metadata={"max_new_tokens": wanted})
     return max(1, min(wanted, engine.max_seq_len - prompt_len))
 
@@ -59,7 +60,7 @@ def transfer_token(token: bytes) -> bytes:
     if not MIN_TOKEN_BYTES <= len(token) <= MAX_TOKEN_BYTES:
         raise InvalidArgument(
             f"transfer_token must be {MIN_TOKEN_BYTES} to {MAX_TOKEN_BYTES} random bytes shared by the "
-            f"prefill and decode requests, got {len(token)}", reason="INVALID_TRANSFER_TOKEN")
+            f"prefill and decode requests, got {len(token)}", reason=Reason.INVALID_TRANSFER_TOKEN)
     return token
 
 

@@ -7,7 +7,8 @@ rank is ready), so the first request of a fresh mesh finds:
 1. the engine run once (a one-page prompt on the engine thread; a decode step on a decode rank):
    torch's lazy kernel and allocator set-up, cuBLAS handles and CUDA context on a GPU;
 2. the pack / unpack kernels and the checksum run once on one page (on a GPU this compiles the
-   Triton kernels, `worker/kv/pack_triton.py`);
+   Triton kernels, `worker/kv/pack_triton.py`; on a CPU prefill rank the same-host page copy's
+   compiled loop, `worker/kv/copy_numba.py`);
 3. the staging buffers of a transfer of up to `chunk_bytes` per chunk allocated and touched
    (first-touch page faults cost ~10x a copy here; staging.py);
 4. the transport warm: one loopback transfer of one page through this rank's own data-plane
@@ -29,6 +30,7 @@ import time
 import torch
 
 from pdmesh.worker.engine.protocol import DecodeItem
+from pdmesh.worker.kv import page_copy
 from pdmesh.worker.kv.pack import check_page_ids, pack_checked, unpack_checked
 from pdmesh.worker.transfer import wire
 
@@ -47,7 +49,8 @@ async def warm_rank(engine, pages, transfer, engine_thread) -> dict[str, float]:
     try:
         for name, step in (("engine", lambda: engine_thread.run(_engine_once, engine, pages.kv, ids,
                                                                  not transfer.is_prefill)),
-                           ("kernels", lambda: engine_thread.run(_kernels_once, pages.kv, ids)),
+                           ("kernels", lambda: engine_thread.run(_kernels_once, pages.kv, ids,
+                                                                  _copies_same_host(transfer))),
                            ("staging", lambda: _touch_staging(transfer, pages)),
                            ("transport", lambda: _loopback(transfer, pages, ids))):
             started = time.perf_counter()
@@ -67,12 +70,19 @@ def _engine_once(engine, kv: torch.Tensor, ids: list[int], decode: bool) -> None
         engine.decode_step(kv, [DecodeItem(first, n, ids)])
 
 
-def _kernels_once(kv: torch.Tensor, ids: list[int]) -> None:
+def _copies_same_host(transfer) -> bool:
+    """Whether this rank may write a same-host peer's pool (a prefill rank, path `auto`)."""
+    return transfer.is_prefill and transfer.sender.config.path == "auto"
+
+
+def _kernels_once(kv: torch.Tensor, ids: list[int], same_host: bool) -> None:
     index = check_page_ids(kv, ids[:1], unique=True)
     staging = torch.empty((1, 2, 1) + tuple(kv.shape[3:]), dtype=kv.dtype, device=kv.device)
     pack_checked(kv, index, 0, 1, staging)
     wire.checksum(staging.view(-1).view(torch.uint8))
     unpack_checked(staging, kv, index, 0, 1)
+    if same_host:
+        page_copy.warm(kv)
     if kv.is_cuda:
         torch.cuda.synchronize(kv.device)
 

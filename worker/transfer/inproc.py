@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from pdmesh.errors import DataLoss, PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.worker.transfer.link import Link, Transport
 
 _LISTENERS: dict[str, "InprocTransport"] = {}
@@ -71,7 +72,7 @@ class InprocLink(Link):
         self._break(error)
         if other is not None:
             other._break(Unavailable(f"peer {self.peer} closed the link: {error.message}",
-                                     reason="KV_TRANSFER_PEER_LOST"))
+                                     reason=Reason.KV_TRANSFER_PEER_LOST))
 
     def _break(self, error: PdmeshError) -> None:
         if self.closed_error is not None:
@@ -82,7 +83,7 @@ class InprocLink(Link):
                     if not future.done():
                         future.set_exception(Unavailable(
                             f"link to {self.peer} closed: {error.message}",
-                            reason="KV_TRANSFER_PEER_LOST"))
+                            reason=Reason.KV_TRANSFER_PEER_LOST))
             queues.clear()
         self._closed(error)
 
@@ -92,7 +93,7 @@ def _match(sent: torch.Tensor, send_future: asyncio.Future, into: torch.Tensor,
     n = sent.numel()
     if n > into.numel():
         recv_future.set_exception(DataLoss(f"message of {n} bytes truncated to {into.numel()}",
-                                           reason="KV_TRANSFER_TRUNCATED"))
+                                           reason=Reason.KV_TRANSFER_TRUNCATED))
     else:
         if n:
             into[:n].copy_(sent)
@@ -120,7 +121,7 @@ class InprocTransport(Transport):
         server = _LISTENERS.get(name) if address.startswith("inproc://") else None
         if server is None or server._on_link is None:
             raise Unavailable(f"no in-process KV listener at {address}",
-                              reason="KV_TRANSFER_PEER_UNREACHABLE", metadata={"address": address})
+                              reason=Reason.KV_TRANSFER_PEER_UNREACHABLE, metadata={"address": address})
         mine, theirs = InprocLink(address), InprocLink(f"inproc-client-{next(_NAMES)}")
         mine._other, theirs._other = theirs, mine
         self._links.append(mine)
@@ -133,7 +134,7 @@ class InprocTransport(Transport):
         if self._name is not None:
             _LISTENERS.pop(self._name, None)
         for link in self._links:
-            link.close(Unavailable("in-process peer killed", reason="KV_TRANSFER_PEER_LOST"))
+            link.close(Unavailable("in-process peer killed", reason=Reason.KV_TRANSFER_PEER_LOST))
         self._links.clear()
 
     async def close(self) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from pdmesh.errors import PdmeshError
+from pdmesh.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ async def drain(futures: list[asyncio.Future], link: Link | None, grace_s: float
         from pdmesh.errors import Unavailable
 
         link.close(Unavailable(f"requests to {link.peer} did not finish within {grace_s:.1f} s "
-                               "of an abort", reason="KV_TRANSFER_PEER_STUCK"))
+                               "of an abort", reason=Reason.KV_TRANSFER_PEER_STUCK))
         _, pending = await asyncio.wait(pending, timeout=grace_s)
     for future in futures:
         if future.done() and not future.cancelled():

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import hashlib
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -263,6 +265,7 @@ def _slow(real, delay: float, layers_at: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test dumps a stuck rank's stacks
     parser = argparse.ArgumentParser(prog="python -m pdmesh.worker.transfer.loopback",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=("sender", "receiver"))

@@ -42,6 +42,7 @@ import torch
 
 from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, PdmeshError,
                            Unavailable)
+from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.pack import check_page_ids
 from pdmesh.worker.kv.pool import KvPool
@@ -105,14 +106,14 @@ class KvReceiver:
         if fetch is None:
             return False
         return fetch.status.fail(error or Cancelled(f"the decode rank aborted room {room}",
-                                                    reason="KV_TRANSFER_ABORTED",
+                                                    reason=Reason.KV_TRANSFER_ABORTED,
                                                     metadata={"bootstrap_room": room}))
 
     async def close(self) -> None:
         for room in list(self._fetches):
-            self.abort(room, Cancelled("KV receiver closing", reason="KV_TRANSPORT_CLOSED"))
+            self.abort(room, Cancelled("KV receiver closing", reason=Reason.KV_TRANSPORT_CLOSED))
         for link in list(self._links.values()):  # its own links, also on a shared transport
-            link.close(Cancelled("KV receiver closing", reason="KV_TRANSPORT_CLOSED"))
+            link.close(Cancelled("KV receiver closing", reason=Reason.KV_TRANSPORT_CLOSED))
         if self._owns_transport:
             await self.transport.close()
         self._executor.shutdown(wait=True)
@@ -125,10 +126,10 @@ class KvReceiver:
         ids = check_page_ids(pool.kv, page_ids, unique=True)  # on the pool's device, checked once
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
-                                  reason="INVALID_TRANSFER_TOKEN")
+                                  reason=Reason.INVALID_TRANSFER_TOKEN)
         if room in self._fetches:
             raise AlreadyExists(f"room {room} is already being fetched by this rank",
-                                reason="KV_TRANSFER_IN_PROGRESS", metadata={"bootstrap_room": room})
+                                reason=Reason.KV_TRANSFER_IN_PROGRESS, metadata={"bootstrap_room": room})
         layout = pool.layout
         plan = wire.ChunkPlan(layout, len(ids), layers_per_chunk or wire.ChunkPlan.layers_for(
             layout, len(ids), self.config.chunk_bytes, self.config.min_chunks))
@@ -172,9 +173,9 @@ class KvReceiver:
                 request=request))))
             await self._acknowledged(fetch)
             response = await status.guard(fetch.response)
-            if response.HasField("failure"):
+            if response.HasField("status"):
                 fetch.peer_failed = True
-                raise wire.failure_from_proto(response.failure)
+                raise wire.failure_from_proto(response.status)
             fetch.accepted = True
             status.advance(TransferState.TRANSFERRING)
             if fetch.direct:
@@ -203,7 +204,7 @@ class KvReceiver:
             raise status.error from None
         except asyncio.CancelledError:
             status.fail(Cancelled(f"fetch of room {fetch.room} was cancelled",
-                                  reason="KV_TRANSFER_CANCELLED"))
+                                  reason=Reason.KV_TRANSFER_CANCELLED))
             await self._wind_down(fetch, plan, pool)
             raise
 
@@ -231,7 +232,7 @@ class KvReceiver:
         fetch.status.fail(Unavailable(
             f"the prefill rank at {link.peer} did not answer the transfer request for room "
             f"{fetch.room} (the link was silent for {self.config.answer_timeout_s:.1f} s)",
-            reason="KV_TRANSFER_NO_ANSWER",
+            reason=Reason.KV_TRANSFER_NO_ANSWER,
             metadata={"bootstrap_room": fetch.room, "state": fetch.status.state.name, "peer": link.peer}))
         fetch.unanswered = True
         self._retire(link)
@@ -249,7 +250,7 @@ class KvReceiver:
         if link in self._retired and not any(k[0] == id(link) for k in self._by_id):
             self._retired.discard(link)
             link.close(Unavailable(f"{link.peer} left a transfer request unanswered",
-                                   reason="KV_LINK_UNRESPONSIVE", metadata={"peer": link.peer}))
+                                   reason=Reason.KV_LINK_UNRESPONSIVE, metadata={"peer": link.peer}))
 
     def _wire_plan(self, fetch: _Fetch, plan: wire.ChunkPlan,
                    response: pb.TransferResponse) -> runs.WirePlan:
@@ -269,7 +270,7 @@ class KvReceiver:
             return
         if not fetch.peer_failed and not link.closed:
             abort = pb.TransferAbort(transfer_id=fetch.transfer_id,
-                                     failure=wire.failure_to_proto(fetch.status.error))
+                                     status=wire.failure_to_proto(fetch.status.error))
             try:
                 await link.send_control(wire.encode(pb.TransferMessage(abort=abort)))
             except PdmeshError:
@@ -279,7 +280,7 @@ class KvReceiver:
             done, _ = await asyncio.wait({fetch.response}, timeout=grace)
             if not done:
                 await drain([fetch.response], link, grace)
-            elif not fetch.response.result().HasField("failure"):
+            elif not fetch.response.result().HasField("status"):
                 fetch.accepted = True
         if fetch.direct:  # no chunk tags: wait until the sender writes no more
             if fetch.accepted:
@@ -351,7 +352,7 @@ class KvReceiver:
             fetch.trailer.set_result(body)
         elif kind == "abort":
             fetch.peer_failed = True
-            fetch.status.fail(wire.failure_from_proto(body.failure))
+            fetch.status.fail(wire.failure_from_proto(body.status))
 
     def _link_closed(self, address: str, link: Link, error: PdmeshError) -> None:
         if self._links.get(address) is link:
@@ -383,4 +384,4 @@ def _verify(trailer: pb.TransferTrailer, plan: wire.ChunkPlan, acc: int, total: 
     if problems:
         raise DataLoss("KV transfer arrived damaged (" + "; ".join(
             f"{k}: {v}" for k, v in problems.items()) + "); nothing was committed, retry the "
-            "request", reason="KV_TRANSFER_CORRUPT", metadata=problems)
+            "request", reason=Reason.KV_TRANSFER_CORRUPT, metadata=problems)

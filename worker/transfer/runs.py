@@ -37,6 +37,7 @@ from itertools import accumulate
 import torch
 
 from pdmesh.errors import DataLoss, InvalidArgument
+from pdmesh.reasons import Reason
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.transfer import digest
 
@@ -62,7 +63,7 @@ def checked_runs(runs: Sequence[int], num_pages: int, *, from_request: bool) -> 
         error = InvalidArgument if from_request else DataLoss
         raise error(f"page_runs must be positive lengths summing to the {num_pages} pages of the "
                     f"request, got {len(runs)} runs summing to {sum(runs)}",
-                    reason="INVALID_PAGE_RUNS" if from_request else "KV_TRANSFER_BAD_MESSAGE",
+                    reason=Reason.INVALID_PAGE_RUNS if from_request else Reason.KV_TRANSFER_BAD_MESSAGE,
                     metadata={"num_pages": num_pages, "runs": len(runs)})
     return runs
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmesh.errors import DataLoss, FailedPrecondition, InvalidArgument, PdmeshError
+from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv import shm_pool
 from pdmesh.worker.kv.layout import KvLayout
@@ -57,7 +58,7 @@ def check_path(value: str) -> str:
     """`value` if it names a transfer path, else INVALID_ARGUMENT naming the choices."""
     if value not in PATHS:
         raise InvalidArgument(f"KV transfer path {value!r} is not one of {', '.join(PATHS)} "
-                              f"(--kv-transfer-path / {PATH_ENV})", reason="INVALID_TRANSFER_PATH")
+                              f"(--kv-transfer-path / {PATH_ENV})", reason=Reason.INVALID_TRANSFER_PATH)
     return value
 
 
@@ -121,11 +122,11 @@ class SameHostReceiver:
         answer = self._answers.get((id(link), ready.pool_id))
         if answer is None or answer.done():
             return
-        if ready.HasField("failure"):
-            log.info("KV to %s goes over UCX: %s", link.peer, ready.failure.message)
+        if ready.HasField("status"):
+            log.info("KV to %s goes over UCX: %s", link.peer, ready.status.message)
         else:
             log.info("KV from %s is written straight into this rank's pool (same host)", link.peer)
-        answer.set_result(not ready.HasField("failure"))
+        answer.set_result(not ready.HasField("status"))
 
     def link_closed(self, link) -> None:
         for key in [k for k in self._answers if k[0] == id(link)]:
@@ -172,7 +173,7 @@ def verify_trailer(trailer: pb.TransferTrailer, total_bytes: int, token: bytes,
     if problems:
         raise DataLoss("KV transfer arrived damaged (" + "; ".join(
             f"{k}: {v}" for k, v in problems.items()) + "); nothing was committed, retry the "
-            "request", reason="KV_TRANSFER_CORRUPT", metadata=problems)
+            "request", reason=Reason.KV_TRANSFER_CORRUPT, metadata=problems)
 
 
 # -- the sender's side ------------------------------------------------------------------------
@@ -194,35 +195,45 @@ class SameHostSender:
         self._maps: dict[tuple[int, int], _Mapped] = {}
         self._host = host_id()
 
-    def on_hello(self, link, hello: pb.SameHostHello, device: torch.device | None
-                 ) -> pb.SameHostReady:
-        """Map the pool of `hello` if possible; the answer to send back."""
+    async def on_hello(self, link, hello: pb.SameHostHello, device: torch.device | None,
+                       executor) -> pb.SameHostReady:
+        """Map the pool of `hello` if possible (in `executor`, off the event loop: opening a
+        file or a CUDA IPC handle may block); the answer to send back."""
         ready = pb.SameHostReady(pool_id=hello.pool_id, pid=os.getpid())
         try:
-            self._map(link, hello, device)
+            layout = self._check_hello(hello, device)
+            shape = (layout.num_layers, 2, hello.num_pages, layout.page_size,
+                     layout.num_kv_heads, layout.head_dim)
+            desc = shm_pool.PoolExport(hello.kind, hello.pid, hello.nbytes, hello.fd,
+                                       hello.offset, hello.nonce, hello.cuda_handle)
+            peer = await asyncio.get_running_loop().run_in_executor(
+                executor, shm_pool.map_peer, desc, shape, layout.dtype, device)
+            self._add(link, hello, peer, layout)
         except PdmeshError as err:
-            ready.failure.CopyFrom(wire.failure_to_proto(err))
+            ready.status.CopyFrom(wire.failure_to_proto(err))
         except Exception as err:  # noqa: BLE001 - any mapping fault leaves the link on UCX
             log.warning("cannot map the pool of %s: %s", link.peer, err)
-            ready.failure.CopyFrom(wire.failure_to_proto(FailedPrecondition(
-                f"mapping failed: {type(err).__name__}: {err}", reason="KV_SAME_HOST_MAP_FAILED")))
+            ready.status.CopyFrom(wire.failure_to_proto(FailedPrecondition(
+                f"mapping failed: {type(err).__name__}: {err}", reason=Reason.KV_SAME_HOST_MAP_FAILED)))
         return ready
 
-    def _map(self, link, hello: pb.SameHostHello, device: torch.device | None) -> None:
+    def _check_hello(self, hello: pb.SameHostHello, device: torch.device | None) -> KvLayout:
         if not self.enabled:
             raise FailedPrecondition("this rank sends KV over UCX only (PDMESH_KV_TRANSFER_PATH"
-                                     "=ucx)", reason="KV_SAME_HOST_OFF")
+                                     "=ucx)", reason=Reason.KV_SAME_HOST_OFF)
         if not self._host or hello.host_id != self._host:
             raise FailedPrecondition("not the same host and pid namespace",
-                                     reason="KV_SAME_HOST_OTHER_HOST")
+                                     reason=Reason.KV_SAME_HOST_OTHER_HOST)
         if device is None:
-            raise FailedPrecondition("this rank has no pool yet", reason="KV_SAME_HOST_NO_POOL")
-        layout = KvLayout.from_proto(hello.layout)
-        shape = (layout.num_layers, 2, hello.num_pages, layout.page_size, layout.num_kv_heads,
-                 layout.head_dim)
-        desc = shm_pool.PoolExport(hello.kind, hello.pid, hello.nbytes, hello.fd, hello.offset,
-                                   hello.nonce, hello.cuda_handle)
-        peer = shm_pool.map_peer(desc, shape, layout.dtype, device)
+            raise FailedPrecondition("this rank has no pool yet", reason=Reason.KV_SAME_HOST_NO_POOL)
+        return KvLayout.from_proto(hello.layout)
+
+    def _add(self, link, hello: pb.SameHostHello, peer: shm_pool.PeerPool,
+             layout: KvLayout) -> None:
+        if link.closed:  # closed while mapping: nothing will use it
+            peer.close()
+            raise FailedPrecondition("the link closed while the pool was mapped",
+                                     reason=Reason.KV_SAME_HOST_NOT_MAPPED)
         old = self._maps.pop((id(link), hello.pool_id), None)
         self._maps[(id(link), hello.pool_id)] = _Mapped(peer, layout, hello.num_pages)
         if old is not None:
@@ -235,20 +246,20 @@ class SameHostSender:
         if mapped is None or mapped.closing:
             raise FailedPrecondition("the request names a pool this rank has not mapped; "
                                      "the decode offers it again on a new link",
-                                     reason="KV_SAME_HOST_NOT_MAPPED")
+                                     reason=Reason.KV_SAME_HOST_NOT_MAPPED)
         mapped.layout.check_compatible(layout)
         if mapped.peer.kv.device.type != src_device.type:
             raise FailedPrecondition(f"the decode's pool is on {mapped.peer.kv.device.type}, "
                                      f"this rank's on {src_device.type}",
-                                     reason="KV_SAME_HOST_DEVICE_MISMATCH")
+                                     reason=Reason.KV_SAME_HOST_DEVICE_MISMATCH)
         ids = torch.tensor(list(request.same_host.page_ids), dtype=torch.int64)
         if ids.numel() != request.num_pages:
             raise InvalidArgument(f"{ids.numel()} destination pages for {request.num_pages}",
-                                  reason="INVALID_PAGE_IDS")
+                                  reason=Reason.INVALID_PAGE_IDS)
         if ids.numel() and (int(ids.max()) >= mapped.num_pages or
                             torch.unique(ids).numel() != ids.numel()):
             raise InvalidArgument("destination page ids out of range or repeated",
-                                  reason="INVALID_PAGE_IDS")
+                                  reason=Reason.INVALID_PAGE_IDS)
         return mapped, ids.to(mapped.peer.kv.device)
 
     def hold(self, mapped: _Mapped) -> None:
@@ -297,10 +308,11 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
         for index, (a, b) in enumerate(plan.ranges):
             if mapped.closing and not status.terminal:  # its link closed: unmapped, or soon
                 status.fail(FailedPrecondition("the decode's pool was unmapped (its link closed)",
-                                               reason="KV_SAME_HOST_NOT_MAPPED"))
+                                               reason=Reason.KV_SAME_HOST_NOT_MAPPED))
             if status.terminal:
                 break
-            await status.guard(offer.wait_layers(b))  # layer streaming: [a, b) are final
+            if offer.pool.kv.is_cuda or not offer.layers.done:  # layer streaming: [a, b)
+                await status.guard(offer.wait_layers(b))  # final (a computed CPU room: at once)
             job = loop.run_in_executor(executor, _copy_job, offer.pool.kv, mapped.peer.kv,
                                        copies, a, b)
             try:
@@ -317,7 +329,7 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
     finally:
         sender.release(mapped)
     if not link.closed:  # no copy runs any more: say so, whoever failed first
-        abort = pb.TransferAbort(transfer_id=tid, failure=wire.failure_to_proto(status.error))
+        abort = pb.TransferAbort(transfer_id=tid, status=wire.failure_to_proto(status.error))
         try:
             await link.send_control(wire.encode(pb.TransferMessage(abort=abort)))
         except PdmeshError:
@@ -332,7 +344,7 @@ def _copy_job(src_kv: torch.Tensor, dst_kv: torch.Tensor, copies: CopyPlan, a: i
     except Exception as err:  # noqa: BLE001 - reported as the transfer's failure
         log.exception("same-host copy of layers [%d, %d) failed", a, b)
         raise DataLoss(f"the same-host copy failed: {type(err).__name__}: {err}",
-                       reason="KV_SAME_HOST_COPY_FAILED") from None
+                       reason=Reason.KV_SAME_HOST_COPY_FAILED) from None
 
 
 async def wait_for_writer(ended: asyncio.Future, link, grace_s: float) -> None:
@@ -348,4 +360,4 @@ async def wait_for_writer(ended: asyncio.Future, link, grace_s: float) -> None:
         log.warning("same-host sender %s did not confirm it stopped writing within %.1f s: "
                     "closing the link", link.peer, grace_s)
         link.close(Unavailable(f"{link.peer} did not stop writing within {grace_s:.1f} s of an "
-                               "abort", reason="KV_TRANSFER_PEER_STUCK"))
+                               "abort", reason=Reason.KV_TRANSFER_PEER_STUCK))

@@ -33,8 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pdmesh.errors import (Aborted, AlreadyExists, Cancelled, EpochMismatch, FailedPrecondition,
+from pdmesh.errors import (AlreadyExists, Cancelled, EpochMismatch, FailedPrecondition,
                            InvalidArgument, NotFound, PdmeshError, Unauthenticated)
+from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
@@ -155,10 +156,10 @@ class KvSender:
         with `abort`); chunks leave as their layers become final (layers.py)."""
         if room in self._offers:
             raise FailedPrecondition(f"room {room} is already offered by this rank",
-                                     reason="KV_ROOM_ALREADY_OFFERED", metadata={"bootstrap_room": room})
+                                     reason=Reason.KV_ROOM_ALREADY_OFFERED, metadata={"bootstrap_room": room})
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
-                                  reason="INVALID_TRANSFER_TOKEN")
+                                  reason=Reason.INVALID_TRANSFER_TOKEN)
         check_page_ids(pool.kv, page_ids, unique=False)  # out of range: INVALID_ARGUMENT now
         offer = Offer(room, pool, page_ids, first_token, token, timeout, self.config)
         self._offers[room] = offer
@@ -188,13 +189,13 @@ class KvSender:
         offer = self._offers.get(room)
         if offer is None:
             return False
-        return offer.status.fail(error or Aborted(f"the prefill rank aborted room {room}",
-                                                  reason="KV_TRANSFER_ABORTED",
+        return offer.status.fail(error or Cancelled(f"the prefill rank aborted room {room}",
+                                                  reason=Reason.KV_TRANSFER_ABORTED,
                                                   metadata={"bootstrap_room": room}))
 
     async def close(self) -> None:
         for room in list(self._offers):
-            self.abort(room, Cancelled("KV sender closing", reason="KV_TRANSPORT_CLOSED"))
+            self.abort(room, Cancelled("KV sender closing", reason=Reason.KV_TRANSPORT_CLOSED))
         if self._owns_transport:
             await self.transport.close()
         if self._tasks:  # they wind down on their own once their links are closed or aborted
@@ -228,7 +229,7 @@ class KvSender:
         elif kind == "abort":
             aborted = self._jobs.get((id(link), message.abort.transfer_id))
             if aborted is not None and not aborted.done():
-                aborted.set_result(wire.failure_from_proto(message.abort.failure))
+                aborted.set_result(wire.failure_from_proto(message.abort.status))
         elif kind == "same_host_hello":
             self._spawn(self._answer_hello(link, message.same_host_hello))
 
@@ -238,7 +239,7 @@ class KvSender:
         if self._device is not None and device is not None and device.type != self._device.type:
             device = None  # a CPU pool cannot write a CUDA one (or back): UCX
 
-        ready = self._samehost.on_hello(link, hello, device)
+        ready = await self._samehost.on_hello(link, hello, device, self._executor)
         try:
             await link.send_control(wire.encode(pb.TransferMessage(same_host_ready=ready)))
         except PdmeshError as err:
@@ -289,7 +290,7 @@ class KvSender:
         try:
             await self._respond(link, transfer_id, AlreadyExists(
                 f"transfer id {transfer_id:#x} is already in use on this link; draw a fresh "
-                "random id per request", reason="KV_TRANSFER_ID_IN_USE"))
+                "random id per request", reason=Reason.KV_TRANSFER_ID_IN_USE))
         except PdmeshError as err:  # the link broke while answering
             log.info("transfer %x to %s: %s", transfer_id, link.peer, err)
 
@@ -297,7 +298,7 @@ class KvSender:
                        page_runs: list[int] | None = None) -> None:
         response = pb.TransferResponse(transfer_id=transfer_id, page_runs=page_runs or [])
         if error is not None:
-            response.failure.CopyFrom(wire.failure_to_proto(error))
+            response.status.CopyFrom(wire.failure_to_proto(error))
         await link.send_control(wire.encode(pb.TransferMessage(response=response)))
 
     async def _claim(self, link: Link, request: pb.TransferRequest, aborted: asyncio.Future):
@@ -309,11 +310,11 @@ class KvSender:
         if not hmac.compare_digest(request.token, offer.token):
             raise Unauthenticated(f"wrong transfer token for room {request.room}; only the "
                                   "decode the router paired with this prefill may take it",
-                                  reason="KV_TRANSFER_TOKEN_MISMATCH",
+                                  reason=Reason.KV_TRANSFER_TOKEN_MISMATCH,
                                   metadata={"bootstrap_room": request.room})
         if offer.claimed:
             raise FailedPrecondition(f"room {request.room} is already being sent",
-                                     reason="KV_TRANSFER_ALREADY_CLAIMED",
+                                     reason=Reason.KV_TRANSFER_ALREADY_CLAIMED,
                                      metadata={"bootstrap_room": request.room})
         try:
             self._check_fit(request, layout, offer)
@@ -342,7 +343,7 @@ class KvSender:
             raise FailedPrecondition(
                 f"room {request.room} holds {len(offer.page_ids)} pages ({have} bytes), the decode "
                 f"expects {request.num_pages} pages ({request.expected_bytes} bytes)",
-                reason="KV_SIZE_MISMATCH",
+                reason=Reason.KV_SIZE_MISMATCH,
                 metadata={"pages": len(offer.page_ids), "requested_pages": request.num_pages})
 
     async def _wait_for_offer(self, link: Link, request: pb.TransferRequest,
@@ -369,7 +370,7 @@ class KvSender:
                 return offer
             if aborted.done():
                 raise Cancelled("the decode aborted the transfer before it started",
-                                reason="KV_TRANSFER_CANCELLED")
+                                reason=Reason.KV_TRANSFER_CANCELLED)
             until = max(start_until, self._expected.get(room, 0.0))
             if until != announced:  # the decode bounds its wait for our answer by this
                 announced = until
@@ -381,7 +382,7 @@ class KvSender:
                 raise NotFound(f"room {room} is not held by this prefill rank (waited "
                                f"{self.config.room_wait_s:.1f} s); the decode asked the wrong "
                                "rank, or the prefill failed or has not started it",
-                               reason="KV_ROOM_NOT_FOUND", metadata={"bootstrap_room": room})
+                               reason=Reason.KV_ROOM_NOT_FOUND, metadata={"bootstrap_room": room})
             arrival = self._arrival(room)
             waiter = asyncio.ensure_future(arrival.wait())
             await asyncio.wait({waiter, aborted}, timeout=left,
@@ -448,7 +449,7 @@ class KvSender:
         tags with empty messages, and wait until UCX and the pack threads are done with every
         buffer and page."""
         if not aborted.done() and not link.closed:
-            abort = pb.TransferAbort(transfer_id=tid, failure=wire.failure_to_proto(status.error))
+            abort = pb.TransferAbort(transfer_id=tid, status=wire.failure_to_proto(status.error))
             try:
                 await link.send_control(wire.encode(pb.TransferMessage(abort=abort)))
             except PdmeshError:
@@ -480,9 +481,9 @@ def _check_request(request: pb.TransferRequest) -> KvLayout:
     layout = KvLayout.from_proto(request.layout)
     if not 1 <= request.layers_per_chunk <= layout.num_layers:
         raise InvalidArgument(f"layers_per_chunk {request.layers_per_chunk} is outside "
-                              f"1..{layout.num_layers}", reason="INVALID_CHUNKING")
+                              f"1..{layout.num_layers}", reason=Reason.INVALID_CHUNKING)
     if not request.token:
-        raise InvalidArgument("the transfer request carries no token", reason="INVALID_TRANSFER_TOKEN")
+        raise InvalidArgument("the transfer request carries no token", reason=Reason.INVALID_TRANSFER_TOKEN)
     runs.checked_runs(request.page_runs, request.num_pages, from_request=True)
     return layout
 

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from pdmesh.errors import DeadlineExceeded, Internal, PdmeshError
+from pdmesh.reasons import Reason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,7 +133,7 @@ class TransferStatus:
             log.warning("KV transfer %s: %s past its bound, failing it", self.name, state.name)
             self.fail(DeadlineExceeded(
                 f"KV transfer {self.name} stayed {state.name} past its bound; the peer is "
-                "slow, overloaded or gone", reason="KV_TRANSFER_DEADLINE_EXCEEDED",
+                "slow, overloaded or gone", reason=Reason.KV_TRANSFER_DEADLINE_EXCEEDED,
                 metadata={"state": state.name}))
 
 

@@ -47,6 +47,7 @@ import torch
 
 from pdmesh.config import env_flag
 from pdmesh.errors import Cancelled, DataLoss, DeadlineExceeded, PdmeshError, Unavailable
+from pdmesh.reasons import Reason
 from pdmesh.worker.transfer.config import apply_ucx_defaults
 from pdmesh.worker.transfer.link import Link, Transport
 
@@ -146,12 +147,12 @@ def _lost(peer: str, err: BaseException) -> PdmeshError:
 
     if isinstance(err, ux.UCXMessageTruncatedError):
         return DataLoss(f"message from {peer} longer than its receive buffer: {err}",
-                        reason="KV_TRANSFER_TRUNCATED")
+                        reason=Reason.KV_TRANSFER_TRUNCATED)
     if isinstance(err, ux.UCXCanceledError):
         return Unavailable(f"UCX cancelled a request on the link to {peer} (link closed)",
-                           reason="KV_TRANSFER_PEER_LOST", metadata={"peer": peer})
+                           reason=Reason.KV_TRANSFER_PEER_LOST, metadata={"peer": peer})
     return Unavailable(f"UCX link to {peer} failed: {type(err).__name__}: {err}",
-                       reason="KV_TRANSFER_PEER_LOST", metadata={"peer": peer})
+                       reason=Reason.KV_TRANSFER_PEER_LOST, metadata={"peer": peer})
 
 
 class UcxLink(Link):
@@ -173,7 +174,7 @@ class UcxLink(Link):
             await self._submit(lambda m=method, b=buf: m(self._engine.Array(b)), buf)
         if bytes(theirs) != _HELLO:
             raise Unavailable(f"{self.peer} is not a pdmesh KV transfer endpoint",
-                              reason="KV_TRANSFER_PEER_UNREACHABLE")
+                              reason=Reason.KV_TRANSFER_PEER_UNREACHABLE)
         if self._ep is not None and self._reader is None:
             self._reader = asyncio.ensure_future(self._read_control())
 
@@ -189,7 +190,7 @@ class UcxLink(Link):
                 if magic != _FRAME_MAGIC or length > _MAX_CONTROL_BYTES:
                     raise Unavailable(f"{self.peer} sent a malformed control frame (magic "
                                       f"{magic:#x}, length {length})",
-                                      reason="KV_TRANSFER_BAD_MESSAGE")
+                                      reason=Reason.KV_TRANSFER_BAD_FRAME)
                 body = np.empty(length, np.uint8)
                 if length:
                     await self._recv_stream(body)
@@ -202,14 +203,14 @@ class UcxLink(Link):
     async def _recv_stream(self, buf) -> None:
         ep = self._ep
         if ep is None:
-            raise self.closed_error or Unavailable("link closed", reason="KV_TRANSFER_PEER_LOST")
+            raise self.closed_error or Unavailable("link closed", reason=Reason.KV_TRANSFER_PEER_LOST)
         await self._submit(lambda: ep.stream_recv(self._engine.Array(buf)), buf)
 
     def _ucx_closed(self) -> None:
         # called from inside UCX progress: act on the next loop turn
         self._engine.loop.call_soon(self.close, Unavailable(
             f"UCX endpoint to {self.peer} reported an error (peer died or closed)",
-            reason="KV_TRANSFER_PEER_LOST", metadata={"peer": self.peer}))
+            reason=Reason.KV_TRANSFER_PEER_LOST, metadata={"peer": self.peer}))
 
     async def send_control(self, data: bytes) -> None:
         if self.closed_error is not None:
@@ -293,39 +294,39 @@ class UcxTransport(Transport):
             await asyncio.wait_for(link._handshake(listener=True), _HANDSHAKE_S)
         except (PdmeshError, asyncio.TimeoutError) as err:
             log.info("UCX client went away during the handshake: %s", err)
-            link.close(Unavailable("handshake failed", reason="KV_TRANSFER_PEER_LOST"))
+            link.close(Unavailable("handshake failed", reason=Reason.KV_TRANSFER_PEER_LOST))
             return
         on_link(link)
 
     async def connect(self, address: str, timeout: float) -> Link:
         if not address.startswith("ucx://") or ":" not in address[6:]:
             raise Unavailable(f"not a UCX address: {address!r} (want ucx://HOST:PORT)",
-                              reason="KV_TRANSFER_PEER_UNREACHABLE", metadata={"address": address})
+                              reason=Reason.KV_TRANSFER_PEER_UNREACHABLE, metadata={"address": address})
         host, _, port = address[6:].rpartition(":")
         eng = engine()
         try:
             ep = eng.api.UCXEndpoint.create(eng.worker, host, int(port), True)
         except Exception as err:  # noqa: BLE001
             raise Unavailable(f"cannot connect to the KV sender at {address}: {err}",
-                              reason="KV_TRANSFER_PEER_UNREACHABLE",
+                              reason=Reason.KV_TRANSFER_PEER_UNREACHABLE,
                               metadata={"address": address}) from None
         link = UcxLink(eng, ep, address, self)
         self._links.add(link)
         try:
             await asyncio.wait_for(link._handshake(listener=False), timeout)
         except asyncio.TimeoutError:
-            link.close(Unavailable("handshake timed out", reason="KV_TRANSFER_PEER_UNREACHABLE"))
+            link.close(Unavailable("handshake timed out", reason=Reason.KV_TRANSFER_PEER_UNREACHABLE))
             raise DeadlineExceeded(f"connecting to the KV sender at {address} took over "
-                                   f"{timeout:.1f} s", reason="KV_TRANSFER_CONNECT_TIMEOUT",
+                                   f"{timeout:.1f} s", reason=Reason.KV_TRANSFER_CONNECT_TIMEOUT,
                                    metadata={"address": address}) from None
         except PdmeshError as err:
             link.close(err)
             raise Unavailable(f"cannot connect to the KV sender at {address}: {err.message}",
-                              reason="KV_TRANSFER_PEER_UNREACHABLE",
+                              reason=Reason.KV_TRANSFER_PEER_UNREACHABLE,
                               metadata={"address": address}) from None
         return link
 
     async def close(self) -> None:
         for link in list(self._links):
-            link.close(Cancelled("transport closed", reason="KV_TRANSPORT_CLOSED"))
+            link.close(Cancelled("transport closed", reason=Reason.KV_TRANSPORT_CLOSED))
         self._listener = None

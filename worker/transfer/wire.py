@@ -1,8 +1,8 @@
 """What travels on a transfer link: control messages, chunk tags, the chunk plan, the checksum.
 
 Control messages are `pdmesh.transfer.v1.TransferMessage` protobufs (protos/pdmesh/transfer/v1).
-Failures travel as `TransferFailure` (code, ErrorInfo reason, message, metadata) and come back
-as the same `PdmeshError` class on the other side.
+Failures travel as a `google.rpc.Status` (code, message, ErrorInfo with reason and metadata), as
+on a gRPC call, and come back as the same `PdmeshError` class on the other side.
 
 A request's staging buffer (layout.py) is cut into chunks of `layers_per_chunk` layers; chunk i
 travels as one tagged message with tag `chunk_tag(transfer_id, i)`.
@@ -21,8 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from google.rpc import status_pb2
 
 from pdmesh.errors import DataLoss, PdmeshError
+from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2
 from pdmesh.worker.kv.layout import KvLayout
 
@@ -42,22 +44,20 @@ def decode(data: bytes) -> transfer_pb2.TransferMessage:
         message.ParseFromString(bytes(data))
     except Exception as err:  # a peer speaking something else
         raise DataLoss(f"undecodable transfer control message ({len(data)} bytes): {err}",
-                       reason="KV_TRANSFER_BAD_MESSAGE") from None
+                       reason=Reason.KV_TRANSFER_BAD_MESSAGE) from None
     if message.WhichOneof("body") is None:
-        raise DataLoss("empty transfer control message", reason="KV_TRANSFER_BAD_MESSAGE")
+        raise DataLoss("empty transfer control message", reason=Reason.KV_TRANSFER_BAD_MESSAGE)
     return message
 
 
-def failure_to_proto(error: PdmeshError) -> transfer_pb2.TransferFailure:
-    return transfer_pb2.TransferFailure(code=error.code.value[0], reason=error.reason,
-                                        message=error.message, metadata=error.metadata)
+def failure_to_proto(error: PdmeshError) -> status_pb2.Status:
+    """A failure as it travels on the link: the `google.rpc.Status` a gRPC call would carry."""
+    return error.to_status_proto()
 
 
-def failure_from_proto(failure: transfer_pb2.TransferFailure) -> PdmeshError:
-    import grpc
-
-    code = next((c for c in grpc.StatusCode if c.value[0] == failure.code), grpc.StatusCode.UNKNOWN)
-    return PdmeshError.from_parts(code, failure.message, failure.reason, dict(failure.metadata))
+def failure_from_proto(status: status_pb2.Status) -> PdmeshError:
+    """The typed error a link message's `google.rpc.Status` carries (the one place that decodes it)."""
+    return PdmeshError.from_status_proto(status)
 
 
 def chunk_tag(transfer_id: int, index: int) -> int:

@@ -1,5 +1,6 @@
 """The same-host page copy: the Triton kernel against the torch reference, bit for bit, checksum
-included; and the torch reference against plain indexing (this part runs everywhere).
+included; and the CPU copies (the compiled loop, copy_numba.py, and the torch reference) against
+plain indexing (this part runs everywhere).
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ import random
 import pytest
 import torch
 
+from pdmesh.worker.kv import copy_numba, page_copy
 from pdmesh.worker.kv.page_copy import CopyPlan, checksum_pages, copy_pages
 
 SHAPES = [(4, 1, 2, 64), (3, 16, 2, 8), (2, 64, 1, 16), (5, 3, 1, 6)]  # layers, page, heads, dim
+# rows of 8-, 4- and 2-byte checksum words (bf16/fp16: 18 bytes a row)
+CPU_SHAPES = SHAPES + [(2, 3, 1, 3)]
 
 
 def _pools(layers, page, heads, dim, dtype, device, n_src=40, n_dst=50):
@@ -32,16 +36,20 @@ def _ids(n, src_pages, dst_pages, seed):
     return torch.tensor(src), torch.tensor(rng.sample(range(dst_pages), n))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("impl", ["compiled", "torch"])
+@pytest.mark.parametrize("shape", CPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_torch_copy_matches_indexing_and_checksum_adds_up(shape, dtype):
+def test_cpu_copy_matches_indexing_and_checksum_adds_up(shape, dtype, impl):
+    if impl == "compiled" and copy_numba.kernel() is None:
+        pytest.skip("numba is not importable here")
+    copy = copy_pages if impl == "compiled" else page_copy._copy_torch
     src, dst = _pools(*shape, dtype, "cpu")
     before = dst.clone()
     s, d = _ids(12, 40, 50, seed=shape[1])
     plan = CopyPlan(s, d)
     total = 0
     for a, b in ((0, 1), (1, shape[0])):  # any cut into layer ranges adds up
-        total += copy_pages(src, dst, plan, a, b)
+        total += copy(src, dst, plan, a, b)
     expected = before.clone()
     expected[:, :, d] = src[:, :, s]
     assert torch.equal(dst.view(torch.uint8), expected.view(torch.uint8))
@@ -66,3 +74,18 @@ def test_triton_copy_is_bit_exact_with_the_same_checksum(shape, dtype):
     assert got == want
     assert torch.equal(dst.cpu().view(torch.uint8), ref_dst.view(torch.uint8))
     assert copy_pages_triton(src, dst, s[:0].cuda(), d[:0].cuda(), 0, layers) == 0
+
+
+@pytest.mark.parametrize("impl", ["compiled", "torch"])
+def test_cpu_copy_without_checksum_copies_the_same_bytes(impl):
+    """The bench's copy-alone baseline (checksum=False) moves exactly what the checked copy does."""
+    if impl == "compiled" and copy_numba.kernel() is None:
+        pytest.skip("numba is not importable here")
+    copy = copy_pages if impl == "compiled" else page_copy._copy_torch
+    src, dst = _pools(3, 16, 2, 8, torch.bfloat16, "cpu")
+    twin = dst.clone()
+    s, d = _ids(12, 40, 50, seed=5)
+    plan = CopyPlan(s, d)
+    assert copy(src, dst, plan, 0, 3, checksum=False) == 0
+    assert copy(src, twin, plan, 0, 3) == checksum_pages(src, s, 0, 3)
+    assert torch.equal(dst.view(torch.uint8), twin.view(torch.uint8))

@@ -34,7 +34,7 @@ def cuda_pair():
     from bench.transfer import Proc
     env = dict(os.environ, PDMESH_KV_TRANSFER_PATH="auto", PDMESH_TORCH_THREADS="1")
     base = [sys.executable, "-m", "pdmesh.worker.transfer.loopback"]
-    args = ["--device", "cuda", "--pages", "64", "--layout", "4,16,8,128,bf16"]
+    args = ["--device", "cuda", "--pages", "256", "--layout", "4,16,8,128,bf16"]
     sender, receiver = Proc(base + ["sender"] + args, env), Proc(base + ["receiver"] + args, env)
     try:
         address = sender.get("event", "ready", timeout=120)["address"]
@@ -54,11 +54,12 @@ def test_same_host_cuda_pool_to_pool_is_bit_exact(cuda_pair, dtype):
     room = {"bf16": 1000, "fp16": 2000, "fp32": 3000}[dtype]
     for page in (1, 16, 64):
         layout, pages = f"4,{page},8,128,{dtype}", max(1, 512 // page)
-        common = {"layout": layout, "pool_pages": 2 * pages + 8, "pages": pages}
         rooms = [room + page * 10 + i for i in range(3)]
+        common = {"layout": layout, "pool_pages": len(rooms) * pages + 8, "pages": pages}
         for r in rooms:
             sender.send(op="offer", room=r, fill=True, timeout=60, **common)
-            sender.get("event", "offered")
+            offered = sender.get("room", r, timeout=60)  # "offered", or "offer_done" if it failed
+            assert offered["event"] == "offered", offered
         receiver.send(op="fetch", address=address, rooms=rooms, verify=True, timeout=60, **common)
         done = [receiver.get("event", "fetch_done", timeout=120) for _ in rooms]
         assert all(d["ok"] and d["verified"] and d["path"] == "samehost" for d in done), done

@@ -27,8 +27,8 @@ def test_failures_round_trip_as_the_same_class():
                   LayoutMismatch("differs", metadata={"dtype": "a!=b"}),
                   Unavailable("peer died", reason="KV_TRANSFER_PEER_LOST")):
         message = pb.TransferMessage(abort=pb.TransferAbort(
-            transfer_id=1, failure=wire.failure_to_proto(error)))
-        back = wire.failure_from_proto(wire.decode(wire.encode(message)).abort.failure)
+            transfer_id=1, status=wire.failure_to_proto(error)))
+        back = wire.failure_from_proto(wire.decode(wire.encode(message)).abort.status)
         assert type(back) is type(error) and back.same_as(error)
         assert back.message == error.message and back.metadata == error.metadata
 
