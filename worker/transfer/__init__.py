@@ -43,7 +43,8 @@ turns it off), `loopback`
 from pdmesh.worker.transfer.config import TransferConfig, apply_ucx_defaults
 from pdmesh.worker.transfer.link import Link, Transport, make_transport
 from pdmesh.worker.transfer.receiver import KvReceiver
-from pdmesh.worker.transfer.sender import KvSender, Offer
+from pdmesh.worker.transfer.offer import Offer
+from pdmesh.worker.transfer.sender import KvSender
 from pdmesh.worker.transfer.state import TransferState
 
 __all__ = ["KvReceiver", "KvSender", "Link", "Offer", "TransferConfig", "TransferState",

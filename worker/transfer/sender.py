@@ -43,8 +43,8 @@ from pdmesh.worker.kv.pack import check_page_ids, pack_checked
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import digest, runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
-from pdmesh.worker.transfer.layers import LayerReadiness
 from pdmesh.worker.transfer.link import Link, Transport, drain, make_transport
+from pdmesh.worker.transfer.offer import Offer
 from pdmesh.worker.transfer.runs import PoolSide
 from pdmesh.worker.transfer.streams import Outgoing
 from pdmesh.worker.transfer.staging import StagingCache
@@ -52,69 +52,6 @@ from pdmesh.worker.transfer.state import TransferState, TransferStatus
 
 log = logging.getLogger(__name__)
 _EMPTY = torch.empty(0, dtype=torch.uint8)
-
-
-class Offer:
-    """Room `room`'s KV, held for one decode. Await it: None once sent, else the failure."""
-
-    def __init__(self, room: int, pool: KvPool, page_ids: list[int], first_token: int | None,
-                 token: bytes, timeout: float, config: TransferConfig) -> None:
-        self.room, self.pool, self.page_ids = room, pool, list(page_ids)
-        self.token = token
-        layers = pool.layout.num_layers
-        self.layers = (LayerReadiness(layers) if first_token is None
-                       else LayerReadiness.complete(layers, first_token))
-        # an offer made before compute is bounded by `timeout` (the request's) until computed,
-        # then its transfer by transfer_timeout_s like any other
-        self._transfer_timeout_s = config.transfer_timeout_s
-        self.status = TransferStatus(f"offer room {room}", timeout, {} if first_token is None else
-                                     {TransferState.TRANSFERRING: config.transfer_timeout_s})
-        self.status.on_fail(self.layers.fail)
-        self.claimed = False
-        self._done = asyncio.get_running_loop().create_future()
-        self._done.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    @property
-    def state(self) -> TransferState:
-        return self.status.state
-
-    @property
-    def first_token(self) -> int | None:
-        """None until the prefill computed it (an offer made before compute)."""
-        return self.layers.first_token
-
-    @property
-    def layers_ready(self) -> int:
-        """Layers [0, layers_ready) of the pages hold their final KV (layers.py)."""
-        return self.layers.count
-
-    def wait_layers(self, n: int) -> asyncio.Future:
-        """Resolves once layers [0, n) are final and written (also on a GPU); n == num_layers
-        also means the first token is known. Race it with the transfer: `status.guard(...)`."""
-        return self.layers.wait(n, on_host=True)
-
-    def layer_done(self, layer: int, mark=None) -> None:
-        """The prefill wrote layer `layer`'s KV (`mark`: its CUDA event on a GPU)."""
-        self.layers.layer_done(layer, mark)
-
-    def computed(self, first_token: int, hold_s: float | None = None) -> None:
-        """The prefill ended with `first_token`. `hold_s`: from now, wait at most that long for
-        a decode that has not claimed the room yet (its computed room's bound)."""
-        self.layers.computed(first_token)
-        if self.status.state == TransferState.TRANSFERRING:
-            self.status.rebound(self._transfer_timeout_s)
-        elif hold_s is not None and not self.claimed:
-            self.status.rebound(hold_s)
-
-    def __await__(self):
-        return self._done.__await__()
-
-    def _finish(self) -> None:
-        if not self._done.done():
-            if self.status.error is not None:
-                self._done.set_exception(self.status.error)
-            else:
-                self._done.set_result(None)
 
 
 class KvSender:
