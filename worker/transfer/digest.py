@@ -29,13 +29,9 @@ def parts(data: torch.Tensor) -> torch.Tensor:
         return torch.tensor([_signed(value), 0], dtype=torch.int64, device=flat.device)
     if flat.storage_offset() % 8:  # word views need 8-byte alignment
         flat = flat.clone()
-    words = flat.view(torch.int64)
-    full = words.numel() // _BLOCK_WORDS
-    sums = words[: full * _BLOCK_WORDS].view(full, _BLOCK_WORDS).sum(dim=1)
-    if words.numel() > full * _BLOCK_WORDS:
-        sums = torch.cat([sums, words[full * _BLOCK_WORDS:].sum().reshape(1)])
-    weights = torch.arange(1, sums.numel() + 1, dtype=torch.int64, device=sums.device)
-    return torch.stack([sums.sum(), (sums * weights).sum()])
+    if n == 0:
+        return torch.zeros(2, dtype=torch.int64, device=flat.device)
+    return rows_parts(flat.view(1, n))[0]
 
 
 def rows_parts(rows: torch.Tensor) -> torch.Tensor:

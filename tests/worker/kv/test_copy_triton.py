@@ -40,8 +40,8 @@ def _ids(n, src_pages, dst_pages, seed):
 @pytest.mark.parametrize("shape", CPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cpu_copy_matches_indexing_and_checksum_adds_up(shape, dtype, impl):
-    if impl == "compiled" and copy_numba.kernel() is None:
-        pytest.skip("numba is not importable here")
+    # numba is a dependency (pyproject): a missing compiled copy is a broken install, not a skip
+    assert impl == "torch" or copy_numba.kernel() is not None
     copy = copy_pages if impl == "compiled" else page_copy._copy_torch
     src, dst = _pools(*shape, dtype, "cpu")
     before = dst.clone()
@@ -79,8 +79,8 @@ def test_triton_copy_is_bit_exact_with_the_same_checksum(shape, dtype):
 @pytest.mark.parametrize("impl", ["compiled", "torch"])
 def test_cpu_copy_without_checksum_copies_the_same_bytes(impl):
     """The bench's copy-alone baseline (checksum=False) moves exactly what the checked copy does."""
-    if impl == "compiled" and copy_numba.kernel() is None:
-        pytest.skip("numba is not importable here")
+    # numba is a dependency (pyproject): a missing compiled copy is a broken install, not a skip
+    assert impl == "torch" or copy_numba.kernel() is not None
     copy = copy_pages if impl == "compiled" else page_copy._copy_torch
     src, dst = _pools(3, 16, 2, 8, torch.bfloat16, "cpu")
     twin = dst.clone()
