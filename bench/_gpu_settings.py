@@ -3,7 +3,7 @@
 Each variant runs the bare ucxx send of one CUDA buffer (bench/gpu_ucx.py `bare`, its own pair of
 processes) and `ucx_perftest -t tag_bw -m cuda` under the same environment, at 64 MiB and 1 GiB:
 
-    python -m bench._gpu_settings [--quick] [--out DIR]   # JSON lines on stdout, logs in DIR
+    python -m bench._gpu_settings [--quick] [--second | --ucxx-env] [--out DIR]   # JSON lines
 
 Variants: pdmesh's host settings (protocol v1), UCX's protocol v2 (the 1.21 default), v2 with
 each rendezvous scheme, v2 without ucxx's peer-error handling (ucx_perftest has none; ucxx's
@@ -120,14 +120,58 @@ def bare(iters: int) -> list[dict]:
     return rows
 
 
+# What ucxx's __init__ sets in the environment when UCX does not have it (ucx_perftest never sees
+# these), each put back to UCX's own default in turn; perftest is run under ucxx's settings too.
+UCXX_SETS = {"UCX_MAX_RNDV_RAILS": "1", "UCX_RNDV_FRAG_MEM_TYPE": "cuda",
+             "UCX_CUDA_COPY_MAX_REG_RATIO": "1.0", "UCX_RNDV_THRESH": "8192",
+             "UCX_MEMTYPE_CACHE": "n"}
+UCX_DEFAULTS = {"UCX_MAX_RNDV_RAILS": "2", "UCX_RNDV_FRAG_MEM_TYPE": "host",
+                "UCX_CUDA_COPY_MAX_REG_RATIO": "0.1", "UCX_RNDV_THRESH": "auto",
+                "UCX_MEMTYPE_CACHE": "y"}
+
+
+def ucxx_env(iters: int) -> list[dict]:
+    """The bare send under ucxx's own environment, then with each of its settings put back."""
+    sizes = [1 << 30, 64 << 20]
+    variants = {"ucxx's settings": {}, "UCX defaults for all five": dict(UCX_DEFAULTS)}
+    variants.update({f"{k}={v}": {k: v} for k, v in UCX_DEFAULTS.items()})
+    rows = []
+    for name, extra in variants.items():
+        saved = _with(dict(BASE, UCX_PROTO_ENABLE="y", **extra))
+        try:
+            got = gpu_ucx._pair("bare", sizes, iters, mode="polling")
+            rows += [{"variant": f"bare, {name}", "bytes": r["bytes"], "gbps": round(r["gbps"], 1)}
+                     for r in got]
+        except Exception as err:  # noqa: BLE001
+            rows.append({"variant": f"bare, {name}", "error": str(err)[-600:]})
+        finally:
+            _restore(saved)
+        print(json.dumps(rows[-2:]), flush=True)
+    for name, extra in (("perftest, UCX defaults", {}), ("perftest, ucxx's settings", UCXX_SETS)):
+        saved = _with(dict(BASE, UCX_PROTO_ENABLE="y", **extra))
+        try:
+            for size in sizes:
+                p = gpu_ucx.perftest(size, 50)
+                rows.append({"variant": name, "bytes": size, "gbps": round(p["gbps"], 1)})
+        except Exception as err:  # noqa: BLE001
+            rows.append({"variant": name, "error": str(err)[-600:]})
+        finally:
+            _restore(saved)
+        print(json.dumps(rows[-2:]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--second", action="store_true", help="progress modes, engine windows")
+    parser.add_argument("--ucxx-env", action="store_true", help="ucxx's own UCX settings")
     args = parser.parse_args()
     sizes = [64 << 20, 1 << 30]
-    if args.second:
+    if args.ucxx_env:
+        rows = ucxx_env(20)
+    elif args.second:
         rows = bare(20) + engine(5)
     else:
         rows = run(sizes, 5 if args.quick else 20, args.out) + engine(3 if args.quick else 10)
