@@ -124,6 +124,10 @@ class TransferConfig:
     """Staging buffers kept for reuse (first-touch page faults cost ~10x a copy here)."""
     copy_threads: int = 1
     """Threads that pack and unpack (torch releases the GIL; the event loop keeps UCX moving)."""
+    same_host_copy_threads: int = 2
+    """Same host, CPU pools: threads that share one chunk's copy, each a slice of its layers (the
+    compiled copy releases the GIL). The decode waits idle meanwhile, so on a 2-core host two
+    threads use the core it leaves; 1 copies on one thread."""
     advertise_host: str = "127.0.0.1"
     """Host the sender publishes in its address (the listener binds every interface)."""
     listen_port: int = 0
@@ -150,7 +154,7 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         for name in ("chunk_bytes", "min_chunks", "send_depth", "recv_window", "copy_threads",
-                     "send_window_bytes", "direct_min_bytes"):
+                     "same_host_copy_threads", "send_window_bytes", "direct_min_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be >= 1")
         for name in ("connect_timeout_s", "answer_timeout_s", "room_wait_s", "transfer_timeout_s",

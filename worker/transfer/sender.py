@@ -72,7 +72,8 @@ class KvSender:
         self._jobs: dict[tuple[int, int], asyncio.Future] = {}  # (link, transfer id) -> abort
         self._tasks: set[asyncio.Task] = set()
         self._staging: StagingCache | None = None
-        self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-pack")
+        self._executor = ThreadPoolExecutor(
+            max(self.config.copy_threads, self.config.same_host_copy_threads), "pdmesh-kv-pack")
         # same host: the decodes' pools this rank mapped (samehost.py); `device`: this rank's pool
         self._samehost = samehost.SameHostSender(self.config.path)
         self._device = None if device is None else torch.device(device)
@@ -212,7 +213,7 @@ class KvSender:
             try:
                 if direct is not None:  # same host: straight into the decode's pages
                     await samehost.write(link, request, offer, *direct, self._samehost,
-                                         self._executor)
+                                         self._executor, self.config.same_host_copy_threads)
                 else:
                     await self._stream(link, request, offer, plan, aborted)
             finally:
