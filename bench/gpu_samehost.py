@@ -58,7 +58,9 @@ def pair_goodput(path: str, tokens: list[int], pages: list[int], iters: int) -> 
         for page in pages:
             for tok in tokens:
                 n = max(1, tok // page)
-                common = {"layout": f"32,{page},8,128,bf16", "pool_pages": 4 * n + 8, "pages": n}
+                # a layout's pool is made on its first use: size it for the largest request
+                pool = 4 * max(1, max(tokens) // page) + 8
+                common = {"layout": f"32,{page},8,128,bf16", "pool_pages": pool, "pages": n}
                 for inflight, rounds in ((1, iters + 2), (4, max(2, iters // 2) + 1)):
                     seconds = []
                     for i in range(rounds):

@@ -60,8 +60,9 @@ def ttft_vs_length(lengths: list[int], repeats: int, device: str = "cpu"
                         env=env)
     rows = ["| prompt tokens | KV MiB | colocated TTFT ms | PD TTFT ms, no streaming | PD TTFT ms, "
             "streaming | no streaming / colocated | streaming / colocated | streaming saves ms | "
-            "transfer tail after compute ms (no streaming / streaming) |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "transfer tail after compute ms (no streaming / streaming) | prefill rank's compute "
+            "ms (no streaming / streaming) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     series: dict = {"tokens": [], "colocated": [], "no streaming": [], "streaming": []}
 
     async def measure() -> None:
@@ -70,7 +71,7 @@ def ttft_vs_length(lengths: list[int], repeats: int, device: str = "cpu"
         for n in lengths:
             ids = _prompt(n)
             colocated = percentile([t * 1e3 for t in time_colocated_prefill(engine, ids, repeats)], 50)
-            ttft, tail = {}, {}
+            ttft, tail, compute = {}, {}, {}
             for name, client in clients.items():
                 await client.pair(ids)  # warm the connections
             results = {name: [] for name in clients}
@@ -80,11 +81,13 @@ def ttft_vs_length(lengths: list[int], repeats: int, device: str = "cpu"
             for name, rs in results.items():
                 ttft[name] = percentile([r.ttft_ms for r in rs], 50)
                 tail[name] = percentile([r.prefill.transfer_ms for r in rs], 50)
+                compute[name] = percentile([r.prefill.compute_ms for r in rs], 50)
             mib = engine.layout.request_bytes(engine.layout.pages_for_tokens(n)) / 2**20
             off, on = ttft["p-nostream"], ttft["p-stream"]
             rows.append(f"| {n} | {mib:.0f} | {colocated:.1f} | {off:.1f} | {on:.1f} | "
                         f"{off / colocated:.2f} | {on / colocated:.2f} | {off - on:.1f} | "
-                        f"{tail['p-nostream']:.1f} / {tail['p-stream']:.1f} |")
+                        f"{tail['p-nostream']:.1f} / {tail['p-stream']:.1f} | "
+                        f"{compute['p-nostream']:.1f} / {compute['p-stream']:.1f} |")
             for key, value in (("tokens", n), ("colocated", colocated), ("no streaming", off),
                                ("streaming", on)):
                 series[key].append(value)

@@ -81,12 +81,22 @@ def _tiles(num_rows: int, row_words: int, itemsize: int) -> tuple[int, int]:
 
 
 def copy_pages_triton(src_kv: torch.Tensor, dst_kv: torch.Tensor, src_ids: torch.Tensor,
-                      dst_ids: torch.Tensor, a: int, b: int, *, sync: bool = True) -> int:
+                      dst_ids: torch.Tensor, a: int, b: int) -> int:
     """Copy layers [a, b) of pages src_ids -> dst_ids in one launch; the checksum (this waits
     for the kernel: the stream is synchronized, so the bytes are in place on return)."""
+    sums = launch_copy(src_kv, dst_kv, src_ids, dst_ids, a, b)
+    return 0 if sums is None else int(sums.sum()) & MASK64  # .item() waits for the kernel
+
+
+def launch_copy(src_kv: torch.Tensor, dst_kv: torch.Tensor, src_ids: torch.Tensor,
+                dst_ids: torch.Tensor, a: int, b: int) -> torch.Tensor | None:
+    """Enqueue the copy of layers [a, b) on the current stream and return at once: the
+    per-program checksum slots (device int64; their sum mod 2^64 is the checksum once the stream
+    passed the kernel), or None when there is nothing to copy. Ids already on the device are
+    used as they are (a transfer moves them there once)."""
     n = src_ids.numel()
     if n == 0 or a == b:
-        return 0
+        return None
     word = word_dtype(src_kv)
     src = src_kv.view(torch.uint8).view(src_kv.shape[0] * 2 * src_kv.shape[2], -1).view(word)
     dst = dst_kv.view(torch.uint8).view(dst_kv.shape[0] * 2 * dst_kv.shape[2], -1).view(word)
@@ -100,4 +110,4 @@ def copy_pages_triton(src_kv: torch.Tensor, dst_kv: torch.Tensor, src_ids: torch
         dst_ids.to(device=src.device, dtype=torch.int64), sums, num_rows, n, src_kv.shape[2],
         dst_kv.shape[2], 2 * a, row_words, ROWS=rows, BLOCK=block,
         EVEN=(num_rows % rows == 0 and row_words % block == 0), num_warps=_NUM_WARPS)
-    return int(sums.sum()) & MASK64  # .item() waits for the kernel
+    return sums

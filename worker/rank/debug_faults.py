@@ -36,11 +36,11 @@ def install(transfer, loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _slow_pack(delay: float) -> None:
-    from pdmesh.worker.transfer import samehost, sender
+    from pdmesh.worker.transfer import samehost_copy, sender
 
-    real, real_copy = sender._pack_chunk, samehost._copy_job
+    real, real_copy = sender._pack_chunk, samehost_copy.copy_job
 
-    def copy_job(src_kv, dst_kv, copies, a, b):  # the same-host path's chunk
+    def copy_job(src_kv, dst_kv, copies, a, b):  # the same-host path's chunk (CPU)
         log.warning("debug: packing KV chunk layers=[%d,%d) pages=%d (sleeping %.2fs first)",
                     a, b, copies.n, delay)
         time.sleep(delay)
@@ -53,7 +53,7 @@ def _slow_pack(delay: float) -> None:
         return real(kv, ids, a, b, buf)
 
     sender._pack_chunk = pack_chunk
-    samehost._copy_job = copy_job
+    samehost_copy.copy_job = copy_job
     log.warning("debug: every KV chunk is packed %.2fs late (PDMESH_DEBUG_PACK_DELAY_S)", delay)
 
 

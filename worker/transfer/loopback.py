@@ -56,7 +56,7 @@ from pdmesh.errors import PdmeshError
 from pdmesh.worker.kv.layout import DTYPE_NAMES, KvLayout
 from pdmesh.worker.kv.pack import pack, unpack
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import samehost
+from pdmesh.worker.transfer import samehost, samehost_copy
 from pdmesh.worker.transfer import sender as sender_module
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import make_transport
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
     if args.pack_delay:
         sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay, 2)
-        samehost._copy_job = _slow(samehost._copy_job, args.pack_delay, 3)
+        samehost_copy.copy_job = _slow(samehost_copy.copy_job, args.pack_delay, 3)
         samehost.CPU_CHUNK_BYTES = 1  # chunk as the receiver asks, so there is a "mid-copy"
     rank = Rank(args)
     if args.loop == "uvloop":

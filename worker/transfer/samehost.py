@@ -11,9 +11,10 @@ When a prefill rank and a decode rank share a host, no byte needs a wire. Per li
    link on UCX: the path is chosen per link and falls back by itself.
 3. A request then names the pool and its destination pages (`TransferRequest.same_host`). After
    its OK status the sender copies layer chunk by chunk, pages from its pool into the mapped one
-   (`copy_pages`: CPU, one strided copy per run of pages; CUDA, one Triton kernel launch per
-   chunk, synchronized before the next step), the checksum taken in the same pass, and ends with
-   exactly one message: the trailer, or a TransferAbort sent only once no copy runs any more.
+   (samehost_copy.py: CPU, a compiled copy split over two threads; CUDA, one Triton launch per
+   chunk on a copy stream behind the chunk's layer event, one host wait per transfer), the
+   checksum taken in the same pass, and ends with exactly one message: the trailer, or a
+   TransferAbort sent only once no copy runs any more.
 4. The receiver checks the trailer (token, first token, byte count; DATA_LOSS on a mismatch).
    On a failure after OK it waits for the sender's last message before its pages may go back to
    the pool; a sender that stays silent for `abort_grace_s` gets its link closed (a dead sender
@@ -41,10 +42,9 @@ from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv import shm_pool
 from pdmesh.worker.kv.layout import KvLayout
-from pdmesh.worker.kv import page_copy
-from pdmesh.worker.kv.page_copy import CopyPlan, checksum_pages, copy_pages
+from pdmesh.worker.kv.page_copy import CopyPlan, checksum_pages
 from pdmesh.worker.kv.pool import KvPool
-from pdmesh.worker.transfer import wire
+from pdmesh.worker.transfer import samehost_copy, wire
 
 log = logging.getLogger(__name__)
 PATH_ENV = "PDMESH_KV_TRANSFER_PATH"
@@ -52,9 +52,6 @@ PATH_ENV = "PDMESH_KV_TRANSFER_PATH"
 # are large (an abort still stops within one chunk: ~10-30 ms here).
 CPU_CHUNK_BYTES = 128 << 20
 PATHS = ("auto", "ucx")
-# A CPU chunk is split over the writer's threads in slices of at least this many bytes (a thread
-# hand-off costs ~0.1 ms; a 4 MiB slice copies in ~0.4 ms here).
-SLICE_MIN_BYTES = 4 << 20
 
 
 def check_path(value: str) -> str:
@@ -290,43 +287,32 @@ class SameHostSender:
 
 async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_ids: torch.Tensor,
                 sender: SameHostSender, executor, threads: int = 1) -> None:
-    """Serve an accepted same-host request: copy chunk by chunk into the mapped pool (a CPU
-    chunk's layers split over `threads` jobs), then the trailer; on failure, a TransferAbort once
-    no copy runs any more (the receiver waits for it before its pages may return to the pool)."""
+    """Serve an accepted same-host request: copy chunk by chunk into the mapped pool
+    (samehost_copy.py: CPU threads, or launches on a CUDA stream), then the trailer; on failure,
+    a TransferAbort once no copy runs any more (the receiver waits for it before its pages may
+    return to the pool)."""
     from pdmesh.worker.kv.pack import check_page_ids
 
     status, tid = offer.status, request.transfer_id
-    layers = request.layers_per_chunk
-    if not offer.pool.kv.is_cuda and offer.layers.done:  # CPU: one strided copy per page run
-        # covers every layer (a room still computing streams in the receiver's chunks instead)
-        layers = max(layers, wire.ChunkPlan.layers_for(offer.pool.layout, len(offer.page_ids),
-                                                       CPU_CHUNK_BYTES))
-    plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), layers)
+    plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), _layers_per_chunk(request, offer))
     src_ids = check_page_ids(offer.pool.kv, offer.page_ids, unique=False)
-    copies = CopyPlan(src_ids, dst_ids)
-    loop = asyncio.get_running_loop()
-    acc, total = 0, 0
+    copier = samehost_copy.make_copier(offer.pool.kv, mapped.peer.kv, CopyPlan(src_ids, dst_ids),
+                                       executor, threads)
+    total = 0
     sender.hold(mapped)
     try:
-        for index, (a, b) in enumerate(plan.ranges):
-            if mapped.closing and not status.terminal:  # its link closed: unmapped, or soon
-                status.fail(FailedPrecondition("the decode's pool was unmapped (its link closed)",
-                                               reason=Reason.KV_SAME_HOST_NOT_MAPPED))
-            if status.terminal:
-                break
-            if offer.pool.kv.is_cuda or not offer.layers.done:  # layer streaming: [a, b)
-                await status.guard(offer.wait_layers(b))  # final (a computed CPU room: at once)
-            parts = 1 if offer.pool.kv.is_cuda else min(
-                threads, plan.chunk_bytes(index) // SLICE_MIN_BYTES)
-            jobs = [loop.run_in_executor(executor, _copy_job, offer.pool.kv, mapped.peer.kv,
-                                         copies, x, y) for x, y in _slices(a, b, parts)]
-            try:
-                values = await status.guard(asyncio.gather(*jobs))
-            except PdmeshError as err:  # the transfer failed, or a copy did (DATA_LOSS)
-                await asyncio.wait(jobs)  # every copy runs to its end before anything else
-                status.fail(err)
-                break
-            acc, total = (acc + sum(values)) & page_copy.MASK64, total + plan.chunk_bytes(index)
+        try:
+            for index, (a, b) in enumerate(plan.ranges):
+                if mapped.closing and not status.terminal:  # its link closed: unmapped, or soon
+                    status.fail(FailedPrecondition("the decode's pool was unmapped (its link "
+                                                   "closed)", reason=Reason.KV_SAME_HOST_NOT_MAPPED))
+                if status.terminal:
+                    break
+                mark = await status.guard(offer.layers.wait(b))  # layers [a, b) final
+                await copier.chunk(status, a, b, plan.chunk_bytes(index), mark)
+                total += plan.chunk_bytes(index)
+        finally:
+            acc = await copier.settle()  # no copy runs any more
         if not status.terminal:
             await wire.send_trailer(link, status, tid, offer, total, acc)
             return
@@ -342,23 +328,17 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
             pass
 
 
-def _slices(a: int, b: int, parts: int) -> list[tuple[int, int]]:
-    """Layers [a, b) as at most `parts` contiguous slices of near-equal length (the checksum
-    adds up over slices: page_copy's rows are weighted by their layer)."""
-    parts = max(1, min(parts, b - a))
-    cuts = [a + (b - a) * i // parts for i in range(parts + 1)]
-    return list(zip(cuts, cuts[1:]))
-
-
-def _copy_job(src_kv: torch.Tensor, dst_kv: torch.Tensor, copies: CopyPlan, a: int, b: int
-              ) -> int:
-    """Worker thread: one chunk of layers; any fault becomes a typed failure of the transfer."""
-    try:
-        return copy_pages(src_kv, dst_kv, copies, a, b)
-    except Exception as err:  # noqa: BLE001 - reported as the transfer's failure
-        log.exception("same-host copy of layers [%d, %d) failed", a, b)
-        raise DataLoss(f"the same-host copy failed: {type(err).__name__}: {err}",
-                       reason=Reason.KV_SAME_HOST_COPY_FAILED) from None
+def _layers_per_chunk(request: pb.TransferRequest, offer) -> int:
+    """The receiver's chunking while the room still computes (each chunk leaves once its
+    layers are final); a computed room in as few copies as possible: CPU, chunks of about
+    CPU_CHUNK_BYTES (an abort stops within one), CUDA, one launch for every layer."""
+    layers = request.layers_per_chunk
+    if not offer.layers.done:
+        return layers
+    if offer.pool.kv.is_cuda:
+        return max(layers, offer.pool.layout.num_layers)
+    return max(layers, wire.ChunkPlan.layers_for(offer.pool.layout, len(offer.page_ids),
+                                                 CPU_CHUNK_BYTES))
 
 
 async def wait_for_writer(ended: asyncio.Future, link, grace_s: float) -> None:

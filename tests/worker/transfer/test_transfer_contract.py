@@ -28,7 +28,7 @@ from pdmesh.worker.kv.pack import pack
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import (KvReceiver, KvSender, TransferConfig, TransferState,
                                     make_transport)
-from pdmesh.worker.transfer import samehost
+from pdmesh.worker.transfer import samehost, samehost_copy
 from pdmesh.worker.transfer import sender as sender_module
 from pdmesh.worker.transfer import streams
 
@@ -159,7 +159,7 @@ class BlockPack:
 
     def __init__(self, monkeypatch, at: int = 1) -> None:
         self.reached, self.release, self.calls = threading.Event(), threading.Event(), 0
-        for module, name in ((sender_module, "_pack_chunk"), (samehost, "_copy_job")):
+        for module, name in ((sender_module, "_pack_chunk"), (samehost_copy, "copy_job")):
             monkeypatch.setattr(module, name, self._blocked(getattr(module, name), at))
         # a CPU same-host writer copies every layer at once; chunk as the receiver asks here
         monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
@@ -465,7 +465,7 @@ def test_deadlines(mesh, run):
 
 
 def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
-    real, real_copy = streams._prepare_chunk, samehost._copy_job
+    real, real_copy = streams._prepare_chunk, samehost_copy.copy_job
 
     def corrupt(pack, side, msgs, a, b, buf):
         sums = real(pack, side, msgs, a, b, buf)
@@ -482,7 +482,7 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
         return value
 
     monkeypatch.setattr(streams, "_prepare_chunk", corrupt)
-    monkeypatch.setattr(samehost, "_copy_job", corrupt_copy)
+    monkeypatch.setattr(samehost_copy, "copy_job", corrupt_copy)
     monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
     # same host: the receiver re-reads its pages only when asked to (same_host_verify)
     monkeypatch.setattr(mesh.receiver, "config",

@@ -13,7 +13,7 @@ import pytest
 
 from pdmesh.errors import DataLoss
 from pdmesh.reasons import Reason
-from pdmesh.worker.transfer import samehost
+from pdmesh.worker.transfer import samehost, samehost_copy
 from test_transfer_contract import LAYOUT, _expect, ends, loop, mesh, run  # noqa: F401 - fixtures
 
 SAME_HOST = pytest.mark.parametrize("mesh", [("samehost", "packed")], indirect=True,
@@ -29,7 +29,7 @@ class Slices:
         self.calls: list[tuple[int, int]] = []
         self.lock = threading.Lock()
         self.barrier = threading.Barrier(2, timeout=10)
-        real = samehost._copy_job
+        real = samehost_copy.copy_job
 
         def job(src_kv, dst_kv, copies, a, b):
             with self.lock:
@@ -40,8 +40,8 @@ class Slices:
                                reason=Reason.KV_SAME_HOST_COPY_FAILED)
             return real(src_kv, dst_kv, copies, a, b)
 
-        monkeypatch.setattr(samehost, "_copy_job", job)
-        monkeypatch.setattr(samehost, "SLICE_MIN_BYTES", 1)  # split the test's tiny chunks
+        monkeypatch.setattr(samehost_copy, "copy_job", job)
+        monkeypatch.setattr(samehost_copy, "SLICE_MIN_BYTES", 1)  # split the test's tiny chunks
 
 
 @SAME_HOST

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pdmesh.errors import Internal, PdmeshError
-from pdmesh.worker.transfer import TransferState, samehost
+from pdmesh.worker.transfer import TransferState, samehost, samehost_copy
 from pdmesh.worker.transfer import sender as sender_module
 from pdmesh.worker.transfer.layers import LayerReadiness
 from test_transfer_contract import LAYOUT, _expect, ends, loop, mesh, run  # noqa: F401 - fixtures
@@ -31,7 +31,7 @@ class RecordPack:
         self.lock = threading.Lock()
         # (module, function, index of `a` among its arguments: pack(kv, ids, a, b, buf),
         # copy(src_kv, dst_kv, copies, a, b))
-        for module, name, at in ((sender_module, "_pack_chunk", 2), (samehost, "_copy_job", 3)):
+        for module, name, at in ((sender_module, "_pack_chunk", 2), (samehost_copy, "copy_job", 3)):
             monkeypatch.setattr(module, name, self._recording(getattr(module, name), at, offer_of))
 
     def _recording(self, real, at: int, offer_of):
