@@ -171,6 +171,11 @@ class KvReceiver:
             fetch.request_sent = True
             await status.guard(fetch.link.send_control(wire.encode(pb.TransferMessage(
                 request=request))))
+            # the link is up: from here the wait is for the prefill to reach the room, which a
+            # burst of requests queued ahead of it may make long. It is bounded by the deadline,
+            # by the link's silence (_acknowledged) and by the sender's room wait (NOT_FOUND),
+            # not by the set-up bound.
+            status.rebound(status.remaining())
             await self._acknowledged(fetch)
             response = await status.guard(fetch.response)
             if response.HasField("status"):
