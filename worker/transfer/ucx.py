@@ -104,6 +104,9 @@ class _Engine:
 
     def submit(self, request, keep=None, peer: str = "peer") -> asyncio.Future:
         future = self.loop.create_future()
+        # a request whose awaiter went away (a handshake cut by its timeout) may still fail when
+        # its link closes: that is expected, not an unretrieved error for the loop to report
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending[request] = (future, keep, peer)
         self._soon()
         return future
