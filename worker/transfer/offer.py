@@ -49,10 +49,12 @@ class Offer:
         """Layers [0, layers_ready) of the pages hold their final KV (layers.py)."""
         return self.layers.count
 
-    def wait_layers(self, n: int) -> asyncio.Future:
-        """Resolves once layers [0, n) are final and written (also on a GPU); n == num_layers
-        also means the first token is known. Race it with the transfer: `status.guard(...)`."""
-        return self.layers.wait(n, on_host=True)
+    def wait_layers(self, n: int, on_host: bool = True) -> asyncio.Future:
+        """Resolves once layers [0, n) are final (with their last layer's CUDA event, or None);
+        `on_host`: also written (a GPU's event completed), for readers that cannot wait on a
+        stream. n == num_layers also means the first token is known. Race it with the transfer:
+        `status.guard(...)`."""
+        return self.layers.wait(n, on_host=on_host)
 
     def layer_done(self, layer: int, mark=None) -> None:
         """The prefill wrote layer `layer`'s KV (`mark`: its CUDA event on a GPU)."""

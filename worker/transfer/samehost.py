@@ -308,7 +308,7 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
                                                    "closed)", reason=Reason.KV_SAME_HOST_NOT_MAPPED))
                 if status.terminal:
                     break
-                mark = await status.guard(offer.layers.wait(b))  # layers [a, b) final
+                mark = await status.guard(offer.wait_layers(b, on_host=False))  # [a, b) final
                 await copier.chunk(status, a, b, plan.chunk_bytes(index), mark)
                 total += plan.chunk_bytes(index)
         finally:

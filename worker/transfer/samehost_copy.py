@@ -18,6 +18,7 @@ while a copy may still touch it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import torch
@@ -41,8 +42,6 @@ def make_copier(src_kv: torch.Tensor, dst_kv: torch.Tensor, copies: CopyPlan, ex
 
 
 class CpuCopier:
-    cuda = False
-
     def __init__(self, src_kv, dst_kv, copies: CopyPlan, executor, threads: int) -> None:
         self.src_kv, self.dst_kv, self.copies = src_kv, dst_kv, copies
         self.executor, self.threads = executor, threads
@@ -65,8 +64,6 @@ class CpuCopier:
 
 
 class CudaCopier:
-    cuda = True
-
     def __init__(self, src_kv, dst_kv, copies: CopyPlan, executor) -> None:
         self.src_kv, self.dst_kv, self.executor = src_kv, dst_kv, executor
         self.stream = copy_stream(src_kv.device)
@@ -105,14 +102,10 @@ class CudaCopier:
             raise _copy_failed(0, 0, err) from None
 
 
-_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
+@functools.cache
 def copy_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream this process's same-host copies run on (one per device)."""
-    if device not in _streams:
-        _streams[device] = torch.cuda.Stream(device)
-    return _streams[device]
+    return torch.cuda.Stream(device)
 
 
 def slices(a: int, b: int, parts: int) -> list[tuple[int, int]]:
