@@ -33,7 +33,9 @@ _NUM_WARPS = 8
 _MAX_GRID_Y = 65535
 
 
-@triton.jit
+# the counts vary per request: one compiled kernel for all of them (a rank's warm-up
+# compiles it; specialising on them compiled a new one on the first request of each kind)
+@triton.jit(do_not_specialize=["num_rows", "n", "first_lc"])
 def _page_rows_copy_kernel(
     src_ptr,  # pack: pool rows [L * 2 * P, E]; unpack: staging rows [R, E]  (integer view)
     dst_ptr,  # pack: staging rows [R, E];      unpack: pool rows [L * 2 * P, E]

@@ -108,10 +108,15 @@ def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: in
     return _copy_torch(src_kv, dst_kv, plan, a, b, checksum)
 
 
-def warm(kv: torch.Tensor) -> None:
-    """Compile the CPU copy for this pool's word dtype now (a rank's warm-up)."""
+def warm(kv: torch.Tensor, pages: list[int]) -> None:
+    """Compile the copy for this pool now (a rank's warm-up): CPU, the compiled loop for its
+    word dtype; CUDA, the Triton copy, run from the first of `pages` (two the caller owns) into
+    the second."""
     if not kv.is_cuda:
         copy_numba.warm(_words(kv))
+        return
+    ids = torch.tensor(pages[:2], dtype=torch.int64, device=kv.device)
+    copy_pages(kv, kv, CopyPlan(ids[:1], ids[1:]), 0, kv.shape[0])
 
 
 def _copy_torch(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: int, b: int,

@@ -8,8 +8,9 @@ turn it off), a prefill rank offers a room's pages to its decode BEFORE computin
 2. The engine computes on the rank's engine thread; after each layer's K/V writes it calls the
    reporter (`Engine.prefill(..., on_layer=...)`), which hands `offer.layer_done(i, mark)` to the
    event loop with `loop.call_soon_threadsafe` (on a GPU, `mark` is a CUDA event recorded right
-   behind the layer's writes on the rank's compute stream; the sender waits for it before it
-   reads the pages). The sender sends chunk i as soon as its last layer is final.
+   behind the layer's writes on the rank's compute stream, and only the last layer of each of
+   `GPU_STREAM_CHUNKS` chunks is reported; the sender waits for it before it reads the pages).
+   The sender sends chunk i as soon as its last layer is final.
 3. When compute ends, `offer.computed(first_token, hold_s)` releases the last chunk and the
    trailer (which carries the first token), and bounds how long an unclaimed room still waits
    for its decode (`transfer_wait_s`, as a room computed without streaming).
@@ -35,6 +36,7 @@ import torch
 
 from pdmesh.errors import Cancelled, Internal, PdmeshError
 from pdmesh.reasons import Reason
+from pdmesh.worker.transfer.layers import stream_chunk_ends
 
 
 class LayerReporter:
@@ -42,10 +44,14 @@ class LayerReporter:
 
     def __init__(self, offer, loop: asyncio.AbstractEventLoop, stream=None) -> None:
         self.offer, self.loop, self.stream = offer, loop, stream
+        # on a GPU only the chunk ends (layers.py: a report covers the layers before it)
+        self.reported = None if stream is None else stream_chunk_ends(offer.pool.layout.num_layers)
 
     def __call__(self, layer: int) -> None:
         mark = None
         if self.stream is not None:
+            if layer not in self.reported:
+                return
             mark = torch.cuda.Event()
             mark.record(self.stream)
         self.loop.call_soon_threadsafe(self.offer.layer_done, layer, mark)

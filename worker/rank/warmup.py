@@ -5,7 +5,9 @@ before it prints its readiness line (the controller reports the instance healthy
 rank is ready), so the first request of a fresh mesh finds:
 
 1. the engine run once (a one-page prompt on the engine thread; a decode step on a decode rank):
-   torch's lazy kernel and allocator set-up, cuBLAS handles and CUDA context on a GPU;
+   torch's lazy kernel and allocator set-up, cuBLAS handles and CUDA context on a GPU, where a
+   long prompt (`GPU_WARM_TOKENS`) follows on each stream a prefill may run on (the caching
+   allocator keeps blocks per stream);
 2. the pack / unpack kernels and the checksum run once on one page (on a GPU this compiles the
    Triton kernels, `worker/kv/pack_triton.py`; on a CPU prefill rank the same-host page copy's
    compiled loop, `worker/kv/copy_numba.py`);
@@ -23,6 +25,7 @@ The pages it uses go back to the pool before the rank reports ready. `PDMESH_WAR
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -32,10 +35,13 @@ import torch
 from pdmesh.worker.engine.protocol import DecodeItem
 from pdmesh.worker.kv import page_copy
 from pdmesh.worker.kv.pack import check_page_ids, pack_checked, unpack_checked
+from pdmesh.worker.rank import layer_stream
 from pdmesh.worker.transfer import wire
 
 log = logging.getLogger(__name__)
 _ROOM, _TOKEN = 1, b"pdmesh-warmup"
+#: A GPU rank's long warm-up prompt (tokens): a first request up to this long allocates nothing.
+GPU_WARM_TOKENS = 2048
 
 
 def enabled() -> bool:
@@ -47,7 +53,7 @@ async def warm_rank(engine, pages, transfer, engine_thread) -> dict[str, float]:
     took: dict[str, float] = {}
     ids = pages.alloc(2)
     try:
-        for name, step in (("engine", lambda: engine_thread.run(_engine_once, engine, pages.kv, ids,
+        for name, step in (("engine", lambda: engine_thread.run(_engine_once, engine, pages, ids,
                                                                  not transfer.is_prefill)),
                            ("kernels", lambda: engine_thread.run(_kernels_once, pages.kv, ids,
                                                                   _copies_same_host(transfer))),
@@ -62,12 +68,40 @@ async def warm_rank(engine, pages, transfer, engine_thread) -> dict[str, float]:
     return took
 
 
-def _engine_once(engine, kv: torch.Tensor, ids: list[int], decode: bool) -> None:
-    n = max(1, min(engine.layout.page_size, engine.max_seq_len - 2))
-    prompt = [1 + i % max(1, engine.tokenizer.vocab_size - 1) for i in range(n)]
-    first = engine.prefill(prompt, kv, ids, on_layer=lambda layer: None)
+def _engine_once(engine, pages, ids: list[int], decode: bool) -> None:
+    """The engine once: a one-page prompt, and on a GPU also a long one (`_gpu_prompt_pages`)
+    on every stream a prefill runs on, so the caching allocator holds a long prompt's
+    activations and cuBLAS has met its shapes before the first request."""
+    kv, page = pages.kv, engine.layout.page_size
+    n = max(1, min(page, engine.max_seq_len - 2))
+    first = engine.prefill(_prompt(engine, n), kv, ids, on_layer=lambda layer: None)
     if decode:
         engine.decode_step(kv, [DecodeItem(first, n, ids)])
+    if not kv.is_cuda:
+        return  # a CPU prompt of a few thousand tokens would take seconds to minutes
+    long_ids = pages.alloc(_gpu_prompt_pages(engine, pages))
+    try:
+        n = max(1, min(len(long_ids) * page, engine.max_seq_len - 2))
+        streams = [None] if decode else [None, layer_stream.compute_stream(kv.device)]
+        for stream in streams:  # a prefill runs on the default stream, or streamed on its own
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                first = engine.prefill(_prompt(engine, n), kv, long_ids, on_layer=lambda layer: None)
+        if decode:
+            engine.decode_step(kv, [DecodeItem(first, n, long_ids)])
+        torch.cuda.synchronize(kv.device)
+    finally:
+        pages.free(long_ids)
+
+
+def _prompt(engine, n: int) -> list[int]:
+    return [1 + i % max(1, engine.tokenizer.vocab_size - 1) for i in range(n)]
+
+
+def _gpu_prompt_pages(engine, pages) -> int:
+    """Pages of the long warm-up prompt: GPU_WARM_TOKENS, at most half the free pool."""
+    page = engine.layout.page_size
+    want = -(-min(GPU_WARM_TOKENS, engine.max_seq_len - 2) // page)
+    return max(1, min(want, pages.pool.num_free // 2))
 
 
 def _copies_same_host(transfer) -> bool:
@@ -82,7 +116,7 @@ def _kernels_once(kv: torch.Tensor, ids: list[int], same_host: bool) -> None:
     wire.checksum(staging.view(-1).view(torch.uint8))
     unpack_checked(staging, kv, index, 0, 1)
     if same_host:
-        page_copy.warm(kv)
+        page_copy.warm(kv, ids)
     if kv.is_cuda:
         torch.cuda.synchronize(kv.device)
 

@@ -12,7 +12,9 @@ to the event loop with `loop.call_soon_threadsafe`), then the first token once t
     mark = await ready.wait(b)               # layers [0, b) final; b == num_layers: token known
 
 `wait(b)` resolves with the marker of layer b - 1: None on the CPU, on a GPU a CUDA event
-recorded behind that layer's K/V writes on the compute stream. A consumer that reads the pages
+recorded behind that layer's K/V writes on the compute stream. A reporter may skip layers (on a
+GPU it reports only chunk ends: `stream_chunk_ends`): a report of layer i covers every layer
+before it, and its event stands for them all. A consumer that reads the pages
 from another stream waits on it first (`stream.wait_event(mark)`, no host sync) or, where the
 reader cannot wait on a stream (UCX in-place sends, a peer's copy), `await ready.wait(b,
 on_host=True)` also waits for the event's completion, in a helper thread so the event loop keeps
@@ -27,6 +29,24 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+
+#: On a GPU a streamed room leaves in this many chunks of layers. Each chunk costs the host an
+#: event, an event-loop wake-up and a kernel launch, while the GPU computes a layer in tens of
+#: microseconds: per-layer reports and 8 chunks added 3.3 ms to a 16.6 ms prefill of 512 tokens
+#: on the H100 (the launch-bound engine thread lost the GIL to the event loop).
+GPU_STREAM_CHUNKS = 4
+
+
+def stream_chunk_layers(num_layers: int) -> int:
+    """Layers per chunk of a room streamed on a GPU."""
+    return max(1, -(-num_layers // GPU_STREAM_CHUNKS))
+
+
+def stream_chunk_ends(num_layers: int) -> frozenset[int]:
+    """The layers a GPU reporter reports: the last layer of each streamed chunk."""
+    step = stream_chunk_layers(num_layers)
+    return frozenset(min(end, num_layers) - 1 for end in range(step, num_layers + step, step))
 
 
 class LayerReadiness:
@@ -54,7 +74,8 @@ class LayerReadiness:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} outside 0..{self.num_layers - 1}")
         if layer >= self.count:
-            self._marks[layer] = mark
+            # the mark was recorded behind every layer up to this one: a reporter may skip layers
+            self._marks[self.count:layer + 1] = [mark] * (layer + 1 - self.count)
             self.count = layer + 1
             self._wake()
 

@@ -45,6 +45,7 @@ from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.kv.page_copy import CopyPlan, checksum_pages
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import samehost_copy, wire
+from pdmesh.worker.transfer.layers import stream_chunk_layers
 
 log = logging.getLogger(__name__)
 PATH_ENV = "PDMESH_KV_TRANSFER_PATH"
@@ -329,14 +330,16 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
 
 
 def _layers_per_chunk(request: pb.TransferRequest, offer) -> int:
-    """The receiver's chunking while the room still computes (each chunk leaves once its
-    layers are final); a computed room in as few copies as possible: CPU, chunks of about
-    CPU_CHUNK_BYTES (an abort stops within one), CUDA, one launch for every layer."""
+    """CPU: the receiver's chunking while the room still computes (each chunk leaves once its
+    layers are final), a computed room in chunks of about CPU_CHUNK_BYTES (an abort stops
+    within one). CUDA: a streamed room in the chunks its reporter reports, a computed one in
+    one launch for every layer."""
     layers = request.layers_per_chunk
+    if offer.pool.kv.is_cuda:  # streamed: the chunks the compute reports (layers.py)
+        return (stream_chunk_layers(offer.pool.layout.num_layers) if not offer.layers.done
+                else offer.pool.layout.num_layers)
     if not offer.layers.done:
         return layers
-    if offer.pool.kv.is_cuda:
-        return max(layers, offer.pool.layout.num_layers)
     return max(layers, wire.ChunkPlan.layers_for(offer.pool.layout, len(offer.page_ids),
                                                  CPU_CHUNK_BYTES))
 

@@ -108,6 +108,8 @@ class TransferStatus:
                 awaitable.close()  # never started: no "coroutine was never awaited" warning
             raise self.error
         future = asyncio.ensure_future(awaitable)
+        if future.done():  # a layer wait that is already met: no wait set-up (a GPU's hot path)
+            return future.result()
         future.add_done_callback(_consume)
         await asyncio.wait({future, self.failed}, return_when=asyncio.FIRST_COMPLETED)
         if future.done():

@@ -18,7 +18,7 @@ import torch
 from pdmesh.errors import Internal, PdmeshError
 from pdmesh.worker.transfer import TransferState, samehost, samehost_copy
 from pdmesh.worker.transfer import sender as sender_module
-from pdmesh.worker.transfer.layers import LayerReadiness
+from pdmesh.worker.transfer.layers import LayerReadiness, stream_chunk_ends, stream_chunk_layers
 from test_transfer_contract import LAYOUT, _expect, ends, loop, mesh, run  # noqa: F401 - fixtures
 
 
@@ -183,6 +183,8 @@ def test_layer_readiness_waits_in_order():
         ready.layer_done(2, "e2")  # the last layer is final, the first token not known yet
         await asyncio.sleep(0)
         assert not last.done() and ready.count == 3
+        skipped = ready.wait(2)  # layer 1 was never reported: layer 2's event covers it
+        assert skipped.result() == "e2"
         ready.computed(9)
         assert last.result() == "e2" and ready.first_token == 9
         pending = LayerReadiness(2).wait(2)
@@ -204,3 +206,12 @@ async def _wait_then_fail(ready: LayerReadiness) -> asyncio.Future:
     waiter = ready.wait(1)
     ready.fail(Internal("failed", reason="X"))
     return waiter
+
+
+def test_gpu_reporter_reports_chunk_ends_only():
+    """A GPU reporter reports the last layer of each of GPU_STREAM_CHUNKS chunks, and a
+    same-host writer on a GPU chunks a streamed room the same way."""
+    assert sorted(stream_chunk_ends(32)) == [7, 15, 23, 31]
+    assert stream_chunk_layers(32) == 8
+    assert sorted(stream_chunk_ends(30)) == [7, 15, 23, 29]  # the last chunk is shorter
+    assert sorted(stream_chunk_ends(2)) == [0, 1] and stream_chunk_layers(2) == 1
