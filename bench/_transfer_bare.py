@@ -7,7 +7,8 @@ Same process settings as a pdmesh rank (pdmesh's UCX defaults, blocking progress
 hot polling while data moves when PDMESH_UCX_HOT_POLL is on), one message in flight (or
 `--depth`), tagged messages (`--mode tag`) or active messages (`--mode am`, ucxx allocates
 each receive) through ucxx's async API, or tagged messages through pdmesh's UCX link and its
-progress engine (`--mode engine`: the wire as pdmesh drives it, without pack/unpack; with
+progress engine (`--mode engine`: the wire as pdmesh drives it, without pack/unpack, buffers on
+`--device`; with
 `--split K` each size goes as K messages of size/K, at most `--window-bytes` on the wire, as
 pdmesh's wire plan sends 16-token pages: one message per layer and K/V). The receiver prints
 one JSON line per size: {"size": N, "gbps": G}, counting from the first completed message to
@@ -156,7 +157,7 @@ async def _engine_recv(args) -> None:
             print(json.dumps({"size": size, "gbps": size / seconds / 1e9}), flush=True)
             await link.send_data(torch.zeros(1, dtype=torch.uint8), 1 << 40)
             continue
-        bufs = [torch.ones(size, dtype=torch.uint8) for _ in range(args.depth)]
+        bufs = [torch.ones(size, dtype=torch.uint8, device=args.device) for _ in range(args.depth)]
         started, posted, pending = None, 0, []
         while posted < min(args.depth, args.iters + 1):
             pending.append(link.recv_data(bufs[posted % args.depth], posted))
@@ -185,7 +186,7 @@ async def _engine_send(args) -> None:
             await _engine_split_send(link, size, args)
             await link.recv_data(torch.zeros(1, dtype=torch.uint8), 1 << 40)
             continue
-        buf = torch.ones(size, dtype=torch.uint8)
+        buf = torch.ones(size, dtype=torch.uint8, device=args.device)
         pending = []
         for i in range(args.iters + 1):
             if len(pending) >= args.depth:
@@ -209,8 +210,10 @@ def main() -> int:
                         help="engine mode: send each size as this many messages")
     parser.add_argument("--window-bytes", type=int, default=16 << 20,
                         help="engine mode with --split: bytes on the wire at most")
+    parser.add_argument("--device", default="cpu",
+                        help="engine mode: where the buffers live (cuda: UCX's CUDA transports)")
     args = parser.parse_args()
-    apply_ucx_defaults()
+    apply_ucx_defaults(device=args.device)
     if args.mode == "engine":
         asyncio.run(_engine_recv(args) if args.role == "recv" else _engine_send(args))
     else:
