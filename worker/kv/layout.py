@@ -53,7 +53,7 @@ class KvLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def page_bytes_per_layer(self) -> int:

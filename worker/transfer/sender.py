@@ -206,7 +206,8 @@ class KvSender:
             except PdmeshError as err:
                 await self._respond(link, request.transfer_id, err)
                 return
-            plan, mine = self._plan(request, offer)
+            # same host: no wire, so no plan and no runs to send
+            plan, mine = self._plan(request, offer) if direct is None else (None, None)
             await self._respond(link, request.transfer_id, None, mine)
             offer.status.advance(TransferState.TRANSFERRING)
             aborted.add_done_callback(lambda f, o=offer: o.status.fail(f.result()))
