@@ -129,26 +129,35 @@ def fresh_vs_steady(meshes: int, steady: int, preset: str = "tiny", tokens: int 
     The tiny model by default: what a fresh mesh pays is set-up, which bench-kv's CPU compute
     (seconds per prompt here) would hide."""
     rows = ["| rank warm-up | fresh meshes | first request TTFT ms (median) | steady TTFT ms (p50) | "
-            "first / steady |", "| --- | ---: | ---: | ---: | ---: |"]
+            "first / steady | prefill compute ms, first / steady | prefill's transfer ms after "
+            "compute, first / steady |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     layout = build_engine(EngineSpec(preset=preset)).layout
     ids = _prompt(tokens)
     for label, env in (("off (PDMESH_WARMUP=0)", {"PDMESH_WARMUP": "0"}), ("on (default)", {})):
         env = {**env, "PDMESH_DEVICE": device}
-        firsts, steadies = [], []
+        firsts, steadies, first_parts, steady_parts = [], [], [], []
         for _ in range(meshes):
             boot, procs = _mesh(preset, layout.pages_for_tokens(tokens) + 4,
                                 [("p-fresh", ["--dp-size", "1"], {})], decode_dp=1, env=env)
 
             async def measure() -> None:
                 client = PdClient(procs[0].address, procs[1].address, boot.address, "p-fresh")
-                firsts.append((await client.pair(ids)).ttft_ms)
-                steadies.extend([(await client.pair(ids)).ttft_ms for _ in range(steady)])
+                first = await client.pair(ids)
+                firsts.append(first.ttft_ms)
+                first_parts.append((first.prefill.compute_ms, first.prefill.transfer_ms))
+                for _ in range(steady):
+                    result = await client.pair(ids)
+                    steadies.append(result.ttft_ms)
+                    steady_parts.append((result.prefill.compute_ms, result.prefill.transfer_ms))
             try:
                 arun(measure())
             finally:
                 stop_all([*procs, boot])
         first, steady_p50 = percentile(firsts, 50), percentile(steadies, 50)
-        rows.append(f"| {label} | {meshes} | {first:.1f} | {steady_p50:.1f} | {first / steady_p50:.2f} |")
+        parts = [f"{percentile([p[i] for p in first_parts], 50):.1f} / "
+                 f"{percentile([p[i] for p in steady_parts], 50):.1f}" for i in (0, 1)]
+        rows.append(f"| {label} | {meshes} | {first:.1f} | {steady_p50:.1f} | {first / steady_p50:.2f} "
+                    f"| {parts[0]} | {parts[1]} |")
     return rows
 
 
