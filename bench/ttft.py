@@ -35,11 +35,13 @@ def _mesh(preset: str, num_pages: int, prefills: list[tuple[str, list[str], dict
     boot = Proc("bench-bootstrap", ["bootstrap", "--port", "0"]).start()
     addr = boot.wait_ready()
     engine = ["--model-preset", preset, "--num-pages", str(num_pages)]
-    procs = [Proc(name, ["prefill", "--instance-id", name, "--bootstrap-addr", addr, *args, *engine],
-                  env={**(env or {}), **penv}) for name, args, penv in prefills]
-    procs.append(Proc("bench-decode", ["decode", "--instance-id", "bench-decode", "--dp-size",
-                                       str(decode_dp), *engine], env=env))
-    return boot, start_all(procs)
+    procs = start_all([Proc(name, ["prefill", "--instance-id", name, "--bootstrap-addr", addr, *args,
+                                   *engine], env={**(env or {}), **penv})
+                       for name, args, penv in prefills])
+    # the decode knows the bootstrap: its ranks link to the prefill ranks before it reports ready
+    decode = Proc("bench-decode", ["decode", "--instance-id", "bench-decode", "--dp-size",
+                                   str(decode_dp), "--bootstrap-addr", addr, *engine], env=env)
+    return boot, procs + start_all([decode])
 
 
 def _prompt(n: int) -> list[int]:

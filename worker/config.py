@@ -34,7 +34,8 @@ class InstanceConfig:
     force_query_prefill_dp_rank: bool = False
     #: Prefill: embed a bootstrap service on this port (0 = a free one) ...
     bootstrap_port: int | None = None
-    #: ... or register at this external one (host:port).
+    #: ... or register at this external one (host:port). Decode: the bootstrap service whose
+    #: prefill ranks each rank links to ahead of requests (worker/rank/prelink.py), or None.
     bootstrap_address: str | None = None
     #: The model every rank runs; prefill and decode must build the same one.
     engine: EngineSpec = field(default_factory=EngineSpec)
@@ -97,8 +98,8 @@ class RankConfig:
 
     instance: InstanceConfig
     dp_rank: int
-    #: The bootstrap service the rank registers rooms at (prefill) or looks them up at (decode
-    #: gets the address per request instead).
+    #: The bootstrap service the rank registers rooms at (prefill), or whose prefill ranks it
+    #: links to ahead of requests (decode; requests name their own bootstrap for lookups).
     bootstrap_address: str | None = None
     #: The instance's epoch, published in its instance info.
     epoch: int = 0

@@ -39,6 +39,11 @@ def configure_parser(p: argparse.ArgumentParser, role: str) -> None:
                         "(shared memory, CUDA IPC), UCX elsewhere; ucx: always UCX [PDMESH_KV_TRANSFER_PATH]")
     p.add_argument("--devices", default=env("DEVICES", ""),
                    help="comma-separated torch devices, one per rank or one for all (e.g. cuda:0,cuda:1)")
+    if role != PREFILL:
+        p.add_argument("--bootstrap-addr", default=env("BOOTSTRAP_ADDR"),
+                       help="pre-link: each rank links to every prefill rank this bootstrap service "
+                            "lists (host:port) before it reports ready and as new ones register, so "
+                            "a first request finds its KV link wired [PDMESH_BOOTSTRAP_ADDR]")
     if role == PREFILL:
         p.add_argument("--bootstrap-port", type=int, default=_int(env("BOOTSTRAP_PORT")),
                        help="embed a bootstrap service on this port (0 = a free one)")
@@ -81,6 +86,8 @@ def config_from_args(args: argparse.Namespace, role: str) -> InstanceConfig:
                      force_query_prefill_dp_rank=args.force_query_prefill_dp_rank,
                      transfer_wait_s=args.transfer_wait_s, transfer_host=_transfer_host(args),
                      layer_streaming=args.layer_streaming)
+    else:
+        extra = dict(bootstrap_address=args.bootstrap_addr or None)
     devices = tuple(d for d in args.devices.split(",") if d)
     return InstanceConfig(
         role=role, instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",

@@ -72,6 +72,7 @@ async def serve(config: RankConfig) -> None:
         loop_ = DecodeLoop(engine, pages, state.engine_thread, inst.max_running_requests)
         loop_.start()
         service = DecodeRankService(state, loop_)
+        await service.prelinker.start()  # with a bootstrap: links to its prefills before ready
         register.append(lambda s: worker_pb2_grpc.add_DecodeServiceServicer_to_server(service, s))
         names.append(worker_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name)
     server, port, health = grpcutil.create_server("127.0.0.1:0", register, names, tls=inst.tls)
@@ -94,6 +95,7 @@ async def serve(config: RankConfig) -> None:
     await stop.wait()
     await server.stop(2.0)
     if loop_ is not None:
+        await service.prelinker.close()
         await loop_.stop()
     await transfer.close()
     await close_shared_clients()

@@ -26,6 +26,7 @@ from pdmesh.rules import decode_rule, optional_dp_rank, validate_room
 from pdmesh.server.client import shared_client
 from pdmesh.worker.rank import requests
 from pdmesh.worker.rank.decode_loop import DecodeLoop, Sequence
+from pdmesh.worker.rank.prelink import Prelinker
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.rank.rank_state import RankState
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -46,10 +47,18 @@ _PATHS = {"hint": common_pb2.RANK_PATH_HINT, "dp1": common_pb2.RANK_PATH_DP1,
 class InstanceInfoCache:
     """Prefill instance info by instance id; `refresh` when a transfer reports a newer epoch."""
 
-    def __init__(self, tls=None) -> None:
+    def __init__(self, tls=None, on_info=None) -> None:
         self._infos: dict[tuple[str, str], object] = {}
         self._fetching: dict[tuple[str, str], asyncio.Future] = {}
         self._tls = tls  # the rank's TlsConfig for the bootstrap channel (None: plaintext)
+        self.on_info = on_info or (lambda info: None)  # each fetched info (prelink.py)
+
+    def put(self, bootstrap_address: str, info) -> None:
+        """Cache `info` (from a list of the bootstrap's instances) unless a newer epoch is cached."""
+        key = (bootstrap_address, info.instance_id)
+        cached = self._infos.get(key)
+        if cached is None or cached.epoch <= info.epoch:
+            self._infos[key] = info
 
     async def get(self, bootstrap_address: str, instance_id: str, *, refresh: bool = False):
         """The cached info; the first request for an instance fetches it once for every request
@@ -68,6 +77,7 @@ class InstanceInfoCache:
                 pending.add_done_callback(lambda _: self._fetching.pop(key, None))
         info = await asyncio.shield(pending)
         self._infos[key] = info
+        self.on_info(info)
         return info
 
 
@@ -76,6 +86,9 @@ class DecodeRankService(worker_pb2_grpc.DecodeServiceServicer):
         self.state = state
         self.loop = loop
         self.infos = InstanceInfoCache(state.config.instance.tls)
+        # the ranks of every prefill instance this rank learns of are linked ahead of requests
+        self.prelinker = Prelinker(state.transfer, state.layout, self.infos, state.bootstrap)
+        self.infos.on_info = self.prelinker.instance
 
     @translate_errors
     async def Decode(self, request: worker_pb2.DecodeRequest, context):

@@ -96,6 +96,14 @@ class RankTransfer:
             peer, room, epoch=epoch, pool=self.pages.pool, page_ids=page_ids, token=token,
             timeout=self._remaining(deadline, "the KV arrived")))
 
+    async def prelink(self, peer: str) -> bool:
+        """Decode: open the link to the prefill rank at `peer` and offer it this rank's pool
+        (prelink.py); True if KV from it is written straight into the pool."""
+        return await self.receiver.prelink(peer, self.pages.pool)
+
+    def linked(self, peer: str) -> bool:
+        return self.receiver.linked(peer)
+
     async def _counted(self, side: str, num_pages: int, transfer):
         """Await `transfer`, counting it in pdmesh_transfers_total and, when whole, its bytes and time."""
         started, ok = time.perf_counter(), False

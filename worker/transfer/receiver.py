@@ -311,6 +311,18 @@ class KvReceiver:
 
     # -- links --------------------------------------------------------------------------------
 
+    async def prelink(self, address: str, pool: KvPool) -> bool:
+        """Open the link to the sender at `address` and offer it `pool` (the same-host hello)
+        ahead of any fetch, so the first fetch finds both done; True if that sender writes
+        straight into `pool`. Raises the typed failure of the connect."""
+        link = await self._link(address)
+        return await self._samehost.target(link, pool) is not None
+
+    def linked(self, address: str) -> bool:
+        """Whether an open link to `address` is cached."""
+        link = self._links.get(address)
+        return link is not None and not link.closed
+
     async def _link(self, address: str) -> Link:
         link = self._links.get(address)
         if link is not None and not link.closed:
