@@ -119,7 +119,8 @@ def plan(args: argparse.Namespace, log_dir: Path) -> list[Child]:
               log_dir / "prefill.log"),
         Child("decode", addr["decode"],
               [*exe, "decode", "--host", host, "--port", str(base + 3), "--dp-size", str(args.dp_size),
-               "--instance-id", "decode-0", "--kv-transfer-path", args.kv_transfer_path, *engine],
+               "--instance-id", "decode-0", "--kv-transfer-path", args.kv_transfer_path,
+               "--bootstrap-addr", addr["bootstrap"], *engine],  # pre-links to the prefill's ranks
               log_dir / "decode.log"),
         Child("router", addr["router"],
               [*exe, "router", "--host", host, "--port", str(base + 1), "--prefill", addr["prefill"],
