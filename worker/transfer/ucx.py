@@ -24,9 +24,9 @@ with ucxx's Cython layer (`ucxx._lib.libucxx`) and completes asyncio futures its
 - UCX's epoll fd is an asyncio reader. On an event: progress the worker, complete finished
   requests, deliver queued active messages, then re-arm (progress again while arm says busy).
   An idle rank sleeps in epoll and costs no CPU.
-- `hot_poll` (off by default; PDMESH_UCX_HOT_POLL=1 turns it on): while any request is in
-  flight the engine progresses on every event-loop turn instead of waiting for wake-ups; with
-  nothing in flight it goes back to epoll. On 2 shared cores polling took the CPU that packing,
+- `hot_poll` (off by default; PDMESH_UCX_HOT_POLL=1 turns it on, =cuda only while a request on
+  CUDA memory is in flight): while such requests are in flight the engine progresses on every
+  event-loop turn instead of waiting for wake-ups; with none it goes back to epoll. On 2 shared cores polling took the CPU that packing,
   unpacking and the kernel's copies need (0.3 against 0.6-2.2 GB/s under load, README); a rank
   with cores of its own may gain from it.
 - A 0.25 s timer progresses too, as a safety net (and drives UCX keepalive).
@@ -45,7 +45,7 @@ from collections.abc import Callable
 
 import torch
 
-from pdmesh.config import env_flag
+from pdmesh.config import env
 from pdmesh.errors import Cancelled, DataLoss, DeadlineExceeded, PdmeshError, Unavailable
 from pdmesh.reasons import Reason
 from pdmesh.worker.transfer.config import apply_ucx_defaults
@@ -92,8 +92,9 @@ class _Engine:
         self.Array, self.Tag, self.TagMaskFull = Array, Tag, TagMaskFull
         self.worker = api.UCXWorker(context)
         self.worker.init_blocking_progress_mode()
-        self.hot_poll = env_flag("UCX_HOT_POLL")
+        self.hot_poll = hot_poll_mode()
         self._pending: dict = {}  # UCXRequest -> (future, buffer kept alive, peer)
+        self._cuda_pending = 0  # of them, requests on CUDA memory
         self._scheduled = False
         loop.add_reader(self.worker.epoll_file_descriptor, self.progress)
         self._tick()
@@ -108,6 +109,7 @@ class _Engine:
         # its link closes: that is expected, not an unretrieved error for the loop to report
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending[request] = (future, keep, peer)
+        self._cuda_pending += _is_cuda(keep)
         self._soon()
         return future
 
@@ -124,8 +126,8 @@ class _Engine:
         worker = self.worker
         worker.progress()
         self._reap()
-        if self.hot_poll and self._pending:
-            self._soon()  # keep progressing every loop turn while requests are in flight
+        if self._pending and (self.hot_poll == "all" or (self.hot_poll == "cuda" and self._cuda_pending)):
+            self._soon()  # keep progressing every loop turn while such requests are in flight
             return
         while not worker.arm():  # events pending: progress until UCX can sleep on epoll
             worker.progress()
@@ -134,7 +136,8 @@ class _Engine:
     def _reap(self) -> None:
         done = [r for r in self._pending if r.completed]
         for request in done:
-            future, _, peer = self._pending.pop(request)
+            future, keep, peer = self._pending.pop(request)
+            self._cuda_pending -= _is_cuda(keep)
             if future.done():
                 continue
             try:
@@ -143,6 +146,20 @@ class _Engine:
                 future.set_exception(_lost(peer, err))
             else:
                 future.set_result(request)
+
+
+def hot_poll_mode() -> str:
+    """PDMESH_UCX_HOT_POLL: "off" (the default: sleep in epoll between UCX events), "all" (1/on:
+    progress every event-loop turn while any request is in flight) or "cuda" (only while a
+    request on CUDA memory is)."""
+    value = (env("UCX_HOT_POLL") or "off").strip().lower()
+    if value in {"1", "true", "yes", "on", "all"}:
+        return "all"
+    return "cuda" if value == "cuda" else "off"
+
+
+def _is_cuda(buf) -> bool:
+    return isinstance(buf, torch.Tensor) and buf.is_cuda
 
 
 def _lost(peer: str, err: BaseException) -> PdmeshError:
