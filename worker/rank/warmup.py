@@ -77,20 +77,28 @@ def _engine_once(engine, pages, ids: list[int], decode: bool) -> None:
     first = engine.prefill(_prompt(engine, n), kv, ids, on_layer=lambda layer: None)
     if decode:
         engine.decode_step(kv, [DecodeItem(first, n, ids)])
-    if not kv.is_cuda:
-        return  # a CPU prompt of a few thousand tokens would take seconds to minutes
-    long_ids = pages.alloc(_gpu_prompt_pages(engine, pages))
-    try:
-        n = max(1, min(len(long_ids) * page, engine.max_seq_len - 2))
+    if kv.is_cuda:  # on a CPU a prompt of a few thousand tokens would take seconds to minutes
         streams = [None] if decode else [None, layer_stream.compute_stream(kv.device)]
+        _long_prompt_once(engine, pages, decode, streams)
+        torch.cuda.synchronize(kv.device)
+
+
+def _long_prompt_once(engine, pages, decode: bool, streams: list) -> None:
+    """A prompt of `_gpu_prompt_pages` pages on each of `streams` (None: the current one), and a
+    decode step after it on a decode rank."""
+    kv, page = pages.kv, engine.layout.page_size
+    # the pool itself (thread-safe): this runs on the engine thread, and nothing waits for pages yet
+    long_ids = pages.pool.alloc(_gpu_prompt_pages(engine, pages))
+    try:
+        # the decode step writes position n: it must fall inside the last page
+        n = max(1, min(len(long_ids) * page - 1, engine.max_seq_len - 2))
         for stream in streams:  # a prefill runs on the default stream, or streamed on its own
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 first = engine.prefill(_prompt(engine, n), kv, long_ids, on_layer=lambda layer: None)
         if decode:
             engine.decode_step(kv, [DecodeItem(first, n, long_ids)])
-        torch.cuda.synchronize(kv.device)
     finally:
-        pages.free(long_ids)
+        pages.pool.free(long_ids)
 
 
 def _prompt(engine, n: int) -> list[int]:
