@@ -3,7 +3,7 @@
 Each variant runs the bare ucxx send of one CUDA buffer (bench/gpu_ucx.py `bare`, its own pair of
 processes) and `ucx_perftest -t tag_bw -m cuda` under the same environment, at 64 MiB and 1 GiB:
 
-    python -m bench._gpu_settings [--quick] [--second | --ucxx-env] [--out DIR]   # JSON lines
+    python -m bench._gpu_settings [--quick] [--second | --ucxx-env | --progress] [--out DIR]
 
 Variants: pdmesh's host settings (protocol v1), UCX's protocol v2 (the 1.21 default), v2 with
 each rendezvous scheme, v2 without ucxx's peer-error handling (ucx_perftest has none; ucxx's
@@ -11,7 +11,9 @@ async API then failed its first message here), and UCX_PROTO_INFO logs of the pr
 picked; `--second`: the bare send in each progress mode, and KvSender/KvReceiver pool to pool
 with pages in place (one run) or packed (scattered). What it found is in the README ("CUDA memory
 over UCX"); the engine variants name settings of the time they were measured (hot polling of
-CUDA requests was tried and dropped: no gain).
+CUDA requests was tried and dropped: no gain). `--progress` (2026-12-07, after a busy-polled
+probe reached ucx_perftest's rate with ucxx's own tag send, `bench/_gpu_rma_probe.py`): pdmesh's
+UCX engine alone on one CUDA buffer, and pool to pool over UCX, in each PDMESH_UCX_HOT_POLL mode.
 """
 
 from __future__ import annotations
@@ -161,15 +163,73 @@ def ucxx_env(iters: int) -> list[dict]:
     return rows
 
 
+def _engine_bare(sizes: list[int], iters: int, env: dict[str, str], device: str = "cuda"
+                 ) -> list[dict]:
+    """pdmesh's own UCX engine and link sending one CUDA buffer (bench._transfer_bare, engine
+    mode, no pack or transfer protocol); the receiver's GB/s per size."""
+    import subprocess
+    import sys
+
+    full = dict(os.environ, **env)
+    args = ["--mode", "engine", "--device", device, "--sizes", ",".join(map(str, sizes)),
+            "--iters", str(iters)]
+    recv = subprocess.Popen([sys.executable, "-m", "bench._transfer_bare", "recv", *args],
+                            env=full, stdout=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in recv.stdout:
+            if line.startswith("{"):
+                port = json.loads(line)["port"]
+                break
+        subprocess.run([sys.executable, "-m", "bench._transfer_bare", "send", "--port", str(port),
+                        *args], env=full, check=True, timeout=300, capture_output=True)
+        rest, _ = recv.communicate(timeout=60)
+        return [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+
+
+def progress_modes(iters: int) -> list[dict]:
+    """Per PDMESH_UCX_HOT_POLL mode (off, all, cuda): pdmesh's engine sending one CUDA buffer,
+    and KvSender/KvReceiver pool to pool over UCX (16-token pages, same-host mapping off)."""
+    from bench import gpu_samehost
+    rows = []
+    for mode in ("off", "all", "cuda"):
+        env = {"PDMESH_UCX_HOT_POLL": mode}
+        try:
+            for r in _engine_bare([64 << 20, 1 << 30], iters, env):
+                rows.append({"variant": f"engine bare, hot poll {mode}", "bytes": r["size"],
+                             "gbps": round(r["gbps"], 1)})
+        except Exception as err:  # noqa: BLE001 - a failing mode is a finding too
+            rows.append({"variant": f"engine bare, hot poll {mode}", "error": str(err)[-300:]})
+        saved = _with(env)
+        try:
+            got = gpu_samehost.pair_goodput("ucx", [512, 8192], [16], max(2, iters // 5))
+            rows += [{"variant": f"pool to pool over UCX, hot poll {mode}", "tokens": tok,
+                      "in_flight": inflight, "gbps": round(v[0], 1)}
+                     for (_, tok, inflight), v in got.items()]
+        except Exception as err:  # noqa: BLE001
+            rows.append({"variant": f"pool to pool over UCX, hot poll {mode}", "error": str(err)[-300:]})
+        finally:
+            _restore(saved)
+        print(json.dumps([r for r in rows if mode in r["variant"]]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--second", action="store_true", help="progress modes, engine windows")
     parser.add_argument("--ucxx-env", action="store_true", help="ucxx's own UCX settings")
+    parser.add_argument("--progress", action="store_true",
+                        help="pdmesh's engine and UCX path per PDMESH_UCX_HOT_POLL mode")
     args = parser.parse_args()
     sizes = [64 << 20, 1 << 30]
-    if args.ucxx_env:
+    if args.progress:
+        rows = progress_modes(20)
+    elif args.ucxx_env:
         rows = ucxx_env(20)
     elif args.second:
         rows = bare(20) + engine(5)
