@@ -106,13 +106,13 @@ class SameHostReceiver:
                 answer.set_result(False)
             else:
                 await link.send_control(wire.encode(pb.TransferMessage(same_host_hello=hello)))
-        try:
-            mapped = await asyncio.wait_for(asyncio.shield(answer), self._answer_timeout)
-        except asyncio.TimeoutError:  # a sender that does not know this path never answers
-            if not answer.done():
-                answer.set_result(False)
-            mapped = answer.result()
-        return pool_id if mapped else None
+        if not answer.done():  # else known since the link's first fetch of this pool
+            try:
+                await asyncio.wait_for(asyncio.shield(answer), self._answer_timeout)
+            except asyncio.TimeoutError:  # a sender that does not know this path never answers
+                if not answer.done():
+                    answer.set_result(False)
+        return pool_id if answer.result() else None
 
     def mapped(self, link, pool: KvPool) -> bool:
         """Whether requests for `pool` over `link` go the same-host way."""

@@ -105,9 +105,6 @@ class _Engine:
 
     def submit(self, request, keep=None, peer: str = "peer") -> asyncio.Future:
         future = self.loop.create_future()
-        # a request whose awaiter went away (a handshake cut by its timeout) may still fail when
-        # its link closes: that is expected, not an unretrieved error for the loop to report
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending[request] = (future, keep, peer)
         self._cuda_pending += _is_cuda(keep)
         self._soon()
@@ -144,6 +141,11 @@ class _Engine:
                 request.check_error()
             except Exception as err:  # noqa: BLE001 - mapped to the typed error
                 future.set_exception(_lost(peer, err))
+                # marked as seen at once (a done-callback never runs once the loop closed): a
+                # request whose awaiter went away (a handshake cut by its timeout, a reader at
+                # exit) may fail as its link closes, which is no error to report; awaiters still
+                # get it
+                future.exception()
             else:
                 future.set_result(request)
 
