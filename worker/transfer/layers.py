@@ -33,8 +33,9 @@ from typing import Any
 
 #: On a GPU a streamed room leaves in this many chunks of layers. Each chunk costs the host an
 #: event, an event-loop wake-up and a kernel launch, while the GPU computes a layer in tens of
-#: microseconds: per-layer reports and 8 chunks added 3.3 ms to a 16.6 ms prefill of 512 tokens
-#: on the H100 (the launch-bound engine thread lost the GIL to the event loop).
+#: microseconds: with per-layer reports and 8 chunks a streamed 512-token prefill computed in
+#: 19.9 ms against 16.6 unstreamed on the H100 (likely cause: the launch-bound engine thread
+#: waiting for the GIL the event loop held). 4 chunks: not yet measured on a GPU.
 GPU_STREAM_CHUNKS = 4
 
 
