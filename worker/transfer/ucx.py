@@ -26,9 +26,10 @@ with ucxx's Cython layer (`ucxx._lib.libucxx`) and completes asyncio futures its
   An idle rank sleeps in epoll and costs no CPU.
 - `hot_poll` (off by default; PDMESH_UCX_HOT_POLL=1 turns it on, =cuda only while a request on
   CUDA memory is in flight): while such requests are in flight the engine progresses on every
-  event-loop turn instead of waiting for wake-ups; with none it goes back to epoll. On 2 shared cores polling took the CPU that packing,
-  unpacking and the kernel's copies need (0.3 against 0.6-2.2 GB/s under load, README); a rank
-  with cores of its own may gain from it.
+  event-loop turn instead of waiting for wake-ups; with none it goes back to epoll. On 2 shared
+  cores polling took the CPU that packing, unpacking and the kernel's copies need (0.3 against
+  0.6-2.2 GB/s under load, README); a rank with cores of its own may gain from it (on the GPU,
+  a busy-polled probe reached ucx_perftest's rate: README, "CUDA memory over UCX").
 - A 0.25 s timer progresses too, as a safety net (and drives UCX keepalive).
 
 `config.apply_ucx_defaults()` runs before ucxx is imported, so its settings are in force unless
