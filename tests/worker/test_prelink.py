@@ -8,6 +8,7 @@ A prefill instance with another KV layout is not linked.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
@@ -85,3 +86,17 @@ def test_decode_links_to_prefill_ranks_before_any_request():
         assert f"prefill rank {other_rank}" not in "".join(decode.lines), decode.tail(40)
     finally:
         stop_all(procs)
+
+
+def test_listed_info_never_replaces_a_newer_epoch():
+    """The list a decode pre-links from may be older than the info a request just refreshed."""
+    from pdmesh.worker.rank.decode_rank import InstanceInfoCache
+
+    cache = InstanceInfoCache()
+    old, new = (bootstrap_pb2.InstanceInfo(instance_id="p", epoch=e, dp_size=1) for e in (1, 2))
+    cached = lambda: asyncio.run(cache.get("boot:1", "p"))  # noqa: E731 - cached: no call made
+    cache.put("boot:1", new)
+    cache.put("boot:1", old)
+    assert cached().epoch == 2
+    cache.put("boot:1", bootstrap_pb2.InstanceInfo(instance_id="p", epoch=3, dp_size=2))
+    assert cached().dp_size == 2
