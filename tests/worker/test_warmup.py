@@ -48,3 +48,18 @@ def test_copy_warm_copies_one_owned_page_into_the_other(engine):
     page_copy.warm(pool.kv, [1, 3])
     assert torch.equal(pool.kv[:, :, 3], before[:, :, 3])  # the CPU warm-up only compiles
     assert torch.equal(pool.kv, before)
+
+
+def test_a_failing_long_prompt_is_logged_and_gives_its_pages_back(engine, caplog):
+    """A GPU whose pool leaves no room for a long prompt's activations still starts."""
+    class OutOfMemory:
+        layout, max_seq_len, tokenizer = engine.layout, engine.max_seq_len, engine.tokenizer
+
+        def prefill(self, *args, **kwargs):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    pages = PageBroker(KvPool(engine.layout, 16))
+    with concurrent.futures.ThreadPoolExecutor(1) as engine_thread:
+        engine_thread.submit(warmup._long_prompt_once, OutOfMemory(), pages, True, [None]).result()
+    assert pages.pool.num_free == 16
+    assert "warm-up prompt failed (RuntimeError: CUDA out of memory (simulated))" in caplog.text

@@ -85,18 +85,22 @@ def _engine_once(engine, pages, ids: list[int], decode: bool) -> None:
 
 def _long_prompt_once(engine, pages, decode: bool, streams: list) -> None:
     """A prompt of `_gpu_prompt_pages` pages on each of `streams` (None: the current one), and a
-    decode step after it on a decode rank."""
+    decode step after it on a decode rank. Only a head start: if it fails (a GPU whose pool left
+    no room for a long prompt's activations), the rank logs why and starts anyway."""
     kv, page = pages.kv, engine.layout.page_size
     # the pool itself (thread-safe): this runs on the engine thread, and nothing waits for pages yet
     long_ids = pages.pool.alloc(_gpu_prompt_pages(engine, pages))
+    # the decode step writes position n: it must fall inside the last page
+    n = max(1, min(len(long_ids) * page - 1, engine.max_seq_len - 2))
     try:
-        # the decode step writes position n: it must fall inside the last page
-        n = max(1, min(len(long_ids) * page - 1, engine.max_seq_len - 2))
         for stream in streams:  # a prefill runs on the default stream, or streamed on its own
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 first = engine.prefill(_prompt(engine, n), kv, long_ids, on_layer=lambda layer: None)
         if decode:
             engine.decode_step(kv, [DecodeItem(first, n, long_ids)])
+    except Exception as err:  # noqa: BLE001 - a warm-up step, not a request
+        log.warning("the %d-token warm-up prompt failed (%s: %s); a first long request pays its "
+                    "set-up", n, type(err).__name__, err)
     finally:
         pages.pool.free(long_ids)
 
