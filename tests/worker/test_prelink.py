@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 
 import grpc
 import pytest
@@ -19,6 +18,7 @@ from pdmesh.bootstrap.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 from pdmesh.common.v1 import common_pb2
 from pdmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 from procs import Proc, start_all, stop_all
+from testkit.faultkit import wait_until
 
 WAIT_S = 120.0  # generous: the decode looks every 2 s; a loaded 2-core machine is slow
 
@@ -31,13 +31,9 @@ def _rank_addresses(boot_addr: str, instance_id: str) -> list[str]:
 
 
 def _wait_for_lines(proc: Proc, needles: list[str], timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = "".join(proc.lines)
-        if all(n in text for n in needles):
-            return
-        time.sleep(0.1)
-    pytest.fail(f"{proc.name} never logged {needles}:\n{proc.tail(40)}")
+    """Until the decode's own log says it linked (the log lines are what pre-linking owns)."""
+    if not wait_until(lambda: all(n in "".join(proc.lines) for n in needles), timeout):
+        pytest.fail(f"{proc.name} never logged {needles}:\n{proc.tail(40)}")
 
 
 def _pre_linked(address: str) -> str:
