@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import Sequence
 
@@ -64,17 +65,11 @@ class LayerReporter:
             return engine.prefill(token_ids, kv, page_ids, sampling, self)
 
 
-_streams: dict[torch.device, object] = {}
-
-
+@functools.cache
 def compute_stream(device: torch.device):
     """The rank's prefill stream on a GPU (None on the CPU): packing on another stream can then
     overlap the compute of later layers instead of queueing behind them."""
-    if device.type != "cuda":
-        return None
-    if device not in _streams:
-        _streams[device] = torch.cuda.Stream(device)
-    return _streams[device]
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
 
 
 async def prefill_streamed(state, room: int, ids: Sequence[int], pages: list[int], sampling,

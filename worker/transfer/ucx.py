@@ -46,7 +46,7 @@ from collections.abc import Callable
 
 import torch
 
-from pdmesh.config import env
+from pdmesh.config import env, env_bool
 from pdmesh.errors import Cancelled, DataLoss, DeadlineExceeded, PdmeshError, Unavailable
 from pdmesh.reasons import Reason
 from pdmesh.worker.transfer.config import apply_ucx_defaults
@@ -155,10 +155,10 @@ def hot_poll_mode() -> str:
     """PDMESH_UCX_HOT_POLL: "off" (the default: sleep in epoll between UCX events), "all" (1/on:
     progress every event-loop turn while any request is in flight) or "cuda" (only while a
     request on CUDA memory is)."""
-    value = (env("UCX_HOT_POLL") or "off").strip().lower()
-    if value in {"1", "true", "yes", "on", "all"}:
-        return "all"
-    return "cuda" if value == "cuda" else "off"
+    value = (env("UCX_HOT_POLL") or "").strip().lower()
+    if value in ("all", "cuda"):
+        return value
+    return "all" if env_bool("UCX_HOT_POLL") else "off"
 
 
 def _is_cuda(buf) -> bool:
