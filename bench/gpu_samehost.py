@@ -41,16 +41,20 @@ def device_copy(nbytes: int, iters: int = 20) -> float:
     return nbytes / statistics.median(times[3:]) / 1e9
 
 
-def pair_goodput(path: str, tokens: list[int], pages: list[int], iters: int) -> dict:
-    """{(page, tokens, inflight): GB/s} from one loopback pair with CUDA pools."""
+def pair_goodput(path: str, tokens: list[int], pages: list[int], iters: int,
+                 launcher=None) -> dict:
+    """{(page, tokens, inflight): GB/s} from one loopback pair with CUDA pools; `launcher(role)`
+    gives the interpreter's argv for a role (bench._gpu_profile runs each under cProfile)."""
     from bench.gpu_ucx import _env
     from bench.transfer import Proc
     env = dict(_env(), PDMESH_KV_TRANSFER_PATH=path, PDMESH_TORCH_THREADS="1")
-    base = [sys.executable, "-m", "pdmesh.worker.transfer.loopback"]
+    launcher = launcher or (lambda role: [sys.executable])
+    base = ["-m", "pdmesh.worker.transfer.loopback"]
     # The start-up pool's layout is one no case uses: every case gets a pool of its own size.
     args = ["--device", "cuda", "--pages", "16", "--layout", "4,16,8,128,bf16",
             "--room-wait", "60"]
-    sender, receiver = Proc(base + ["sender"] + args, env), Proc(base + ["receiver"] + args, env)
+    sender = Proc(launcher("sender") + base + ["sender"] + args, env)
+    receiver = Proc(launcher("receiver") + base + ["receiver"] + args, env)
     out, room = {}, 1
     try:
         address = sender.get("event", "ready", timeout=180)["address"]

@@ -79,6 +79,15 @@ class Link(abc.ABC):
     async def send_control(self, data: bytes) -> None:
         """Send one control message (ordered with the other control messages)."""
 
+    def post_control(self, data: bytes) -> asyncio.Future:
+        """Start sending one control message (ordered with the others) and return at once: for
+        a caller that goes on without waiting for it to leave (a status before the copy, a
+        request before its answer). The future's failure is marked seen: a failed send closes
+        the link, or its caller watches the future."""
+        future = asyncio.ensure_future(self.send_control(data))
+        future.add_done_callback(_seen)
+        return future
+
     @abc.abstractmethod
     def send_data(self, buf: torch.Tensor, tag: int) -> asyncio.Future:
         """Start sending `buf` (contiguous uint8) with `tag`; done when `buf` may be reused."""
@@ -131,6 +140,11 @@ def make_transport(kind: str = "ucx") -> Transport:
 
         return InprocTransport()
     raise ValueError(f"unknown transport {kind!r}: use 'ucx' or 'inproc'")
+
+
+def _seen(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def drain(futures: list[asyncio.Future], link: Link | None, grace_s: float) -> bool:

@@ -32,6 +32,7 @@ pages or buffers that were handed to someone else. A peer that does not finish w
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import secrets
@@ -153,7 +154,7 @@ class KvReceiver:
                    ids: torch.Tensor, token: bytes, plan: wire.ChunkPlan) -> int:
         status = fetch.status
         try:
-            fetch.link = await status.guard(self._link(address))
+            fetch.link = self._open_link(address) or await status.guard(self._link(address))
             self._by_id[(id(fetch.link), fetch.transfer_id)] = fetch
             fetch.own_runs = runs.page_runs(ids)
             request = pb.TransferRequest(
@@ -163,14 +164,17 @@ class KvReceiver:
                 token=token, page_runs=fetch.own_runs,
                 direct_min_bytes=self.config.direct_min_bytes,
                 max_direct_runs=self.config.max_direct_runs)
-            pool_id = await status.guard(self._samehost.target(fetch.link, pool))
+            known, pool_id = self._samehost.known(fetch.link, pool)
+            if not known:
+                pool_id = await status.guard(self._samehost.target(fetch.link, pool))
             if pool_id is not None:  # same host: the sender writes straight into these pages
                 request.same_host.pool_id = pool_id
                 request.same_host.page_ids.extend(ids.tolist())
                 fetch.direct = True
             fetch.request_sent = True
-            await status.guard(fetch.link.send_control(wire.encode(pb.TransferMessage(
-                request=request))))
+            # posted, not awaited (a failed send fails the fetch): the answer is what counts
+            fetch.link.post_control(wire.encode(pb.TransferMessage(request=request))
+                                    ).add_done_callback(functools.partial(_fail_if_unsent, status))
             # the link is up: from here the wait is for the prefill to reach the room, which a
             # burst of requests queued ahead of it may make long. It is bounded by the deadline,
             # by the link's silence (_acknowledged) and by the sender's room wait (NOT_FOUND),
@@ -323,9 +327,14 @@ class KvReceiver:
         link = self._links.get(address)
         return link is not None and not link.closed
 
-    async def _link(self, address: str) -> Link:
+    def _open_link(self, address: str) -> Link | None:
+        """The cached open link to `address`, if any (no await on a fetch's hot path)."""
         link = self._links.get(address)
-        if link is not None and not link.closed:
+        return link if link is not None and not link.closed else None
+
+    async def _link(self, address: str) -> Link:
+        link = self._open_link(address)
+        if link is not None:
             return link
         connecting = self._connecting.get(address)
         if connecting is None:
@@ -385,6 +394,11 @@ class KvReceiver:
         if self._staging is None or self._staging.device != pool.kv.device:
             self._staging = StagingCache(self.config.staging_cache_bytes, pool.kv.device)
         return self._staging
+
+
+def _fail_if_unsent(status: TransferStatus, sent: asyncio.Future) -> None:
+    if not sent.cancelled() and isinstance(sent.exception(), PdmeshError):
+        status.fail(sent.exception())
 
 
 def _verify(trailer: pb.TransferTrailer, plan: wire.ChunkPlan, acc: int, total: int,

@@ -114,6 +114,17 @@ class SameHostReceiver:
                     answer.set_result(False)
         return pool_id if answer.result() else None
 
+    def known(self, link, pool: KvPool) -> tuple[bool, int | None]:
+        """(True, what `target` returns) once the link's answer for `pool` is in (no await on a
+        fetch's hot path), else (False, None)."""
+        if not self.enabled:
+            return True, None
+        pool_id = self._pool_ids.get(pool)
+        answer = self._answers.get((id(link), pool_id))
+        if answer is None or not answer.done():
+            return False, None
+        return True, pool_id if answer.result() else None
+
     def mapped(self, link, pool: KvPool) -> bool:
         """Whether requests for `pool` over `link` go the same-host way."""
         answer = self._answers.get((id(link), self._pool_ids.get(pool)))

@@ -27,6 +27,7 @@ staging buffers any more.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from pdmesh.errors import (AlreadyExists, Cancelled, EpochMismatch, FailedPrecondition,
-                           InvalidArgument, NotFound, PdmeshError, Unauthenticated)
+                           InvalidArgument, NotFound, PdmeshError, Unauthenticated,
+                           Unavailable)
 from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.transfer.v1 import transfer_pb2 as pb
@@ -208,7 +210,10 @@ class KvSender:
                 return
             # same host: no wire, so no plan and no runs to send
             plan, mine = self._plan(request, offer) if direct is None else (None, None)
-            await self._respond(link, request.transfer_id, None, mine)
+            # posted, not awaited: the copy or the sends start while the OK leaves (ordered
+            # before the trailer); a send that fails breaks the link, which fails the transfer
+            link.post_control(_response(request.transfer_id, None, mine)).add_done_callback(
+                functools.partial(_close_if_failed, link))
             offer.status.advance(TransferState.TRANSFERRING)
             aborted.add_done_callback(lambda f, o=offer: o.status.fail(f.result()))
             try:
@@ -235,10 +240,7 @@ class KvSender:
 
     async def _respond(self, link: Link, transfer_id: int, error: PdmeshError | None,
                        page_runs: list[int] | None = None) -> None:
-        response = pb.TransferResponse(transfer_id=transfer_id, page_runs=page_runs or [])
-        if error is not None:
-            response.status.CopyFrom(wire.failure_to_proto(error))
-        await link.send_control(wire.encode(pb.TransferMessage(response=response)))
+        await link.send_control(_response(transfer_id, error, page_runs))
 
     async def _claim(self, link: Link, request: pb.TransferRequest, aborted: asyncio.Future):
         """The offer this request may take, after every check, and its same-host target (or
@@ -425,6 +427,25 @@ def _check_request(request: pb.TransferRequest) -> KvLayout:
         raise InvalidArgument("the transfer request carries no token", reason=Reason.INVALID_TRANSFER_TOKEN)
     runs.checked_runs(request.page_runs, request.num_pages, from_request=True)
     return layout
+
+
+def _response(transfer_id: int, error: PdmeshError | None, page_runs: list[int] | None = None
+              ) -> bytes:
+    """The encoded answer to a transfer request: OK (with the sender's page runs) or `error`."""
+    response = pb.TransferResponse(transfer_id=transfer_id, page_runs=page_runs or [])
+    if error is not None:
+        response.status.CopyFrom(wire.failure_to_proto(error))
+    return wire.encode(pb.TransferMessage(response=response))
+
+
+def _close_if_failed(link: Link, sent: asyncio.Future) -> None:
+    """A control message that could not be sent: the link is broken, close it (which fails
+    every transfer on it)."""
+    if sent.cancelled() or sent.exception() is None:
+        return
+    err = sent.exception()
+    link.close(err if isinstance(err, PdmeshError) else Unavailable(
+        f"sending to {link.peer} failed: {err!r}", reason=Reason.KV_TRANSFER_PEER_LOST))
 
 
 def _task_done(task: asyncio.Task) -> None:

@@ -236,12 +236,20 @@ class UcxLink(Link):
             reason=Reason.KV_TRANSFER_PEER_LOST, metadata={"peer": self.peer}))
 
     async def send_control(self, data: bytes) -> None:
-        if self.closed_error is not None:
-            raise self.closed_error
-        import numpy as np
+        await self.post_control(data)
 
-        buf = np.frombuffer(_FRAME.pack(_FRAME_MAGIC, len(data)) + bytes(data), dtype=np.uint8)
-        await self._submit(lambda: self._ep.stream_send(self._engine.Array(buf)), buf)
+    def post_control(self, data: bytes) -> asyncio.Future:
+        """Posted on the stream at once (so in order with every later message)."""
+        if self.closed_error is not None:
+            future = self._engine.loop.create_future()
+            future.set_exception(self.closed_error)
+        else:
+            import numpy as np
+
+            buf = np.frombuffer(_FRAME.pack(_FRAME_MAGIC, len(data)) + bytes(data), dtype=np.uint8)
+            future = self._submit(lambda: self._ep.stream_send(self._engine.Array(buf)), buf)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
 
     def send_data(self, buf: torch.Tensor, tag: int) -> asyncio.Future:
         return self._start(lambda arr: self._ep.tag_send(arr, self._engine.Tag(tag)), buf)
