@@ -7,6 +7,7 @@
    sender's `_pack_chunk` (its host wait included) on a 128 MiB chunk of 16-token pages.
 2. A loopback pair (bench/gpu_samehost.py) with each process under cProfile: over UCX at 8192
    tokens, and same host at 512 tokens; the event loop threads' top functions are printed.
+`--variants`: pool to pool over UCX and same host per PDMESH_UCX_HOT_POLL mode, nothing else.
 """
 
 from __future__ import annotations
@@ -96,11 +97,32 @@ def profiled_pairs(out: Path) -> None:
                 (out / f"{prof.stem}-{sort}.txt").write_text(report)
 
 
+def variants() -> None:
+    """Pool to pool over UCX and same host, 16-token pages, per PDMESH_UCX_HOT_POLL mode."""
+    import os
+
+    from bench import gpu_samehost
+
+    for mode in ("off", "cuda"):
+        os.environ["PDMESH_UCX_HOT_POLL"] = mode
+        for path in ("ucx", "auto"):
+            got = gpu_samehost.pair_goodput(path, [512, 8192], [16], 8)
+            print(json.dumps({"hot poll": mode, "path": path,
+                              "gbps": {str(k): round(v[0], 1) for k, v in got.items()}}),
+                  flush=True)
+    os.environ.pop("PDMESH_UCX_HOT_POLL")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench._gpu_profile")
     parser.add_argument("--out", type=Path, default=Path("/tmp/pdmesh-gpu-profile"))
+    parser.add_argument("--variants", action="store_true",
+                        help="only pool to pool per hot-poll mode (no steps, no profile)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.variants:
+        variants()
+        return 0
     print(json.dumps(steps()), flush=True)
     profiled_pairs(args.out)
     return 0

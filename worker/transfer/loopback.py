@@ -58,7 +58,7 @@ from pdmesh.worker.kv.pack import pack, unpack
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import samehost, samehost_copy
 from pdmesh.worker.transfer import sender as sender_module
-from pdmesh.worker.transfer.config import TransferConfig
+from pdmesh.worker.transfer.config import TransferConfig, apply_ucx_defaults
 from pdmesh.worker.transfer.link import make_transport
 from pdmesh.worker.transfer.receiver import KvReceiver
 from pdmesh.worker.transfer.sender import KvSender
@@ -131,7 +131,7 @@ class Rank:
         extra = {key: int(value) for key, value in (kv.split("=", 1) for kv in args.set)}
         config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace,
                                 send_depth=args.depth, recv_window=args.depth,
-                                path=args.kv_transfer_path, **extra)
+                                path=args.kv_transfer_path, **extra).for_device(args.device)
         self.transport = make_transport(args.transport)
         self.sender = KvSender(self.transport, epoch=EPOCH, config=config, device=args.device) \
             if args.role == "sender" else None
@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{samehost.PATH_ENV}={args.kv_transfer_path!r} is not one of "
                      f"{', '.join(samehost.PATHS)}")
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
+    apply_ucx_defaults(device=args.device)  # as a rank does: CUDA pools get UCX's CUDA settings
     if args.pack_delay:
         sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay, 2)
         samehost_copy.copy_job = _slow(samehost_copy.copy_job, args.pack_delay, 3)
