@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         sender_module._pack_chunk = _slow(sender_module._pack_chunk, args.pack_delay, 2)
         samehost_copy.copy_job = _slow(samehost_copy.copy_job, args.pack_delay, 3)
         samehost.CPU_CHUNK_BYTES = 1  # chunk as the receiver asks, so there is a "mid-copy"
+        samehost_copy.INLINE_COPY_BYTES = 0  # a slowed copy must not stall the event loop
     rank = Rank(args)
     if args.loop == "uvloop":
         import uvloop

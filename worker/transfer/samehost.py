@@ -264,15 +264,14 @@ class SameHostSender:
             raise FailedPrecondition(f"the decode's pool is on {mapped.peer.kv.device.type}, "
                                      f"this rank's on {src_device.type}",
                                      reason=Reason.KV_SAME_HOST_DEVICE_MISMATCH)
-        ids = torch.tensor(list(request.same_host.page_ids), dtype=torch.int64)
-        if ids.numel() != request.num_pages:
-            raise InvalidArgument(f"{ids.numel()} destination pages for {request.num_pages}",
+        values = list(request.same_host.page_ids)  # uint32: never negative
+        if len(values) != request.num_pages:
+            raise InvalidArgument(f"{len(values)} destination pages for {request.num_pages}",
                                   reason=Reason.INVALID_PAGE_IDS)
-        if ids.numel() and (int(ids.max()) >= mapped.num_pages or
-                            torch.unique(ids).numel() != ids.numel()):
+        if values and (max(values) >= mapped.num_pages or len(set(values)) != len(values)):
             raise InvalidArgument("destination page ids out of range or repeated",
                                   reason=Reason.INVALID_PAGE_IDS)
-        return mapped, ids.to(mapped.peer.kv.device)
+        return mapped, torch.tensor(values, dtype=torch.int64, device=mapped.peer.kv.device)
 
     def hold(self, mapped: _Mapped) -> None:
         mapped.users += 1

@@ -106,6 +106,9 @@ class _Engine:
 
     def submit(self, request, keep=None, peer: str = "peer") -> asyncio.Future:
         future = self.loop.create_future()
+        if request.completed:  # done as posted (a small send, a receive of bytes already here)
+            self._settle(request, future, peer)
+            return future
         self._pending[request] = (future, keep, peer)
         self._cuda_pending += _is_cuda(keep)
         self._soon()
@@ -136,19 +139,22 @@ class _Engine:
         for request in done:
             future, keep, peer = self._pending.pop(request)
             self._cuda_pending -= _is_cuda(keep)
-            if future.done():
-                continue
-            try:
-                request.check_error()
-            except Exception as err:  # noqa: BLE001 - mapped to the typed error
-                future.set_exception(_lost(peer, err))
-                # marked as seen at once (a done-callback never runs once the loop closed): a
-                # request whose awaiter went away (a handshake cut by its timeout, a reader at
-                # exit) may fail as its link closes, which is no error to report; awaiters still
-                # get it
-                future.exception()
-            else:
-                future.set_result(request)
+            if not future.done():
+                self._settle(request, future, peer)
+
+    @staticmethod
+    def _settle(request, future: asyncio.Future, peer: str) -> None:
+        try:
+            request.check_error()
+        except Exception as err:  # noqa: BLE001 - mapped to the typed error
+            future.set_exception(_lost(peer, err))
+            # marked as seen at once (a done-callback never runs once the loop closed): a
+            # request whose awaiter went away (a handshake cut by its timeout, a reader at
+            # exit) may fail as its link closes, which is no error to report; awaiters still
+            # get it
+            future.exception()
+        else:
+            future.set_result(request)
 
 
 def hot_poll_mode() -> str:

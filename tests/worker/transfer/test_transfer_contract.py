@@ -161,8 +161,10 @@ class BlockPack:
         self.reached, self.release, self.calls = threading.Event(), threading.Event(), 0
         for module, name in ((sender_module, "_pack_chunk"), (samehost_copy, "copy_job")):
             monkeypatch.setattr(module, name, self._blocked(getattr(module, name), at))
-        # a CPU same-host writer copies every layer at once; chunk as the receiver asks here
+        # a CPU same-host writer copies every layer at once; chunk as the receiver asks here,
+        # each chunk in a thread (a small one is copied on the event loop, which this blocks)
         monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
+        monkeypatch.setattr(samehost_copy, "INLINE_COPY_BYTES", 0)
 
     def _blocked(self, real, at: int):
         def blocked(*args):

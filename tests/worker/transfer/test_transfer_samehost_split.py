@@ -42,6 +42,7 @@ class Slices:
 
         monkeypatch.setattr(samehost_copy, "copy_job", job)
         monkeypatch.setattr(samehost_copy, "SLICE_MIN_BYTES", 1)  # split the test's tiny chunks
+        monkeypatch.setattr(samehost_copy, "INLINE_COPY_BYTES", 0)  # ... over threads
 
 
 @SAME_HOST
