@@ -28,7 +28,8 @@ def engine():
 @pytest.mark.parametrize("num_pages", [2, 9, 64])
 def test_long_prompt_fits_its_pages_and_returns_them(engine, monkeypatch, decode, num_pages):
     """Run as the warm-up runs it: on a thread without an event loop (the engine thread)."""
-    monkeypatch.setattr(warmup, "GPU_WARM_TOKENS", 64)  # the CPU engine: keep it quick
+    lengths = (17, 64)  # the CPU engine: keep it quick
+    monkeypatch.setattr(warmup, "GPU_WARM_LENGTHS", lengths)
     pages = PageBroker(KvPool(engine.layout, num_pages))
     taken = []
     real_alloc = pages.pool.alloc
@@ -36,9 +37,9 @@ def test_long_prompt_fits_its_pages_and_returns_them(engine, monkeypatch, decode
     with concurrent.futures.ThreadPoolExecutor(1) as engine_thread:
         engine_thread.submit(warmup._long_prompt_once, engine, pages, decode, [None]).result()
     assert pages.pool.num_free == num_pages  # every page back
-    ids = taken[0]
-    assert 1 <= len(ids) <= max(1, num_pages // 2)  # at most half of the free pool
-    assert len(ids) == min(-(-64 // engine.layout.page_size), max(1, num_pages // 2))
+    cap = max(1, num_pages // 2)  # at most half of the free pool, each length once
+    want = sorted({min(-(-n // engine.layout.page_size), cap) for n in lengths})
+    assert [len(ids) for ids in taken] == want
 
 
 def test_copy_warm_copies_one_owned_page_into_the_other(engine):

@@ -5,9 +5,10 @@ before it prints its readiness line (the controller reports the instance healthy
 rank is ready), so the first request of a fresh mesh finds:
 
 1. the engine run once (a one-page prompt on the engine thread; a decode step on a decode rank):
-   torch's lazy kernel and allocator set-up, cuBLAS handles and CUDA context on a GPU, where a
-   long prompt (`GPU_WARM_TOKENS`) follows on each stream a prefill may run on (the caching
-   allocator keeps blocks per stream);
+   torch's lazy kernel and allocator set-up, cuBLAS handles and CUDA context on a GPU, where
+   prompts of each of `GPU_WARM_LENGTHS` follow on each stream a prefill may run on (the caching
+   allocator keeps blocks per stream; CUDA loads each kernel on its first use, and the GEMMs of
+   another prompt length use other kernels);
 2. the pack / unpack kernels and the checksum run once on one page (on a GPU this compiles the
    Triton kernels, `worker/kv/pack_triton.py`; on a CPU prefill rank the same-host page copy's
    compiled loop, `worker/kv/copy_numba.py`);
@@ -40,8 +41,10 @@ from pdmesh.worker.transfer import wire
 
 log = logging.getLogger(__name__)
 _ROOM, _TOKEN = 1, b"pdmesh-warmup"
-#: A GPU rank's long warm-up prompt (tokens): a first request up to this long allocates nothing.
-GPU_WARM_TOKENS = 2048
+#: A GPU rank's warm-up prompt lengths (tokens; each at most half the free pool). A fresh GPU
+#: mesh warmed with one 2048-token prompt still took 69 ms for its first 512-token prefill
+#: against 19 steady (H100, README): each length meets its own kernels.
+GPU_WARM_LENGTHS = (128, 512, 2048, 8192)
 
 
 def enabled() -> bool:
@@ -69,9 +72,9 @@ async def warm_rank(engine, pages, transfer, engine_thread) -> dict[str, float]:
 
 
 def _engine_once(engine, pages, ids: list[int], decode: bool) -> None:
-    """The engine once: a one-page prompt, and on a GPU also a long one (`_gpu_prompt_pages`)
-    on every stream a prefill runs on, so the caching allocator holds a long prompt's
-    activations and cuBLAS has met its shapes before the first request."""
+    """The engine once: a one-page prompt, and on a GPU also prompts of `GPU_WARM_LENGTHS` on
+    every stream a prefill runs on, so the caching allocator holds a long prompt's activations
+    and CUDA has loaded the kernels of those shapes before the first request."""
     kv, page = pages.kv, engine.layout.page_size
     n = max(1, min(page, engine.max_seq_len - 2))
     first = engine.prefill(_prompt(engine, n), kv, ids, on_layer=lambda layer: None)
@@ -84,36 +87,42 @@ def _engine_once(engine, pages, ids: list[int], decode: bool) -> None:
 
 
 def _long_prompt_once(engine, pages, decode: bool, streams: list) -> None:
-    """A prompt of `_gpu_prompt_pages` pages on each of `streams` (None: the current one), and a
-    decode step after it on a decode rank. Only a head start: if it fails (a GPU whose pool left
-    no room for a long prompt's activations), the rank logs why and starts anyway."""
+    """A prompt of each warm-up length (`_gpu_prompt_pages`) on each of `streams` (None: the
+    current one), and a decode step after each on a decode rank. Only a head start: if one fails
+    (a GPU whose pool left no room for a long prompt's activations), the rank logs why and
+    starts anyway."""
     kv, page = pages.kv, engine.layout.page_size
-    # the pool itself (thread-safe): this runs on the engine thread, and nothing waits for pages yet
-    long_ids = pages.pool.alloc(_gpu_prompt_pages(engine, pages))
-    # the decode step writes position n: it must fall inside the last page
-    n = max(1, min(len(long_ids) * page - 1, engine.max_seq_len - 2))
-    try:
-        for stream in streams:  # a prefill runs on the default stream, or streamed on its own
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                first = engine.prefill(_prompt(engine, n), kv, long_ids, on_layer=lambda layer: None)
-        if decode:
-            engine.decode_step(kv, [DecodeItem(first, n, long_ids)])
-    except Exception as err:  # noqa: BLE001 - a warm-up step, not a request
-        log.warning("the %d-token warm-up prompt failed (%s: %s); a first long request pays its "
-                    "set-up", n, type(err).__name__, err)
-    finally:
-        pages.pool.free(long_ids)
+    for num_pages in _gpu_prompt_pages(engine, pages):
+        # the pool itself (thread-safe): this runs on the engine thread; nothing waits for pages
+        long_ids = pages.pool.alloc(num_pages)
+        # the decode step writes position n: it must fall inside the last page
+        n = max(1, min(len(long_ids) * page - 1, engine.max_seq_len - 2))
+        try:
+            for stream in streams:  # a prefill runs on the default stream, or streamed on its own
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    first = engine.prefill(_prompt(engine, n), kv, long_ids,
+                                           on_layer=lambda layer: None)
+            if decode:
+                engine.decode_step(kv, [DecodeItem(first, n, long_ids)])
+        except Exception as err:  # noqa: BLE001 - a warm-up step, not a request
+            log.warning("the %d-token warm-up prompt failed (%s: %s); a first request of that "
+                        "length pays its set-up", n, type(err).__name__, err)
+            return
+        finally:
+            pages.pool.free(long_ids)
 
 
 def _prompt(engine, n: int) -> list[int]:
     return [1 + i % max(1, engine.tokenizer.vocab_size - 1) for i in range(n)]
 
 
-def _gpu_prompt_pages(engine, pages) -> int:
-    """Pages of the long warm-up prompt: GPU_WARM_TOKENS, at most half the free pool."""
-    page = engine.layout.page_size
-    want = -(-min(GPU_WARM_TOKENS, engine.max_seq_len - 2) // page)
-    return max(1, min(want, pages.pool.num_free // 2))
+def _gpu_prompt_pages(engine, pages) -> list[int]:
+    """Pages of each warm-up prompt: GPU_WARM_LENGTHS, each at most the engine's longest prompt
+    and half the free pool (distinct sizes, shortest first)."""
+    page, cap = engine.layout.page_size, max(1, pages.pool.num_free // 2)
+    sizes = {max(1, min(-(-min(tokens, engine.max_seq_len - 2) // page), cap))
+             for tokens in GPU_WARM_LENGTHS}
+    return sorted(sizes)
 
 
 def _copies_same_host(transfer) -> bool:
