@@ -82,8 +82,8 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
                     started = time.perf_counter()
                     send = prefill_streamed if st.config.instance.layer_streaming else self._then_send
                     work = send(st, room, ids, pages, sampling, token, deadline)
-                    first, computed, sent = await (work if registration is None
-                                                   else _beside(registration, work))
+                    first, computed, sent = await (work if registration is None else _beside(
+                        registration, work, lambda err: st.transfer.sender.abort(room, err)))
                 finally:
                     st.pages.free(pages)
         finally:
@@ -148,19 +148,23 @@ class PrefillRankService(worker_pb2_grpc.PrefillServiceServicer):
         return self._keeper
 
 
-async def _beside(registration: asyncio.Task, work):
+async def _beside(registration: asyncio.Task, work, abort):
     """Run `work` (offer and compute the room) while its registration is in flight.
 
     No decode can claim the room before its record is durable: a decode finds this rank only
     through the record (the hinted and fast paths register nothing). A registration that fails
     stops the compute (cancelled: the engine thread is done with the pages when it returns) and
-    its typed error is the request's; the registration's latency hides behind the compute. Work
-    that ends first ends the request as it ended: failed, or sent (then a decode found the record).
+    its typed error is the request's, and the offer's (`abort(error)` first: a decode already
+    fetching gets it, not a cancellation; a record can be durable at a bootstrap service that
+    died before it answered); the registration's latency hides behind the compute. Work that
+    ends first ends the request as it ended: failed, or sent (then a decode found the record).
     """
     task = asyncio.ensure_future(work)
     try:
         await asyncio.wait([registration, task], return_when=asyncio.FIRST_COMPLETED)
         if not task.done() and registration.exception() is not None:
+            if isinstance(registration.exception(), PdmeshError):
+                abort(registration.exception())
             task.cancel()
         await asyncio.wait([task])
     except asyncio.CancelledError:  # the caller went away: stop the work, pages stay safe
