@@ -54,6 +54,7 @@ def _slow_pack(delay: float) -> None:
 
     sender._pack_chunk = pack_chunk
     samehost_copy.copy_job = copy_job
+    samehost_copy.INLINE_COPY_BYTES = 0  # a slowed copy runs in a thread, never on the event loop
     log.warning("debug: every KV chunk is packed %.2fs late (PDMESH_DEBUG_PACK_DELAY_S)", delay)
 
 
