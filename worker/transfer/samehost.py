@@ -127,8 +127,7 @@ class SameHostReceiver:
 
     def mapped(self, link, pool: KvPool) -> bool:
         """Whether requests for `pool` over `link` go the same-host way."""
-        answer = self._answers.get((id(link), self._pool_ids.get(pool)))
-        return bool(answer is not None and answer.done() and answer.result())
+        return self.known(link, pool)[1] is not None
 
     def on_ready(self, link, ready: pb.SameHostReady) -> None:
         answer = self._answers.get((id(link), ready.pool_id))

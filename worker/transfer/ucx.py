@@ -246,16 +246,10 @@ class UcxLink(Link):
 
     def post_control(self, data: bytes) -> asyncio.Future:
         """Posted on the stream at once (so in order with every later message)."""
-        if self.closed_error is not None:
-            future = self._engine.loop.create_future()
-            future.set_exception(self.closed_error)
-        else:
-            import numpy as np
+        import numpy as np
 
-            buf = np.frombuffer(_FRAME.pack(_FRAME_MAGIC, len(data)) + bytes(data), dtype=np.uint8)
-            future = self._submit(lambda: self._ep.stream_send(self._engine.Array(buf)), buf)
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return future
+        buf = np.frombuffer(_FRAME.pack(_FRAME_MAGIC, len(data)) + bytes(data), dtype=np.uint8)
+        return self._submit(lambda: self._ep.stream_send(self._engine.Array(buf)), buf)
 
     def send_data(self, buf: torch.Tensor, tag: int) -> asyncio.Future:
         return self._start(lambda arr: self._ep.tag_send(arr, self._engine.Tag(tag)), buf)
@@ -266,20 +260,24 @@ class UcxLink(Link):
 
     def _start(self, post: Callable, buf: torch.Tensor) -> asyncio.Future:
         target = buf if buf.is_cuda else buf.numpy()
-        if self.closed_error is not None:
-            future = self._engine.loop.create_future()
-            future.set_exception(self.closed_error)
-            return future
         return self._submit(lambda: post(self._engine.Array(target)), target)
 
     def _submit(self, post: Callable, keep) -> asyncio.Future:
-        try:
-            request = post()
-        except Exception as err:  # noqa: BLE001 - the endpoint already broke
-            future = self._engine.loop.create_future()
-            future.set_exception(_lost(self.peer, err))
-            return future
-        return self._engine.submit(request, keep, self.peer)
+        """The future of a UCX request `post()` makes; failed at once on a closed link or an
+        endpoint that refuses the post (marked seen, as the engine's failures are: its
+        awaiter, if any, still gets it)."""
+        error = self.closed_error
+        if error is None:
+            try:
+                request = post()
+            except Exception as err:  # noqa: BLE001 - the endpoint already broke
+                error = _lost(self.peer, err)
+            else:
+                return self._engine.submit(request, keep, self.peer)
+        future = self._engine.loop.create_future()
+        future.set_exception(error)
+        future.exception()
+        return future
 
     def close(self, error: PdmeshError) -> None:
         if self.closed_error is not None:
