@@ -116,6 +116,13 @@ def _check_pool(kv: torch.Tensor, layers: tuple[int, int] | None) -> tuple[int, 
 def check_page_ids(kv: torch.Tensor, page_ids: PageIds, unique: bool) -> torch.Tensor:
     """`page_ids` as an int64 tensor on kv's device, or INVALID_ARGUMENT (out of range, not
     integers, repeated when `unique`)."""
+    return torch.tensor(checked_page_list(kv, page_ids, unique), dtype=torch.int64,
+                        device=kv.device)
+
+
+def checked_page_list(kv: torch.Tensor, page_ids: PageIds, unique: bool) -> list[int]:
+    """`page_ids` as a list of Python ints, checked as `check_page_ids` checks them: what a
+    transfer's control path keeps (no tensor, so no host wait for a device copy)."""
     if isinstance(page_ids, torch.Tensor):
         if page_ids.dim() != 1 or page_ids.dtype.is_floating_point or page_ids.dtype == torch.bool:
             raise InvalidArgument("page ids must be a 1-d integer tensor",
@@ -138,7 +145,15 @@ def check_page_ids(kv: torch.Tensor, page_ids: PageIds, unique: bool) -> torch.T
         if unique and len(set(values)) != len(values):
             raise InvalidArgument("page ids of an unpack must be distinct",
                                   reason=Reason.DUPLICATE_PAGE_IDS)
-    return torch.tensor(values, dtype=torch.int64, device=kv.device)
+    return values
+
+
+def ids_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """Checked page ids as an int64 tensor on `device`, queued on the current stream without a
+    host wait (a pageable source is staged by the driver at once; kernels on the same stream see
+    the ids): a transfer's hot path never waits for the device's queue to drain."""
+    host = torch.tensor(values, dtype=torch.int64)
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
 def _as_int(value: object) -> int:

@@ -45,7 +45,7 @@ from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, 
                            Unavailable)
 from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
-from pdmesh.worker.kv.pack import check_page_ids
+from pdmesh.worker.kv.pack import checked_page_list, ids_on
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
@@ -124,7 +124,7 @@ class KvReceiver:
                     layers_per_chunk: int | None = None) -> int:
         """Receive room `room`'s KV from the sender at `address` into `page_ids` of `pool`;
         return the first output token. Raises the typed failure (see the module docstring)."""
-        ids = check_page_ids(pool.kv, page_ids, unique=True)  # on the pool's device, checked once
+        ids = checked_page_list(pool.kv, page_ids, unique=True)  # checked once, kept on the host
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
                                   reason=Reason.INVALID_TRANSFER_TOKEN)
@@ -151,7 +151,7 @@ class KvReceiver:
                 self._close_if_idle(fetch.link)
 
     async def _run(self, fetch: _Fetch, address: str, epoch: int, pool: KvPool,
-                   ids: torch.Tensor, token: bytes, plan: wire.ChunkPlan) -> int:
+                   ids: list[int], token: bytes, plan: wire.ChunkPlan) -> int:
         status = fetch.status
         try:
             fetch.link = self._open_link(address) or await status.guard(self._link(address))
@@ -169,7 +169,7 @@ class KvReceiver:
                 pool_id = await status.guard(self._samehost.target(fetch.link, pool))
             if pool_id is not None:  # same host: the sender writes straight into these pages
                 request.same_host.pool_id = pool_id
-                request.same_host.page_ids.extend(ids.tolist())
+                request.same_host.page_ids.extend(ids)
                 fetch.direct = True
             fetch.request_sent = True
             # posted, not awaited (a failed send fails the fetch): the answer is what counts
@@ -195,7 +195,8 @@ class KvReceiver:
                 value = None
                 if self.config.same_host_verify:
                     value = await status.guard(asyncio.get_running_loop().run_in_executor(
-                        self._executor, samehost.checksum_of, pool.kv, ids, plan))
+                        self._executor, samehost.checksum_of, pool.kv,
+                        ids_on(ids, pool.kv.device), plan))
                 samehost.verify_trailer(trailer, plan.total_bytes, token, value)
                 status.succeed()
                 return trailer.first_token

@@ -166,15 +166,18 @@ class PoolSide:
     reduction per run; `packed_ids` the pool page ids of the packed pages (on the pool's device)
     for pack/unpack."""
 
-    def __init__(self, plan: WirePlan, kv: torch.Tensor, ids: torch.Tensor) -> None:
+    def __init__(self, plan: WirePlan, kv: torch.Tensor, host: list[int]) -> None:
+        """`host`: the request's checked pool page ids, in request order (a list: no tensor
+        read on the transfer's path)."""
+        from pdmesh.worker.kv.pack import ids_on
+
         self.plan, self.kv = plan, kv
-        host = ids.tolist()
         # per direct run: [layers, 2, run bytes] uint8, each row one message's block in the pool
         self._rows = [kv[:, :, host[start]:host[start] + length].flatten(2).view(torch.uint8)
                       for start, length in plan.direct]
         self._blocks = {start: [layer.unbind(0) for layer in rows.unbind(0)]
                         for (start, _), rows in zip(plan.direct, self._rows)}
-        self.packed_ids = ids[list(plan.packed)] if plan.packed else ids[:0]
+        self.packed_ids = ids_on([host[i] for i in plan.packed], kv.device)
 
     def block(self, m: Message) -> torch.Tensor:
         return self._blocks[m.start][m.layer][m.half]

@@ -252,7 +252,8 @@ class SameHostSender:
 
     def target(self, link, request: pb.TransferRequest, layout: KvLayout,
                src_device: torch.device) -> tuple[_Mapped, torch.Tensor]:
-        """The mapped pool and destination ids a request names (FAILED_PRECONDITION if not)."""
+        """The mapped pool and destination ids a request names, checked (a CPU tensor), or
+        FAILED_PRECONDITION / INVALID_ARGUMENT."""
         mapped = self._maps.get((id(link), request.same_host.pool_id))
         if mapped is None or mapped.closing:
             raise FailedPrecondition("the request names a pool this rank has not mapped; "
@@ -270,7 +271,8 @@ class SameHostSender:
         if values and (max(values) >= mapped.num_pages or len(set(values)) != len(values)):
             raise InvalidArgument("destination page ids out of range or repeated",
                                   reason=Reason.INVALID_PAGE_IDS)
-        return mapped, torch.tensor(values, dtype=torch.int64, device=mapped.peer.kv.device)
+        # on the host: the copier moves them to the device on its own stream, without a wait
+        return mapped, torch.tensor(values, dtype=torch.int64)
 
     def hold(self, mapped: _Mapped) -> None:
         mapped.users += 1
@@ -301,11 +303,9 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
     (samehost_copy.py: CPU threads, or launches on a CUDA stream), then the trailer; on failure,
     a TransferAbort once no copy runs any more (the receiver waits for it before its pages may
     return to the pool)."""
-    from pdmesh.worker.kv.pack import check_page_ids
-
     status, tid = offer.status, request.transfer_id
     plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), _layers_per_chunk(request, offer))
-    src_ids = check_page_ids(offer.pool.kv, offer.page_ids, unique=False)
+    src_ids = torch.tensor(offer.page_ids, dtype=torch.int64)  # checked when offered
     copier = samehost_copy.make_copier(offer.pool.kv, mapped.peer.kv, CopyPlan(src_ids, dst_ids),
                                        executor, threads)
     total = 0

@@ -11,7 +11,8 @@ while a copy may still touch it.
   the next chunk; a failed slice fails the transfer once every slice ended.
 - `CudaCopier`: every chunk is one Triton launch on the rank's copy stream, queued behind the
   CUDA event of the chunk's last layer (`stream.wait_event`: no host wait, so layer streaming
-  costs the event loop a launch per chunk). The page ids go to the device once per transfer;
+  costs the event loop a launch per chunk). The page ids go to the device once per transfer,
+  queued on the copy stream (no host wait);
   the checksum slots stay there until `settle`, which sums them on the device and waits for
   the stream (polled on the event loop briefly, then in the executor): one host wait per
   transfer.
@@ -79,9 +80,9 @@ class CudaCopier:
     def __init__(self, src_kv, dst_kv, copies: CopyPlan, executor) -> None:
         self.src_kv, self.dst_kv, self.executor = src_kv, dst_kv, executor
         self.stream = copy_stream(src_kv.device)
-        with torch.cuda.stream(self.stream):
-            self.src_ids = copies.src_ids.to(src_kv.device)
-            self.dst_ids = copies.dst_ids.to(src_kv.device)
+        with torch.cuda.stream(self.stream):  # queued on the copy stream: no host wait
+            self.src_ids = copies.src_ids.to(src_kv.device, non_blocking=True)
+            self.dst_ids = copies.dst_ids.to(src_kv.device, non_blocking=True)
         self.sums: list[torch.Tensor] = []
 
     async def chunk(self, status, a: int, b: int, nbytes: int, mark=None) -> None:

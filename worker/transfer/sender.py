@@ -41,7 +41,7 @@ from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
-from pdmesh.worker.kv.pack import check_page_ids, pack_checked
+from pdmesh.worker.kv.pack import checked_page_list, pack_checked
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import digest, runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
@@ -100,7 +100,7 @@ class KvSender:
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
                                   reason=Reason.INVALID_TRANSFER_TOKEN)
-        check_page_ids(pool.kv, page_ids, unique=False)  # out of range: INVALID_ARGUMENT now
+        page_ids = checked_page_list(pool.kv, page_ids, unique=False)  # INVALID_ARGUMENT now
         offer = Offer(room, pool, page_ids, first_token, token, timeout, self.config)
         self._offers[room] = offer
         offer.status.on_fail(lambda err, o=offer: self._offer_failed(o))
@@ -360,8 +360,7 @@ class KvSender:
 
     async def _stream(self, link: Link, request: pb.TransferRequest, offer: Offer,
                       plan: runs.WirePlan, aborted: asyncio.Future) -> None:
-        ids = check_page_ids(offer.pool.kv, offer.page_ids, unique=False)  # once, not per chunk
-        out = Outgoing(link, request.transfer_id, plan, PoolSide(plan, offer.pool.kv, ids),
+        out = Outgoing(link, request.transfer_id, plan, PoolSide(plan, offer.pool.kv, offer.page_ids),
                        self._staging_for(offer.pool), offer.status, self.config,
                        pack=lambda *args: _pack_chunk(*args))  # late lookup: tests hook it
         status = offer.status

@@ -89,10 +89,9 @@ def test_no_runs_from_a_peer_is_the_packed_format():
 def test_pool_side_views_are_the_pages():
     pool = KvPool(LAYOUT, 12)
     pool.kv.view(torch.int16).random_(-100, 100)
-    ids = torch.tensor([3, 4, 5, 9])
     plan = runs.WirePlan.build(LAYOUT, 4, 5, [3, 1], [4], min_direct_bytes=2 * PIECE,
                                max_direct_runs=4)
-    side = runs.PoolSide(plan, pool.kv, ids)
+    side = runs.PoolSide(plan, pool.kv, [3, 4, 5, 9])
     m = plan.chunks[0][3]  # layer 1, V, the run of 3
     assert (m.layer, m.half, m.length) == (1, 1, 3)
     assert torch.equal(side.block(m), pool.kv[1, 1, 3:6].reshape(-1).view(torch.uint8))
