@@ -1,7 +1,7 @@
 """Step timeline of one transfer through a loopback pair (an investigation tool, not in `make bench`).
 
     python -m bench._trace [--device cuda] [--path ucx|auto] [--tokens 512] [--page 16]
-                           [--iters 30] [--out DIR]
+                           [--iters 30] [--out DIR] [--scattered] [--set FIELD=INT ...]
 
 Runs `pdmesh.worker.transfer.loopback` sender and receiver (bench/transfer.py's Proc) with the
 transfer's steps wrapped to log when each is entered and left (`time.perf_counter_ns`, CLOCK_
@@ -39,6 +39,9 @@ STEPS = [  # (module, owner or None, function, label)
     ("pdmesh.worker.transfer.samehost_copy", None, "copy_job", "S copy job"),
     ("pdmesh.worker.transfer.wire", None, "send_trailer", "S trailer"),
     ("pdmesh.worker.transfer.ucx", "UcxLink", "post_control", "post control"),
+    ("pdmesh.worker.transfer.ucx", "UcxLink", "send_data", "S post data"),
+    ("pdmesh.worker.transfer.ucx", "UcxLink", "recv_data", "R post data"),
+    ("pdmesh.worker.transfer.streams", None, "_wait_device", "R unpack wait (thread)"),
 ]
 
 
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", type=int, default=16)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("/tmp/pdmesh-trace"))
+    parser.add_argument("--scattered", action="store_true", help="pages at random ids")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                        help="a TransferConfig field of both sides (loopback's --set)")
     args = parser.parse_args(argv)
     from bench.transfer import Proc
     args.out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     pages = max(1, args.tokens // args.page)
     layout = f"32,{args.page},8,128,bf16"
     common = ["--device", args.device, "--layout", layout, "--pages", str(2 * pages + 8),
-              "--room-wait", "60"]
+              "--room-wait", "60", *[x for f in args.set for x in ("--set", f)]]
     base = [sys.executable, "-m", "bench._trace", "child", str(args.out)]
     sender = Proc(base + ["sender", *common], env)
     receiver = Proc(base + ["receiver", *common], env)
@@ -125,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         address = sender.get("event", "ready", timeout=180)["address"]
         receiver.get("event", "ready", timeout=180)
         for room in range(1, args.iters + 1):
-            sender.send(op="offer", room=room, pages=pages, timeout=60)
+            sender.send(op="offer", room=room, pages=pages, timeout=60, scattered=args.scattered)
             sender.get("room", room)
-            receiver.send(op="fetch", address=address, rooms=[room], pages=pages, timeout=60)
+            receiver.send(op="fetch", address=address, rooms=[room], pages=pages, timeout=60,
+                          scattered=args.scattered)
             done = receiver.get("event", "fetch_done")
             receiver.get("event", "batch_done")
             sender.get("event", "offer_done")
