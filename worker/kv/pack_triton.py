@@ -12,6 +12,12 @@ reading/writing whole rows with wide, coalesced accesses (Triton emits 16-byte v
 multiple of 16 elements, which every real head dim gives). The tensors are reinterpreted as
 integers of the same width, so the copy is bit-exact for every dtype (NaN payloads included).
 
+The `*_summed` variants also checksum the staging buffer in the same pass, so a transfer makes no
+second read of it: the rows are then copied as int64 words (a row of whole words, 8-byte aligned
+tensors), and each program stores its tile's two sums of `pdmesh.worker.transfer.digest.parts`
+(words, and words weighted by their 512-word block's place, staging word i in block i // 512),
+summed into one int64 [2] on the device. Both sums wrap mod 2^64, so any order gives the same bits.
+
 These functions trust their caller (`pdmesh.worker.kv.pack.pack/unpack` validate shapes, dtypes
 and page-id bounds; duplicate ids in an unpack race, as they do in torch's `index_copy_`); they
 check only what would make them write out of bounds, and return at once on empty input.
@@ -23,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["pack_triton", "unpack_triton"]
+__all__ = ["pack_triton", "pack_triton_summed", "unpack_triton", "unpack_triton_summed"]
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Bytes one program moves and its warps, from the H100 sweep (`python -m bench.gpu --sweep`):
@@ -31,6 +37,7 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TILE_BYTES = 32768
 _NUM_WARPS = 8
 _MAX_GRID_Y = 65535
+_BLOCK_SHIFT = tl.constexpr(9)  # digest's blocks of 512 words
 
 
 # the counts vary per request: one compiled kernel for all of them (a rank's warm-up
@@ -40,6 +47,7 @@ def _page_rows_copy_kernel(
     src_ptr,  # pack: pool rows [L * 2 * P, E]; unpack: staging rows [R, E]  (integer view)
     dst_ptr,  # pack: staging rows [R, E];      unpack: pool rows [L * 2 * P, E]
     ids_ptr,  # [n] page ids of the request, in request order (any integer dtype)
+    sums_ptr,  # SUMS: [programs, 2] int64, each program's (word sum, positional sum); else None
     num_rows,  # R = (b - a) * 2 * n staging rows
     n,  # pages in the request
     num_pages,  # P, pages in the pool
@@ -50,6 +58,7 @@ def _page_rows_copy_kernel(
     EVEN_ROWS: tl.constexpr,  # num_rows % ROWS == 0: no row mask
     EVEN_COLS: tl.constexpr,  # E % BLOCK == 0: no column mask
     SCATTER: tl.constexpr,  # False: pool -> staging (pack); True: staging -> pool (unpack)
+    SUMS: tl.constexpr,  # rows are int64 words (E of them): also sum them, as digest.parts does
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS] staging row indices
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] element offsets in a row
@@ -70,10 +79,20 @@ def _page_rows_copy_kernel(
         src_off = pool_off
         dst_off = staging_off
     if EVEN_ROWS and EVEN_COLS:
-        tl.store(dst_ptr + dst_off, tl.load(src_ptr + src_off))
+        vals = tl.load(src_ptr + src_off)
+        tl.store(dst_ptr + dst_off, vals)
     else:
         mask = row_ok[:, None] & (cols < E)[None, :]
-        tl.store(dst_ptr + dst_off, tl.load(src_ptr + src_off, mask=mask), mask=mask)
+        if SUMS:
+            vals = tl.load(src_ptr + src_off, mask=mask, other=0)
+        else:
+            vals = tl.load(src_ptr + src_off, mask=mask)
+        tl.store(dst_ptr + dst_off, vals, mask=mask)
+    if SUMS:  # staging_off is the word's index in the whole message
+        weights = (staging_off >> _BLOCK_SHIFT) + 1
+        slot = sums_ptr + 2 * (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1))
+        tl.store(slot, tl.sum(tl.sum(vals, axis=1), axis=0))
+        tl.store(slot + 1, tl.sum(tl.sum(vals * weights, axis=1), axis=0))
 
 
 def _tiles(num_rows: int, row_elems: int, itemsize: int,
@@ -87,8 +106,10 @@ def _tiles(num_rows: int, row_elems: int, itemsize: int,
 
 
 def _launch(src: torch.Tensor, dst: torch.Tensor, kv: torch.Tensor, page_ids: torch.Tensor,
-            layer_start: int, layer_end: int, scatter: bool, *,
-            tile_bytes: int = _TILE_BYTES, num_warps: int = _NUM_WARPS) -> None:
+            layer_start: int, layer_end: int, scatter: bool, *, summed: bool = False,
+            tile_bytes: int = _TILE_BYTES, num_warps: int = _NUM_WARPS) -> torch.Tensor | None:
+    """Validate, then copy in one launch; with `summed`, the staging buffer's digest parts
+    (int64 [2] on the device) where its rows are whole aligned words, else None."""
     if kv.dim() != 6:
         raise ValueError(f"kv must be [layers, 2, pages, page_size, heads, head_dim], got {tuple(kv.shape)}")
     num_layers, _, num_pages = kv.shape[:3]
@@ -103,16 +124,26 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, kv: torch.Tensor, page_ids: to
         raise ValueError("kv and the staging buffer must be contiguous")
     num_rows = (layer_end - layer_start) * 2 * n
     row_elems = kv.shape[3] * kv.shape[4] * kv.shape[5]
-    if num_rows == 0 or row_elems == 0:
-        return
-    ints = _INT_VIEW[kv.element_size()]
-    rows, block = _tiles(num_rows, row_elems, kv.element_size(), tile_bytes)
+    if num_rows == 0 or row_elems == 0:  # an empty message: its parts are zeros
+        return torch.zeros(2, dtype=torch.int64, device=kv.device) if summed else None
+    row_bytes = row_elems * kv.element_size()
+    words = summed and row_bytes % 8 == 0 and src.data_ptr() % 8 == 0 and dst.data_ptr() % 8 == 0
+    if words:
+        src, dst = (t.view(-1, row_elems).view(torch.int64) for t in (src, dst))
+        row_elems, itemsize = row_bytes // 8, 8
+    else:
+        ints, itemsize = _INT_VIEW[kv.element_size()], kv.element_size()
+        src, dst = src.view(ints), dst.view(ints)
+    rows, block = _tiles(num_rows, row_elems, itemsize, tile_bytes)
     grid = (triton.cdiv(num_rows, rows), triton.cdiv(row_elems, block))
+    sums = None
+    if words:  # each program's two sums, added up below
+        sums = torch.empty((grid[0] * grid[1], 2), dtype=torch.int64, device=kv.device)
     _page_rows_copy_kernel[grid](
-        src.view(ints), dst.view(ints), page_ids.contiguous(), num_rows, n, num_pages,
-        2 * layer_start, row_elems, ROWS=rows, BLOCK=block,
-        EVEN_ROWS=num_rows % rows == 0, EVEN_COLS=row_elems % block == 0, SCATTER=scatter,
-        num_warps=num_warps)
+        src, dst, page_ids.contiguous(), sums, num_rows, n, num_pages, 2 * layer_start, row_elems,
+        ROWS=rows, BLOCK=block, EVEN_ROWS=num_rows % rows == 0, EVEN_COLS=row_elems % block == 0,
+        SCATTER=scatter, SUMS=words, num_warps=num_warps)
+    return None if sums is None else sums.sum(0)
 
 
 def pack_triton(kv: torch.Tensor, page_ids: torch.Tensor, layer_start: int, layer_end: int,
@@ -122,7 +153,26 @@ def pack_triton(kv: torch.Tensor, page_ids: torch.Tensor, layer_start: int, laye
     return out
 
 
+def pack_triton_summed(kv: torch.Tensor, page_ids: torch.Tensor, layer_start: int,
+                       layer_end: int, out: torch.Tensor, **tuning) -> torch.Tensor | None:
+    """`pack_triton`, and `digest.parts(out.view(torch.uint8))` from the same pass: int64 [2] on
+    the device, queued on the current stream (no host sync). None where a row is not whole
+    8-byte words or a tensor is not 8-byte aligned: the copy is done all the same, and the
+    caller computes the parts with `digest.parts`."""
+    return _launch(kv, out, kv, page_ids, layer_start, layer_end, scatter=False, summed=True,
+                   **tuning)
+
+
 def unpack_triton(staging: torch.Tensor, kv: torch.Tensor, page_ids: torch.Tensor,
                   layer_start: int, layer_end: int, **tuning) -> None:
     """Scatter `staging` back: `kv[layer_start:layer_end, :, page_ids] = staging`, one launch."""
     _launch(staging, kv, kv, page_ids, layer_start, layer_end, scatter=True, **tuning)
+
+
+def unpack_triton_summed(staging: torch.Tensor, kv: torch.Tensor, page_ids: torch.Tensor,
+                         layer_start: int, layer_end: int, **tuning) -> torch.Tensor | None:
+    """`unpack_triton`, and `digest.parts(staging.view(torch.uint8))` from the same pass (the
+    staging bytes as read, before the scatter): as `pack_triton_summed`, None where the copy
+    ran without the sums."""
+    return _launch(staging, kv, kv, page_ids, layer_start, layer_end, scatter=True, summed=True,
+                   **tuning)

@@ -10,8 +10,9 @@ rank is ready), so the first request of a fresh mesh finds:
    allocator keeps blocks per stream; CUDA loads each kernel on its first use, and the GEMMs of
    another prompt length use other kernels);
 2. the pack / unpack kernels and the checksum run once on one page (on a GPU this compiles the
-   Triton kernels, `worker/kv/pack_triton.py`; on a CPU prefill rank the same-host page copy's
-   compiled loop, `worker/kv/copy_numba.py`);
+   Triton kernels, `worker/kv/pack_triton.py`; on a CPU the pack's and unpack's compiled loop,
+   `worker/kv/pack_numba.py`, and on a prefill rank the same-host page copy's,
+   `worker/kv/copy_numba.py`);
 3. the staging buffers of a transfer of up to `chunk_bytes` per chunk allocated and touched
    (first-touch page faults cost ~10x a copy here; staging.py);
 4. the transport warm: one loopback transfer of one page through this rank's own data-plane
@@ -35,9 +36,9 @@ import torch
 
 from pdmesh.worker.engine.protocol import DecodeItem
 from pdmesh.worker.kv import page_copy
-from pdmesh.worker.kv.pack import check_page_ids, pack_checked, unpack_checked
+from pdmesh.worker.kv.pack import check_page_ids
 from pdmesh.worker.rank import layer_stream
-from pdmesh.worker.transfer import wire
+from pdmesh.worker.transfer import digest, wire
 
 log = logging.getLogger(__name__)
 _ROOM, _TOKEN = 1, b"pdmesh-warmup"
@@ -133,9 +134,10 @@ def _copies_same_host(transfer) -> bool:
 def _kernels_once(kv: torch.Tensor, ids: list[int], same_host: bool) -> None:
     index = check_page_ids(kv, ids[:1], unique=True)
     staging = torch.empty((1, 2, 1) + tuple(kv.shape[3:]), dtype=kv.dtype, device=kv.device)
-    pack_checked(kv, index, 0, 1, staging)
-    wire.checksum(staging.view(-1).view(torch.uint8))
-    unpack_checked(staging, kv, index, 0, 1)
+    buf = staging.view(-1).view(torch.uint8)
+    digest.pack_parts(kv, index, 0, 1, buf)  # the pack as a transfer runs it (checksum fused)
+    wire.checksum(buf)
+    digest.unpack_parts(buf, kv, index, 0, 1)
     if same_host:
         page_copy.warm(kv, ids)
     if kv.is_cuda:

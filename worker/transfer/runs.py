@@ -191,11 +191,6 @@ class PoolSide:
         joined = parts[0] if len(parts) == 1 else torch.stack(parts, dim=2)
         return joined.reshape(-1, 2)
 
-    def staging_view(self, buf: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """A packed message's buffer as [b - a, 2, n_packed, page_size, heads, head_dim]."""
-        n = self.packed_ids.numel()
-        return buf.view(self.kv.dtype).view((b - a, 2, n) + tuple(self.kv.shape[3:]))
-
 
 def run_histogram(runs: Sequence[int], edges: Sequence[int] = (1, 2, 4, 8, 16, 64)
                   ) -> dict[str, float]:

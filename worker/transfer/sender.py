@@ -41,7 +41,7 @@ from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
-from pdmesh.worker.kv.pack import checked_page_list, pack_checked
+from pdmesh.worker.kv.pack import checked_page_list
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import digest, runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
@@ -457,9 +457,7 @@ def _pack_chunk(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.
     """Worker thread: pack layers [a, b) of pages `ids` into `buf`; return its checksum parts
     (digest.py). On a GPU, returns once the packed bytes are there (an event, not a device-wide
     sync): UCX reads them from another stream."""
-    n = ids.numel()
-    pack_checked(kv, ids, a, b, buf.view(kv.dtype).view((b - a, 2, n) + tuple(kv.shape[3:])))
-    sums = digest.parts(buf)
+    sums = digest.pack_parts(kv, ids, a, b, buf)  # the checksum in the pack's pass where it can
     if kv.is_cuda:
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(kv.device))

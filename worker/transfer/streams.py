@@ -25,7 +25,6 @@ from collections import deque
 import torch
 
 from pdmesh.errors import PdmeshError
-from pdmesh.worker.kv.pack import unpack_checked
 from pdmesh.worker.transfer import digest, runs, wire
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.link import Link
@@ -195,8 +194,7 @@ def _finish_chunk(side: PoolSide, msgs: tuple, bufs: list, a: int, b: int
     landed in the pool), then unpack its packed message."""
     direct, packed = side.direct_parts(a, b), None
     if msgs and not msgs[-1].direct:
-        packed = digest.parts(bufs[-1])
-        unpack_checked(side.staging_view(bufs[-1], a, b), side.kv, side.packed_ids, a, b)
+        packed = digest.unpack_parts(bufs[-1], side.kv, side.packed_ids, a, b)
         _wait_device(side.kv)  # its staging buffer goes back to the cache (and to UCX) next
     return _chunk_parts(direct, packed)
 

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from pdmesh.errors import DataLoss, InvalidArgument
 from pdmesh.worker.kv.layout import KvLayout
-from pdmesh.worker.kv.pack import pack
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import digest, runs, wire
 
@@ -96,8 +95,6 @@ def test_pool_side_views_are_the_pages():
     assert (m.layer, m.half, m.length) == (1, 1, 3)
     assert torch.equal(side.block(m), pool.kv[1, 1, 3:6].reshape(-1).view(torch.uint8))
     assert side.packed_ids.tolist() == [9]
-    staged = pack(pool.kv, [9]).view(-1).view(torch.uint8)
-    assert side.staging_view(staged, 0, 5).shape == (5, 2, 1, 2, 2, 8)
 
 
 @pytest.mark.parametrize("nbytes", [0, 8, 4096, 4096 * 3 + 40, 13, 100_003])
