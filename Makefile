@@ -65,7 +65,8 @@ clean:
 # installs the wheels sent along and maps the pdmesh namespace with links.
 GPU_PY      ?= python3
 GPU_WHEELS  := .gpu/wheels
-GPU_TESTS   ?= tests/worker/kv/test_pack_triton.py tests/worker/kv/test_copy_triton.py \
+GPU_TESTS   ?= tests/worker/kv/test_pack_triton.py tests/worker/kv/test_pack_triton_sums.py \
+	tests/worker/kv/test_copy_triton.py \
 	tests/worker/transfer/test_transfer_gpu.py tests/worker/engine/test_engine_gpu.py \
 	tests/worker/test_pd_mesh_gpu.py
 GPU_DOWNLOAD = $(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \

@@ -59,28 +59,38 @@ def unpack(staging: torch.Tensor, kv: torch.Tensor, page_ids: PageIds,
     unpack_checked(_check_buffer(staging, kv, shape, "staging"), kv, ids, a, b)
 
 
-def pack_checked(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
+def pack_checked(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, out: torch.Tensor,
+                 summed: bool = False) -> torch.Tensor | None:
     """`pack` without its validation, for a caller that validated once for many calls (the KV
-    sender, per chunk): `ids` from `check_page_ids`, `out` contiguous [b - a, 2, n, S, H, D]."""
+    sender, per chunk): `ids` from `check_page_ids`, `out` contiguous [b - a, 2, n, S, H, D].
+    With `summed`, a CUDA pool's Triton pack also returns `digest.parts` of `out` from its own
+    pass (int64 [2] on the device, no host wait); None wherever it did not take them."""
     if out.numel() == 0:
-        return
+        return None
     if kv.is_cuda and _triton() is not None:
+        if summed:
+            return _triton().pack_triton_summed(kv, ids, a, b, out)
         _triton().pack_triton(kv, ids, a, b, out)
-        return
+        return None
     pool_rows, out_rows = _rows(kv, a, b, out)
     torch.index_select(pool_rows, 1, ids, out=out_rows)
+    return None
 
 
-def unpack_checked(staging: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int, b: int
-                   ) -> None:
-    """`unpack` without its validation (ids distinct and in range, staging of the right size)."""
+def unpack_checked(staging: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int, b: int,
+                   summed: bool = False) -> torch.Tensor | None:
+    """`unpack` without its validation (ids distinct and in range, staging of the right size);
+    `summed` as in `pack_checked`, the parts of `staging` as read."""
     if staging.numel() == 0:
-        return
+        return None
     if kv.is_cuda and _triton() is not None:
+        if summed:
+            return _triton().unpack_triton_summed(staging, kv, ids, a, b)
         _triton().unpack_triton(staging, kv, ids, a, b)
-        return
+        return None
     pool_rows, staging_rows = _rows(kv, a, b, staging)
     pool_rows.index_copy_(1, ids, staging_rows)
+    return None
 
 
 def staging_shape(kv: torch.Tensor, num_pages: int, layers: tuple[int, int] | None = None

@@ -38,6 +38,7 @@ _TILE_BYTES = 32768
 _NUM_WARPS = 8
 _MAX_GRID_Y = 65535
 _BLOCK_SHIFT = tl.constexpr(9)  # digest's blocks of 512 words
+_BLOCK_MASK = tl.constexpr(511)
 
 
 # the counts vary per request: one compiled kernel for all of them (a rank's warm-up
@@ -88,11 +89,15 @@ def _page_rows_copy_kernel(
         else:
             vals = tl.load(src_ptr + src_off, mask=mask)
         tl.store(dst_ptr + dst_off, vals, mask=mask)
-    if SUMS:  # staging_off is the word's index in the whole message
-        weights = (staging_off >> _BLOCK_SHIFT) + 1
+    if SUMS:  # word i = row * E + col of the message weighs i // 512 + 1 (digest.parts)
+        start = rows.to(tl.int64) * E  # [ROWS] index of each row's first word
+        into = (start & _BLOCK_MASK).to(tl.int32)  # its place in its block
+        past = (into[:, None] + cols[None, :]) >> _BLOCK_SHIFT  # [ROWS, BLOCK] blocks past it
+        row_sums = tl.sum(vals, axis=1)  # [ROWS]
         slot = sums_ptr + 2 * (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1))
-        tl.store(slot, tl.sum(tl.sum(vals, axis=1), axis=0))
-        tl.store(slot + 1, tl.sum(tl.sum(vals * weights, axis=1), axis=0))
+        tl.store(slot, tl.sum(row_sums, axis=0))
+        tl.store(slot + 1, tl.sum(row_sums * ((start >> _BLOCK_SHIFT) + 1), axis=0)
+                 + tl.sum(tl.sum(vals * past, axis=1), axis=0))
 
 
 def _tiles(num_rows: int, row_elems: int, itemsize: int,

@@ -8,7 +8,8 @@ the current stream behind the pack or the receive it checks), and `Digest.value(
 part once and folds them. It reads views of pool pages in place (a direct message) as well as
 staging buffers: one vectorised read pass per side, no copy. A packed message's parts come from
 the pack (sender) or unpack (receiver) itself where a fused kernel exists (`pack_parts`,
-`unpack_parts`: worker/kv/pack_numba.py on the CPU): no second pass over its bytes.
+`unpack_parts`: worker/kv/pack_numba.py on the CPU, the Triton kernels' summed variants on a
+GPU): no second pass over its bytes.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def pack_parts(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.T
     fused = _fused(kv, ids, a, b, buf)
     if fused is not None:
         return fused[0](*fused[1:])
-    pack_checked(kv, ids, a, b, _staged(kv, ids, a, b, buf))
-    return parts(buf)
+    sums = pack_checked(kv, ids, a, b, _staged(kv, ids, a, b, buf), summed=True)
+    return parts(buf) if sums is None else sums
 
 
 def unpack_parts(buf: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int, b: int
@@ -77,9 +78,8 @@ def unpack_parts(buf: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int,
     fused = _fused(kv, ids, a, b, buf, unpack=True)
     if fused is not None:
         return fused[0](*fused[1:])
-    sums = parts(buf)
-    unpack_checked(_staged(kv, ids, a, b, buf), kv, ids, a, b)
-    return sums
+    sums = unpack_checked(_staged(kv, ids, a, b, buf), kv, ids, a, b, summed=True)
+    return parts(buf) if sums is None else sums  # the unpack leaves `buf` as it was
 
 
 def _staged(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor
