@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+
 from pdmesh.worker.kv.pool import KvPool
+from pdmesh.worker.transfer import runs
 from pdmesh.worker.transfer.config import TransferConfig
 from pdmesh.worker.transfer.layers import LayerReadiness
 from pdmesh.worker.transfer.state import TransferState, TransferStatus
@@ -18,9 +21,11 @@ from pdmesh.worker.transfer.state import TransferState, TransferStatus
 class Offer:
     """Room `room`'s KV, held for one decode. Await it: None once sent, else the failure."""
 
-    def __init__(self, room: int, pool: KvPool, page_ids: list[int], first_token: int | None,
+    def __init__(self, room: int, pool: KvPool, page_ids: np.ndarray, first_token: int | None,
                  token: bytes, timeout: float, config: TransferConfig) -> None:
-        self.room, self.pool, self.page_ids = room, pool, list(page_ids)
+        """`page_ids`: checked (kv.pack.checked_page_array), never written."""
+        self.room, self.pool, self.page_ids = room, pool, page_ids
+        self.page_runs = runs.page_runs(page_ids)  # the sender's side of every wire plan
         self.token = token
         layers = pool.layout.num_layers
         self.layers = (LayerReadiness(layers) if first_token is None

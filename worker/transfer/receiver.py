@@ -43,7 +43,7 @@ from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, 
                            Unavailable)
 from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
-from pdmesh.worker.kv.pack import checked_page_list, ids_on
+from pdmesh.worker.kv.pack import checked_page_array, ids_on
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
@@ -122,7 +122,7 @@ class KvReceiver:
                     layers_per_chunk: int | None = None) -> int:
         """Receive room `room`'s KV from the sender at `address` into `page_ids` of `pool`;
         return the first output token. Raises the typed failure (see the module docstring)."""
-        ids = checked_page_list(pool.kv, page_ids, unique=True)  # checked once, kept on the host
+        ids = checked_page_array(pool.kv, page_ids, unique=True)  # checked once, kept on the host
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
                                   reason=Reason.INVALID_TRANSFER_TOKEN)
@@ -159,7 +159,7 @@ class KvReceiver:
                 transfer_id=fetch.transfer_id, room=fetch.room, epoch=epoch,
                 layout=pool.layout.to_proto(), num_pages=len(ids),
                 expected_bytes=plan.total_bytes, layers_per_chunk=plan.layers_per_chunk,
-                token=token, page_runs=fetch.own_runs,
+                token=token, page_runs=runs.on_wire(fetch.own_runs, len(ids)),
                 direct_min_bytes=self.config.direct_min_bytes,
                 max_direct_runs=self.config.max_direct_runs)
             known, pool_id = self._samehost.known(fetch.link, pool)
@@ -167,7 +167,7 @@ class KvReceiver:
                 pool_id = await status.guard(self._samehost.target(fetch.link, pool))
             if pool_id is not None:  # same host: the sender writes straight into these pages
                 request.same_host.pool_id = pool_id
-                request.same_host.page_ids.extend(ids)
+                request.same_host.page_ids.extend(ids.tolist())
                 fetch.direct = True
             fetch.request_sent = True
             # posted, not awaited (a failed send fails the fetch): the answer is what counts

@@ -32,8 +32,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
 
+import numpy as np
 import torch
 
 from pdmesh.errors import DataLoss, InvalidArgument
@@ -42,30 +42,34 @@ from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.transfer import digest
 
 
-def page_runs(page_ids: Sequence[int] | torch.Tensor) -> list[int]:
+def page_runs(page_ids: Sequence[int] | torch.Tensor | np.ndarray) -> list[int]:
     """Run lengths of `page_ids` in order: [3, 1] for pages 7, 8, 9, 2."""
-    ids = page_ids.tolist() if isinstance(page_ids, torch.Tensor) else list(page_ids)
-    runs: list[int] = []
-    for i, page in enumerate(ids):
-        if i and page == ids[i - 1] + 1:
-            runs[-1] += 1
-        else:
-            runs.append(1)
-    return runs
+    ids = np.asarray(page_ids.cpu() if isinstance(page_ids, torch.Tensor) else page_ids,
+                     dtype=np.int64)
+    if not ids.size:
+        return []
+    cuts = np.flatnonzero(np.diff(ids) != 1) + 1  # where a run ends and the next begins
+    return np.diff(cuts, prepend=0, append=ids.size).tolist()
+
+
+def on_wire(runs: list[int], num_pages: int) -> list[int]:
+    """What a message carries for these runs: none where every page is its own run (the
+    protocol's meaning of no runs), so scattered pages cost no list on the wire."""
+    return [] if len(runs) == num_pages else runs
 
 
 def checked_runs(runs: Sequence[int], num_pages: int, *, from_request: bool) -> list[int]:
     """A peer's run lengths, validated; none given means every page on its own."""
-    runs = [int(r) for r in runs]
-    if not runs:
+    if not len(runs):
         return [1] * num_pages
-    if any(r < 1 for r in runs) or sum(runs) != num_pages:
+    lengths = np.array(runs, dtype=np.int64)  # a protobuf repeated field: no Python int each
+    if lengths.min() < 1 or int(lengths.sum()) != num_pages:
         error = InvalidArgument if from_request else DataLoss
         raise error(f"page_runs must be positive lengths summing to the {num_pages} pages of the "
-                    f"request, got {len(runs)} runs summing to {sum(runs)}",
+                    f"request, got {len(runs)} runs summing to {int(lengths.sum())}",
                     reason=Reason.INVALID_PAGE_RUNS if from_request else Reason.KV_TRANSFER_BAD_MESSAGE,
                     metadata={"num_pages": num_pages, "runs": len(runs)})
-    return runs
+    return lengths.tolist()
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ class WirePlan:
     num_pages: int
     layers_per_chunk: int
     direct: tuple[tuple[int, int], ...]  # (start, length) of each direct run, request order
-    packed: tuple[int, ...]  # request indices of the packed pages, in order
+    # request indices of the packed pages, in order (int64)
+    packed: np.ndarray = field(compare=False)
     chunks: tuple[tuple[Message, ...], ...] = field(repr=False)
 
     @classmethod
@@ -100,9 +105,8 @@ class WirePlan:
               recv_runs: Sequence[int], send_runs: Sequence[int], *,
               min_direct_bytes: int, max_direct_runs: int) -> "WirePlan":
         piece = layout.page_bytes_per_layer
-        common = _common_runs(recv_runs, send_runs)
-        long = [run for run in common if run[1] * piece >= min_direct_bytes]
-        long = sorted(sorted(long, key=lambda r: -r[1])[:max_direct_runs])
+        long = _direct_runs(num_pages, recv_runs, send_runs, piece, min_direct_bytes,
+                            max_direct_runs)
         packed = _complement(num_pages, long)
         ranges = [(a, min(a + layers_per_chunk, layout.num_layers))
                   for a in range(0, layout.num_layers, layers_per_chunk)]
@@ -114,11 +118,11 @@ class WirePlan:
                     for start, length in long:
                         msgs.append(Message(k, c, length * piece, layer, half, start, length))
                         k += 1
-            if packed or not long:  # (a request of no pages: one empty message, as before)
-                msgs.append(Message(k, c, (b - a) * 2 * len(packed) * piece))
+            if packed.size or not long:  # (a request of no pages: one empty message, as before)
+                msgs.append(Message(k, c, (b - a) * 2 * packed.size * piece))
                 k += 1
             chunks.append(tuple(msgs))
-        return cls(layout, num_pages, layers_per_chunk, tuple(long), tuple(packed), tuple(chunks))
+        return cls(layout, num_pages, layers_per_chunk, tuple(long), packed, tuple(chunks))
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
@@ -142,19 +146,33 @@ class WirePlan:
         return sum(length for _, length in self.direct)
 
 
-def _common_runs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int]]:
-    """(start, length) of the runs both run-length lists agree on."""
-    cuts = sorted(set(accumulate(a, initial=0)) | set(accumulate(b, initial=0)))
-    return [(x, y - x) for x, y in zip(cuts, cuts[1:])]
+def _direct_runs(num_pages: int, recv_runs: Sequence[int], send_runs: Sequence[int],
+                 piece: int, min_bytes: int, max_runs: int) -> list[tuple[int, int]]:
+    """(start, length) of the runs that travel in place, in request order: the common runs
+    (the request cut at every run boundary of either side) of at least `min_bytes` per layer
+    and K/V, the longest `max_runs` of them (the earlier one of equal lengths). Vectorised: a
+    request of thousands of single pages costs no Python work per page."""
+    if max_runs <= 0:
+        return []
+    if num_pages in (len(recv_runs), len(send_runs)):  # a side of single pages: so are all
+        cuts = np.arange(1, num_pages + 1)
+    else:  # both ends of every run of either side, in order, once
+        cuts = np.sort(np.concatenate([np.cumsum(recv_runs, dtype=np.int64),
+                                       np.cumsum(send_runs, dtype=np.int64)]), kind="stable")
+        cuts = cuts[np.diff(cuts, prepend=0) > 0]
+    starts = np.concatenate(([0], cuts[:-1])) if cuts.size else cuts
+    lengths = cuts - starts
+    chosen = np.flatnonzero(lengths * piece >= min_bytes)
+    if chosen.size > max_runs:
+        chosen = np.sort(chosen[np.argsort(-lengths[chosen], kind="stable")[:max_runs]])
+    return list(zip(starts[chosen].tolist(), lengths[chosen].tolist()))
 
 
-def _complement(num_pages: int, runs: list[tuple[int, int]]) -> list[int]:
-    out, at = [], 0
+def _complement(num_pages: int, runs: list[tuple[int, int]]) -> np.ndarray:
+    keep = np.ones(num_pages, dtype=np.bool_)
     for start, length in runs:
-        out.extend(range(at, start))
-        at = start + length
-    out.extend(range(at, num_pages))
-    return out
+        keep[start:start + length] = False
+    return np.flatnonzero(keep)
 
 
 class PoolSide:
@@ -166,18 +184,20 @@ class PoolSide:
     reduction per run; `packed_ids` the pool page ids of the packed pages (on the pool's device)
     for pack/unpack."""
 
-    def __init__(self, plan: WirePlan, kv: torch.Tensor, host: list[int]) -> None:
-        """`host`: the request's checked pool page ids, in request order (a list: no tensor
-        read on the transfer's path)."""
+    def __init__(self, plan: WirePlan, kv: torch.Tensor, host: np.ndarray) -> None:
+        """`host`: the request's checked pool page ids, in request order (a host array: no
+        tensor read on the transfer's path)."""
         from pdmesh.worker.kv.pack import ids_on
 
         self.plan, self.kv = plan, kv
+        host = np.asarray(host, dtype=np.int64)
+        firsts = host[[start for start, _ in plan.direct]].tolist()
         # per direct run: [layers, 2, run bytes] uint8, each row one message's block in the pool
-        self._rows = [kv[:, :, host[start]:host[start] + length].flatten(2).view(torch.uint8)
-                      for start, length in plan.direct]
+        self._rows = [kv[:, :, first:first + length].flatten(2).view(torch.uint8)
+                      for first, (_, length) in zip(firsts, plan.direct)]
         self._blocks = {start: [layer.unbind(0) for layer in rows.unbind(0)]
                         for (start, _), rows in zip(plan.direct, self._rows)}
-        self.packed_ids = ids_on([host[i] for i in plan.packed], kv.device)
+        self.packed_ids = ids_on(host[plan.packed], kv.device)
 
     def block(self, m: Message) -> torch.Tensor:
         return self._blocks[m.start][m.layer][m.half]

@@ -42,6 +42,7 @@ from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv import shm_pool
 from pdmesh.worker.kv.layout import KvLayout
+from pdmesh.worker.kv.pack import checked_page_array
 from pdmesh.worker.kv.page_copy import CopyPlan, checksum_pages
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import samehost_copy, wire
@@ -264,15 +265,17 @@ class SameHostSender:
             raise FailedPrecondition(f"the decode's pool is on {mapped.peer.kv.device.type}, "
                                      f"this rank's on {src_device.type}",
                                      reason=Reason.KV_SAME_HOST_DEVICE_MISMATCH)
-        values = list(request.same_host.page_ids)  # uint32: never negative
+        values = request.same_host.page_ids  # uint32: never negative
         if len(values) != request.num_pages:
             raise InvalidArgument(f"{len(values)} destination pages for {request.num_pages}",
                                   reason=Reason.INVALID_PAGE_IDS)
-        if values and (max(values) >= mapped.num_pages or len(set(values)) != len(values)):
+        try:  # a numpy copy of the repeated field (~10 us for 8,192 ids; no Python int each)
+            ids = checked_page_array(mapped.peer.kv, values, unique=True)
+        except InvalidArgument:
             raise InvalidArgument("destination page ids out of range or repeated",
-                                  reason=Reason.INVALID_PAGE_IDS)
+                                  reason=Reason.INVALID_PAGE_IDS) from None
         # on the host: the copier moves them to the device on its own stream, without a wait
-        return mapped, torch.tensor(values, dtype=torch.int64)
+        return mapped, torch.from_numpy(ids)
 
     def hold(self, mapped: _Mapped) -> None:
         mapped.users += 1
@@ -305,7 +308,7 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
     return to the pool)."""
     status, tid = offer.status, request.transfer_id
     plan = wire.ChunkPlan(offer.pool.layout, len(offer.page_ids), _layers_per_chunk(request, offer))
-    src_ids = torch.tensor(offer.page_ids, dtype=torch.int64)  # checked when offered
+    src_ids = torch.from_numpy(offer.page_ids)  # checked when offered
     copier = samehost_copy.make_copier(offer.pool.kv, mapped.peer.kv, CopyPlan(src_ids, dst_ids),
                                        executor, threads)
     total = 0

@@ -41,7 +41,7 @@ from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.layout import KvLayout
-from pdmesh.worker.kv.pack import checked_page_list
+from pdmesh.worker.kv.pack import checked_page_array
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import digest, runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
@@ -100,7 +100,7 @@ class KvSender:
         if not isinstance(token, bytes) or not token:
             raise InvalidArgument("a transfer token must be non-empty bytes",
                                   reason=Reason.INVALID_TRANSFER_TOKEN)
-        page_ids = checked_page_list(pool.kv, page_ids, unique=False)  # INVALID_ARGUMENT now
+        page_ids = checked_page_array(pool.kv, page_ids, unique=False)  # INVALID_ARGUMENT now
         offer = Offer(room, pool, page_ids, first_token, token, timeout, self.config)
         self._offers[room] = offer
         offer.status.on_fail(lambda err, o=offer: self._offer_failed(o))
@@ -350,13 +350,13 @@ class KvSender:
     # -- streaming ----------------------------------------------------------------------------
 
     def _plan(self, request: pb.TransferRequest, offer: Offer) -> tuple[runs.WirePlan, list[int]]:
-        """The wire plan of this request (runs.py) and this side's runs, sent in the OK."""
-        mine = runs.page_runs(offer.page_ids)
+        """The wire plan of this request (runs.py) and this side's runs, as the OK carries them."""
+        mine = offer.page_runs
         plan = runs.WirePlan.build(
             offer.pool.layout, len(offer.page_ids), request.layers_per_chunk,
             runs.checked_runs(request.page_runs, request.num_pages, from_request=True), mine,
             min_direct_bytes=request.direct_min_bytes, max_direct_runs=request.max_direct_runs)
-        return plan, mine
+        return plan, runs.on_wire(mine, len(offer.page_ids))
 
     async def _stream(self, link: Link, request: pb.TransferRequest, offer: Offer,
                       plan: runs.WirePlan, aborted: asyncio.Future) -> None:

@@ -103,7 +103,7 @@ class Outgoing:
         each hand-off to a worker thread cost a wake-up and a GIL round trip, ~1 ms on a
         loaded 2-core host (README)."""
         loop = asyncio.get_running_loop()
-        if until is None and not self.plan.packed:
+        if until is None and not self.plan.packed.size:
             todo = [k for k in range(c, len(self.plan.chunks)) if k not in self.jobs]
             if todo:
                 items = [(self.plan.chunks[k], *self.plan.ranges[k]) for k in todo]
