@@ -175,13 +175,20 @@ def _repeats(values: np.ndarray, num_pages: int) -> bool:
     return int(np.count_nonzero(seen)) != values.size
 
 
-def ids_on(values: np.ndarray, device: torch.device) -> torch.Tensor:
+def ids_on(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Checked page ids as an int64 tensor on `device`, queued on the current stream without a
-    host wait (a pageable source is staged by the driver at once; kernels on the same stream see
-    the ids): a transfer's hot path never waits for the device's queue to drain. On the CPU the
-    tensor shares the array's memory (checked arrays are never written)."""
-    host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-    return host if device.type == "cpu" else host.to(device, non_blocking=True)
+    host wait: a transfer's hot path never waits for the device's queue to drain. On the CPU the
+    tensor shares the array's memory (checked arrays are never written). For a GPU the ids go
+    through a pinned buffer of torch's caching host allocator (a copy from pageable memory
+    waits for the stream first; the pinned block is kept until the copy ran), so kernels queued
+    after it on the same stream see them."""
+    host = values if isinstance(values, torch.Tensor) else torch.from_numpy(
+        np.ascontiguousarray(values, dtype=np.int64))
+    if device.type == "cpu":
+        return host
+    pinned = torch.empty(host.shape, dtype=torch.int64, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)
 
 
 def _check_buffer(buf: torch.Tensor, kv: torch.Tensor, shape: tuple[int, ...], name: str

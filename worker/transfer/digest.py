@@ -14,12 +14,16 @@ GPU): no second pass over its bytes.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from pdmesh.worker.kv import pack_numba
 from pdmesh.worker.kv.pack import pack_checked, unpack_checked
 from pdmesh.worker.transfer import wire
 
+log = logging.getLogger(__name__)
 _BLOCK_WORDS = 512
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -67,7 +71,7 @@ def pack_parts(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.T
     fused = _fused(kv, ids, a, b, buf)
     if fused is not None:
         return fused[0](*fused[1:])
-    sums = pack_checked(kv, ids, a, b, _staged(kv, ids, a, b, buf), summed=True)
+    sums = pack_checked(kv, ids, a, b, _staged(kv, ids, a, b, buf), summed=_summed_ok(kv))
     return parts(buf) if sums is None else sums
 
 
@@ -78,8 +82,50 @@ def unpack_parts(buf: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int,
     fused = _fused(kv, ids, a, b, buf, unpack=True)
     if fused is not None:
         return fused[0](*fused[1:])
-    sums = unpack_checked(_staged(kv, ids, a, b, buf), kv, ids, a, b, summed=True)
+    sums = unpack_checked(_staged(kv, ids, a, b, buf), kv, ids, a, b, summed=_summed_ok(kv))
     return parts(buf) if sums is None else sums  # the unpack leaves `buf` as it was
+
+
+def _summed_ok(kv: torch.Tensor) -> bool:
+    """Whether a pack/unpack of this pool may take its checksum in the kernel's own pass: on a
+    CUDA pool, once this process saw the Triton kernels' sums equal `parts` (checked on first
+    use, which a rank's warm-up makes); elsewhere the kernels ignore it."""
+    return not kv.is_cuda or _summed_kernels_agree(kv.device)
+
+
+@functools.cache
+def _summed_kernels_agree(device: torch.device) -> bool:
+    """One check per device and process of the summed Triton pack and unpack against `parts`
+    and torch's indexing, on random bits whose rows start inside a 512-word block and span
+    several: a kernel that fails or disagrees is not used (the transfer then packs and sums in
+    two passes, as before it existed), and the rank says so in its log."""
+    from pdmesh.worker.kv.pack import pack_checked, unpack_checked
+
+    try:
+        gen = torch.Generator().manual_seed(7)
+        kv = torch.empty((2, 2, 6, 4, 2, 128), dtype=torch.bfloat16)
+        kv.view(torch.uint8).random_(generator=gen)
+        kv = kv.to(device)
+        ids = torch.tensor([4, 1, 3], dtype=torch.int64, device=device)
+        out = torch.empty((2, 2, 3, 4, 2, 128), dtype=kv.dtype, device=device)
+        packed = pack_checked(kv, ids, 0, 2, out, summed=True)
+        target = torch.zeros_like(kv)
+        unpacked = unpack_checked(out, target, ids, 0, 2, summed=True)
+        if packed is None or unpacked is None:  # no summed kernels here (no Triton)
+            return False
+        bits = out.view(torch.int16)  # random bits hold NaNs: compared as integers
+        want = parts(out.view(-1).view(torch.uint8))
+        agree = (torch.equal(bits, kv[:, :, ids].view(torch.int16))
+                 and torch.equal(bits, target[:, :, ids].view(torch.int16))
+                 and torch.equal(packed, want) and torch.equal(unpacked, want))
+    except Exception:  # noqa: BLE001 - any failure means: do not use them
+        log.warning("the fused pack/unpack checksum kernels failed their check on %s; KV "
+                    "transfers sum in a second pass", device, exc_info=True)
+        return False
+    if not agree:
+        log.warning("the fused pack/unpack checksum kernels disagree with digest.parts on %s; "
+                    "KV transfers sum in a second pass", device)
+    return agree
 
 
 def _staged(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor

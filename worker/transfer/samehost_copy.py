@@ -29,6 +29,7 @@ import torch
 from pdmesh.errors import DataLoss, PdmeshError
 from pdmesh.reasons import Reason
 from pdmesh.worker.kv import page_copy
+from pdmesh.worker.kv.pack import ids_on
 from pdmesh.worker.kv.page_copy import CopyPlan, copy_pages
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ class CudaCopier:
         self.src_kv, self.dst_kv, self.executor = src_kv, dst_kv, executor
         self.stream = copy_stream(src_kv.device)
         with torch.cuda.stream(self.stream):  # queued on the copy stream: no host wait
-            self.src_ids = copies.src_ids.to(src_kv.device, non_blocking=True)
-            self.dst_ids = copies.dst_ids.to(src_kv.device, non_blocking=True)
+            self.src_ids = ids_on(copies.src_ids, src_kv.device)
+            self.dst_ids = ids_on(copies.dst_ids, src_kv.device)
         self.sums: list[torch.Tensor] = []
 
     async def chunk(self, status, a: int, b: int, nbytes: int, mark=None) -> None:

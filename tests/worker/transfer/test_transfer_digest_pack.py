@@ -64,3 +64,32 @@ def test_fused_where_rows_are_whole_words():
     assert digest._fused(words, torch.tensor([1, 2]), 0, 1, buf) is not None
     odd = torch.empty((1, 2, 4, 1, 1, 3), dtype=torch.bfloat16)  # 6-byte rows: torch then
     assert digest._fused(odd, torch.tensor([1, 2]), 0, 1, torch.empty(24, dtype=torch.uint8)) is None
+
+
+@pytest.mark.parametrize("faulty", [None, "wrong sums", "raises", "no sums"])
+def test_summed_kernels_are_used_only_after_they_agree_with_parts(monkeypatch, faulty):
+    """The one-time check that gates the GPU's summed Triton kernels, run here with stand-ins:
+    kernels that copy right and sum as `parts` does pass; wrong sums, an error (a kernel that
+    fails to compile) or no sums fail, and the transfer then sums in a second pass."""
+    from pdmesh.worker.kv import pack as pack_module
+
+    def summed(copy):
+        def run(*args, summed=False):
+            copy(*args)
+            if faulty == "raises":
+                raise RuntimeError("triton compile error")
+            if faulty == "no sums":
+                return None
+            buf = args[4] if copy is pack_checked else args[0]
+            sums = digest.parts(buf.reshape(-1).view(torch.uint8))
+            return sums + 1 if faulty == "wrong sums" else sums
+        return run
+
+    monkeypatch.setattr(pack_module, "pack_checked", summed(pack_checked))
+    monkeypatch.setattr(pack_module, "unpack_checked", summed(unpack_checked))
+    device = torch.device("cpu")
+    digest._summed_kernels_agree.cache_clear()
+    try:
+        assert digest._summed_kernels_agree(device) is (faulty is None)
+    finally:
+        digest._summed_kernels_agree.cache_clear()
