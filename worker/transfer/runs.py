@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -46,10 +47,14 @@ def page_runs(page_ids: Sequence[int] | torch.Tensor | np.ndarray) -> list[int]:
     """Run lengths of `page_ids` in order: [3, 1] for pages 7, 8, 9, 2."""
     ids = np.asarray(page_ids.cpu() if isinstance(page_ids, torch.Tensor) else page_ids,
                      dtype=np.int64)
-    if not ids.size:
-        return []
-    cuts = np.flatnonzero(np.diff(ids) != 1) + 1  # where a run ends and the next begins
-    return np.diff(cuts, prepend=0, append=ids.size).tolist()
+    if ids.size < 2:
+        return [ids.size] if ids.size else []
+    cuts = np.flatnonzero(ids[1:] - ids[:-1] != 1) + 1  # where a run ends and the next begins
+    if not cuts.size:
+        return [ids.size]
+    bounds = np.empty(cuts.size + 2, dtype=np.int64)
+    bounds[0], bounds[1:-1], bounds[-1] = 0, cuts, ids.size
+    return (bounds[1:] - bounds[:-1]).tolist()
 
 
 def on_wire(runs: list[int], num_pages: int) -> list[int]:
@@ -146,14 +151,24 @@ class WirePlan:
         return sum(length for _, length in self.direct)
 
 
+_FEW_RUNS = 64  # both sides' runs together, up to which _direct_runs loops in Python
+
+
 def _direct_runs(num_pages: int, recv_runs: Sequence[int], send_runs: Sequence[int],
                  piece: int, min_bytes: int, max_runs: int) -> list[tuple[int, int]]:
     """(start, length) of the runs that travel in place, in request order: the common runs
     (the request cut at every run boundary of either side) of at least `min_bytes` per layer
     and K/V, the longest `max_runs` of them (the earlier one of equal lengths). Vectorised: a
-    request of thousands of single pages costs no Python work per page."""
+    request of thousands of single pages costs no Python work per page; a few runs take the
+    plain loop (numpy's cost per call is more than theirs)."""
     if max_runs <= 0:
         return []
+    if len(recv_runs) + len(send_runs) <= _FEW_RUNS:
+        cuts_set = set(accumulate(recv_runs, initial=0)) | set(accumulate(send_runs, initial=0))
+        points = sorted(cuts_set)
+        common = [(x, y - x) for x, y in zip(points, points[1:])]
+        long = [run for run in common if run[1] * piece >= min_bytes]
+        return sorted(sorted(long, key=lambda r: -r[1])[:max_runs])
     if num_pages in (len(recv_runs), len(send_runs)):  # a side of single pages: so are all
         cuts = np.arange(1, num_pages + 1)
     else:  # both ends of every run of either side, in order, once
@@ -169,6 +184,8 @@ def _direct_runs(num_pages: int, recv_runs: Sequence[int], send_runs: Sequence[i
 
 
 def _complement(num_pages: int, runs: list[tuple[int, int]]) -> np.ndarray:
+    if not runs:
+        return np.arange(num_pages)
     keep = np.ones(num_pages, dtype=np.bool_)
     for start, length in runs:
         keep[start:start + length] = False
