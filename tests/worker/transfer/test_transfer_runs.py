@@ -94,6 +94,9 @@ def test_pool_side_views_are_the_pages():
     m = plan.chunks[0][3]  # layer 1, V, the run of 3
     assert (m.layer, m.half, m.length) == (1, 1, 3)
     assert torch.equal(side.block(m), pool.kv[1, 1, 3:6].reshape(-1).view(torch.uint8))
+    side.block(m).fill_(7)  # a view of the pool, not a copy: bytes received there land in it
+    assert torch.equal(pool.kv[1, 1, 3:6].view(torch.uint8), torch.full_like(
+        pool.kv[1, 1, 3:6].view(torch.uint8), 7))
     assert side.packed_ids.tolist() == [9]
 
 
