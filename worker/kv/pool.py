@@ -7,9 +7,9 @@ allocated, `alloc(n)` is all-or-nothing (RESOURCE_EXHAUSTED when fewer than n pa
 then changes nothing. `is_full()` says every page is back, which tests use to prove nothing leaked.
 
 Pages are handed out as contiguous runs where the free pages allow: the free pages are kept as
-runs (start -> length, merged with their neighbours on free), and `alloc(n)` takes the smallest
-free run that holds all n pages (best fit, lowest start on ties), else the longest runs first
-until n are taken. A request whose pages form one run travels in place, without pack or unpack
+runs (start -> length, merged with their neighbours on free; also indexed by length, so
+best fit is a bisection), and `alloc(n)` takes the smallest free run that holds all n pages
+(best fit, lowest start on ties), else the longest runs first until n are taken. A request whose pages form one run travels in place, without pack or unpack
 (worker/transfer/runs.py); `free_runs()` reports the fragmentation (bench/transfer.py).
 
 `KvPool(..., shared=True)` puts a CPU pool's tensor in shared memory that a prefill rank of the
@@ -22,6 +22,7 @@ owns its bytes.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterable
 
@@ -56,6 +57,9 @@ class KvPool:
         # A fresh pool is one run and hands out 0, 1, 2, ...
         self._runs: dict[int, int] = {0: num_pages}
         self._ends: dict[int, int] = {num_pages: 0}
+        # The same runs as (length, start), sorted: best fit is one bisection, not a scan of
+        # every free run (decode growth allocates a page at a time, often in a fragmented pool).
+        self._by_size: list[tuple[int, int]] = [(num_pages, 0)]
         self._allocated: set[int] = set()
 
     @property
@@ -99,40 +103,54 @@ class KvPool:
         """n pages from the free runs (lock held; n <= free pages)."""
         if n == 0:
             return []
-        fits = [(length, start) for start, length in self._runs.items() if length >= n]
-        if fits:
-            _, start = min(fits)
+        fit = bisect.bisect_left(self._by_size, (n, -1))
+        if fit < len(self._by_size):  # the smallest run that holds n, lowest start on ties
+            start = self._by_size[fit][1]
             self._cut(start, n)
             return list(range(start, start + n))
         ids: list[int] = []
-        for start, length in sorted(self._runs.items(), key=lambda r: (-r[1], r[0])):
-            take = min(length, n - len(ids))
-            self._cut(start, take)
-            ids.extend(range(start, start + take))
-            if len(ids) == n:
-                break
+        while len(ids) < n:  # no run fits: the longest runs first, lowest start on ties
+            length = self._by_size[-1][0]
+            lo = bisect.bisect_left(self._by_size, (length, -1))
+            group = self._by_size[lo:]  # every free run of this length, by start
+            whole = min(len(group), (n - len(ids)) // length)
+            for _, start in group[:whole]:
+                del self._runs[start], self._ends[start + length]
+                ids.extend(range(start, start + length))
+            del self._by_size[lo:lo + whole]
+            if len(ids) < n and whole < len(group):  # the rest from the next run of them
+                start, take = group[whole][1], n - len(ids)
+                self._cut(start, take)
+                ids.extend(range(start, start + take))
         return ids
 
     def _cut(self, start: int, n: int) -> None:
         """Take the first n pages of the free run at `start`."""
         length = self._runs.pop(start)
         del self._ends[start + length]
+        self._unindex(start, length)
         if n < length:
             self._runs[start + n] = length - n
             self._ends[start + length] = start + n
+            bisect.insort(self._by_size, (length - n, start + n))
 
     def _put(self, start: int, n: int) -> None:
         """Return pages [start, start + n) to the free runs, merged with their neighbours."""
         end = start + n
         if start in self._ends:  # a free run ends where this one starts
             start = self._ends.pop(start)
-            n = end - start
+            self._unindex(start, self._runs[start])
         if end in self._runs:  # a free run starts where this one ends
             tail = self._runs.pop(end)
             del self._ends[end + tail]
+            self._unindex(end, tail)
             end += tail
         self._runs[start] = end - start
         self._ends[end] = start
+        bisect.insort(self._by_size, (end - start, start))
+
+    def _unindex(self, start: int, length: int) -> None:
+        del self._by_size[bisect.bisect_left(self._by_size, (length, start))]
 
     def free(self, ids: Iterable[int]) -> None:
         """Return pages; any id not allocated (double free, never allocated) changes nothing."""

@@ -143,6 +143,8 @@ def test_pool_accounting_is_exact_under_any_sequence(ops):
         used = sum(len(h) for h in held)
         assert pool.num_used == used and pool.num_free == 24 - used
         assert sum(pool.free_runs()) == 24 - used
+        # the size index is exactly the free runs (best fit reads only the index)
+        assert pool._by_size == sorted((n, start) for start, n in pool._runs.items())
     for h in held:
         pool.free(h)
     assert pool.is_full() and pool.free_runs() == [24]
