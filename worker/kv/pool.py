@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -154,18 +155,19 @@ class KvPool:
 
     def free(self, ids: Iterable[int]) -> None:
         """Return pages; any id not allocated (double free, never allocated) changes nothing."""
-        ids = [int(i) for i in ids]
+        ids = list(map(int, ids))
         with self._lock:
-            bad = sorted({i for i in ids if i not in self._allocated})
-            if bad or len(set(ids)) != len(ids):
-                dup = sorted({i for i in ids if ids.count(i) > 1})
+            distinct = set(ids)
+            if len(distinct) != len(ids) or not distinct <= self._allocated:
+                bad = sorted(distinct - self._allocated)
+                dup = sorted(i for i, k in Counter(ids).items() if k > 1)
                 raise InvalidArgument(
                     f"cannot free KV pages that are not allocated {bad[:8]} or repeated {dup[:8]}; "
                     "nothing was freed (a double free, or ids from another pool)",
                     reason=Reason.KV_PAGE_NOT_ALLOCATED,
                     metadata={"not_allocated": bad[:32], "repeated": dup[:32]})
-            self._allocated.difference_update(ids)
-            for start, n in _segments(sorted(ids)):
+            self._allocated -= distinct
+            for start, n in _segments(sorted(distinct)):
                 self._put(start, n)
 
     def __repr__(self) -> str:
@@ -176,9 +178,13 @@ class KvPool:
 def _segments(ids: list[int]) -> list[tuple[int, int]]:
     """(start, length) of the runs of consecutive ids in a sorted list."""
     out: list[tuple[int, int]] = []
-    for i in ids:
-        if out and out[-1][0] + out[-1][1] == i:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((i, 1))
+    if not ids:
+        return out
+    start = prev = ids[0]
+    for i in ids[1:]:
+        if i != prev + 1:
+            out.append((start, prev + 1 - start))
+            start = i
+        prev = i
+    out.append((start, prev + 1 - start))
     return out
