@@ -130,3 +130,39 @@ def test_bad_buffers_and_pools():
         with pytest.raises(InvalidArgument) as info:
             pack(bad, [0])
         assert info.value.reason == "INVALID_KV_TENSOR"
+
+
+def test_checked_page_array_reads_every_kind_of_sequence_and_keeps_none_of_them():
+    """The transfer's control path keeps page ids as an int64 array: from a list, a tuple, a
+    generator, a numpy array (copied: the caller may reuse it), a tensor; same checks for all."""
+    import numpy as np
+
+    from pdmesh.worker.kv.pack import checked_page_array
+
+    kv = torch.empty((1, 2, 600, 1, 1, 2), device="meta")
+    for ids in ([3, 1, 2], (3, 1, 2), (i for i in (3, 1, 2)), np.array([3, 1, 2], dtype=np.uint32),
+                torch.tensor([3, 1, 2]), [np.int64(3), 1, 2]):
+        got = checked_page_array(kv, ids, unique=True)
+        assert got.dtype == np.int64 and got.tolist() == [3, 1, 2]
+    source = np.array([5, 6])
+    got = checked_page_array(kv, source, unique=True)
+    source[0] = 9
+    assert got.tolist() == [5, 6]
+    assert checked_page_array(kv, [], unique=True).tolist() == []
+
+
+@pytest.mark.parametrize("ids,reason", [
+    ([[1, 2]], "INVALID_PAGE_IDS"),  # nested
+    (["1"], "INVALID_PAGE_IDS"),
+    ([2 ** 70], "INVALID_PAGE_IDS"),  # no integer type holds it
+    ([2 ** 63], "PAGE_ID_OUT_OF_RANGE"),  # uint64: wraps negative, refused as out of range
+    (list(range(300)) + [7], "DUPLICATE_PAGE_IDS"),  # past the set check: the bitmap's
+    ([600], "PAGE_ID_OUT_OF_RANGE"),
+])
+def test_checked_page_array_refusals(ids, reason):
+    from pdmesh.worker.kv.pack import checked_page_array
+
+    kv = torch.empty((1, 2, 600, 1, 1, 2), device="meta")
+    with pytest.raises(InvalidArgument) as info:
+        checked_page_array(kv, ids, unique=True)
+    assert info.value.reason == reason

@@ -30,6 +30,9 @@ def test_page_runs_and_their_checks():
     assert runs.page_runs([7, 8, 9, 2, 3, 5]) == [3, 2, 1]
     assert runs.page_runs(torch.tensor([4])) == [1] and runs.page_runs([]) == []
     assert runs.checked_runs([], 3, from_request=True) == [1, 1, 1]
+    # single pages travel as no runs (the protocol's meaning of none), and read back the same
+    assert runs.on_wire([1, 1, 1], 3) == [] and runs.on_wire([2, 1], 3) == [2, 1]
+    assert runs.checked_runs(runs.on_wire([1, 1, 1], 3), 3, from_request=False) == [1, 1, 1]
     with pytest.raises(InvalidArgument):
         runs.checked_runs([2, 2], 3, from_request=True)
     with pytest.raises(DataLoss):
