@@ -20,18 +20,12 @@ writable.
 
 from __future__ import annotations
 
-import logging
-import threading
-
 import torch
 
-log = logging.getLogger(__name__)
-_KERNEL = None
-_LOCK = threading.Lock()
+from pdmesh.worker.kv.numba_kernel import LazyKernel
 
 
-def _build():
-    import numba
+def _define():
     import numpy as np
 
     def copy_rows(src, dst, src_ids, dst_ids, a, b, checksum):
@@ -58,26 +52,10 @@ def _build():
                     total += acc * (weight + np.uint64(2 * j))
         return total
 
-    options = dict(nogil=True, boundscheck=False, error_model="numpy")
-    try:
-        return numba.njit(cache=True, **options)(copy_rows)
-    except RuntimeError as err:  # no writable place for the cache: compile per process
-        log.info("numba cache unavailable (%s); the page copy compiles in each process", err)
-        return numba.njit(**options)(copy_rows)
+    return copy_rows
 
 
-def kernel():
-    """The compiled copy, or None where numba cannot be imported (torch then)."""
-    global _KERNEL
-    if _KERNEL is None:
-        with _LOCK:
-            if _KERNEL is None:
-                try:
-                    _KERNEL = _build()
-                except ImportError as err:
-                    log.warning("numba unavailable (%s): the CPU page copy falls back to torch", err)
-                    _KERNEL = False
-    return _KERNEL or None
+kernel = LazyKernel(_define, "the CPU page copy")
 
 
 def copy_pages_numba(src_words: torch.Tensor, dst_words: torch.Tensor, src_ids: torch.Tensor,

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import numpy as np
 import torch
 
 from pdmesh.errors import InvalidArgument
 from pdmesh.reasons import Reason
+from pdmesh.worker.kv import pack_numba
 
 PageIds = Sequence[int] | torch.Tensor | np.ndarray
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
@@ -64,8 +67,9 @@ def pack_checked(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, out: torch
                  summed: bool = False) -> torch.Tensor | None:
     """`pack` without its validation, for a caller that validated once for many calls (the KV
     sender, per chunk): `ids` from `check_page_ids`, `out` contiguous [b - a, 2, n, S, H, D].
-    With `summed`, a CUDA pool's Triton pack also returns `digest.parts` of `out` from its own
-    pass (int64 [2] on the device, no host wait); None wherever it did not take them."""
+    With `summed`, also `digest.parts` of `out` taken in the pack's own pass, int64 [2] on the
+    pool's device with no host wait (a GPU's Triton kernel, a CPU's compiled loop), or None
+    where the pack ran without it (rows not whole aligned 64-bit words; torch)."""
     if out.numel() == 0:
         return None
     if kv.is_cuda and _triton() is not None:
@@ -73,6 +77,8 @@ def pack_checked(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, out: torch
             return _triton().pack_triton_summed(kv, ids, a, b, out)
         _triton().pack_triton(kv, ids, a, b, out)
         return None
+    if summed and _compiled_loop(kv, out):
+        return pack_numba.pack_summed(*_word_rows(kv, a, b, out), ids)
     pool_rows, out_rows = _rows(kv, a, b, out)
     torch.index_select(pool_rows, 1, ids, out=out_rows)
     return None
@@ -89,9 +95,27 @@ def unpack_checked(staging: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a
             return _triton().unpack_triton_summed(staging, kv, ids, a, b)
         _triton().unpack_triton(staging, kv, ids, a, b)
         return None
+    if summed and _compiled_loop(kv, staging):
+        return pack_numba.unpack_summed(*_word_rows(kv, a, b, staging), ids)
     pool_rows, staging_rows = _rows(kv, a, b, staging)
     pool_rows.index_copy_(1, ids, staging_rows)
     return None
+
+
+def _compiled_loop(kv: torch.Tensor, staging: torch.Tensor) -> bool:
+    """Whether pack_numba's loop moves this CPU pool's rows: whole 64-bit words, 8-byte aligned,
+    numba present."""
+    row_bytes = math.prod(kv.shape[3:]) * kv.element_size()
+    return (not kv.is_cuda and row_bytes % 8 == 0 and kv.data_ptr() % 8 == 0
+            and staging.data_ptr() % 8 == 0 and pack_numba.kernel() is not None)
+
+
+def _word_rows(kv: torch.Tensor, a: int, b: int, staging: torch.Tensor):
+    """Layers [a, b) of the pool as [2 (b - a), pages, words] and the staging buffer as
+    [2 (b - a), n, words], int64 words."""
+    sides = 2 * (b - a)
+    return (kv[a:b].view(torch.uint8).view(sides, kv.shape[2], -1).view(torch.int64),
+            staging.view(torch.uint8).view(sides, staging.shape[2], -1).view(torch.int64))
 
 
 def staging_shape(kv: torch.Tensor, num_pages: int, layers: tuple[int, int] | None = None

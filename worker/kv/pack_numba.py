@@ -1,33 +1,29 @@
 """The CPU pack and unpack as one compiled loop that also sums the staging buffer's words.
 
-    sums = pack_summed(pool_words, buf_words, ids, block_words)     # pool rows -> buffer
-    sums = unpack_summed(pool_words, buf_words, ids, block_words)   # buffer -> pool rows
+    sums = pack_summed(pool_words, buf_words, ids)     # pool rows -> buffer
+    sums = unpack_summed(pool_words, buf_words, ids)   # buffer -> pool rows
 
 `pool_words` is [sides, pages, words] and `buf_words` [sides, n, words] of one integer word dtype
 (pack.py's `_rows` with 64-bit words): buffer row (side, j) is pool row (side, ids[j]). While
 each word is in a register it is stored and added to two sums over the buffer, read as one
-message of 64-bit words w[i]: (sum of w[i], sum of w[i] * (i // block_words + 1)), mod 2^64.
+message of 64-bit words w[i]: (sum of w[i], sum of w[i] * (i // BLOCK_WORDS + 1)), mod 2^64.
 Those are the transfer's checksum parts of the packed message (worker/transfer/digest.py), so a
 packed chunk is checksummed without a second pass over its bytes; on the receiver the same for
 the unpack. The torch path (index_select / index_copy_, then digest.parts) is the reference
-and the fallback where numba is missing. Compiled once on first use (`warm`; cached beside this
-file where writable), the GIL released for the whole chunk.
+and the fallback where numba is missing (pack.py chooses). Compiled once on first use (a rank's
+warm-up packs a page; numba_kernel.py), the GIL released for the whole chunk.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-
 import torch
 
-log = logging.getLogger(__name__)
-_KERNEL = None
-_LOCK = threading.Lock()
+from pdmesh.worker.kv.numba_kernel import LazyKernel
+
+BLOCK_WORDS = 512  # the checksum's blocks of 64-bit words (wire.checksum; pack_triton's too)
 
 
-def _build():
-    import numba
+def _define():
     import numpy as np
 
     def move_rows(pool, buf, ids, to_buf, block_words):
@@ -60,26 +56,10 @@ def _build():
                     i += seg
         return total, positional
 
-    options = dict(nogil=True, boundscheck=False, error_model="numpy")
-    try:
-        return numba.njit(cache=True, **options)(move_rows)
-    except RuntimeError as err:  # no writable place for the cache: compile per process
-        log.info("numba cache unavailable (%s); the pack compiles in each process", err)
-        return numba.njit(**options)(move_rows)
+    return move_rows
 
 
-def kernel():
-    """The compiled loop, or None where numba cannot be imported (torch then)."""
-    global _KERNEL
-    if _KERNEL is None:
-        with _LOCK:
-            if _KERNEL is None:
-                try:
-                    _KERNEL = _build()
-                except ImportError as err:
-                    log.warning("numba unavailable (%s): the CPU pack falls back to torch", err)
-                    _KERNEL = False
-    return _KERNEL or None
+kernel = LazyKernel(_define, "the CPU pack")
 
 
 def _signed(value: int) -> int:
@@ -87,28 +67,20 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _run(pool_words: torch.Tensor, buf_words: torch.Tensor, ids: torch.Tensor, to_buf: bool,
-         block_words: int) -> torch.Tensor:
+def _run(pool_words: torch.Tensor, buf_words: torch.Tensor, ids: torch.Tensor, to_buf: bool
+         ) -> torch.Tensor:
     total, positional = kernel()(pool_words.numpy(), buf_words.numpy(), ids.numpy(), to_buf,
-                                 block_words)
+                                 BLOCK_WORDS)
     return torch.tensor([_signed(total), _signed(positional)], dtype=torch.int64)
 
 
-def pack_summed(pool_words: torch.Tensor, buf_words: torch.Tensor, ids: torch.Tensor,
-                block_words: int) -> torch.Tensor:
+def pack_summed(pool_words: torch.Tensor, buf_words: torch.Tensor, ids: torch.Tensor
+                ) -> torch.Tensor:
     """Gather pool rows `ids` into the buffer; its sums as int64 [2] (see the module doc)."""
-    return _run(pool_words, buf_words, ids, True, block_words)
+    return _run(pool_words, buf_words, ids, True)
 
 
-def unpack_summed(pool_words: torch.Tensor, buf_words: torch.Tensor, ids: torch.Tensor,
-                  block_words: int) -> torch.Tensor:
+def unpack_summed(pool_words: torch.Tensor, buf_words: torch.Tensor, ids: torch.Tensor
+                  ) -> torch.Tensor:
     """Scatter the buffer's rows into pool rows `ids`; the buffer's sums as int64 [2]."""
-    return _run(pool_words, buf_words, ids, False, block_words)
-
-
-def warm() -> None:
-    """Compile now (a rank's warm-up), on a one-word buffer."""
-    if kernel() is None:
-        return
-    pool = torch.zeros((1, 1, 1), dtype=torch.int64)
-    pack_summed(pool, torch.zeros_like(pool), torch.zeros(1, dtype=torch.int64), 512)
+    return _run(pool_words, buf_words, ids, False)

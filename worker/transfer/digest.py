@@ -8,8 +8,8 @@ the current stream behind the pack or the receive it checks), and `Digest.value(
 part once and folds them. It reads views of pool pages in place (a direct message) as well as
 staging buffers: one vectorised read pass per side, no copy. A packed message's parts come from
 the pack (sender) or unpack (receiver) itself where a fused kernel exists (`pack_parts`,
-`unpack_parts`: worker/kv/pack_numba.py on the CPU, the Triton kernels' summed variants on a
-GPU): no second pass over its bytes.
+`unpack_parts`, through kv/pack.py's `summed`: worker/kv/pack_numba.py on the CPU, the Triton
+kernels' summed variants on a GPU): no second pass over its bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import logging
 
 import torch
 
-from pdmesh.worker.kv import pack_numba
 from pdmesh.worker.kv.pack import pack_checked, unpack_checked
 from pdmesh.worker.transfer import wire
 
@@ -68,9 +67,6 @@ def pack_parts(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.T
                ) -> torch.Tensor:
     """Pack layers [a, b) of pool pages `ids` into the staging buffer `buf` (contiguous uint8,
     [b - a, 2, n] pages) and return `parts(buf)`, in the pack's own pass where it can."""
-    fused = _fused(kv, ids, a, b, buf)
-    if fused is not None:
-        return fused[0](*fused[1:])
     sums = pack_checked(kv, ids, a, b, _staged(kv, ids, a, b, buf), summed=_summed_ok(kv))
     return parts(buf) if sums is None else sums
 
@@ -79,9 +75,6 @@ def unpack_parts(buf: torch.Tensor, kv: torch.Tensor, ids: torch.Tensor, a: int,
                  ) -> torch.Tensor:
     """`parts(buf)`, then unpack `buf` into layers [a, b) of pool pages `ids`: one pass where
     it can."""
-    fused = _fused(kv, ids, a, b, buf, unpack=True)
-    if fused is not None:
-        return fused[0](*fused[1:])
     sums = unpack_checked(_staged(kv, ids, a, b, buf), kv, ids, a, b, summed=_summed_ok(kv))
     return parts(buf) if sums is None else sums  # the unpack leaves `buf` as it was
 
@@ -99,8 +92,6 @@ def _summed_kernels_agree(device: torch.device) -> bool:
     and torch's indexing, on random bits whose rows start inside a 512-word block and span
     several: a kernel that fails or disagrees is not used (the transfer then packs and sums in
     two passes, as before it existed), and the rank says so in its log."""
-    from pdmesh.worker.kv.pack import pack_checked, unpack_checked
-
     try:
         gen = torch.Generator().manual_seed(7)
         kv = torch.empty((2, 2, 6, 4, 2, 128), dtype=torch.bfloat16)
@@ -131,20 +122,6 @@ def _summed_kernels_agree(device: torch.device) -> bool:
 def _staged(kv: torch.Tensor, ids: torch.Tensor, a: int, b: int, buf: torch.Tensor
             ) -> torch.Tensor:
     return buf.view(kv.dtype).view((b - a, 2, ids.numel()) + tuple(kv.shape[3:]))
-
-
-def _fused(kv, ids, a, b, buf, unpack: bool = False):
-    """(kernel, its arguments) of a fused pack / unpack with sums for this chunk, or None: CPU
-    pools of whole 64-bit words per page row with numba present."""
-    if kv.is_cuda or buf.numel() == 0 or buf.numel() % 8 or (kv[0, 0, 0].numel() *
-                                                             kv.element_size()) % 8:
-        return None
-    if pack_numba.kernel() is None or kv.data_ptr() % 8 or buf.data_ptr() % 8:
-        return None
-    pool_rows = kv[a:b].view(torch.uint8).view(2 * (b - a), kv.shape[2], -1).view(torch.int64)
-    buf_rows = buf.view(2 * (b - a), ids.numel(), -1).view(torch.int64)
-    run = pack_numba.unpack_summed if unpack else pack_numba.pack_summed
-    return run, pool_rows, buf_rows, ids, _BLOCK_WORDS
 
 
 def combine(sums: tuple[int, int], n: int) -> int:
