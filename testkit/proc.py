@@ -93,21 +93,37 @@ def free_port() -> int:
 
 
 def free_port_range(n: int) -> int:
-    """A base port with `n` consecutive free loopback ports (for `pdmesh up --base-port`)."""
+    """A base port with `n` consecutive free loopback ports (for `pdmesh up --base-port`), below
+    the kernel's ephemeral range: a port from that range can be handed to any outgoing
+    connection of another process between this check and the server's bind (seconds later,
+    once `pdmesh up` has loaded its model), which made a test fail with "address already in use"
+    beside a busy core."""
+    import random
     import socket
 
     def free(port: int) -> bool:
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
                 return True
             except OSError:
                 return False
-    for _ in range(50):
-        base = free_port()
-        if base + n < 65535 and all(free(base + i) for i in range(n)):
+    low = _ephemeral_low()
+    for _ in range(200):
+        base = random.randrange(10000, low - n)
+        if all(free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port range")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 where unreadable)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(10000 + 64, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:

@@ -110,7 +110,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_a_mesh(built, tmp_path):
     packages (plain paths: that venv's own .pth files, the editable pdmesh finder among them, are
     not run). Every pdmesh module must then resolve inside the fresh venv."""
     import sysconfig
-    from procs import free_port_range
+    from procs import UP_PORTS, free_port_range
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -139,7 +139,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_a_mesh(built, tmp_path):
     assert not missing, f"the wheel lacks {sorted(missing)}"
 
     up = subprocess.run([str(venv / "bin" / "pdmesh"), "up", "--once", "--dp-size", "1",
-                         "--base-port", str(free_port_range(4)), "--log-dir", str(tmp_path / "logs")],
+                         "--base-port", str(free_port_range(UP_PORTS)), "--log-dir", str(tmp_path / "logs")],
                         cwd=tmp_path, env={**env, "PDMESH_TORCH_THREADS": "1"}, capture_output=True,
                         text=True, timeout=280)
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in (tmp_path / "logs").glob("*.log"))
