@@ -104,12 +104,14 @@ def run(args: argparse.Namespace, role: str) -> int:
     from pdmesh.errors import PdmeshError
     from pdmesh.worker.engine.factory import check_model
     from pdmesh.worker.instance.instance import serve
+    from pdmesh.worker.transfer.layers import gpu_stream_chunks
     try:
         config = config_from_args(args, role)
+        gpu_stream_chunks()  # a bad PDMESH_GPU_STREAM_CHUNKS: one message now, not every prefill
         # The model is resolved (a named one converted into the cache, once) and checked here,
         # before any rank starts: a bad model is one clear message, never ranks dying in a loop.
         print(f"pdmesh {role}: model {check_model(config.engine)}", flush=True)
-    except ValueError as exc:  # inconsistent TLS flags (InvalidArgument is no ValueError)
+    except ValueError as exc:  # inconsistent TLS flags, a bad tuning variable (not InvalidArgument)
         print(f"pdmesh {role}: {exc}", file=sys.stderr)
         return 2
     except PdmeshError as exc:  # a model that cannot load: missing, damaged, unsupported

@@ -28,6 +28,7 @@ An offer made after compute is complete from the start (`LayerReadiness.complete
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 
@@ -39,9 +40,20 @@ from typing import Any
 GPU_STREAM_CHUNKS = 4
 
 
+def gpu_stream_chunks() -> int:
+    """GPU_STREAM_CHUNKS, or `PDMESH_GPU_STREAM_CHUNKS` where set (1: the whole room leaves in
+    one launch once computed; its request and status still overlap the compute)."""
+    raw = os.environ.get("PDMESH_GPU_STREAM_CHUNKS", "").strip()
+    if not raw:
+        return GPU_STREAM_CHUNKS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"PDMESH_GPU_STREAM_CHUNKS must be a whole number >= 1, not {raw!r}")
+    return int(raw)
+
+
 def stream_chunk_layers(num_layers: int) -> int:
     """Layers per chunk of a room streamed on a GPU."""
-    return max(1, -(-num_layers // GPU_STREAM_CHUNKS))
+    return max(1, -(-num_layers // gpu_stream_chunks()))
 
 
 def stream_chunk_ends(num_layers: int) -> frozenset[int]:

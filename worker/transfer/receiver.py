@@ -167,7 +167,7 @@ class KvReceiver:
                 pool_id = await status.guard(self._samehost.target(fetch.link, pool))
             if pool_id is not None:  # same host: the sender writes straight into these pages
                 request.same_host.pool_id = pool_id
-                request.same_host.page_ids.extend(ids.tolist())
+                request.same_host.page_ids_u32le = samehost.packed_ids(ids)
                 fetch.direct = True
             fetch.request_sent = True
             # posted, not awaited (a failed send fails the fetch): the answer is what counts

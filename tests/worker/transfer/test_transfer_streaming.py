@@ -215,3 +215,16 @@ def test_gpu_reporter_reports_chunk_ends_only():
     assert stream_chunk_layers(32) == 8
     assert sorted(stream_chunk_ends(30)) == [7, 15, 23, 29]  # the last chunk is shorter
     assert sorted(stream_chunk_ends(2)) == [0, 1] and stream_chunk_layers(2) == 1
+
+
+def test_gpu_stream_chunks_from_the_environment(monkeypatch):
+    """PDMESH_GPU_STREAM_CHUNKS sets how many chunks a GPU room streams in; a bad value is
+    refused with a message naming the variable."""
+    monkeypatch.setenv("PDMESH_GPU_STREAM_CHUNKS", "1")
+    assert sorted(stream_chunk_ends(32)) == [31] and stream_chunk_layers(32) == 32
+    monkeypatch.setenv("PDMESH_GPU_STREAM_CHUNKS", "8")
+    assert stream_chunk_layers(32) == 4 and len(stream_chunk_ends(32)) == 8
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("PDMESH_GPU_STREAM_CHUNKS", bad)
+        with pytest.raises(ValueError, match="PDMESH_GPU_STREAM_CHUNKS"):
+            stream_chunk_layers(32)
