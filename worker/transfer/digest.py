@@ -24,7 +24,6 @@ from pdmesh.worker.transfer import wire
 
 log = logging.getLogger(__name__)
 _BLOCK_WORDS = 512
-_GOLDEN = 0x9E3779B97F4A7C15
 
 
 def parts(data: torch.Tensor) -> torch.Tensor:
@@ -130,7 +129,7 @@ def combine(sums: tuple[int, int], n: int) -> int:
         return total & wire.MASK64
     if n == 0:
         return 0
-    return ((total & wire.MASK64) + (positional & wire.MASK64) * _GOLDEN + n) & wire.MASK64
+    return wire.combine(total, positional, n)
 
 
 def _signed(value: int) -> int:

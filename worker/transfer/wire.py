@@ -10,8 +10,9 @@ travels as one tagged message with tag `chunk_tag(transfer_id, i)`.
 The checksum is pdmesh's block checksum, chosen for speed (it runs at memory bandwidth, ~28 GB/s
 on one core here, where zlib.crc32 does 4 GB/s and would cost more than the wire): the bytes are
 read as little-endian 64-bit words in 4 KiB blocks; each block's words are summed (mod 2^64) and
-the block sums are combined with their positions, so a changed, lost, extra or reordered block
-(or page piece) changes the result; the chunk checksums are then folded in chunk order. It guards
+the block sums are combined with odd weights that differ by position (`combine`), so any change of
+one block's sum (a changed word, any bit of it), a lost or extra block and most reorderings of
+blocks (or page pieces) change the result; the chunk checksums are then folded in chunk order. It guards
 against transport and bookkeeping faults, not against an adversary (the per-transfer token does
 that part).
 """
@@ -134,9 +135,15 @@ def checksum(data: torch.Tensor) -> int:
         return n & MASK64
     sums = torch.cat(parts)
     weights = torch.arange(1, sums.numel() + 1, dtype=torch.int64, device=sums.device)
-    total = int(sums.sum()) & MASK64
-    positional = int((sums * weights).sum()) & MASK64
-    return (total + positional * _GOLDEN + n) & MASK64
+    return combine(int(sums.sum()), int((sums * weights).sum()), n)
+
+
+def combine(total: int, positional: int, n: int) -> int:
+    """A message's checksum from its block sums' total and positional sum (block i, from 0,
+    weighted i + 1) and its length: block i counts 1 + 2 (i + 1) G times, an odd number, so a
+    change of any one block's sum, any bit of it, changes the value. (With 1 + (i + 1) G, even
+    for every other block since G is odd, flipping a word's top bit there went unseen.)"""
+    return ((total & MASK64) + 2 * (positional & MASK64) * _GOLDEN + n) & MASK64
 
 
 def fold(acc: int, chunk_checksum: int) -> int:

@@ -71,6 +71,24 @@ def test_checksum_sees_any_changed_byte(payload, data):
     assert wire.checksum(changed) != before
 
 
+@pytest.mark.parametrize("block", [0, 1, 2, 5])
+@pytest.mark.parametrize("bit", [0, 62, 63])
+def test_checksum_sees_any_bit_of_a_word_in_any_block(block, bit):
+    """Every block sum weighs an odd number, so a flip of any bit of one word changes the value
+    (the top bit of a word in blocks 0, 2, 4, ... once went unseen: hypothesis found 8 zero
+    bytes and their copy with 0x80 in the last byte summing alike)."""
+    buf = torch.zeros(6 * 4096 + 8, dtype=torch.uint8)
+    changed = buf.clone()
+    word = changed[block * 4096 + 8: block * 4096 + 16].view(torch.int64)
+    word ^= torch.tensor([1 << bit], dtype=torch.int64) if bit < 63 else torch.tensor(
+        [-(1 << 63)], dtype=torch.int64)
+    assert wire.checksum(changed) != wire.checksum(buf)
+    one = torch.zeros(8, dtype=torch.uint8)
+    flipped = one.clone()
+    flipped[7] = 0x80
+    assert wire.checksum(flipped) != wire.checksum(one)
+
+
 def test_checksum_sees_swapped_blocks_and_lengths():
     buf = torch.randint(0, 256, (4096 * 4,), dtype=torch.uint8)
     swapped = torch.cat([buf[4096:8192], buf[:4096], buf[8192:]])
@@ -173,3 +191,17 @@ def test_config_validates():
         TransferConfig(send_depth=0)
     with pytest.raises(ValueError):
         TransferConfig(room_wait_s=0)
+
+
+def test_cuda_settings_chunk_no_finer_than_the_compute_reports(monkeypatch):
+    """On a GPU a request has at most as many chunks as a streamed prefill reports chunk ends
+    (PDMESH_GPU_STREAM_CHUNKS, 4): a host pool keeps its own chunking."""
+    from pdmesh.worker.transfer.config import GPU_CHUNK_BYTES
+
+    monkeypatch.delenv("PDMESH_GPU_STREAM_CHUNKS", raising=False)
+    cuda = TransferConfig(min_chunks=8).for_device("cuda:0")
+    assert cuda.min_chunks == 4 and cuda.chunk_bytes == GPU_CHUNK_BYTES
+    assert TransferConfig(min_chunks=2).for_device("cuda").min_chunks == 2
+    assert TransferConfig(min_chunks=8).for_device("cpu").min_chunks == 8
+    monkeypatch.setenv("PDMESH_GPU_STREAM_CHUNKS", "8")
+    assert TransferConfig(min_chunks=8).for_device("cuda").min_chunks == 8
