@@ -17,7 +17,9 @@ row's place in the whole request, so the checksums of any cut into layer ranges 
 2^64) to the whole request's: the writer may chunk as suits its device.
 
 CPU: one compiled loop per chunk (worker/kv/copy_numba.py) reads each word once, stores it and
-adds it to its row's sum: one pass, the GIL released. The torch version here is the reference
+adds it to its row's sum: one pass, the GIL released; `streaming=True` (a copy far larger than
+the cache: the same-host writer's threaded slices) stores with non-temporal stores. The torch
+version here is the reference
 (and the fallback without numba): pages consecutive on both sides form runs, and each run of
 every layer of the chunk is one strided `copy_` plus one `sum` (random ids: one run per page).
 CUDA: one Triton kernel launch per chunk (worker/kv/copy_triton.py), the row sums reduced in
@@ -91,9 +93,10 @@ def _words(kv: torch.Tensor) -> torch.Tensor:
 
 
 def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: int, b: int,
-               checksum: bool = True) -> int:
+               checksum: bool = True, streaming: bool = False) -> int:
     """Copy layers [a, b) of the plan's pages from `src_kv` into `dst_kv`; return the checksum
-    (0 with `checksum=False`, CPU only: the bench's copy-alone baseline). The caller validated
+    (0 with `checksum=False`, CPU only: the bench's copy-alone baseline). `streaming` (CPU,
+    compiled loop): non-temporal stores, for copies far larger than the cache. The caller validated
     both pools (same layout, contiguous, ids in range, destination ids distinct). On CUDA the
     copy is finished (its stream synchronized) when this returns."""
     if plan.n == 0 or a == b:
@@ -104,7 +107,7 @@ def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: in
         return copy_triton.copy_pages_triton(src_kv, dst_kv, plan.src_ids, plan.dst_ids, a, b)
     if copy_numba.kernel() is not None:
         return copy_numba.copy_pages_numba(_words(src_kv), _words(dst_kv), plan.src_ids,
-                                           plan.dst_ids, a, b, checksum)
+                                           plan.dst_ids, a, b, checksum, streaming)
     return _copy_torch(src_kv, dst_kv, plan, a, b, checksum)
 
 

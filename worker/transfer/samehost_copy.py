@@ -7,7 +7,8 @@ while a copy may still touch it.
 
 - `CpuCopier`: a chunk of at most `INLINE_COPY_BYTES` is copied on the event loop; a larger
   one's layers split into slices of at least `SLICE_MIN_BYTES` over up to
-  `threads` jobs of the writer's executor (the compiled copy releases the GIL), awaited before
+  `threads` jobs of the writer's executor (the compiled copy releases the GIL; its stores are
+  non-temporal there, worker/kv/copy_numba.py), awaited before
   the next chunk; a failed slice fails the transfer once every slice ended.
 - `CudaCopier`: every chunk is one Triton launch on the rank's copy stream, queued behind the
   CUDA event of the chunk's last layer (`stream.wait_event`: no host wait, so layer streaming
@@ -65,7 +66,7 @@ class CpuCopier:
         loop = asyncio.get_running_loop()
         parts = min(self.threads, nbytes // SLICE_MIN_BYTES)
         jobs = [loop.run_in_executor(self.executor, copy_job, self.src_kv, self.dst_kv,
-                                     self.copies, x, y) for x, y in slices(a, b, parts)]
+                                     self.copies, x, y, True) for x, y in slices(a, b, parts)]
         try:
             values = await status.guard(asyncio.gather(*jobs))
         except PdmeshError:  # the transfer failed, or a copy did (DATA_LOSS)
@@ -136,11 +137,12 @@ def slices(a: int, b: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(cuts, cuts[1:]))
 
 
-def copy_job(src_kv: torch.Tensor, dst_kv: torch.Tensor, copies: CopyPlan, a: int, b: int
-             ) -> int:
-    """Worker thread: one slice of layers; any fault becomes a typed failure of the transfer."""
+def copy_job(src_kv: torch.Tensor, dst_kv: torch.Tensor, copies: CopyPlan, a: int, b: int,
+             streaming: bool = False) -> int:
+    """One slice of layers (a worker thread's, with streaming stores; or a small chunk on the
+    event loop); any fault becomes a typed failure of the transfer."""
     try:
-        return copy_pages(src_kv, dst_kv, copies, a, b)
+        return copy_pages(src_kv, dst_kv, copies, a, b, streaming=streaming)
     except Exception as err:  # noqa: BLE001 - reported as the transfer's failure
         raise _copy_failed(a, b, err) from None
 

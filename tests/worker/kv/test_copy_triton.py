@@ -1,10 +1,11 @@
 """The same-host page copy: the Triton kernel against the torch reference, bit for bit, checksum
-included; and the CPU copies (the compiled loop, copy_numba.py, and the torch reference) against
-plain indexing (this part runs everywhere).
+included; and the CPU copies (the compiled loop, copy_numba.py, with normal and with streaming
+stores, and the torch reference) against plain indexing (this part runs everywhere).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -36,13 +37,14 @@ def _ids(n, src_pages, dst_pages, seed):
     return torch.tensor(src), torch.tensor(rng.sample(range(dst_pages), n))
 
 
-@pytest.mark.parametrize("impl", ["compiled", "torch"])
+@pytest.mark.parametrize("impl", ["compiled", "compiled-streaming", "torch"])
 @pytest.mark.parametrize("shape", CPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cpu_copy_matches_indexing_and_checksum_adds_up(shape, dtype, impl):
     # numba is a dependency (pyproject): a missing compiled copy is a broken install, not a skip
     assert impl == "torch" or copy_numba.kernel() is not None
-    copy = copy_pages if impl == "compiled" else page_copy._copy_torch
+    copy = {"compiled": copy_pages, "torch": page_copy._copy_torch,
+            "compiled-streaming": functools.partial(copy_pages, streaming=True)}[impl]
     src, dst = _pools(*shape, dtype, "cpu")
     before = dst.clone()
     s, d = _ids(12, 40, 50, seed=shape[1])

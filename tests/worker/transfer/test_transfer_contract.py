@@ -477,8 +477,8 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
             sums[0] = sums[0] + 1
         return sums
 
-    def corrupt_copy(src_kv, dst_kv, copies, a, b):
-        value = real_copy(src_kv, dst_kv, copies, a, b)
+    def corrupt_copy(src_kv, dst_kv, copies, a, b, streaming=False):
+        value = real_copy(src_kv, dst_kv, copies, a, b, streaming)
         if a == 1:  # one bit of the written pages flips after the checksum was taken
             dst_kv[1, 0, int(copies.dst_ids[0])].view(torch.uint8).view(-1)[5] ^= 0x10
         return value

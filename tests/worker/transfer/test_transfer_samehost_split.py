@@ -33,14 +33,15 @@ class Slices:
         self.barrier = threading.Barrier(2, timeout=10)
         real = samehost_copy.copy_job
 
-        def job(src_kv, dst_kv, copies, a, b):
+        def job(src_kv, dst_kv, copies, a, b, streaming=False):
+            assert streaming  # a threaded slice stores with streaming stores
             with self.lock:
                 self.calls.append((a, b))
             self.barrier.wait()  # BrokenBarrierError if the other slice never runs beside it
             if a == fail_at:
                 raise DataLoss(f"the same-host copy failed: layers [{a}, {b})",
                                reason=Reason.KV_SAME_HOST_COPY_FAILED)
-            return real(src_kv, dst_kv, copies, a, b)
+            return real(src_kv, dst_kv, copies, a, b, streaming)
 
         monkeypatch.setattr(samehost_copy, "copy_job", job)
         monkeypatch.setattr(samehost_copy, "SLICE_MIN_BYTES", 1)  # split the test's tiny chunks
