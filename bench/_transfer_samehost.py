@@ -151,6 +151,18 @@ def checksum_share(page_tokens: int, nbytes: int, iters: int) -> dict[str, float
 
 
 def run(quick: bool) -> str:
+    """The tables. The baselines in this process run on one thread whoever calls (`make bench`
+    does not set torch's threads; a `copy_` on two threads ran 14 GB/s where one ran 8-10, and
+    the tables compared against that while calling it single-threaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool) -> str:
     from bench import transfer as bench
 
     sizes = [64 * MiB] if quick else [16 * MiB, 64 * MiB, 256 * MiB]
@@ -225,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 MiB, 16- and 1-token pages only")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     print(run(args.quick))
     return 0
 
