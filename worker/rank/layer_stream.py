@@ -9,7 +9,8 @@ turn it off), a prefill rank offers a room's pages to its decode BEFORE computin
    reporter (`Engine.prefill(..., on_layer=...)`), which hands `offer.layer_done(i, mark)` to the
    event loop with `loop.call_soon_threadsafe` (on a GPU, `mark` is a CUDA event recorded right
    behind the layer's writes on the rank's compute stream, and only the last layer of each of
-   `GPU_STREAM_CHUNKS` chunks is reported; the sender waits for it before it reads the pages).
+   `GPU_STREAM_CHUNKS` chunks is reported, by default one chunk: the last layer; the sender
+   waits for it before it reads the pages).
    The sender sends chunk i as soon as its last layer is final.
 3. When compute ends, `offer.computed(first_token, hold_s)` releases the last chunk and the
    trailer (which carries the first token), and bounds how long an unclaimed room still waits

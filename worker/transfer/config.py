@@ -146,9 +146,9 @@ class TransferConfig:
         """These settings with the chunking measured for pools on `device` ("cuda...": packed
         chunks of `GPU_CHUNK_BYTES`, nothing in place, a GiB in flight; see above). On a GPU a
         request has at most as many chunks as a streamed prefill reports chunk ends
-        (layers.gpu_stream_chunks(), 4): a smaller chunk cannot leave sooner, and each chunk
-        costs a CUDA message (1 GiB over UCX on the H100: 7.45 ms in 8 chunks, 5.2-5.5 in 4,
-        2 or 1)."""
+        (layers.gpu_stream_chunks(), 1 by default; a chunk stays at most GPU_CHUNK_BYTES): a
+        smaller chunk cannot leave sooner, and each costs a CUDA message (1 GiB over UCX on the
+        H100: 7.45 ms in 8 chunks, 5.2-5.5 in 4, 2 or 1)."""
         if not str(device).startswith("cuda"):
             return self
         from pdmesh.worker.transfer.layers import gpu_stream_chunks

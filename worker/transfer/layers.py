@@ -32,12 +32,16 @@ import os
 from typing import Any
 
 
-#: On a GPU a streamed room leaves in this many chunks of layers. Each chunk costs the host an
-#: event, an event-loop wake-up and a kernel launch, while the GPU computes a layer in tens of
-#: microseconds: with per-layer reports and 8 chunks a streamed 512-token prefill computed in
-#: 19.9 ms against 16.6 unstreamed on the H100 (likely cause: the launch-bound engine thread
-#: waiting for the GIL the event loop held). 4 chunks: not yet measured on a GPU.
-GPU_STREAM_CHUNKS = 4
+#: On a GPU a streamed room leaves in this many chunks of layers (`PDMESH_GPU_STREAM_CHUNKS`
+#: overrides it). 1: the room is offered before compute, so the decode's request and the OK
+#: overlap the compute, and its KV leaves in one launch once computed. Each further chunk costs
+#: the launch-bound engine thread an event and the event loop a wake-up and a launch while the
+#: prefill computes, and on the H100 (bench/_gpu_stream_chunks.py: one mesh, prefills with 1, 2
+#: and 4 chunks and one without streaming, requests interleaved, two runs) 1 chunk had the
+#: lowest PD TTFT at 512 and 2048 tokens (24-27 ms against 28-40 for 2 or 4 chunks and 25-36
+#: without streaming), the same tail after compute (1.0-1.2 ms) and the same TTFT at 8192. A
+#: slower wire (KV across hosts) may want more: the copy of a chunk there takes milliseconds.
+GPU_STREAM_CHUNKS = 1
 
 
 def gpu_stream_chunks() -> int:

@@ -195,12 +195,15 @@ def test_config_validates():
 
 def test_cuda_settings_chunk_no_finer_than_the_compute_reports(monkeypatch):
     """On a GPU a request has at most as many chunks as a streamed prefill reports chunk ends
-    (PDMESH_GPU_STREAM_CHUNKS, 4): a host pool keeps its own chunking."""
+    (PDMESH_GPU_STREAM_CHUNKS, 1 by default; chunks stay at most GPU_CHUNK_BYTES): a host pool
+    keeps its own chunking."""
     from pdmesh.worker.transfer.config import GPU_CHUNK_BYTES
 
     monkeypatch.delenv("PDMESH_GPU_STREAM_CHUNKS", raising=False)
     cuda = TransferConfig(min_chunks=8).for_device("cuda:0")
-    assert cuda.min_chunks == 4 and cuda.chunk_bytes == GPU_CHUNK_BYTES
+    assert cuda.min_chunks == 1 and cuda.chunk_bytes == GPU_CHUNK_BYTES
+    monkeypatch.setenv("PDMESH_GPU_STREAM_CHUNKS", "4")
+    assert TransferConfig(min_chunks=8).for_device("cuda").min_chunks == 4
     assert TransferConfig(min_chunks=2).for_device("cuda").min_chunks == 2
     assert TransferConfig(min_chunks=8).for_device("cpu").min_chunks == 8
     monkeypatch.setenv("PDMESH_GPU_STREAM_CHUNKS", "8")

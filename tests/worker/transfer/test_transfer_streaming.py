@@ -208,9 +208,13 @@ async def _wait_then_fail(ready: LayerReadiness) -> asyncio.Future:
     return waiter
 
 
-def test_gpu_reporter_reports_chunk_ends_only():
-    """A GPU reporter reports the last layer of each of GPU_STREAM_CHUNKS chunks, and a
-    same-host writer on a GPU chunks a streamed room the same way."""
+def test_gpu_reporter_reports_chunk_ends_only(monkeypatch):
+    """A GPU reporter reports the last layer of each of GPU_STREAM_CHUNKS chunks (1 by
+    default: the last layer), and a same-host writer on a GPU chunks a streamed room the same
+    way."""
+    monkeypatch.delenv("PDMESH_GPU_STREAM_CHUNKS", raising=False)
+    assert sorted(stream_chunk_ends(32)) == [31] and stream_chunk_layers(32) == 32
+    monkeypatch.setenv("PDMESH_GPU_STREAM_CHUNKS", "4")
     assert sorted(stream_chunk_ends(32)) == [7, 15, 23, 31]
     assert stream_chunk_layers(32) == 8
     assert sorted(stream_chunk_ends(30)) == [7, 15, 23, 29]  # the last chunk is shorter
