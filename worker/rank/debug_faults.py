@@ -40,17 +40,17 @@ def _slow_pack(delay: float) -> None:
 
     real, real_copy = sender._pack_chunk, samehost_copy.copy_job
 
-    def copy_job(src_kv, dst_kv, copies, a, b):  # the same-host path's chunk (CPU)
+    def copy_job(src_kv, dst_kv, copies, a, b, *rest):  # the same-host path's chunk (CPU)
         log.warning("debug: packing KV chunk layers=[%d,%d) pages=%d (sleeping %.2fs first)",
                     a, b, copies.n, delay)
         time.sleep(delay)
-        return real_copy(src_kv, dst_kv, copies, a, b)
+        return real_copy(src_kv, dst_kv, copies, a, b, *rest)
 
-    def pack_chunk(kv, ids, a, b, buf):
+    def pack_chunk(kv, ids, a, b, buf, *rest):
         log.warning("debug: packing KV chunk layers=[%d,%d) pages=%d (sleeping %.2fs first)",
                     a, b, len(ids), delay)
         time.sleep(delay)
-        return real(kv, ids, a, b, buf)
+        return real(kv, ids, a, b, buf, *rest)
 
     sender._pack_chunk = pack_chunk
     samehost_copy.copy_job = copy_job

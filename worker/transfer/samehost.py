@@ -338,6 +338,8 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
             return
     except PdmeshError as err:
         status.fail(err)
+    except Exception as err:  # noqa: BLE001 - a bug fails the transfer typed, now
+        status.fail(wire.unexpected(err, f"room {request.room} (same host)"))
     finally:
         sender.release(mapped)
     if not link.closed:  # no copy runs any more: say so, whoever failed first

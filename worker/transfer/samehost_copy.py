@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-from pdmesh.errors import DataLoss, PdmeshError
+from pdmesh.errors import DataLoss
 from pdmesh.reasons import Reason
 from pdmesh.worker.kv import page_copy
 from pdmesh.worker.kv.pack import ids_on
@@ -69,7 +69,7 @@ class CpuCopier:
                                      self.copies, x, y, True) for x, y in slices(a, b, parts)]
         try:
             values = await status.guard(asyncio.gather(*jobs))
-        except PdmeshError:  # the transfer failed, or a copy did (DATA_LOSS)
+        except Exception:  # the transfer failed, or a copy did (DATA_LOSS), or a bug
             await asyncio.wait(jobs)  # every copy runs to its end before anything else
             raise
         self.acc = (self.acc + sum(values)) & page_copy.MASK64

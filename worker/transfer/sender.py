@@ -381,6 +381,8 @@ class KvSender:
                 return
         except PdmeshError as err:
             status.fail(err)
+        except Exception as err:  # noqa: BLE001 - a bug fails the transfer typed, now
+            status.fail(wire.unexpected(err, f"room {request.room}"))
         await self._wind_down(link, request.transfer_id, out, status, aborted)
 
     async def _wind_down(self, link: Link, tid: int, out: Outgoing, status: TransferStatus,

@@ -19,12 +19,13 @@ that part).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from google.rpc import status_pb2
 
-from pdmesh.errors import DataLoss, PdmeshError
+from pdmesh.errors import DataLoss, Internal, PdmeshError
 from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2
 from pdmesh.worker.kv.layout import KvLayout
@@ -49,6 +50,15 @@ def decode(data: bytes) -> transfer_pb2.TransferMessage:
     if message.WhichOneof("body") is None:
         raise DataLoss("empty transfer control message", reason=Reason.KV_TRANSFER_BAD_MESSAGE)
     return message
+
+
+def unexpected(error: Exception, what: str) -> PdmeshError:
+    """A non-typed error (a bug) met while sending `what`, as the transfer's typed failure: the
+    sender fails and aborts the transfer at once, so neither side waits for its state's bound;
+    logged with its traceback here."""
+    logging.getLogger(__name__).error("%s failed unexpectedly", what, exc_info=error)
+    return Internal(f"the KV sender failed while sending {what}: {type(error).__name__}: {error}",
+                    reason=Reason.INTERNAL)
 
 
 def failure_to_proto(error: PdmeshError) -> status_pb2.Status:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, EpochMismatch,
-                           FailedPrecondition, InvalidArgument, LayoutMismatch, NotFound,
+                           FailedPrecondition, Internal, InvalidArgument, LayoutMismatch, NotFound,
                            PdmeshError, Unauthenticated, Unavailable)
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.kv.pack import pack
@@ -350,6 +350,33 @@ def test_mismatch_fails_both_sides(mesh, run, case):
         await _expect(offer, cls, reason)
         mesh.src.free(src)
         (other or mesh.dst).free(dst)
+
+    run(go())
+
+
+def test_a_bug_in_the_sender_fails_both_sides_typed_at_once(mesh, run, monkeypatch):
+    """An untyped error in the sender's pack or copy (a bug, not a typed failure) fails the
+    transfer INTERNAL on both sides at once: the decode is not left to its TRANSFERRING bound
+    and the prefill's offer does not report the room sent."""
+    def broken(*args):
+        raise TypeError("a bug in the pack")
+
+    monkeypatch.setattr(sender_module, "_pack_chunk", broken)
+    monkeypatch.setattr(samehost_copy, "copy_job", broken)
+    monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)  # copied in a thread, not inline
+    monkeypatch.setattr(samehost_copy, "INLINE_COPY_BYTES", 0)
+
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(3), mesh.dst.alloc(3)
+        offer = mesh.offer(room, src)
+        started = time.monotonic()
+        err = await _expect(mesh.fetch(room, dst), Internal, "INTERNAL")
+        assert "TypeError: a bug in the pack" in err.message
+        await _expect(offer, Internal, "INTERNAL")
+        assert time.monotonic() - started < CONFIG.transfer_timeout_s / 2
+        mesh.src.free(src)
+        mesh.dst.free(dst)
 
     run(go())
 
