@@ -210,6 +210,10 @@ class KvReceiver:
             status.fail(err)
             await self._wind_down(fetch, plan, pool)
             raise status.error from None
+        except Exception as err:  # noqa: BLE001 - a bug: typed, and wound down like any failure
+            status.fail(wire.unexpected(err, f"the KV receiver of room {fetch.room}"))
+            await self._wind_down(fetch, plan, pool)
+            raise status.error from None
         except asyncio.CancelledError:
             status.fail(Cancelled(f"fetch of room {fetch.room} was cancelled",
                                   reason=Reason.KV_TRANSFER_CANCELLED))

@@ -339,7 +339,7 @@ async def write(link, request: pb.TransferRequest, offer, mapped: _Mapped, dst_i
     except PdmeshError as err:
         status.fail(err)
     except Exception as err:  # noqa: BLE001 - a bug fails the transfer typed, now
-        status.fail(wire.unexpected(err, f"room {request.room} (same host)"))
+        status.fail(wire.unexpected(err, f"the same-host KV writer of room {request.room}"))
     finally:
         sender.release(mapped)
     if not link.closed:  # no copy runs any more: say so, whoever failed first

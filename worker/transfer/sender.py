@@ -382,7 +382,7 @@ class KvSender:
         except PdmeshError as err:
             status.fail(err)
         except Exception as err:  # noqa: BLE001 - a bug fails the transfer typed, now
-            status.fail(wire.unexpected(err, f"room {request.room}"))
+            status.fail(wire.unexpected(err, f"the KV sender of room {request.room}"))
         await self._wind_down(link, request.transfer_id, out, status, aborted)
 
     async def _wind_down(self, link: Link, tid: int, out: Outgoing, status: TransferStatus,
@@ -401,6 +401,8 @@ class KvSender:
         jobs = [job for job, _ in out.jobs.values()]
         if jobs:  # pack threads still write into their buffers
             await asyncio.wait(jobs)
+            for job in jobs:  # their failures are the transfer's, already reported
+                job.cancelled() or job.exception()
         futures = [f for f, _, _ in out.inflight]
         if await drain(futures, link, self.config.abort_grace_s):
             for _, buf, _ in out.inflight:

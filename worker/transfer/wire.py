@@ -53,12 +53,12 @@ def decode(data: bytes) -> transfer_pb2.TransferMessage:
 
 
 def unexpected(error: Exception, what: str) -> PdmeshError:
-    """A non-typed error (a bug) met while sending `what`, as the transfer's typed failure: the
-    sender fails and aborts the transfer at once, so neither side waits for its state's bound;
-    logged with its traceback here."""
+    """A non-typed error (a bug) met by `what` ("the KV sender of room 7", ...), as the
+    transfer's typed failure: that side fails and winds the transfer down at once (abort, pages
+    untouched afterwards), so neither side waits for its state's bound; logged with its
+    traceback here."""
     logging.getLogger(__name__).error("%s failed unexpectedly", what, exc_info=error)
-    return Internal(f"the KV sender failed while sending {what}: {type(error).__name__}: {error}",
-                    reason=Reason.INTERNAL)
+    return Internal(f"{what} failed: {type(error).__name__}: {error}", reason=Reason.INTERNAL)
 
 
 def failure_to_proto(error: PdmeshError) -> status_pb2.Status:

@@ -381,6 +381,33 @@ def test_a_bug_in_the_sender_fails_both_sides_typed_at_once(mesh, run, monkeypat
     run(go())
 
 
+def test_a_bug_in_the_receiver_fails_the_fetch_typed_at_once(mesh, run, monkeypatch):
+    """An untyped error on the receiver (its unpack, its trailer check) fails the fetch INTERNAL
+    at once, after the usual wind-down (the sender told, no page written afterwards)."""
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the unpack")
+
+    monkeypatch.setattr(streams, "_finish_chunk", broken)
+    monkeypatch.setattr(samehost, "verify_trailer", broken)
+
+    async def go():
+        room = mesh.room()
+        src, dst = mesh.src.alloc(3), mesh.dst.alloc(3)
+        offer = mesh.offer(room, src)
+        started = time.monotonic()
+        err = await _expect(mesh.fetch(room, dst), Internal, "INTERNAL")
+        assert "TypeError: a bug in the unpack" in err.message
+        try:
+            await offer  # sent (same host: the trailer went before the check) or aborted
+        except PdmeshError:
+            pass
+        assert time.monotonic() - started < CONFIG.transfer_timeout_s / 2
+        mesh.src.free(src)
+        mesh.dst.free(dst)
+
+    run(go())
+
+
 def test_sender_abort_mid_transfer(mesh, run, monkeypatch):
     block = BlockPack(monkeypatch)
 
