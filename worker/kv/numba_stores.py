@@ -1,15 +1,16 @@
-"""Streaming stores for the compiled CPU loops (imported only where numba is: by copy_numba.py's
-loop definition).
+"""Streaming stores for the compiled CPU loops (imported only where numba is: by the loop
+definitions of copy_numba.py and pack_numba.py).
 
-    store_streaming(arr, index, value)   # arr[index] = value, non-temporal
+    store_streaming(arr, index, value)   # arr[index] = value, non-temporal (C-contiguous arr)
     fence()                              # every earlier store visible before any later one
 
 A normal store first reads the destination line into the cache; a non-temporal store writes it
-straight to memory (x86 MOVNTI; STNP on arm64), which saves a third of the memory traffic of a
-copy much larger than the cache and leaves the cache to others. Such stores are weakly ordered:
-a loop that makes them ends with `fence()` before it reports its copy done. Module-level, so a
-loop's numba cache entry names this module instead of a fresh object per process (an intrinsic
-made inside the loop's definition never hit the cache).
+straight to memory (x86 MOVNTI; on other targets what LLVM lowers the hint to, at worst a plain
+store), which saves a third of the memory traffic of a copy much larger than the cache and
+leaves the cache to others. Such stores are weakly ordered: a loop that makes them ends with
+`fence()` before it reports its copy done. Module-level, so a loop's numba cache entry names
+this module instead of a fresh object per process (an intrinsic made inside the loop's
+definition never hit the cache).
 """
 
 from __future__ import annotations
