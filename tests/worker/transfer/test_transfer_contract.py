@@ -354,41 +354,23 @@ def test_mismatch_fails_both_sides(mesh, run, case):
     run(go())
 
 
-def test_a_bug_in_the_sender_fails_both_sides_typed_at_once(mesh, run, monkeypatch):
-    """An untyped error in the sender's pack or copy (a bug, not a typed failure) fails the
-    transfer INTERNAL on both sides at once: the decode is not left to its TRANSFERRING bound
-    and the prefill's offer does not report the room sent."""
-    def broken(*args):
-        raise TypeError("a bug in the pack")
-
-    monkeypatch.setattr(sender_module, "_pack_chunk", broken)
-    monkeypatch.setattr(samehost_copy, "copy_job", broken)
-    monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)  # copied in a thread, not inline
-    monkeypatch.setattr(samehost_copy, "INLINE_COPY_BYTES", 0)
-
-    async def go():
-        room = mesh.room()
-        src, dst = mesh.src.alloc(3), mesh.dst.alloc(3)
-        offer = mesh.offer(room, src)
-        started = time.monotonic()
-        err = await _expect(mesh.fetch(room, dst), Internal, "INTERNAL")
-        assert "TypeError: a bug in the pack" in err.message
-        await _expect(offer, Internal, "INTERNAL")
-        assert time.monotonic() - started < CONFIG.transfer_timeout_s / 2
-        mesh.src.free(src)
-        mesh.dst.free(dst)
-
-    run(go())
-
-
-def test_a_bug_in_the_receiver_fails_the_fetch_typed_at_once(mesh, run, monkeypatch):
-    """An untyped error on the receiver (its unpack, its trailer check) fails the fetch INTERNAL
-    at once, after the usual wind-down (the sender told, no page written afterwards)."""
+@pytest.mark.parametrize("side", ["sender", "receiver"])
+def test_a_bug_fails_the_transfer_typed_at_once(mesh, run, monkeypatch, side):
+    """An untyped error (a bug, not a typed failure) in the sender's pack or copy, or in the
+    receiver's unpack or trailer check, fails the transfer INTERNAL at once, after the usual
+    wind-down: the decode is not left to its TRANSFERRING bound, and a sender's bug never lets
+    its offer report the room sent (a receiver's may come after a same-host trailer went)."""
     def broken(*args, **kwargs):
-        raise TypeError("a bug in the unpack")
+        raise TypeError(f"a bug in the {side}")
 
-    monkeypatch.setattr(streams, "_finish_chunk", broken)
-    monkeypatch.setattr(samehost, "verify_trailer", broken)
+    if side == "sender":
+        monkeypatch.setattr(sender_module, "_pack_chunk", broken)
+        monkeypatch.setattr(samehost_copy, "copy_job", broken)
+        monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)  # copied in a thread, not inline
+        monkeypatch.setattr(samehost_copy, "INLINE_COPY_BYTES", 0)
+    else:
+        monkeypatch.setattr(streams, "_finish_chunk", broken)
+        monkeypatch.setattr(samehost, "verify_trailer", broken)
 
     async def go():
         room = mesh.room()
@@ -396,11 +378,14 @@ def test_a_bug_in_the_receiver_fails_the_fetch_typed_at_once(mesh, run, monkeypa
         offer = mesh.offer(room, src)
         started = time.monotonic()
         err = await _expect(mesh.fetch(room, dst), Internal, "INTERNAL")
-        assert "TypeError: a bug in the unpack" in err.message
-        try:
-            await offer  # sent (same host: the trailer went before the check) or aborted
-        except PdmeshError:
-            pass
+        assert f"TypeError: a bug in the {side}" in err.message
+        if side == "sender":
+            await _expect(offer, Internal, "INTERNAL")
+        else:
+            try:
+                await offer  # sent (same host: the trailer went before the check) or aborted
+            except PdmeshError:
+                pass
         assert time.monotonic() - started < CONFIG.transfer_timeout_s / 2
         mesh.src.free(src)
         mesh.dst.free(dst)
