@@ -50,21 +50,9 @@ def _define():
                 while w < words:
                     block = i // block_words
                     seg = min(words - w, (block + 1) * block_words - i)
-                    # zero-based loops over slices: LLVM vectorises these (as fast as a copy
-                    # here), not loops over an offset range (~1.7x slower)
                     src = p[w:w + seg] if to_buf else s[w:w + seg]
                     dst = s[w:w + seg] if to_buf else p[w:w + seg]
-                    acc = np.uint64(0)
-                    if not streaming:
-                        for t in range(seg):
-                            x = src[t]
-                            dst[t] = x
-                            acc += np.uint64(x)
-                    else:
-                        for t in range(seg):
-                            x = src[t]
-                            numba_stores.store_streaming(dst, t, x)
-                            acc += np.uint64(x)
+                    acc = numba_stores.copy_summed(src, dst, streaming)
                     total += acc
                     positional += acc * np.uint64(block + 1)
                     w += seg
