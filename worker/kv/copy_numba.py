@@ -73,8 +73,8 @@ def copy_pages_numba(src_words: torch.Tensor, dst_words: torch.Tensor, src_ids: 
     """Copy rows of pages `src_ids` -> `dst_ids` of layers [a, b) between two pools viewed as
     [layers, 2, pages, words] of one integer dtype (page_copy._words); the checksum (0 when
     `checksum` is off: the bench's copy-only baseline). `streaming`: non-temporal stores, for
-    copies far larger than the cache (page_copy.STREAMING_MIN_BYTES). The caller validated
-    shapes and ids."""
+    copies far larger than the cache (the same-host writer's threaded slices). The caller
+    validated shapes and ids."""
     run = kernel()
     value = run(src_words.numpy(), dst_words.numpy(), src_ids.numpy(), dst_ids.numpy(),
                 a, b, checksum, streaming)

@@ -23,9 +23,8 @@ arithmetic (bits survive, NaN payloads included), and measured here `index_copy_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch

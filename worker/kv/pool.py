@@ -7,10 +7,11 @@ allocated, `alloc(n)` is all-or-nothing (RESOURCE_EXHAUSTED when fewer than n pa
 then changes nothing. `is_full()` says every page is back, which tests use to prove nothing leaked.
 
 Pages are handed out as contiguous runs where the free pages allow: the free pages are kept as
-runs (start -> length, merged with their neighbours on free; also indexed by length, so
-best fit is a bisection), and `alloc(n)` takes the smallest free run that holds all n pages
-(best fit, lowest start on ties), else the longest runs first until n are taken. A request whose pages form one run travels in place, without pack or unpack
-(worker/transfer/runs.py); `free_runs()` reports the fragmentation (bench/transfer.py).
+runs (start -> length, merged with their neighbours on free; also indexed by length, so best
+fit is a bisection), and `alloc(n)` takes the smallest free run that holds all n pages (best
+fit, lowest start on ties), else the longest runs first until n are taken. A request whose pages
+form one run travels in place, without pack or unpack (worker/transfer/runs.py); `free_runs()`
+reports the fragmentation (bench/transfer.py).
 
 `KvPool(..., shared=True)` puts a CPU pool's tensor in shared memory that a prefill rank of the
 same host maps and writes into (worker/kv/shm_pool.py; CUDA pools are shareable as they are).

@@ -23,7 +23,6 @@ from pdmesh.worker.kv.pack import pack_checked, unpack_checked
 from pdmesh.worker.transfer import wire
 
 log = logging.getLogger(__name__)
-_BLOCK_WORDS = 512
 
 
 def parts(data: torch.Tensor) -> torch.Tensor:
@@ -54,10 +53,11 @@ def rows_parts(rows: torch.Tensor) -> torch.Tensor:
         return torch.stack([parts(row) for row in flat]).view(lead + (2,))
     words = rows.view(torch.int64)
     count = n // 8
-    full = count // _BLOCK_WORDS
-    sums = words[..., : full * _BLOCK_WORDS].unflatten(-1, (full, _BLOCK_WORDS)).sum(-1)
-    if count > full * _BLOCK_WORDS:
-        sums = torch.cat([sums, words[..., full * _BLOCK_WORDS:].sum(-1, keepdim=True)], -1)
+    block = wire.BLOCK_WORDS
+    full = count // block
+    sums = words[..., : full * block].unflatten(-1, (full, block)).sum(-1)
+    if count > full * block:
+        sums = torch.cat([sums, words[..., full * block:].sum(-1, keepdim=True)], -1)
     weights = torch.arange(1, sums.shape[-1] + 1, dtype=torch.int64, device=sums.device)
     return torch.stack([sums.sum(-1), (sums * weights).sum(-1)], -1)
 

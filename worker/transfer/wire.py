@@ -33,7 +33,7 @@ from pdmesh.worker.kv.layout import KvLayout
 MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _FNV_PRIME = 0x100000001B3
-_BLOCK_WORDS = 512
+BLOCK_WORDS = 512
 
 
 def encode(message: transfer_pb2.TransferMessage) -> bytes:
@@ -130,13 +130,13 @@ def checksum(data: torch.Tensor) -> int:
         flat = flat.clone()
     n = flat.numel()
     words = n // 8
-    full = words // _BLOCK_WORDS
+    full = words // BLOCK_WORDS
     parts = []
     if full:
-        body = flat[: full * _BLOCK_WORDS * 8].view(torch.int64).view(full, _BLOCK_WORDS)
+        body = flat[: full * BLOCK_WORDS * 8].view(torch.int64).view(full, BLOCK_WORDS)
         parts.append(body.sum(dim=1))
-    if words > full * _BLOCK_WORDS:
-        rest = flat[full * _BLOCK_WORDS * 8: words * 8].view(torch.int64)
+    if words > full * BLOCK_WORDS:
+        rest = flat[full * BLOCK_WORDS * 8: words * 8].view(torch.int64)
         parts.append(rest.sum().reshape(1))
     if n > words * 8:
         tail = int.from_bytes(bytes(flat[words * 8:].cpu().tolist()), "little")
