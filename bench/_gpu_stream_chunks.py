@@ -1,4 +1,4 @@
-"""How many chunks a GPU prefill should stream a room in (an investigation tool, not in `make bench`).
+"""How many chunks a GPU prefill should stream a room in (investigation tool, not in make bench).
 
     python -m bench._gpu_stream_chunks [--repeats 12] [--lengths 512,2048,8192] [--chunks 4,1]
 
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     async def measure() -> None:
         clients = {name: PdClient(procs[i].address, procs[-1].address, boot.address, name)
                    for i, name in enumerate(names)}
-        print("| prompt tokens | prefill | PD TTFT ms p50 | compute ms p50 | tail after compute ms p50 |")
+        print("| prompt tokens | prefill | PD TTFT ms p50 | compute ms p50 | "
+              "tail after compute ms p50 |")
         print("| ---: | --- | ---: | ---: | ---: |")
         for n in lengths:
             ids = _prompt(n)

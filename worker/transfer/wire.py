@@ -10,11 +10,11 @@ travels as one tagged message with tag `chunk_tag(transfer_id, i)`.
 The checksum is pdmesh's block checksum, chosen for speed (it runs at memory bandwidth, ~28 GB/s
 on one core here, where zlib.crc32 does 4 GB/s and would cost more than the wire): the bytes are
 read as little-endian 64-bit words in 4 KiB blocks; each block's words are summed (mod 2^64) and
-the block sums are combined with odd weights that differ by position (`combine`), so any change of
-one block's sum (a changed word, any bit of it), a lost or extra block and most reorderings of
-blocks (or page pieces) change the result; the chunk checksums are then folded in chunk order. It guards
-against transport and bookkeeping faults, not against an adversary (the per-transfer token does
-that part).
+the block sums are combined with odd weights that differ by position (`combine`), so any change
+of one block's sum (a changed word, any bit of it), a lost or extra block and most reorderings of
+blocks (or page pieces) change the result; the chunk checksums are then folded in chunk order.
+It guards against transport and bookkeeping faults, not against an adversary (the per-transfer
+token does that part).
 """
 
 from __future__ import annotations
