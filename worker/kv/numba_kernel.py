@@ -6,12 +6,15 @@
 
 Compiled on first use with the GIL released for the whole call and cached beside the loop's
 source file where that is writable (else compiled in each process); where numba cannot be
-imported the caller falls back to torch, said once in the log.
+imported the caller falls back to torch, said once in the log. numba checks a cache entry only
+against the loop's own source file, so an edit of the helpers it inlines (numba_stores.py) alone
+would keep running the old code: the entry's stamp here also names numba_stores.py's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 
@@ -41,7 +44,19 @@ def _jit(loop: Callable, what: str) -> Callable:
     import numba
 
     try:
-        return numba.njit(cache=True, **_OPTIONS)(loop)
+        compiled = numba.njit(cache=True, **_OPTIONS)(loop)
     except RuntimeError as err:  # no writable place for the cache: compile per process
         log.info("numba cache unavailable (%s); %s compiles in each process", err, what)
         return numba.njit(**_OPTIONS)(loop)
+    try:  # numba 0.5x-0.6x keep the stamp an entry must match here
+        cache_file = compiled._cache._cache_file
+        cache_file._source_stamp = (cache_file._source_stamp, _helpers_stamp())
+    except AttributeError:  # another numba: its entries may outlive an edit of the helpers only
+        log.info("cannot tie %s's numba cache to its helpers' source", what)
+    return compiled
+
+
+def _helpers_stamp() -> tuple[float, int]:
+    """numba_stores.py's modification time and size (what numba stamps a source file with)."""
+    st = os.stat(os.path.join(os.path.dirname(__file__), "numba_stores.py"))
+    return st.st_mtime, st.st_size

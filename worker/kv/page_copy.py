@@ -46,8 +46,17 @@ class CopyPlan:
         self.src_ids = src_ids.to(torch.int64).contiguous()
         self.dst_ids = dst_ids.to(torch.int64).contiguous()
         self.n = src_ids.numel()
+        self._order: torch.Tensor | None = None
         self._runs: list[tuple[int, int, int, int]] | None = None
         self._weights: dict[tuple[int, str], torch.Tensor] = {}
+
+    @property
+    def order(self) -> torch.Tensor:
+        """The request's pages by source page (the compiled CPU copy's reading order), made on
+        first use."""
+        if self._order is None:
+            self._order = torch.argsort(self.src_ids)
+        return self._order
 
     @property
     def runs(self) -> list[tuple[int, int, int, int]]:
@@ -107,7 +116,7 @@ def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: in
         return copy_triton.copy_pages_triton(src_kv, dst_kv, plan.src_ids, plan.dst_ids, a, b)
     if copy_numba.kernel() is not None:
         return copy_numba.copy_pages_numba(_words(src_kv), _words(dst_kv), plan.src_ids,
-                                           plan.dst_ids, a, b, checksum, streaming)
+                                           plan.dst_ids, a, b, checksum, streaming, plan.order)
     return _copy_torch(src_kv, dst_kv, plan, a, b, checksum)
 
 

@@ -61,6 +61,25 @@ def test_cpu_copy_matches_indexing_and_checksum_adds_up(shape, dtype, impl):
     assert checksum_pages(dst, d, 0, shape[0]) != whole
 
 
+@pytest.mark.parametrize("dst_offset_bytes", [0, 8, 32])
+def test_streaming_copy_by_lines_or_not_wherever_the_pool_starts(dst_offset_bytes):
+    """The streaming copy stores whole cache lines only where every destination row starts on
+    one; a pool that starts elsewhere (a view 8 or 32 bytes into its memory) takes the word
+    loop, with the same bytes and checksum."""
+    src, dst = _pools(3, 16, 2, 8, torch.bfloat16, "cpu")  # 512-byte rows: whole lines
+    room = torch.zeros(dst.numel() * 2 + 64, dtype=torch.bfloat16)
+    start = (-room.data_ptr() % 64 + dst_offset_bytes) // 2
+    placed = room[start:start + dst.numel()].view(dst.shape)
+    placed.copy_(dst)
+    assert placed.data_ptr() % 64 == dst_offset_bytes
+    s, d = _ids(12, 40, 50, seed=5)
+    total = copy_pages(src, placed, CopyPlan(s, d), 0, 3, streaming=True)
+    expected = dst.clone()
+    expected[:, :, d] = src[:, :, s]
+    assert torch.equal(placed.view(torch.uint8), expected.view(torch.uint8))
+    assert total == checksum_pages(src, s, 0, 3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 @pytest.mark.parametrize("shape", SHAPES)

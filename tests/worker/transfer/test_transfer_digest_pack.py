@@ -21,11 +21,13 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)  # bit for bit: random bytes make NaNs, which never compare equal
 
 
-@pytest.fixture(params=["fused", "torch"])
+@pytest.fixture(params=["fused", "fused-streaming", "torch"])
 def kernel(request, monkeypatch):
     if request.param == "torch":  # the fallback where numba cannot be imported
         monkeypatch.setattr(pack_numba, "kernel", lambda: None)
-    else:  # numba is a declared dependency: the fused loop must be there to be tested
+    else:
+        if request.param == "fused-streaming":  # every unpack as a large one: streaming stores
+            monkeypatch.setattr(pack_numba, "STREAMING_MIN_BYTES", 0)  # numba is a declared dependency: the fused loop must be there to be tested
         assert pack_numba.kernel() is not None, "numba did not import: the fused pack is untested"
     return request.param
 
