@@ -15,8 +15,10 @@ variants interleaved call by call so load hits them alike:
   KvSender started, a task waking every 10 ms (the rank's timers);
 - `rank env, switch 0.2 ms`: the same under `sys.setswitchinterval(0.0002)`.
 
-Then, with `--mesh`, the same again while an idle mesh (bootstrap, a prefill and a decode rank,
-bench-kv, on the same device) runs beside it: what other processes on one GPU cost a prefill.
+Then, with `--mesh`, the same again while a mesh (bootstrap, a prefill and a decode rank,
+bench-kv, on the same device) runs beside it: what other processes on one GPU cost a prefill;
+and in the same rounds a PD request through that mesh (`rank compute`: the prefill rank's own
+report of its compute; `PD TTFT`), so the rank's figure stands beside the in-process ones.
 Prints the median ms per variant and prompt length.
 """
 
@@ -45,14 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         boot, procs = _mesh("bench-kv", 160, [("gap-p", ["--dp-size", "1"], {})], decode_dp=1,
                             env=env)
         try:
-            table += measure(args, ", beside a mesh")
+            mesh = (procs[0].address, procs[-1].address, boot.address, "gap-p")
+            table += measure(args, ", beside a mesh", mesh)
         finally:
             stop_all([*procs, boot])
     print("\n".join(table))
     return 0
 
 
-def measure(args, label: str) -> list[str]:
+def measure(args, label: str, mesh: tuple | None = None) -> list[str]:
     import grpc
     import torch
 
@@ -97,9 +100,20 @@ def measure(args, label: str) -> list[str]:
             while True:
                 await asyncio.sleep(0.01)
 
+        client = None
+        if mesh is not None:
+            from bench.pd_client import PdClient
+
+            client = PdClient(*mesh)
+            for n in lengths:
+                await client.pair([(i * 7 + 3) % 250 + 1 for i in range(n)])
         for _ in range(args.reps):
             for n in lengths:
                 ids = [(i * 7 + 3) % 250 + 1 for i in range(n)]
+                if client is not None:
+                    pair = await client.pair(ids)
+                    results.setdefault(("rank compute", n), []).append(pair.prefill.compute_ms / 1e3)
+                    results.setdefault(("PD TTFT", n), []).append(pair.ttft_ms / 1e3)
                 results.setdefault(("main", n), []).append(direct(ids))
                 results.setdefault(("thread", n), []).append(await threaded(ids))
                 if sender is None:  # the rank's environment, from the first round on
@@ -119,7 +133,8 @@ def measure(args, label: str) -> list[str]:
     worker.shutdown()
     rows = [] if label else ["| variant | " + " | ".join(f"{n} tokens ms" for n in lengths) + " |",
                              "| --- | " + " | ".join("---:" for _ in lengths) + " |"]
-    for variant in ("main", "thread", "rank env", "rank env, switch 0.2 ms"):
+    variants = ["main", "thread", "rank env", "rank env, switch 0.2 ms"]
+    for variant in variants + (["rank compute", "PD TTFT"] if mesh else []):
         cells = [f"{statistics.median(results[(variant, n)]) * 1e3:.2f}" for n in lengths]
         rows.append(f"| {variant}{label} | " + " | ".join(cells) + " |")
     return rows
