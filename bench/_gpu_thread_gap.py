@@ -6,7 +6,7 @@ not in `make bench`; bench/_gpu_compute_gap.py found the gap).
 One `bench-kv` prefill per call, variants interleaved: on the main thread; on a worker thread
 with the main thread blocked on the result (no event loop); the same from an asyncio loop (what a
 rank does); a worker thread that set its CUDA device first; a worker thread with the default
-stream made current explicitly. Prints the median ms per variant and prompt length.
+stream made current explicitly; a worker thread that set torch's intra-op threads again. Prints the median ms per variant and prompt length.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     plain = ThreadPoolExecutor(1)
     devset = ThreadPoolExecutor(1, initializer=(lambda: torch.cuda.set_device(torch.device(args.device))) if cuda else None)
 
+    reapplied = ThreadPoolExecutor(1, initializer=lambda: torch.set_num_threads(torch.get_num_threads()))
+    print(f"torch threads: main {torch.get_num_threads()}, worker "
+          f"{plain.submit(torch.get_num_threads).result()}", flush=True)
+
     def prefill(ids):
         return engine.prefill(ids, kv, pages)
 
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker that set its CUDA device": lambda ids: devset.submit(prefill, ids).result(),
         "worker, default stream made current": lambda ids: plain.submit(
             on_stream if cuda else prefill, ids).result(),
+        "worker that re-set torch's threads": lambda ids: reapplied.submit(prefill, ids).result(),
         "main thread again": lambda ids: prefill(ids),
     }
     results: dict = {}
