@@ -24,8 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--lengths", default="512,2048")
+    parser.add_argument("--configured", action="store_true",
+                        help="configure torch's threads first, as a rank does (PDMESH_TORCH_THREADS)")
     args = parser.parse_args(argv)
     import torch
+
+    from pdmesh.worker.engine.runtime import apply_torch_threads, configure_torch_threads
+    if args.configured:
+        configure_torch_threads()
 
     from pdmesh.worker.engine import EngineSpec, build_engine
     from pdmesh.worker.engine.reference import empty_kv_pool
@@ -38,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     plain = ThreadPoolExecutor(1)
-    devset = ThreadPoolExecutor(1, initializer=(lambda: torch.cuda.set_device(torch.device(args.device))) if cuda else None)
+    devset = ThreadPoolExecutor(1, initializer=(lambda: torch.cuda.set_device(torch.device(args.device).index or 0)) if cuda else None)
 
-    reapplied = ThreadPoolExecutor(1, initializer=lambda: torch.set_num_threads(torch.get_num_threads()))
+    reapplied = ThreadPoolExecutor(1, initializer=apply_torch_threads)
     print(f"torch threads: main {torch.get_num_threads()}, worker "
           f"{plain.submit(torch.get_num_threads).result()}", flush=True)
 
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker that set its CUDA device": lambda ids: devset.submit(prefill, ids).result(),
         "worker, default stream made current": lambda ids: plain.submit(
             on_stream if cuda else prefill, ids).result(),
-        "worker that re-set torch's threads": lambda ids: reapplied.submit(prefill, ids).result(),
+        "worker that applied torch's threads (apply_torch_threads)": lambda ids: reapplied.submit(prefill, ids).result(),
         "main thread again": lambda ids: prefill(ids),
     }
     results: dict = {}

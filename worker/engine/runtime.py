@@ -1,4 +1,5 @@
-"""Process-level torch settings that every entry point using torch applies first."""
+"""Process-level torch settings that every entry point using torch applies first, and that
+every thread running torch ops takes on (`apply_torch_threads`, an executor's initializer)."""
 
 from __future__ import annotations
 
@@ -18,4 +19,23 @@ def configure_torch_threads(threads: int | None = None) -> int:
     if threads < 1:
         raise ValueError(f"PDMESH_TORCH_THREADS must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+    global _configured
+    _configured = threads
     return threads
+
+
+_configured: int | None = None
+
+
+def apply_torch_threads() -> None:
+    """Give the calling thread the process's intra-op thread count (configure_torch_threads'
+    value, else what torch reports). Use it as the initializer of every executor whose threads
+    run torch ops: OpenMP keeps the count per thread, and a thread that never set it runs its
+    CPU ops as it defaults. Measured on the H100 (`python -m bench._gpu_thread_gap`, the bench-kv
+    prefill, launch-bound, 512 / 2048 tokens, medians of 8 interleaved): 34-39 ms on a worker
+    thread, 25-29 on a worker that set torch's count again, 30-33 on the main thread; an earlier
+    run of `bench._gpu_compute_gap` had the main thread at 23.0 / 25.0 ms and an engine thread
+    like a rank's at 31.9 / 32.8, the size of the gap between a prefill rank's compute and the
+    same model in the benchmark's process (README, GPU TTFT). The rank's own figure with this
+    applied is not measured yet."""
+    torch.set_num_threads(_configured or torch.get_num_threads())

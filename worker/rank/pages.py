@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from pdmesh.errors import ResourceExhausted
 from pdmesh.reasons import Reason
+from pdmesh.worker.engine.runtime import apply_torch_threads
 from pdmesh.worker.kv.pool import KvPool
 
 
@@ -61,7 +62,8 @@ class EngineThread:
     """The rank's single engine thread (engines are not thread-safe)."""
 
     def __init__(self) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine",
+                                           initializer=apply_torch_threads)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the engine thread. If the caller is cancelled, wait until the thread

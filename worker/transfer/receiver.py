@@ -44,6 +44,7 @@ from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, 
 from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
 from pdmesh.worker.kv.pack import checked_page_array, ids_on
+from pdmesh.worker.engine.runtime import apply_torch_threads
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig
@@ -92,7 +93,8 @@ class KvReceiver:
         self._by_id: dict[tuple[int, int], _Fetch] = {}
         self._retired: set[Link] = set()  # links left unanswered: closed once no fetch uses them
         self._staging: StagingCache | None = None
-        self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-unpack")
+        self._executor = ThreadPoolExecutor(self.config.copy_threads, "pdmesh-kv-unpack",
+                                            initializer=apply_torch_threads)
         self._samehost = samehost.SameHostReceiver(self.config.path, self.config.connect_timeout_s)
 
     def state(self, room: int) -> TransferState | None:

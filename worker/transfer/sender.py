@@ -40,6 +40,7 @@ from pdmesh.errors import (AlreadyExists, Cancelled, EpochMismatch, FailedPrecon
 from pdmesh.reasons import Reason
 from pdmesh.rules import validate_room
 from pdmesh.transfer.v1 import transfer_pb2 as pb
+from pdmesh.worker.engine.runtime import apply_torch_threads
 from pdmesh.worker.kv.layout import KvLayout
 from pdmesh.worker.kv.pack import checked_page_array
 from pdmesh.worker.kv.pool import KvPool
@@ -75,7 +76,8 @@ class KvSender:
         self._tasks: set[asyncio.Task] = set()
         self._staging: StagingCache | None = None
         self._executor = ThreadPoolExecutor(
-            max(self.config.copy_threads, self.config.same_host_copy_threads), "pdmesh-kv-pack")
+            max(self.config.copy_threads, self.config.same_host_copy_threads), "pdmesh-kv-pack",
+            initializer=apply_torch_threads)
         # same host: the decodes' pools this rank mapped (samehost.py); `device`: this rank's pool
         self._samehost = samehost.SameHostSender(self.config.path)
         self._device = None if device is None else torch.device(device)

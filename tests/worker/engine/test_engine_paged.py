@@ -239,6 +239,48 @@ def test_torch_threads_follow_the_environment(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_threads_that_run_torch_ops_take_the_configured_count():
+    """apply_torch_threads gives the calling thread configure_torch_threads' count, whatever
+    that thread had; the engine thread and the transfer executors start with it (on the H100 a
+    prefill on a thread without it ran 5-14 ms slower: bench/_gpu_thread_gap.py)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pdmesh.worker.engine.runtime import apply_torch_threads
+    from pdmesh.worker.rank.pages import EngineThread
+    from pdmesh.worker.transfer import KvReceiver, KvSender
+
+    before = torch.get_num_threads()
+    try:
+        configure_torch_threads(1)
+
+        def elsewhere() -> tuple[int, int]:
+            torch.set_num_threads(2)  # a thread whose count someone changed
+            changed = torch.get_num_threads()
+            apply_torch_threads()
+            return changed, torch.get_num_threads()
+
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(elsewhere).result() == (2, 1)
+
+        async def counts() -> list[int]:
+            engine_thread = EngineThread()
+            sender, receiver = KvSender("inproc", epoch=1), KvReceiver("inproc")
+            loop = asyncio.get_running_loop()
+            try:
+                return [await engine_thread.run(torch.get_num_threads),
+                        await loop.run_in_executor(sender._executor, torch.get_num_threads),
+                        await loop.run_in_executor(receiver._executor, torch.get_num_threads)]
+            finally:
+                engine_thread.shutdown()
+                await sender.close()
+                await receiver.close()
+
+        assert asyncio.run(counts()) == [1, 1, 1]
+    finally:
+        configure_torch_threads(before)
+
+
 def test_command_line_generates_text(engine):
     prompt = "Text in, text out"
     run = subprocess.run([sys.executable, "-m", "pdmesh.worker.engine", prompt, "--max-new-tokens", "12"],
