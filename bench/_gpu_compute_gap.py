@@ -38,8 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--mesh", action="store_true", help="then again beside an idle mesh")
     args = parser.parse_args(argv)
+    import os
+
+    clean = dict(os.environ)
     table = measure(args, "")
     if args.mesh:
+        # this process's UCX set-up put its (CPU) UCX defaults into the environment, which the
+        # ranks would inherit: a variable already set wins over a rank's CUDA defaults
+        os.environ.clear()
+        os.environ.update(clean)
         from bench.ttft import _mesh
         from testkit.proc import stop_all
 
