@@ -119,7 +119,8 @@ def measure(args, label: str, mesh: tuple | None = None) -> list[str]:
                 ids = [(i * 7 + 3) % 250 + 1 for i in range(n)]
                 if client is not None:
                     pair = await client.pair(ids)
-                    results.setdefault(("rank compute", n), []).append(pair.prefill.compute_ms / 1e3)
+                    results.setdefault(("rank compute", n), []).append(
+                        pair.prefill.compute_ms / 1e3)
                     results.setdefault(("PD TTFT", n), []).append(pair.ttft_ms / 1e3)
                 results.setdefault(("main", n), []).append(direct(ids))
                 results.setdefault(("thread", n), []).append(await threaded(ids))

@@ -6,7 +6,8 @@ not in `make bench`; bench/_gpu_compute_gap.py found the gap).
 One `bench-kv` prefill per call, variants interleaved: on the main thread; on a worker thread
 with the main thread blocked on the result (no event loop); the same from an asyncio loop (what a
 rank does); a worker thread that set its CUDA device first; a worker thread with the default
-stream made current explicitly; a worker thread that set torch's intra-op threads again. Prints the median ms per variant and prompt length.
+stream made current explicitly; a worker thread that set torch's intra-op threads again
+(`runtime.apply_torch_threads`). Prints the median ms per variant and prompt length.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--configured", action="store_true",
-                        help="configure torch's threads first, as a rank does (PDMESH_TORCH_THREADS)")
+                        help="configure torch's threads first, as a rank does "
+                             "(PDMESH_TORCH_THREADS)")
     args = parser.parse_args(argv)
     import torch
 
@@ -44,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     plain = ThreadPoolExecutor(1)
-    devset = ThreadPoolExecutor(1, initializer=(lambda: torch.cuda.set_device(torch.device(args.device).index or 0)) if cuda else None)
+    index = torch.device(args.device).index or 0
+    devset = ThreadPoolExecutor(1, initializer=(lambda: torch.cuda.set_device(index)) if cuda
+                                else None)
 
     reapplied = ThreadPoolExecutor(1, initializer=apply_torch_threads)
     print(f"torch threads: main {torch.get_num_threads()}, worker "
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "worker that set its CUDA device": lambda ids: devset.submit(prefill, ids).result(),
         "worker, default stream made current": lambda ids: plain.submit(
             on_stream if cuda else prefill, ids).result(),
-        "worker that applied torch's threads (apply_torch_threads)": lambda ids: reapplied.submit(prefill, ids).result(),
+        "worker that applied torch's threads (apply_torch_threads)": lambda ids: reapplied.submit(
+            prefill, ids).result(),
         "main thread again": lambda ids: prefill(ids),
     }
     results: dict = {}
