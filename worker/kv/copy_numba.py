@@ -2,7 +2,7 @@
 its row's sum while it is in a register (numba; the torch version in page_copy.py is the
 reference and the fallback where numba cannot be imported).
 
-    value = copy_pages_numba(src_kv, dst_kv, src_ids, dst_ids, a, b)   # layers [a, b)
+    value = copy_pages_numba(src_kv, dst_kv, src_ids, dst_ids, order, a, b)   # layers [a, b)
 
 Why a compiled loop: torch has no fused copy-and-reduce, so the torch version makes one `copy_`
 and one `sum` per run of pages (per page at scattered ids: 512 of each for 64 MiB of 1-token
@@ -51,8 +51,7 @@ def _define():
         read of the destination line first, no cache displaced), fenced before returning, a
         whole cache line per store where every destination row starts on a line."""
         n, pages, dst_pages, words = src_ids.shape[0], src.shape[2], dst.shape[2], src.shape[3]
-        lines = (streaming and words % (numba_stores.LINE_BYTES // src.itemsize) == 0
-                 and dst.ctypes.data % numba_stores.LINE_BYTES == 0)
+        lines = streaming and numba_stores.lines_fit(dst, words)
         flat_src, flat_dst = src.reshape(src.size), dst.reshape(dst.size)
         total = np.uint64(0)
         for layer in range(a, b):
@@ -85,17 +84,15 @@ kernel = LazyKernel(_define, "the CPU page copy")
 
 
 def copy_pages_numba(src_words: torch.Tensor, dst_words: torch.Tensor, src_ids: torch.Tensor,
-                     dst_ids: torch.Tensor, a: int, b: int, checksum: bool = True,
-                     streaming: bool = False, order: torch.Tensor | None = None) -> int:
+                     dst_ids: torch.Tensor, order: torch.Tensor, a: int, b: int,
+                     checksum: bool = True, streaming: bool = False) -> int:
     """Copy rows of pages `src_ids` -> `dst_ids` of layers [a, b) between two pools viewed as
     [layers, 2, pages, words] of one integer dtype (page_copy._words); the checksum (0 when
     `checksum` is off: the bench's copy-only baseline). `streaming`: non-temporal stores, for
     copies far larger than the cache (the same-host writer's threaded slices). `order`: the
-    order to copy the pages in (default: by source page, CopyPlan.order). The caller validated
-    shapes and ids."""
+    order to copy the pages in (CopyPlan.order: by source page). The caller validated shapes
+    and ids."""
     run = kernel()
-    if order is None:
-        order = torch.argsort(src_ids)
     value = run(src_words.numpy(), dst_words.numpy(), src_ids.numpy(), dst_ids.numpy(),
                 order.numpy(), a, b, checksum, streaming)
     return int(value)
@@ -106,4 +103,4 @@ def warm(words: torch.Tensor) -> None:
     if kernel() is None or words.shape[2] == 0:
         return
     one = torch.zeros(1, dtype=torch.int64)
-    copy_pages_numba(words, words, one, one, 0, 0)  # one signature: the flags are arguments
+    copy_pages_numba(words, words, one, one, one, 0, 0)  # one signature: the flags are arguments

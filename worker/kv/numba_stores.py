@@ -6,6 +6,7 @@ definitions of copy_numba.py and pack_numba.py).
     acc = copy_summed(src, dst, streaming)   # dst[:] = src, the words' sum; the loops' inner copy
     acc = copy_line_streaming(src, i, dst, k)  # one 64-byte line, one vector streaming store
     acc = copy_row_lines(src, i, dst, k, words)  # a row of whole lines that way (flat arrays)
+    if lines_fit(dst, words): ...                # whether rows of `words` in dst start on lines
 
 A normal store first reads the destination line into the cache; a non-temporal store writes it
 straight to memory (x86 MOVNTI; on other targets what LLVM lowers the hint to, at worst a plain
@@ -107,10 +108,18 @@ def copy_summed(src, dst, streaming):
 
 
 @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def lines_fit(dst, words):
+    """Whether every row of `words` words in `dst` (rows back to back from its start) starts on
+    a cache line: what copy_row_lines needs of its destination."""
+    return words % (LINE_BYTES // dst.itemsize) == 0 and dst.ctypes.data % LINE_BYTES == 0
+
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 def copy_row_lines(src, src_at, dst, dst_at, words):
     """dst[dst_at:dst_at + words] = src[src_at:src_at + words] a line at a time with
-    copy_line_streaming (so its conditions: `words` fills whole lines, the destination starts
-    on one); the words' sum (uint64, wrapping). The caller fences once at its end."""
+    copy_line_streaming (so its conditions, `lines_fit`: `words` fills whole lines, the
+    destination starts on one); the words' sum (uint64, wrapping). The caller fences once at
+    its end."""
     acc = np.uint64(0)
     step = LINE_BYTES // src.itemsize
     for w in range(0, words, step):

@@ -44,9 +44,9 @@ def _define():
         row and block)."""
         sides, n, words = buf.shape[0], buf.shape[1], buf.shape[2]
         pages = pool.shape[1]
-        lines = (streaming and not to_buf and words % (numba_stores.LINE_BYTES // pool.itemsize) == 0
-                 and block_words % (numba_stores.LINE_BYTES // pool.itemsize) == 0
-                 and pool.ctypes.data % numba_stores.LINE_BYTES == 0)
+        # the message's checksum blocks cut rows too: they must also end on lines
+        lines = (streaming and not to_buf and numba_stores.lines_fit(pool, words)
+                 and numba_stores.lines_fit(pool, block_words))
         flat_pool, flat_buf = pool.reshape(pool.size), buf.reshape(buf.size)
         total = np.uint64(0)
         positional = np.uint64(0)

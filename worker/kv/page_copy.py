@@ -116,7 +116,7 @@ def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: in
         return copy_triton.copy_pages_triton(src_kv, dst_kv, plan.src_ids, plan.dst_ids, a, b)
     if copy_numba.kernel() is not None:
         return copy_numba.copy_pages_numba(_words(src_kv), _words(dst_kv), plan.src_ids,
-                                           plan.dst_ids, a, b, checksum, streaming, plan.order)
+                                           plan.dst_ids, plan.order, a, b, checksum, streaming)
     return _copy_torch(src_kv, dst_kv, plan, a, b, checksum)
 
 

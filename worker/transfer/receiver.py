@@ -43,8 +43,8 @@ from pdmesh.errors import (AlreadyExists, Cancelled, DataLoss, InvalidArgument, 
                            Unavailable)
 from pdmesh.reasons import Reason
 from pdmesh.transfer.v1 import transfer_pb2 as pb
-from pdmesh.worker.kv.pack import checked_page_array, ids_on
 from pdmesh.worker.engine.runtime import apply_torch_threads
+from pdmesh.worker.kv.pack import checked_page_array, ids_on
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.transfer import runs, samehost, wire
 from pdmesh.worker.transfer.config import TransferConfig

@@ -25,9 +25,9 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def kernel(request, monkeypatch):
     if request.param == "torch":  # the fallback where numba cannot be imported
         monkeypatch.setattr(pack_numba, "kernel", lambda: None)
-    else:
+    else:  # numba is a declared dependency: the fused loop must be there to be tested
         if request.param == "fused-streaming":  # every unpack as a large one: streaming stores
-            monkeypatch.setattr(pack_numba, "STREAMING_MIN_BYTES", 0)  # numba is a declared dependency: the fused loop must be there to be tested
+            monkeypatch.setattr(pack_numba, "STREAMING_MIN_BYTES", 0)
         assert pack_numba.kernel() is not None, "numba did not import: the fused pack is untested"
     return request.param
 
