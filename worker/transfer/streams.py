@@ -238,7 +238,7 @@ class Incoming:
         """Receive every chunk; a landed chunk's job (checksum, unpack) runs in a worker thread
         while the next chunks land (`_finish`), and is collected in plan order once done (at most
         `recv_window` of them wait): the receives never wait for a slow worker thread."""
-        loop, status, chunks = asyncio.get_running_loop(), self.fetch.status, self.plan.chunks
+        status, chunks = self.fetch.status, self.plan.chunks
         window = min(self.config.recv_window, len(chunks))
         for c in range(window):
             self._post_chunk(c)
