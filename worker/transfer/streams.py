@@ -243,7 +243,7 @@ class Incoming:
         for c in range(window):
             self._post_chunk(c)
         jobs: deque = deque()  # (chunk, job, its staging buffer or None), plan order
-        for c, (a, b) in enumerate(self.plan.ranges):
+        for c in range(len(chunks)):
             slots = self._slots.pop(c)
             waiting = [future for future, _ in slots if not future.done()]
             # one wait per chunk, not per message (a failed one fails it at once; the others
