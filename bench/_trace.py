@@ -7,7 +7,8 @@ Runs `pdmesh.worker.transfer.loopback` sender and receiver (bench/transfer.py's 
 transfer's steps wrapped to log when each is entered and left (`time.perf_counter_ns`, CLOCK_
 MONOTONIC: one clock for both processes), fetches one room at a time, and prints each step's
 median offset from the fetch's start (after 5 warm-up fetches), in time order. Worker-thread
-steps (`_pack_chunk`, `_finish_chunk`, `copy_job`) are logged from their threads.
+steps (`_pack_chunk`, `_finish_chunk`, `copy_job`) are logged from their threads (a small chunk
+sent in place is finished, or summed once posted, on the event loop: streams.INLINE_SUM_MAX_BYTES).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ STEPS = [  # (module, owner or None, function, label)
     ("pdmesh.worker.transfer.receiver", "KvReceiver", "fetch", "R fetch"),
     ("pdmesh.worker.transfer.receiver", "KvReceiver", "_on_control", "R control"),
     ("pdmesh.worker.transfer.streams", "Incoming", "_post_chunk", "R post chunk"),
-    ("pdmesh.worker.transfer.streams", None, "_finish_chunk", "R finish chunk (thread)"),
+    ("pdmesh.worker.transfer.streams", None, "_finish_chunk", "R finish chunk"),
     ("pdmesh.worker.transfer.sender", "KvSender", "_on_control", "S control"),
     ("pdmesh.worker.transfer.sender", "KvSender", "_claim", "S claim"),
     ("pdmesh.worker.transfer.sender", None, "_pack_chunk", "S pack chunk (thread)"),
+    ("pdmesh.worker.transfer.streams", None, "_posted_parts", "S sum posted chunk"),
     ("pdmesh.worker.transfer.streams", "Outgoing", "send_chunk", "S send chunk"),
     ("pdmesh.worker.transfer.streams", "Outgoing", "settle", "S settle"),
     ("pdmesh.worker.transfer.streams", "Outgoing", "checksum", "S checksum"),

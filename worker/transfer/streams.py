@@ -4,7 +4,9 @@ Both follow the wire plan (runs.py) message by message. The sender posts each di
 straight from its pool and each packed one once a worker thread has packed it; worker threads
 also compute every message's checksum parts (digest.py), running `send_depth` chunks ahead (one
 job for all chunks when nothing is packed and every layer is computed), and at most
-`send_window_bytes` are on the wire at once; no direct message waits for a checksum. The
+`send_window_bytes` are on the wire at once; no direct message waits for a checksum (a small
+chunk of direct messages in a CPU pool is summed on the event loop right after its messages are
+posted: `INLINE_SUM_MAX_BYTES`). The
 receiver keeps the messages of `recv_window` chunks posted (direct ones straight into its pool),
 and once a chunk has landed a worker thread checksums it and unpacks its packed message while the
 next chunks arrive (a small chunk of direct messages in a CPU pool is summed on the event loop
@@ -34,12 +36,15 @@ from pdmesh.worker.transfer.staging import StagingCache
 from pdmesh.worker.transfer.state import TransferStatus
 
 EMPTY = torch.empty(0, dtype=torch.uint8)
-# A landed chunk of direct messages only, in a CPU pool and of at most this many bytes, is
-# checksummed on the event loop as soon as it lands: its bytes are still in the cache that UCX
-# wrote them through (torch sums 8 MiB there in ~0.15 ms), where a worker thread got to them later,
-# from memory, after a hand-off. tcp, 64 MiB in place, 8 alternating rounds: 2.24 -> 2.52 GB/s,
-# the receiver's CPU 24.4 -> 21.5 ms per transfer (README, transfer benchmark). Larger chunks
-# (no longer in cache, and a longer stall of the loop) stay in the worker thread.
+# A chunk of direct messages only, in a CPU pool and of at most this many bytes, is checksummed on
+# the event loop with no worker thread: on the sender right after its messages are posted (the
+# sum brings its bytes into the cache, from which UCX's or the kernel's copy then reads them), on
+# the receiver as soon as it has landed (its bytes are still in the cache UCX wrote them
+# through). A worker thread read them from memory, before or after the copy, behind a hand-off:
+# torch sums 8 MiB in cache in ~0.15 ms. 64 MiB in place, alternating rounds (README, transfer
+# benchmark): tcp 2.24 -> 2.52 GB/s with the receiver's change, 2.32 -> 2.66 with the sender's
+# on top; UCX over shared memory 3.24 -> 4.13. Larger chunks (no longer in cache, a longer stall
+# of the loop) and chunks with packed pages keep the worker thread.
 INLINE_SUM_MAX_BYTES = 16 << 20
 
 
@@ -64,6 +69,12 @@ def _prepare_chunk(pack, side: PoolSide, msgs: tuple, a: int, b: int, buf: torch
     direct = side.direct_parts(a, b)
     packed = pack(side.kv, side.packed_ids, a, b, buf)  # sender._pack_chunk
     return _chunk_parts(direct, packed if msgs and not msgs[-1].direct else None)
+
+
+def _posted_parts(side: PoolSide, a: int, b: int) -> torch.Tensor:
+    """Event loop: checksum parts of a chunk of direct messages the sender has just posted
+    (`INLINE_SUM_MAX_BYTES`)."""
+    return _chunk_parts(side.direct_parts(a, b), None)
 
 
 def _prepare_chunks(pack, side: PoolSide, items: list) -> list[torch.Tensor]:
@@ -112,7 +123,8 @@ class Outgoing:
         loaded 2-core host (README)."""
         loop = asyncio.get_running_loop()
         if until is None and not self.plan.packed.size:
-            todo = [k for k in range(c, len(self.plan.chunks)) if k not in self.jobs]
+            todo = [k for k in range(c, len(self.plan.chunks))
+                    if k not in self.jobs and not self._sums_inline(k)]
             if todo:
                 items = [(self.plan.chunks[k], *self.plan.ranges[k]) for k in todo]
                 job = loop.run_in_executor(executor, _prepare_chunks, self.pack, self.side, items)
@@ -121,7 +133,7 @@ class Outgoing:
             return
         stop = min(c + self.config.send_depth, len(self.plan.chunks))
         for k in range(c, stop if until is None else min(stop, until)):
-            if k in self.jobs or k < c:
+            if k in self.jobs or k < c or self._sums_inline(k):
                 continue
             msgs, (a, b) = self.plan.chunks[k], self.plan.ranges[k]
             packed = msgs[-1].nbytes if msgs and not msgs[-1].direct else 0
@@ -130,15 +142,24 @@ class Outgoing:
                                                  msgs, a, b,
                                                  buf), buf if packed else None)
 
+    def _sums_inline(self, c: int) -> bool:
+        """Whether chunk `c`'s checksum is taken on the event loop once its messages are posted
+        (`INLINE_SUM_MAX_BYTES`), not by a job."""
+        msgs = self.plan.chunks[c]
+        return (not self.side.kv.is_cuda and bool(msgs) and msgs[-1].direct
+                and sum(m.nbytes for m in msgs) <= INLINE_SUM_MAX_BYTES)
+
     async def send_chunk(self, c: int) -> bool:
         """Send chunk `c`'s messages; False if the transfer failed meanwhile. A chunk of direct
-        messages only does not wait for its checksum job (`checksum()` collects it): a slow
-        worker thread never holds the wire back."""
+        messages only does not wait for its checksum (a job that `checksum()` collects, or the
+        sum taken here once they are posted): a slow worker thread never holds the wire back."""
         msgs = self.plan.chunks[c]
         for m in msgs:
             if m.direct:
                 if not await self._post(m, self.side.block(m), None):
                     return False
+        if self._sums_inline(c):  # the pool's pages do not change while they are sent
+            self._sums[c] = _posted_parts(self.side, *self.plan.ranges[c])
         if not msgs or msgs[-1].direct:
             return True
         job, buf = self.jobs[c]

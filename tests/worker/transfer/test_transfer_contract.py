@@ -165,6 +165,9 @@ class BlockPack:
         # each chunk in a thread (a small one is copied on the event loop, which this blocks)
         monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
         monkeypatch.setattr(samehost_copy, "INLINE_COPY_BYTES", 0)
+        # and every chunk's checksum in a job too (a small chunk of pages sent in place is
+        # summed on the event loop, without the pack this blocks)
+        monkeypatch.setattr(streams, "INLINE_SUM_MAX_BYTES", 0)
 
     def _blocked(self, real, at: int):
         def blocked(*args):
@@ -365,6 +368,7 @@ def test_a_bug_fails_the_transfer_typed_at_once(mesh, run, monkeypatch, side):
 
     if side == "sender":
         monkeypatch.setattr(sender_module, "_pack_chunk", broken)
+        monkeypatch.setattr(streams, "_posted_parts", broken)  # a small chunk sent in place
         monkeypatch.setattr(samehost_copy, "copy_job", broken)
         monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)  # copied in a thread, not inline
         monkeypatch.setattr(samehost_copy, "INLINE_COPY_BYTES", 0)
@@ -516,6 +520,14 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
             sums[0] = sums[0] + 1
         return sums
 
+    real_posted = streams._posted_parts
+
+    def corrupt_posted(side, a, b):  # a small chunk sent in place: summed once posted
+        sums = real_posted(side, a, b)
+        if a == 1:
+            sums[0] = sums[0] + 1
+        return sums
+
     def corrupt_copy(src_kv, dst_kv, copies, a, b, streaming=False):
         value = real_copy(src_kv, dst_kv, copies, a, b, streaming)
         if a == 1:  # one bit of the written pages flips after the checksum was taken
@@ -523,6 +535,7 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
         return value
 
     monkeypatch.setattr(streams, "_prepare_chunk", corrupt)
+    monkeypatch.setattr(streams, "_posted_parts", corrupt_posted)
     monkeypatch.setattr(samehost_copy, "copy_job", corrupt_copy)
     monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
     # same host: the receiver re-reads its pages only when asked to (same_host_verify)

@@ -18,6 +18,7 @@ import torch
 from pdmesh.errors import Internal, PdmeshError
 from pdmesh.worker.transfer import TransferState, samehost, samehost_copy
 from pdmesh.worker.transfer import sender as sender_module
+from pdmesh.worker.transfer import streams
 from pdmesh.worker.transfer.layers import LayerReadiness, stream_chunk_ends, stream_chunk_layers
 from test_transfer_contract import LAYOUT, _expect, ends, loop, mesh, run  # noqa: F401 - fixtures
 
@@ -30,8 +31,10 @@ class RecordPack:
         self.packed: list[tuple[int, int, int]] = []  # (a, b, layers ready when packed)
         self.lock = threading.Lock()
         # (module, function, index of `a` among its arguments: pack(kv, ids, a, b, buf),
-        # copy(src_kv, dst_kv, copies, a, b))
-        for module, name, at in ((sender_module, "_pack_chunk", 2), (samehost_copy, "copy_job", 3)):
+        # copy(src_kv, dst_kv, copies, a, b), the sum of a small chunk sent in place once its
+        # messages are posted: _posted_parts(side, a, b))
+        for module, name, at in ((sender_module, "_pack_chunk", 2), (samehost_copy, "copy_job", 3),
+                                 (streams, "_posted_parts", 1)):
             monkeypatch.setattr(module, name, self._recording(getattr(module, name), at, offer_of))
 
     def _recording(self, real, at: int, offer_of):
