@@ -41,10 +41,10 @@ EMPTY = torch.empty(0, dtype=torch.uint8)
 # sum brings its bytes into the cache, from which UCX's or the kernel's copy then reads them), on
 # the receiver as soon as it has landed (its bytes are still in the cache UCX wrote them
 # through). A worker thread read them from memory, before or after the copy, behind a hand-off:
-# torch sums 8 MiB in cache in ~0.15 ms. 64 MiB in place, alternating rounds (README, transfer
-# benchmark): tcp 2.24 -> 2.52 GB/s with the receiver's change, 2.32 -> 2.66 with the sender's
-# on top; UCX over shared memory 3.24 -> 4.13. Larger chunks (no longer in cache, a longer stall
-# of the loop) and chunks with packed pages keep the worker thread.
+# torch sums 8 MiB in cache in ~0.15-0.4 ms. 64 MiB in place against the worker-thread sums,
+# alternating rounds (README, transfer benchmark, fourth pass): tcp 2.57 -> 2.75 GB/s, UCX over
+# shared memory 3.31 -> 4.41. Larger chunks (no longer in cache, a longer stall of the loop) and
+# chunks with packed pages keep the worker thread.
 INLINE_SUM_MAX_BYTES = 16 << 20
 
 
