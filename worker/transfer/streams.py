@@ -71,6 +71,13 @@ def _prepare_chunk(pack, side: PoolSide, msgs: tuple, a: int, b: int, buf: torch
     return _chunk_parts(direct, packed if msgs and not msgs[-1].direct else None)
 
 
+def _sum_inline(side: PoolSide, msgs: tuple) -> bool:
+    """Whether a chunk's checksum is taken on the event loop (`INLINE_SUM_MAX_BYTES`): direct
+    messages only, in a CPU pool, a small chunk."""
+    return (not side.kv.is_cuda and bool(msgs) and msgs[-1].direct
+            and sum(m.nbytes for m in msgs) <= INLINE_SUM_MAX_BYTES)
+
+
 def _posted_parts(side: PoolSide, a: int, b: int) -> torch.Tensor:
     """Event loop: checksum parts of a chunk of direct messages the sender has just posted
     (`INLINE_SUM_MAX_BYTES`)."""
@@ -124,7 +131,7 @@ class Outgoing:
         loop = asyncio.get_running_loop()
         if until is None and not self.plan.packed.size:
             todo = [k for k in range(c, len(self.plan.chunks))
-                    if k not in self.jobs and not self._sums_inline(k)]
+                    if k not in self.jobs and not _sum_inline(self.side, self.plan.chunks[k])]
             if todo:
                 items = [(self.plan.chunks[k], *self.plan.ranges[k]) for k in todo]
                 job = loop.run_in_executor(executor, _prepare_chunks, self.pack, self.side, items)
@@ -133,21 +140,14 @@ class Outgoing:
             return
         stop = min(c + self.config.send_depth, len(self.plan.chunks))
         for k in range(c, stop if until is None else min(stop, until)):
-            if k in self.jobs or k < c or self._sums_inline(k):
-                continue
             msgs, (a, b) = self.plan.chunks[k], self.plan.ranges[k]
+            if k in self.jobs or k < c or _sum_inline(self.side, msgs):
+                continue
             packed = msgs[-1].nbytes if msgs and not msgs[-1].direct else 0
             buf = self.staging.take(packed) if packed else EMPTY
             self.jobs[k] = (loop.run_in_executor(executor, _prepare_chunk, self.pack, self.side,
                                                  msgs, a, b,
                                                  buf), buf if packed else None)
-
-    def _sums_inline(self, c: int) -> bool:
-        """Whether chunk `c`'s checksum is taken on the event loop once its messages are posted
-        (`INLINE_SUM_MAX_BYTES`), not by a job."""
-        msgs = self.plan.chunks[c]
-        return (not self.side.kv.is_cuda and bool(msgs) and msgs[-1].direct
-                and sum(m.nbytes for m in msgs) <= INLINE_SUM_MAX_BYTES)
 
     async def send_chunk(self, c: int) -> bool:
         """Send chunk `c`'s messages; False if the transfer failed meanwhile. A chunk of direct
@@ -158,7 +158,7 @@ class Outgoing:
             if m.direct:
                 if not await self._post(m, self.side.block(m), None):
                     return False
-        if self._sums_inline(c):  # the pool's pages do not change while they are sent
+        if _sum_inline(self.side, msgs):  # the pool's pages do not change while they are sent
             self._sums[c] = _posted_parts(self.side, *self.plan.ranges[c])
         if not msgs or msgs[-1].direct:
             return True
@@ -277,20 +277,18 @@ class Incoming:
                 self._post_chunk(c + window)  # the next receives land while this one unpacks
             bufs = [buf for _, buf in slots]
             packed = bool(chunks[c]) and not chunks[c][-1].direct
-            job = self._finish(executor, c, bufs, packed)
+            job = self._finish(executor, c, bufs)
             jobs.append((c, job, bufs[-1] if packed else None))
             while jobs and (jobs[0][1].done() or len(jobs) > self.config.recv_window):
                 await self._collect(*jobs.popleft())
         while jobs:
             await self._collect(*jobs.popleft())
 
-    def _finish(self, executor, c: int, bufs: list, packed: bool) -> asyncio.Future:
-        """The job of landed chunk `c` (`_finish_chunk`): done at once on the event loop for a
-        small chunk of direct messages in a CPU pool (INLINE_SUM_MAX_BYTES), else started in a
-        worker thread and tracked for the wind-down."""
+    def _finish(self, executor, c: int, bufs: list) -> asyncio.Future:
+        """The job of landed chunk `c` (`_finish_chunk`): done at once on the event loop where
+        `_sum_inline`, else started in a worker thread and tracked for the wind-down."""
         loop, (a, b), msgs = asyncio.get_running_loop(), self.plan.ranges[c], self.plan.chunks[c]
-        if (not packed and not self.side.kv.is_cuda
-                and sum(m.nbytes for m in msgs) <= INLINE_SUM_MAX_BYTES):
+        if _sum_inline(self.side, msgs):
             job = loop.create_future()
             job.set_result(_finish_chunk(self.side, msgs, bufs, a, b))
             return job
