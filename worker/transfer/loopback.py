@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import faulthandler
 import hashlib
 import json
@@ -128,10 +129,7 @@ class Rank:
         self.shared = args.role == "receiver" and args.kv_transfer_path == "auto"
         self.pools: dict[str, KvPool] = {args.layout: make_pool(
             parse_layout(args.layout), args.pages, self.shared, args.device)}
-        extra = {key: int(value) for key, value in (kv.split("=", 1) for kv in args.set)}
-        config = TransferConfig(room_wait_s=args.room_wait, abort_grace_s=args.grace,
-                                send_depth=args.depth, recv_window=args.depth,
-                                path=args.kv_transfer_path, **extra).for_device(args.device)
+        config = transfer_config(args).for_device(args.device)
         self.transport = make_transport(args.transport)
         self.sender = KvSender(self.transport, epoch=EPOCH, config=config, device=args.device) \
             if args.role == "sender" else None
@@ -252,6 +250,25 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
     loop.call_soon_threadsafe(lines.put_nowait, "")
 
 
+def transfer_config(args) -> TransferConfig:
+    """The rank's TransferConfig from its flags: `--depth` sets both windows, then every `--set
+    FIELD=INT` (which wins over `--depth`); ValueError names a bad item or value."""
+    fields = {f.name for f in dataclasses.fields(TransferConfig)}
+    settings = {"room_wait_s": args.room_wait, "abort_grace_s": args.grace,
+                "send_depth": args.depth, "recv_window": args.depth,
+                "path": args.kv_transfer_path}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: want FIELD=INT, FIELD one of TransferConfig's "
+                             f"fields ({', '.join(sorted(fields))})")
+        try:
+            settings[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {value!r} is not an integer") from None
+    return TransferConfig(**settings)  # its own checks raise ValueError too
+
+
 def _slow(real, delay: float, layers_at: int):
     """`real` (a chunk's pack, or same-host copy, whose layers a, b are its arguments
     `layers_at` and `layers_at + 1`), announced and slowed by `delay` seconds."""
@@ -290,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_transfer_path not in samehost.PATHS:  # a bad PDMESH_KV_TRANSFER_PATH
         parser.error(f"{samehost.PATH_ENV}={args.kv_transfer_path!r} is not one of "
                      f"{', '.join(samehost.PATHS)}")
+    try:
+        transfer_config(args)
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
     apply_ucx_defaults(device=args.device)  # as a rank does: CUDA pools get UCX's CUDA settings
     if args.pack_delay:

@@ -270,3 +270,22 @@ def test_many_fresh_links_at_once_lose_no_request(pair):
         assert max(d["seconds"] for d in done) < 20, max(d["seconds"] for d in done)  # none waited out a bound
         sender.collect("offer_done", len(rooms), timeout=30)
     assert receiver.pool()["free"] == PAGES and sender.pool()["free"] == PAGES
+
+
+def test_the_tools_set_flag_wins_over_depth_and_names_bad_items():
+    """`--set FIELD=INT` overrides what `--depth` sets (it once raised a TypeError traceback for
+    recv_window), and a bad item is a usage error naming it, not a traceback."""
+    from types import SimpleNamespace
+
+    from pdmesh.worker.transfer.loopback import transfer_config
+
+    def config(*items):
+        return transfer_config(SimpleNamespace(room_wait=5.0, grace=5.0, depth=2,
+                                               kv_transfer_path="ucx", set=list(items)))
+
+    got = config("recv_window=4", "send_window_bytes=33554432")
+    assert (got.send_depth, got.recv_window, got.send_window_bytes) == (2, 4, 32 << 20)
+    for item, words in (("bogus=1", "FIELD one of"), ("recv_window", "want FIELD=INT"),
+                        ("recv_window=x", "not an integer"), ("recv_window=0", ">= 1")):
+        with pytest.raises(ValueError, match=words):
+            config(item)
