@@ -120,6 +120,8 @@ class Outgoing:
         self.jobs: dict[int, tuple[asyncio.Future, torch.Tensor | None]] = {}
         self.inflight: deque = deque()  # (future, staging buffer or None, bytes)
         self._sums: dict[int, torch.Tensor] = {}  # checksum parts per chunk, once known
+        # chunks summed on the event loop once posted (no job): decided once per transfer
+        self._inline = frozenset(k for k, msgs in enumerate(plan.chunks) if _sum_inline(side, msgs))
         self.sent = self.total = self._bytes_in_flight = 0
 
     def prepare_ahead(self, c: int, executor, until: int | None = None) -> None:
@@ -131,7 +133,7 @@ class Outgoing:
         loop = asyncio.get_running_loop()
         if until is None and not self.plan.packed.size:
             todo = [k for k in range(c, len(self.plan.chunks))
-                    if k not in self.jobs and not _sum_inline(self.side, self.plan.chunks[k])]
+                    if k not in self.jobs and k not in self._inline]
             if todo:
                 items = [(self.plan.chunks[k], *self.plan.ranges[k]) for k in todo]
                 job = loop.run_in_executor(executor, _prepare_chunks, self.pack, self.side, items)
@@ -140,9 +142,9 @@ class Outgoing:
             return
         stop = min(c + self.config.send_depth, len(self.plan.chunks))
         for k in range(c, stop if until is None else min(stop, until)):
-            msgs, (a, b) = self.plan.chunks[k], self.plan.ranges[k]
-            if k in self.jobs or k < c or _sum_inline(self.side, msgs):
+            if k in self.jobs or k < c or k in self._inline:
                 continue
+            msgs, (a, b) = self.plan.chunks[k], self.plan.ranges[k]
             packed = msgs[-1].nbytes if msgs and not msgs[-1].direct else 0
             buf = self.staging.take(packed) if packed else EMPTY
             self.jobs[k] = (loop.run_in_executor(executor, _prepare_chunk, self.pack, self.side,
@@ -158,7 +160,7 @@ class Outgoing:
             if m.direct:
                 if not await self._post(m, self.side.block(m), None):
                     return False
-        if _sum_inline(self.side, msgs):  # the pool's pages do not change while they are sent
+        if c in self._inline:  # the pool's pages do not change while they are sent
             self._sums[c] = _posted_parts(self.side, *self.plan.ranges[c])
         if not msgs or msgs[-1].direct:
             return True
