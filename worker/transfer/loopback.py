@@ -123,13 +123,13 @@ def error_fields(err: BaseException | None) -> dict:
 
 
 class Rank:
-    def __init__(self, args) -> None:
+    def __init__(self, args, config: TransferConfig) -> None:
         self.args = args
         # a receiver offers its pools to same-host senders unless the path is forced to UCX
         self.shared = args.role == "receiver" and args.kv_transfer_path == "auto"
         self.pools: dict[str, KvPool] = {args.layout: make_pool(
             parse_layout(args.layout), args.pages, self.shared, args.device)}
-        config = transfer_config(args).for_device(args.device)
+        config = config.for_device(args.device)
         self.transport = make_transport(args.transport)
         self.sender = KvSender(self.transport, epoch=EPOCH, config=config, device=args.device) \
             if args.role == "sender" else None
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{samehost.PATH_ENV}={args.kv_transfer_path!r} is not one of "
                      f"{', '.join(samehost.PATHS)}")
     try:
-        transfer_config(args)
+        config = transfer_config(args)
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         samehost_copy.copy_job = _slow(samehost_copy.copy_job, args.pack_delay, 3)
         samehost.CPU_CHUNK_BYTES = 1  # chunk as the receiver asks, so there is a "mid-copy"
         samehost_copy.INLINE_COPY_BYTES = 0  # a slowed copy must not stall the event loop
-    rank = Rank(args)
+    rank = Rank(args, config)
     if args.loop == "uvloop":
         import uvloop
 
