@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -38,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--mesh", action="store_true", help="then again beside an idle mesh")
     args = parser.parse_args(argv)
-    import os
-
     clean = dict(os.environ)
     table = measure(args, "")
     if args.mesh:

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+_configured: int | None = None  # the count configure_torch_threads set, for apply_torch_threads
+
 
 def configure_torch_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads from `threads`, else PDMESH_TORCH_THREADS (default 1).
@@ -18,13 +20,10 @@ def configure_torch_threads(threads: int | None = None) -> int:
         threads = int(os.environ.get("PDMESH_TORCH_THREADS", "1"))
     if threads < 1:
         raise ValueError(f"PDMESH_TORCH_THREADS must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
     global _configured
+    torch.set_num_threads(threads)
     _configured = threads
     return threads
-
-
-_configured: int | None = None
 
 
 def apply_torch_threads() -> None:
