@@ -1,8 +1,8 @@
 """A rank's warm-up steps that a GPU runs, exercised with the real engine on the CPU.
 
-`_long_prompt_once` (a GPU rank's long prompt, then a decode step on a decode rank) must fit its
-prompt and the decode step's position in the pages it takes, give them back, and leave the
-engine's output unchanged; `page_copy.warm` must copy one owned page into the other.
+`_long_prompt_once` (a GPU rank's long prompts, then a decode step on a decode rank) must run each
+prompt at exactly its length, in the pool's pages or a scratch pool's when the pool is too small,
+and give the pool's pages back; `page_copy.warm` must copy one owned page into the other.
 """
 
 from __future__ import annotations
@@ -26,20 +26,37 @@ def engine():
 
 @pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize("num_pages", [2, 9, 64])
-def test_long_prompt_fits_its_pages_and_returns_them(engine, monkeypatch, decode, num_pages):
-    """Run as the warm-up runs it: on a thread without an event loop (the engine thread)."""
+def test_long_prompts_are_exactly_their_lengths_whatever_the_pool(engine, monkeypatch, decode, num_pages):
+    """Run as the warm-up runs it: on a thread without an event loop (the engine thread). Each
+    prompt is exactly its warm-up length; it takes its pages (and the decode step's position)
+    from the pool when the pool has them free, else a scratch pool of the same layout; every
+    pool page comes back."""
     lengths = (17, 64)  # the CPU engine: keep it quick
     monkeypatch.setattr(warmup, "GPU_WARM_LENGTHS", lengths)
     pages = PageBroker(KvPool(engine.layout, num_pages))
-    taken = []
-    real_alloc = pages.pool.alloc
-    monkeypatch.setattr(pages.pool, "alloc", lambda n: taken.append(real_alloc(n)) or taken[-1])
+    prefills, decodes = [], []
+    real_prefill, real_decode = engine.prefill, engine.decode_step
+
+    def prefill(ids, kv, page_ids, **kwargs):
+        prefills.append((len(ids), kv.data_ptr() == pages.kv.data_ptr(), len(page_ids), kv.shape[2]))
+        return real_prefill(ids, kv, page_ids, **kwargs)
+
+    def decode_step(kv, batch):
+        decodes.append(batch[0].position)
+        return real_decode(kv, batch)
+    monkeypatch.setattr(engine, "prefill", prefill)
+    monkeypatch.setattr(engine, "decode_step", decode_step)
     with concurrent.futures.ThreadPoolExecutor(1) as engine_thread:
         engine_thread.submit(warmup._long_prompt_once, engine, pages, decode, [None]).result()
     assert pages.pool.num_free == num_pages  # every page back
-    cap = max(1, num_pages // 2)  # at most half of the free pool, each length once
-    want = sorted({min(-(-n // engine.layout.page_size), cap) for n in lengths})
-    assert [len(ids) for ids in taken] == want
+    size = engine.layout.page_size
+    want = []
+    for n in lengths:
+        need = -(-(n + 1) // size)  # the prompt and the decode step's position
+        in_pool = need <= num_pages
+        want.append((n, in_pool, need, num_pages if in_pool else need))
+    assert prefills == want
+    assert decodes == (list(lengths) if decode else [])
 
 
 def test_copy_warm_copies_one_owned_page_into_the_other(engine):

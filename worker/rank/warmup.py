@@ -42,9 +42,10 @@ from pdmesh.worker.transfer import digest, wire
 
 log = logging.getLogger(__name__)
 _ROOM, _TOKEN = 1, b"pdmesh-warmup"
-#: A GPU rank's warm-up prompt lengths (tokens; each at most half the free pool). A fresh GPU
-#: mesh warmed with one 2048-token prompt still took 69 ms for its first 512-token prefill
-#: against 19 steady (H100, README): each length meets its own kernels.
+#: A GPU rank's warm-up prompt lengths (tokens, exactly). A fresh GPU mesh warmed with one
+#: 2048-token prompt still took 69 ms for its first 512-token prefill against 19 steady (H100,
+#: README); in a 36-page pool, where the warm-up took only prompts of 127 and 271 tokens, the
+#: first 512-token prefill took 133 ms against 38 steady: each length meets its own kernels.
 GPU_WARM_LENGTHS = (128, 512, 2048, 8192)
 
 
@@ -88,42 +89,45 @@ def _engine_once(engine, pages, ids: list[int], decode: bool) -> None:
 
 
 def _long_prompt_once(engine, pages, decode: bool, streams: list) -> None:
-    """A prompt of each warm-up length (`_gpu_prompt_pages`) on each of `streams` (None: the
-    current one), and a decode step after each on a decode rank. Only a head start: if one fails
-    (a GPU whose pool left no room for a long prompt's activations), the rank logs why and
-    starts anyway."""
+    """A prompt of each of `GPU_WARM_LENGTHS` tokens (at most the engine's longest) on each of
+    `streams` (None: the current one), and a decode step after each on a decode rank. The prompt
+    is exactly that long (cuBLAS picks its GEMM kernels by shape: a 511-token prompt does not
+    load a 512-token one's). Its pages come from the pool while it has them free, else from a
+    scratch pool of the same layout that lives for that prompt only (a pool sized for a few
+    requests must not limit what the warm-up covers; the caching allocator keeps the block for
+    later activations). Only a head start: if one fails (no memory for a long prompt's scratch
+    pool or activations), the rank logs why and starts anyway."""
     kv, page = pages.kv, engine.layout.page_size
-    for num_pages in _gpu_prompt_pages(engine, pages):
+    for n in _gpu_prompt_lengths(engine):
+        need = engine.layout.pages_for_tokens(n + 1)  # the decode step writes position n
+        own = need <= pages.pool.num_free
         # the pool itself (thread-safe): this runs on the engine thread; nothing waits for pages
-        long_ids = pages.pool.alloc(num_pages)
-        # the decode step writes position n: it must fall inside the last page
-        n = max(1, min(len(long_ids) * page - 1, engine.max_seq_len - 2))
+        ids = pages.pool.alloc(need) if own else list(range(need))
         try:
+            where = kv if own else torch.empty((kv.shape[0], kv.shape[1], need, *kv.shape[3:]),
+                                               dtype=kv.dtype, device=kv.device)
             for stream in streams:  # a prefill runs on the default stream, or streamed on its own
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    first = engine.prefill(_prompt(engine, n), kv, long_ids,
-                                           on_layer=lambda layer: None)
+                    first = engine.prefill(_prompt(engine, n), where, ids, on_layer=lambda layer: None)
             if decode:
-                engine.decode_step(kv, [DecodeItem(first, n, long_ids)])
+                engine.decode_step(where, [DecodeItem(first, n, ids)])
         except Exception as err:  # noqa: BLE001 - a warm-up step, not a request
             log.warning("the %d-token warm-up prompt failed (%s: %s); a first request of that "
                         "length pays its set-up", n, type(err).__name__, err)
             return
         finally:
-            pages.pool.free(long_ids)
+            if own:
+                pages.pool.free(ids)
 
 
 def _prompt(engine, n: int) -> list[int]:
     return [1 + i % max(1, engine.tokenizer.vocab_size - 1) for i in range(n)]
 
 
-def _gpu_prompt_pages(engine, pages) -> list[int]:
-    """Pages of each warm-up prompt: GPU_WARM_LENGTHS, each at most the engine's longest prompt
-    and half the free pool (distinct sizes, shortest first)."""
-    page, cap = engine.layout.page_size, max(1, pages.pool.num_free // 2)
-    sizes = {max(1, min(-(-min(tokens, engine.max_seq_len - 2) // page), cap))
-             for tokens in GPU_WARM_LENGTHS}
-    return sorted(sizes)
+def _gpu_prompt_lengths(engine) -> list[int]:
+    """GPU_WARM_LENGTHS, each at most the engine's longest prompt that leaves room for a decode
+    step (distinct, shortest first)."""
+    return sorted({max(1, min(tokens, engine.max_seq_len - 2)) for tokens in GPU_WARM_LENGTHS})
 
 
 def _copies_same_host(transfer) -> bool:
