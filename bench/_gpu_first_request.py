@@ -5,7 +5,7 @@ tool, not in `make bench`).
 
 `bench.gpu_ttft` found the first 512-token request of a warmed fresh mesh at 3.3x its steady TTFT,
 the prefill rank's compute 133 against 38 ms. For each variant (default; layer streaming off;
-same-host path off) this starts a fresh mesh (bootstrap, prefill and decode dp 1, bench-kv, CUDA)
+same-host path off; CUDA loading every kernel at start-up, not on first use) this starts a fresh mesh (bootstrap, prefill and decode dp 1, bench-kv, CUDA)
 with its own empty Triton cache, sends one request, then `--steady` more, and prints TTFT and the
 prefill's compute / transfer ms of each, the Triton kernels compiled before the first request
 (the warm-up's) and by it (any is a compilation on the request path), and the ranks' log lines
@@ -26,11 +26,13 @@ from pdmesh.worker.engine.factory import EngineSpec, build_engine
 from testkit.proc import stop_all
 
 VARIANTS = (("default", {}), ("no streaming", {"PDMESH_LAYER_STREAMING": "0"}),
-            ("path ucx", {"PDMESH_KV_TRANSFER_PATH": "ucx"}))
+            ("path ucx", {"PDMESH_KV_TRANSFER_PATH": "ucx"}),
+            ("eager modules", {"CUDA_MODULE_LOADING": "EAGER"}))
 
 
 def _kernels(cache: Path) -> set[str]:
-    return {p.name for p in cache.rglob("*.json") if not p.name.startswith("__grp__")}
+    """Compiled kernels in a Triton cache: one folder per kernel and specialization."""
+    return {str(p.relative_to(cache)) for p in cache.rglob("*.json") if not p.name.startswith("__grp__")}
 
 
 def one(label: str, extra: dict, tokens: int, steady: int, device: str) -> None:

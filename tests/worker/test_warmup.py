@@ -2,11 +2,13 @@
 
 `_long_prompt_once` (a GPU rank's long prompts, then a decode step on a decode rank) must run each
 prompt at exactly its length, in the pool's pages or a scratch pool's when the pool is too small,
-and give the pool's pages back; `page_copy.warm` must copy one owned page into the other.
+and give the pool's pages back; `page_copy.warm` only compiles on the CPU; `samehost_copy.warm`
+must copy one owned page into the other as a same-host transfer would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 
 import pytest
@@ -17,6 +19,7 @@ from pdmesh.worker.kv import page_copy
 from pdmesh.worker.kv.pool import KvPool
 from pdmesh.worker.rank import warmup
 from pdmesh.worker.rank.pages import PageBroker
+from pdmesh.worker.transfer import samehost_copy
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,19 @@ def test_copy_warm_copies_one_owned_page_into_the_other(engine):
     page_copy.warm(pool.kv, [1, 3])
     assert torch.equal(pool.kv[:, :, 3], before[:, :, 3])  # the CPU warm-up only compiles
     assert torch.equal(pool.kv, before)
+
+
+def test_the_copier_warm_up_copies_one_owned_page_into_the_other(engine):
+    """`samehost_copy.warm` runs the copier a same-host transfer makes (a GPU prefill rank's
+    warm-up): page 1 lands in page 3, the rest of the pool is untouched, and the checksum is
+    the reader's."""
+    pool = KvPool(engine.layout, 4)
+    pool.kv.view(-1).copy_(torch.randn(pool.kv.numel(), dtype=torch.float64).to(pool.kv.dtype))
+    before = pool.kv.clone()
+    value = asyncio.run(samehost_copy.warm(pool.kv, [1, 3]))
+    assert torch.equal(pool.kv[:, :, 3], before[:, :, 1])
+    assert torch.equal(pool.kv[:, :, [0, 1, 2]], before[:, :, [0, 1, 2]])
+    assert value == page_copy.checksum_pages(before, torch.tensor([1]), 0, engine.layout.num_layers)
 
 
 def test_a_failing_long_prompt_is_logged_and_gives_its_pages_back(engine, caplog):

@@ -29,7 +29,7 @@ _MAX_GRID_Y = 65535
 
 # the counts vary per request: one compiled kernel for all of them (a rank's warm-up
 # compiles it; specialising on them compiled a new one on the first request of each kind)
-@triton.jit(do_not_specialize=["num_rows", "n", "first_lc"])
+@triton.jit(do_not_specialize=["num_rows", "n", "p_src", "p_dst", "first_lc"])
 def _copy_rows_kernel(
     src_ptr,  # source pool rows [L * 2 * P_src, W] (integer words)
     dst_ptr,  # destination pool rows [L * 2 * P_dst, W]

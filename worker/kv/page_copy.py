@@ -121,14 +121,11 @@ def copy_pages(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: in
 
 
 def warm(kv: torch.Tensor, pages: list[int]) -> None:
-    """Compile the copy for this pool now (a rank's warm-up): CPU, the compiled loop for its
-    word dtype; CUDA, the Triton copy, run from the first of `pages` (two the caller owns) into
-    the second."""
+    """Compile the CPU copy for this pool's word dtype now (a rank's warm-up; `pages` unused
+    there). A CUDA pool's copy is warmed through the copier a transfer runs
+    (`samehost_copy.warm`): the Triton kernel is specialized on how its arguments are aligned."""
     if not kv.is_cuda:
         copy_numba.warm(_words(kv))
-        return
-    ids = torch.tensor(pages[:2], dtype=torch.int64, device=kv.device)
-    copy_pages(kv, kv, CopyPlan(ids[:1], ids[1:]), 0, kv.shape[0])
 
 
 def _copy_torch(src_kv: torch.Tensor, dst_kv: torch.Tensor, plan: CopyPlan, a: int, b: int,

@@ -12,7 +12,8 @@ rank is ready), so the first request of a fresh mesh finds:
 2. the pack / unpack kernels and the checksum run once on one page (on a GPU this compiles the
    Triton kernels, `worker/kv/pack_triton.py`; on a CPU the pack's and unpack's compiled loop,
    `worker/kv/pack_numba.py`, and on a prefill rank the same-host page copy's,
-   `worker/kv/copy_numba.py`);
+   `worker/kv/copy_numba.py`; a GPU prefill rank runs the same-host copier itself once,
+   `samehost_copy.warm`, so its Triton copy is compiled for ids placed as a transfer places them);
 3. the staging buffers of a transfer of up to `chunk_bytes` per chunk allocated and touched
    (first-touch page faults cost ~10x a copy here; staging.py);
 4. the transport warm: one loopback transfer of one page through this rank's own data-plane
@@ -38,7 +39,7 @@ from pdmesh.worker.engine.protocol import DecodeItem
 from pdmesh.worker.kv import page_copy
 from pdmesh.worker.kv.pack import check_page_ids
 from pdmesh.worker.rank import layer_stream
-from pdmesh.worker.transfer import digest, wire
+from pdmesh.worker.transfer import digest, samehost_copy, wire
 
 log = logging.getLogger(__name__)
 _ROOM, _TOKEN = 1, b"pdmesh-warmup"
@@ -60,8 +61,8 @@ async def warm_rank(engine, pages, transfer, engine_thread) -> dict[str, float]:
     try:
         for name, step in (("engine", lambda: engine_thread.run(_engine_once, engine, pages, ids,
                                                                  not transfer.is_prefill)),
-                           ("kernels", lambda: engine_thread.run(_kernels_once, pages.kv, ids,
-                                                                  _copies_same_host(transfer))),
+                           ("kernels", lambda: _kernels(engine_thread, pages.kv, ids,
+                                                        _copies_same_host(transfer))),
                            ("staging", lambda: _touch_staging(transfer, pages)),
                            ("transport", lambda: _loopback(transfer, pages, ids))):
             started = time.perf_counter()
@@ -133,6 +134,12 @@ def _gpu_prompt_lengths(engine) -> list[int]:
 def _copies_same_host(transfer) -> bool:
     """Whether this rank may write a same-host peer's pool (a prefill rank, path `auto`)."""
     return transfer.is_prefill and transfer.sender.config.path == "auto"
+
+
+async def _kernels(engine_thread, kv: torch.Tensor, ids: list[int], same_host: bool) -> None:
+    await engine_thread.run(_kernels_once, kv, ids, same_host)
+    if same_host and kv.is_cuda:  # the copier a transfer runs, on the event loop as it runs there
+        await samehost_copy.warm(kv, ids)
 
 
 def _kernels_once(kv: torch.Tensor, ids: list[int], same_host: bool) -> None:

@@ -147,6 +147,20 @@ def copy_job(src_kv: torch.Tensor, dst_kv: torch.Tensor, copies: CopyPlan, a: in
         raise _copy_failed(a, b, err) from None
 
 
+async def warm(kv: torch.Tensor, pages: list[int], executor=None) -> int:
+    """A rank's warm-up: the copier a same-host transfer makes, run once from page `pages[0]` of
+    `kv` into `pages[1]` (two pages the caller owns), every layer, settled. On a GPU this loads
+    the Triton copy as a transfer launches it (the page ids put on the device as a transfer puts
+    them: Triton compiles a kernel per alignment of its pointers, and a view into one ids tensor
+    is not aligned as a fresh one is) and the settle's reduction and read-back. Returns the
+    checksum."""
+    plan = CopyPlan(torch.tensor(pages[:1], dtype=torch.int64), torch.tensor(pages[1:2], dtype=torch.int64))
+    copier = make_copier(kv, kv, plan, executor, threads=1)
+    layers = kv.shape[0]
+    await copier.chunk(None, 0, layers, layers * 2 * kv[0, 0, 0].numel() * kv.element_size())
+    return await copier.settle()
+
+
 def _copy_failed(a: int, b: int, err: BaseException) -> DataLoss:
     log.error("same-host copy of layers [%d, %d) failed: %r", a, b, err)
     return DataLoss(f"the same-host copy failed: {type(err).__name__}: {err}",

@@ -68,3 +68,34 @@ def test_same_host_cuda_pool_to_pool_is_bit_exact(cuda_pair, dtype):
             proc.send(op="pool", **common)
             pool = proc.get("event", "pool")
             assert pool["free"] == pool["total"]
+
+
+def test_after_the_warm_up_a_same_host_transfer_compiles_no_copy_kernel():
+    """A GPU prefill rank's warm-up (`samehost_copy.warm`, one page into another of its pool) must
+    leave the Triton copy compiled for what a transfer launches: a request's ids put on the
+    device by the copier, another pool of another size as the destination. (The warm-up once
+    passed a view into one ids tensor, which Triton compiles apart from a fresh one: a fresh
+    mesh's first transfer compiled the copy, ~130 ms on the H100.)"""
+    import asyncio
+
+    from pdmesh.worker.kv import copy_triton
+    from pdmesh.worker.kv.page_copy import CopyPlan, checksum_pages
+    from pdmesh.worker.transfer import samehost_copy
+
+    shape = (4, 2, 37, 16, 8, 128)
+    src = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    dst = torch.zeros((4, 2, 64, 16, 8, 128), dtype=torch.bfloat16, device="cuda")
+    asyncio.run(samehost_copy.warm(src, [0, 1]))
+    kernels = copy_triton._copy_rows_kernel.device_caches[torch.cuda.current_device()][0]
+    warmed = dict(kernels)
+    src_ids, dst_ids = torch.arange(3, 35), torch.randperm(64)[:32]
+    plan = CopyPlan(src_ids, dst_ids)
+
+    async def transfer() -> int:
+        copier = samehost_copy.make_copier(src, dst, plan, None, 1)
+        await copier.chunk(None, 0, 4, 4 * 2 * 32 * 16 * 8 * 128 * 2)
+        return await copier.settle()
+    value = asyncio.run(transfer())
+    assert dict(kernels) == warmed  # nothing compiled on the request path
+    assert torch.equal(dst[:, :, dst_ids.cuda()], src[:, :, src_ids.cuda()])
+    assert value == checksum_pages(src, src_ids.cuda(), 0, 4)
