@@ -31,7 +31,7 @@ STEPS = [  # (module, owner or None, function, label)
     ("pdmesh.worker.transfer.sender", "KvSender", "_on_control", "S control"),
     ("pdmesh.worker.transfer.sender", "KvSender", "_claim", "S claim"),
     ("pdmesh.worker.transfer.sender", None, "_pack_chunk", "S pack chunk (thread)"),
-    ("pdmesh.worker.transfer.streams", None, "_posted_parts", "S sum posted chunk"),
+    ("pdmesh.worker.transfer.streams", "MessageSums", "_take", "sum a message in place"),
     ("pdmesh.worker.transfer.streams", "Outgoing", "send_chunk", "S send chunk"),
     ("pdmesh.worker.transfer.streams", "Outgoing", "settle", "S settle"),
     ("pdmesh.worker.transfer.streams", "Outgoing", "checksum", "S checksum"),

@@ -136,6 +136,8 @@ def explore(bench, rounds: int = 2) -> list[tuple[str, float, float]]:
     return out
 
 
+# what the checksum of pages sent in place costs: the same transfer with it switched off
+NO_SUM = "checksum of pages in place off (experiment: what summing them costs)"
 VARIANTS = [
     ("tcp", [
         ("pdmesh defaults", {}, [], None),
@@ -158,6 +160,7 @@ VARIANTS = [
          ["--set", f"send_window_bytes={64 * MiB}"], None),
         ("send window 1 MiB (one message at a time)", {},
          ["--set", f"send_window_bytes={MiB}"], None),
+        (NO_SUM, {}, ["--no-direct-checksum"], None),
     ]),
     ("shared memory", [
         ("pdmesh defaults", {}, [], None),
@@ -168,6 +171,7 @@ VARIANTS = [
         ("nothing in place (max_direct_runs=0: all packed)", {},
          ["--set", "max_direct_runs=0"], None),
         ("send window 64 MiB", {}, ["--set", f"send_window_bytes={64 * MiB}"], None),
+        (NO_SUM, {}, ["--no-direct-checksum"], None),
     ]),
 ]
 

@@ -1,9 +1,10 @@
-"""Streaming stores for the compiled CPU loops (imported only where numba is: by the loop
-definitions of copy_numba.py and pack_numba.py).
+"""Streaming stores and shared inner loops for the compiled CPU loops (imported only where numba
+is: by the loop definitions of copy_numba.py, pack_numba.py and sum_numba.py).
 
     store_streaming(arr, index, value)   # arr[index] = value, non-temporal (C-contiguous arr)
     fence()                              # every earlier store visible before any later one
     acc = copy_summed(src, dst, streaming)   # dst[:] = src, the words' sum; the loops' inner copy
+    acc = sum_words(words)                   # the words' sum alone (the message checksum's)
     acc = copy_line_streaming(src, i, dst, k)  # one 64-byte line, one vector streaming store
     acc = copy_row_lines(src, i, dst, k, words)  # a row of whole lines that way (flat arrays)
     if lines_fit(dst, words): ...                # whether rows of `words` in dst start on lines
@@ -104,6 +105,16 @@ def copy_summed(src, dst, streaming):
             x = src[t]
             dst[t] = x
             acc += np.uint64(x)
+    return acc
+
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def sum_words(words):
+    """The sum of a contiguous 1-d word array (uint64, wrapping): copy_summed without the copy,
+    vectorised the same way."""
+    acc = np.uint64(0)
+    for t in range(words.shape[0]):
+        acc += np.uint64(words[t])
     return acc
 
 

@@ -11,7 +11,8 @@ rank is ready), so the first request of a fresh mesh finds:
    another prompt length use other kernels);
 2. the pack / unpack kernels and the checksum run once on one page (on a GPU this compiles the
    Triton kernels, `worker/kv/pack_triton.py`; on a CPU the pack's and unpack's compiled loop,
-   `worker/kv/pack_numba.py`, and on a prefill rank the same-host page copy's,
+   `worker/kv/pack_numba.py`, the checksum of one message sent or received in place,
+   `worker/kv/sum_numba.py`, and on a prefill rank the same-host page copy's,
    `worker/kv/copy_numba.py`; a GPU prefill rank runs the same-host copier itself once,
    `samehost_copy.warm`, so its Triton copy is compiled for ids placed as a transfer places them);
 3. the staging buffers of a transfer of up to `chunk_bytes` per chunk allocated and touched
@@ -33,6 +34,7 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 
 from pdmesh.worker.engine.protocol import DecodeItem
@@ -149,6 +151,8 @@ def _kernels_once(kv: torch.Tensor, ids: list[int], same_host: bool) -> None:
     digest.pack_parts(kv, index, 0, 1, buf)  # the pack as a transfer runs it (checksum fused)
     wire.checksum(buf)
     digest.unpack_parts(buf, kv, index, 0, 1)
+    if not kv.is_cuda:  # a message sent or received in place, summed as it completes
+        digest.message_parts(buf, np.empty((1, 2), dtype=np.uint64), 0)
     if same_host:
         page_copy.warm(kv, ids)
     if kv.is_cuda:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import functools
 import logging
 
+import numpy as np
 import torch
 
+from pdmesh.worker.kv import sum_numba
 from pdmesh.worker.kv.pack import pack_checked, unpack_checked
 from pdmesh.worker.transfer import wire
 
@@ -38,6 +40,19 @@ def parts(data: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return torch.zeros(2, dtype=torch.int64, device=flat.device)
     return rows_parts(flat.view(1, n))[0]
+
+
+def message_parts(data: torch.Tensor, out: np.ndarray, row: int) -> None:
+    """`parts(data)` of one contiguous uint8 message on the CPU, written as uint64 into
+    `out[row]` (`out`: [k, 2] uint64): one compiled pass (kv/sum_numba.py) where numba runs and
+    the message is whole, aligned 64-bit words, else `parts`. For bytes still in the cache: a
+    message just sent or just landed (streams.py)."""
+    run = sum_numba.kernel()
+    n = data.numel()
+    if run is None or data.is_cuda or not n or n % 8 or data.data_ptr() % 8:
+        out[row] = parts(data).cpu().numpy().view(np.uint64)
+        return
+    run(data.view(torch.int64).numpy(), wire.BLOCK_WORDS, out, row)
 
 
 def rows_parts(rows: torch.Tensor) -> torch.Tensor:

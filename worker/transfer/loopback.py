@@ -34,6 +34,8 @@ from R on both sides (the real control path sends a random one).
 rank does: with auto, the receiver's pools live in shared memory and a sender of the same host
 writes straight into them (worker/transfer/samehost.py); ucx moves every byte over UCX.
 `--set FIELD=INT` sets an integer TransferConfig field (e.g. direct_min_bytes).
+`--no-direct-checksum` (an experiment, on both sides) makes the checksum of messages sent in
+place zero, to measure what summing them costs (bench/_transfer_report.py's explore rows).
 """
 
 from __future__ import annotations
@@ -281,6 +283,20 @@ def _slow(real, delay: float, layers_at: int):
     return slowed
 
 
+def _skip_direct_checksum() -> None:
+    """`--no-direct-checksum`: the parts of messages in place (summed as they complete, or per
+    chunk) are zeros on this side; the packed messages keep the sums their pack takes."""
+    from pdmesh.worker.transfer import digest
+
+    def rows_zero(rows: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(tuple(rows.shape[:-1]) + (2,), dtype=torch.int64, device=rows.device)
+
+    def message_zero(data, out, row) -> None:
+        out[row] = 0
+
+    digest.rows_parts, digest.message_parts = rows_zero, message_zero
+
+
 def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test dumps a stuck rank's stacks
     parser = argparse.ArgumentParser(prog="python -m pdmesh.worker.transfer.loopback",
@@ -303,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"auto: same-host writes where possible; ucx: always UCX "
                              f"[{samehost.PATH_ENV}]")
     parser.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
+    parser.add_argument("--no-direct-checksum", action="store_true",
+                        help="experiment (both sides): messages sent in place sum to zero, so "
+                             "the trailer checks nothing of them; measures what summing costs")
     args = parser.parse_args(argv)
     if args.kv_transfer_path not in samehost.PATHS:  # a bad PDMESH_KV_TRANSFER_PATH
         parser.error(f"{samehost.PATH_ENV}={args.kv_transfer_path!r} is not one of "
@@ -318,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         samehost_copy.copy_job = _slow(samehost_copy.copy_job, args.pack_delay, 3)
         samehost.CPU_CHUNK_BYTES = 1  # chunk as the receiver asks, so there is a "mid-copy"
         samehost_copy.INLINE_COPY_BYTES = 0  # a slowed copy must not stall the event loop
+    if args.no_direct_checksum:
+        _skip_direct_checksum()
     rank = Rank(args, config)
     if args.loop == "uvloop":
         import uvloop

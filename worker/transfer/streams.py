@@ -4,13 +4,13 @@ Both follow the wire plan (runs.py) message by message. The sender posts each di
 straight from its pool and each packed one once a worker thread has packed it; worker threads
 also compute every message's checksum parts (digest.py), running `send_depth` chunks ahead (one
 job for all chunks when nothing is packed and every layer is computed), and at most
-`send_window_bytes` are on the wire at once; no direct message waits for a checksum (a small
-chunk of direct messages in a CPU pool is summed on the event loop right after its messages are
-posted: `INLINE_SUM_MAX_BYTES`). The
-receiver keeps the messages of `recv_window` chunks posted (direct ones straight into its pool),
-and once a chunk has landed a worker thread checksums it and unpacks its packed message while the
-next chunks arrive (a small chunk of direct messages in a CPU pool is summed on the event loop
-at once, while it is in cache); the jobs' results are collected in plan order.
+`send_window_bytes` are on the wire at once; no direct message waits for a checksum (in a small
+chunk of direct messages in a CPU pool each message is summed on the event loop as soon as it
+has been sent: `INLINE_SUM_MAX_BYTES`, `MessageSums`). The receiver keeps the messages of
+`recv_window` chunks posted (direct ones straight into its pool), and once a chunk has landed a
+worker thread checksums it and unpacks its packed message while the next chunks arrive (in a
+small chunk of direct messages in a CPU pool each message is summed on the event loop as soon
+as it has landed, while it is in the cache); the jobs' results are collected in plan order.
 
 On a GPU no step waits for the whole device: a packed buffer is handed to UCX after an event
 recorded behind its pack kernel has completed, in the worker thread, so the event loop keeps
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+import numpy as np
 import torch
 
 from pdmesh.errors import PdmeshError
@@ -37,14 +38,13 @@ from pdmesh.worker.transfer.state import TransferStatus
 
 EMPTY = torch.empty(0, dtype=torch.uint8)
 # A chunk of direct messages only, in a CPU pool and of at most this many bytes, is checksummed on
-# the event loop with no worker thread: on the sender right after its messages are posted (the
-# sum brings its bytes into the cache, from which UCX's or the kernel's copy then reads them), on
-# the receiver as soon as it has landed (its bytes are still in the cache UCX wrote them
-# through). A worker thread read them from memory, before or after the copy, behind a hand-off:
-# torch sums 8 MiB in cache in ~0.15-0.4 ms. 64 MiB in place against the worker-thread sums,
-# alternating rounds (README, transfer benchmark, fourth pass): tcp 2.57 -> 2.75 GB/s, UCX over
-# shared memory 3.31 -> 4.41. Larger chunks (no longer in cache, a longer stall of the loop) and
-# chunks with packed pages keep the worker thread.
+# the event loop with no worker thread, one message at a time as each completes (`MessageSums`):
+# on the sender once it has been sent (the kernel's or UCX's copy has just read its bytes into
+# the cache), on the receiver once it has landed (UCX has just written them through the cache);
+# a compiled loop sums 1 MiB there in ~12-17 us. Summed per chunk instead, the bytes came from
+# memory (~6 ms a side per 64 MiB over tcp, a third of the transfer; README, transfer benchmark,
+# fifth pass), and in a worker thread behind a hand-off before that (fourth pass). Larger chunks
+# (a longer stall of the loop) and chunks with packed pages keep the worker thread.
 INLINE_SUM_MAX_BYTES = 16 << 20
 
 
@@ -78,10 +78,42 @@ def _sum_inline(side: PoolSide, msgs: tuple) -> bool:
             and sum(m.nbytes for m in msgs) <= INLINE_SUM_MAX_BYTES)
 
 
-def _posted_parts(side: PoolSide, a: int, b: int) -> torch.Tensor:
-    """Event loop: checksum parts of a chunk of direct messages the sender has just posted
-    (`INLINE_SUM_MAX_BYTES`)."""
-    return _chunk_parts(side.direct_parts(a, b), None)
+class MessageSums:
+    """Checksum parts of one chunk's direct messages (`INLINE_SUM_MAX_BYTES`), each taken on the
+    event loop when its UCX request completes (`watch`), while its bytes are in the cache; `parts()`
+    takes any not taken yet (a request whose callback has not run) and returns them [k, 2] in
+    plan order. A failed request is not summed: its transfer fails."""
+
+    def __init__(self, side: PoolSide, msgs: tuple, status: TransferStatus) -> None:
+        self.blocks, self.status = [side.block(m) for m in msgs], status
+        self.out = np.empty((len(msgs), 2), dtype=np.uint64)
+        self.taken = [False] * len(msgs)
+
+    def watch(self, i: int, request: asyncio.Future) -> None:
+        request.add_done_callback(lambda done: self._completed(i, done))
+
+    def _completed(self, i: int, request: asyncio.Future) -> None:
+        if request.cancelled() or request.exception() is not None or self.status.terminal:
+            return
+        try:
+            self._take(i)
+        except Exception:  # noqa: BLE001 - `parts()` takes it again, in the transfer's own path
+            pass
+
+    def _take(self, i: int) -> None:
+        if not self.taken[i]:
+            digest.message_parts(self.blocks[i], self.out, i)
+            self.taken[i] = True
+
+    def parts(self) -> torch.Tensor:
+        for i in range(len(self.blocks)):
+            self._take(i)
+        return torch.from_numpy(self.out.view(np.int64))
+
+
+def _sent_sums(side: PoolSide, msgs: tuple, status: TransferStatus) -> MessageSums:
+    """Sender: the `MessageSums` of a chunk of direct messages about to be posted."""
+    return MessageSums(side, msgs, status)
 
 
 def _prepare_chunks(pack, side: PoolSide, items: list) -> list[torch.Tensor]:
@@ -120,7 +152,9 @@ class Outgoing:
         self.jobs: dict[int, tuple[asyncio.Future, torch.Tensor | None]] = {}
         self.inflight: deque = deque()  # (future, staging buffer or None, bytes)
         self._sums: dict[int, torch.Tensor] = {}  # checksum parts per chunk, once known
-        # chunks summed on the event loop once posted (no job): decided once per transfer
+        self._hot: dict[int, MessageSums] = {}  # or taken message by message (`_inline`)
+        # chunks summed on the event loop message by message as each is sent (no job):
+        # decided once per transfer
         self._inline = frozenset(k for k, msgs in enumerate(plan.chunks) if _sum_inline(side, msgs))
         self.sent = self.total = self._bytes_in_flight = 0
 
@@ -154,19 +188,24 @@ class Outgoing:
     async def send_chunk(self, c: int) -> bool:
         """Send chunk `c`'s messages; False if the transfer failed meanwhile. A chunk of direct
         messages only does not wait for its checksum (a job that `checksum()` collects, or the
-        sum taken here once they are posted): a slow worker thread never holds the wire back."""
+        sums of its messages, each taken once it has been sent): a slow worker thread never holds
+        the wire back."""
         msgs = self.plan.chunks[c]
-        for m in msgs:
-            if m.direct:
-                if not await self._post(m, self.side.block(m), None):
-                    return False
+        sums = None
         if c in self._inline:  # the pool's pages do not change while they are sent
-            self._sums[c] = _posted_parts(self.side, *self.plan.ranges[c])
+            sums = self._hot[c] = _sent_sums(self.side, msgs, self.status)
+        for i, m in enumerate(msgs):
+            if m.direct:
+                request = await self._post(m, self.side.block(m), None)
+                if request is None:
+                    return False
+                if sums is not None:
+                    sums.watch(i, request)
         if not msgs or msgs[-1].direct:
             return True
         job, buf = self.jobs[c]
         await self._collect(c)  # the packed message (empty for a request of no pages)
-        return await self._post(msgs[-1], EMPTY if buf is None else buf, buf)
+        return await self._post(msgs[-1], EMPTY if buf is None else buf, buf) is not None
 
     async def _collect(self, c: int) -> None:
         job, _ = self.jobs[c]
@@ -179,22 +218,25 @@ class Outgoing:
             await self._collect(c)
         total = digest.Digest()
         for c, msgs in enumerate(self.plan.chunks):
-            total.add_rows(self._sums[c], [m.nbytes for m in msgs])
+            sums = self._sums[c] if c in self._sums else self._hot.pop(c).parts()
+            total.add_rows(sums, [m.nbytes for m in msgs])
         return total.value()
 
-    async def _post(self, m: runs.Message, data: torch.Tensor, staged) -> bool:
+    async def _post(self, m: runs.Message, data: torch.Tensor, staged) -> asyncio.Future | None:
+        """Post message `m` once the send window has room: its UCX request, or None if the
+        transfer failed meanwhile."""
         while self.inflight and self._bytes_in_flight + m.nbytes > self.config.send_window_bytes:
             if not await self._retire_one():
-                return False
+                return None
         if self.status.terminal:
             if staged is not None:
                 self.staging.give(staged)
-            return False
+            return None
         future = self.link.send_data(data, wire.chunk_tag(self.tid, m.index))
         self.inflight.append((future, staged, m.nbytes))
         self.sent, self.total = self.sent + 1, self.total + m.nbytes
         self._bytes_in_flight += m.nbytes
-        return True
+        return future
 
     async def _retire_one(self) -> bool:
         future, buf, nbytes = self.inflight[0]
@@ -219,10 +261,13 @@ class Outgoing:
                 return
 
 
-def _finish_chunk(side: PoolSide, msgs: tuple, bufs: list, a: int, b: int
-                  ) -> torch.Tensor:
+def _finish_chunk(side: PoolSide, msgs: tuple, bufs: list, a: int, b: int,
+                  sums: MessageSums | None = None) -> torch.Tensor:
     """Worker thread: checksum parts of a landed chunk in plan order (direct blocks where they
-    landed in the pool), then unpack its packed message."""
+    landed in the pool), then unpack its packed message. Event loop, a chunk summed message by
+    message (`sums`): its parts."""
+    if sums is not None:
+        return sums.parts()
     direct, packed = side.direct_parts(a, b), None
     if msgs and not msgs[-1].direct:
         packed = digest.unpack_parts(bufs[-1], side.kv, side.packed_ids, a, b)
@@ -242,10 +287,14 @@ class Incoming:
         self.digest = digest.Digest()
         self.total = 0
         self._slots: dict[int, list] = {}
+        self._hot: dict[int, MessageSums] = {}  # chunks summed message by message
 
     def _post_chunk(self, c: int) -> None:
-        fetch, slots = self.fetch, []
-        for m in self.plan.chunks[c]:
+        fetch, slots, msgs = self.fetch, [], self.plan.chunks[c]
+        sums = None
+        if _sum_inline(self.side, msgs):
+            sums = self._hot[c] = MessageSums(self.side, msgs, fetch.status)
+        for i, m in enumerate(msgs):
             if m.direct:
                 buf = self.side.block(m)
             else:
@@ -255,6 +304,8 @@ class Incoming:
             fetch.pending.append(future)
             fetch.posted += 1
             slots.append((future, buf))
+            if sums is not None:
+                sums.watch(i, future)
         self._slots[c] = slots
 
     async def run(self, executor) -> None:
@@ -290,9 +341,9 @@ class Incoming:
         """The job of landed chunk `c` (`_finish_chunk`): done at once on the event loop where
         `_sum_inline`, else started in a worker thread and tracked for the wind-down."""
         loop, (a, b), msgs = asyncio.get_running_loop(), self.plan.ranges[c], self.plan.chunks[c]
-        if _sum_inline(self.side, msgs):
+        if c in self._hot:
             job = loop.create_future()
-            job.set_result(_finish_chunk(self.side, msgs, bufs, a, b))
+            job.set_result(_finish_chunk(self.side, msgs, bufs, a, b, self._hot.pop(c)))
             return job
         job = loop.run_in_executor(executor, _finish_chunk, self.side, msgs, bufs, a, b)
         self.fetch.pending.append(job)

@@ -368,7 +368,7 @@ def test_a_bug_fails_the_transfer_typed_at_once(mesh, run, monkeypatch, side):
 
     if side == "sender":
         monkeypatch.setattr(sender_module, "_pack_chunk", broken)
-        monkeypatch.setattr(streams, "_posted_parts", broken)  # a small chunk sent in place
+        monkeypatch.setattr(streams, "_sent_sums", broken)  # a small chunk sent in place
         monkeypatch.setattr(samehost_copy, "copy_job", broken)
         monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)  # copied in a thread, not inline
         monkeypatch.setattr(samehost_copy, "INLINE_COPY_BYTES", 0)
@@ -520,12 +520,13 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
             sums[0] = sums[0] + 1
         return sums
 
-    real_posted = streams._posted_parts
+    real_sent = streams._sent_sums
 
-    def corrupt_posted(side, a, b):  # a small chunk sent in place: summed once posted
-        sums = real_posted(side, a, b)
-        if a == 1:
-            sums[0] = sums[0] + 1
+    def corrupt_sent(side, msgs, status):  # a small chunk sent in place: summed as it is sent
+        sums = real_sent(side, msgs, status)
+        if msgs[0].layer == 1:
+            real_parts = sums.parts
+            sums.parts = lambda: real_parts() + torch.tensor([1, 0])
         return sums
 
     def corrupt_copy(src_kv, dst_kv, copies, a, b, streaming=False):
@@ -535,7 +536,7 @@ def test_corrupted_bytes_are_data_loss(mesh, run, monkeypatch):
         return value
 
     monkeypatch.setattr(streams, "_prepare_chunk", corrupt)
-    monkeypatch.setattr(streams, "_posted_parts", corrupt_posted)
+    monkeypatch.setattr(streams, "_sent_sums", corrupt_sent)
     monkeypatch.setattr(samehost_copy, "copy_job", corrupt_copy)
     monkeypatch.setattr(samehost, "CPU_CHUNK_BYTES", 1)
     # same host: the receiver re-reads its pages only when asked to (same_host_verify)

@@ -1,16 +1,19 @@
 """The pack and unpack of a transfer's packed messages with their checksum parts in one pass
 (digest.pack_parts / unpack_parts, worker/kv/pack_numba.py on the CPU): the same bytes as the
 torch pack and unpack, the same parts as `digest.parts` of the buffer, and the same again
-where no fused kernel applies."""
+where no fused kernel applies. Messages in place: their parts in one compiled pass
+(digest.message_parts, worker/kv/sum_numba.py), taken as each message completes."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from pdmesh.worker.kv import pack_numba
+from pdmesh.worker.kv import pack_numba, sum_numba
 from pdmesh.worker.kv.pack import pack_checked, unpack_checked
 from pdmesh.worker.transfer import digest
 
@@ -92,3 +95,61 @@ def test_summed_kernels_are_used_only_after_they_agree_with_parts(monkeypatch, f
         assert digest._summed_kernels_agree(device) is (faulty is None)
     finally:
         digest._summed_kernels_agree.cache_clear()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("nbytes,offset", [(8, 0), (4096, 0), (4104, 0), (3 * 4096 + 16, 8),
+                                           (1 << 20, 0), (4100, 0), (4096, 3), (0, 0)])
+def test_message_parts_are_those_of_parts(monkeypatch, compiled, nbytes, offset):
+    """One message in place, summed by the compiled loop (kv/sum_numba.py) where it can: whole
+    4 KiB blocks, a last partial block, and (the fallback to `parts`) sizes of no whole words,
+    misaligned views, no bytes, no numba."""
+    if compiled:
+        assert sum_numba.kernel() is not None, "numba did not import: the compiled sum is untested"
+    else:
+        monkeypatch.setattr(sum_numba, "kernel", lambda: None)
+    data = torch.empty(nbytes + 16, dtype=torch.uint8).random_(
+        generator=torch.Generator().manual_seed(nbytes))[offset:offset + nbytes]
+    out = np.zeros((3, 2), dtype=np.uint64)
+    digest.message_parts(data, out, 1)
+    assert torch.equal(torch.from_numpy(out[1:2].view(np.int64))[0], digest.parts(data))
+    assert not out[0].any() and not out[2].any()
+
+
+def test_message_sums_take_each_message_as_its_request_completes():
+    """streams.MessageSums: a message is summed when its request completes (while its bytes are
+    in the cache), a failed or cancelled one is not, and `parts()` takes the rest, in order."""
+    from pdmesh.worker.transfer.state import TransferStatus
+    from pdmesh.worker.transfer.streams import MessageSums
+
+    class Side:  # what MessageSums reads of a runs.PoolSide: a message's block in the pool
+        def __init__(self, blocks):
+            self.blocks = blocks
+
+        def block(self, i):
+            return self.blocks[i]
+
+    blocks = [torch.empty(4096 * k, dtype=torch.uint8).random_() for k in (1, 2, 3, 4)]
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        sums = MessageSums(Side(blocks), (0, 1, 2, 3), TransferStatus("test", 10.0, {}))
+        requests = [loop.create_future() for _ in blocks]
+        for i, request in enumerate(requests):
+            sums.watch(i, request)
+        requests[0].set_result(None)
+        requests[1].set_exception(ConnectionError("lost"))
+        requests[1].exception()
+        requests[2].cancel()
+        await asyncio.sleep(0)
+        assert sums.taken == [True, False, False, False]
+        blocks[0][0] ^= 1  # taken already: the parts are those of the bytes as they were
+        want = torch.stack([digest.parts(b) for b in blocks])
+        blocks[0][0] ^= 1
+        blocks[0][1] ^= 1
+        got = sums.parts()
+        blocks[0][1] ^= 1
+        assert torch.equal(got[1:], want[1:]) and not torch.equal(got[0], want[0])
+        assert sums.taken == [True] * 4
+
+    asyncio.run(go())

@@ -23,6 +23,15 @@ from pdmesh.worker.transfer.layers import LayerReadiness, stream_chunk_ends, str
 from test_transfer_contract import LAYOUT, _expect, ends, loop, mesh, run  # noqa: F401 - fixtures
 
 
+def _at(i: int):
+    return lambda args: (args[i], args[i + 1])
+
+
+def _layers_of_messages(args) -> tuple[int, int]:
+    layers = [m.layer for m in args[1]]
+    return min(layers), max(layers) + 1
+
+
 class RecordPack:
     """Records every chunk the sender packs (or copies, same host) with the layers final at
     that moment."""
@@ -30,17 +39,19 @@ class RecordPack:
     def __init__(self, monkeypatch, offer_of) -> None:
         self.packed: list[tuple[int, int, int]] = []  # (a, b, layers ready when packed)
         self.lock = threading.Lock()
-        # (module, function, index of `a` among its arguments: pack(kv, ids, a, b, buf),
-        # copy(src_kv, dst_kv, copies, a, b), the sum of a small chunk sent in place once its
-        # messages are posted: _posted_parts(side, a, b))
-        for module, name, at in ((sender_module, "_pack_chunk", 2), (samehost_copy, "copy_job", 3),
-                                 (streams, "_posted_parts", 1)):
-            monkeypatch.setattr(module, name, self._recording(getattr(module, name), at, offer_of))
+        # (module, function, where its layers [a, b) are among its arguments: pack(kv, ids, a, b,
+        # buf), copy(src_kv, dst_kv, copies, a, b), the sums of a small chunk sent in place,
+        # made as its messages are posted: _sent_sums(side, msgs, status))
+        for module, name, where in ((sender_module, "_pack_chunk", _at(2)),
+                                    (samehost_copy, "copy_job", _at(3)),
+                                    (streams, "_sent_sums", _layers_of_messages)):
+            monkeypatch.setattr(module, name,
+                                self._recording(getattr(module, name), where, offer_of))
 
-    def _recording(self, real, at: int, offer_of):
+    def _recording(self, real, where, offer_of):
         def recording(*args):
             with self.lock:
-                self.packed.append((args[at], args[at + 1], offer_of().layers_ready))
+                self.packed.append((*where(args), offer_of().layers_ready))
             return real(*args)
 
         return recording
