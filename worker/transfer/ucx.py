@@ -55,6 +55,7 @@ from pdmesh.worker.transfer.link import Link, Transport
 log = logging.getLogger(__name__)
 _HELLO = b"pdmeshKV"  # the stream handshake of every new link (see UcxLink._handshake)
 _HANDSHAKE_S = 10.0
+_READERS_END_S = 5.0  # how long closing a transport waits for its links' readers to end
 _FRAME = struct.Struct("<II")  # control frame header: magic, payload length
 _FRAME_MAGIC = 0x7064_4B56  # "pdKV"
 _MAX_CONTROL_BYTES = 64 << 20
@@ -362,6 +363,13 @@ class UcxTransport(Transport):
         return link
 
     async def close(self) -> None:
+        """Close every link and the listener; return once the links' control readers have
+        ended (their stream receives are cancelled with the endpoint), so that a loop closed
+        next destroys no pending task."""
+        readers = [link._reader for link in self._links
+                   if link._reader not in (None, asyncio.current_task())]
         for link in list(self._links):
             link.close(Cancelled("transport closed", reason=Reason.KV_TRANSPORT_CLOSED))
         self._listener = None
+        if readers:
+            await asyncio.wait(readers, timeout=_READERS_END_S)

@@ -609,3 +609,22 @@ def test_bad_calls_change_nothing(mesh, run):
         mesh.dst.free(dst)
 
     run(go())
+
+
+def test_closing_a_ucx_transport_ends_its_links_reader_tasks():
+    """UcxTransport.close() returns once the control readers of its links have ended, so a loop
+    closed right after it destroys no pending task (a test's loop closed at teardown printed
+    "Task was destroyed but it is pending!" for the reader of an accepted link)."""
+    async def go():
+        server, client = make_transport("ucx"), make_transport("ucx")
+        accepted = asyncio.get_running_loop().create_future()
+        address = await server.listen(
+            lambda link: accepted.done() or accepted.set_result(link), "127.0.0.1")
+        await client.connect(address, 10)
+        await asyncio.wait_for(accepted, 10)
+        await server.close()
+        await client.close()
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    pending = asyncio.run(go())
+    assert not pending, pending
