@@ -10,12 +10,12 @@ counting as a block. Written as uint64 into row `row` of `out` ([k, 2] uint64), 
 messages fill one array.
 
 Why a compiled loop for one message: a direct message (a run of pages sent from or received into
-the pool in place) is summed as soon as it has been sent or has landed, while its bytes are still
-in the cache the kernel's or UCX's copy left them in (worker/transfer/streams.py). There a vector
-loop sums 1 MiB in ~12-17 us (60-90 GB/s), where torch's reduction runs at ~30 GB/s and costs
-~10 op calls per message; summed later, per chunk, the same bytes came from memory at ~11 GB/s
-(6 ms of each side's time per 64 MiB over tcp). Compiled once per process on first use (a rank's
-warm-up sums a message; numba_kernel.py), the GIL released.
+the pool in place) is summed as soon as it has been sent or has landed, right after the kernel's
+or UCX's copy of its bytes (worker/transfer/streams.py). From the cache this loop sums 1 MiB in
+~12-17 us (60-90 GB/s), where torch's reduction runs at ~30 GB/s and costs ~10 op calls a
+message; from memory both run at what one core gets (~25 GB/s alone here, ~12 beside the other
+process's socket copies). Compiled once per process on first use (a rank's warm-up sums a
+message; numba_kernel.py), the GIL released.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ has been sent: `INLINE_SUM_MAX_BYTES`, `MessageSums`). The receiver keeps the me
 `recv_window` chunks posted (direct ones straight into its pool), and once a chunk has landed a
 worker thread checksums it and unpacks its packed message while the next chunks arrive (in a
 small chunk of direct messages in a CPU pool each message is summed on the event loop as soon
-as it has landed, while it is in the cache); the jobs' results are collected in plan order.
+as it has landed); the jobs' results are collected in plan order.
 
 On a GPU no step waits for the whole device: a packed buffer is handed to UCX after an event
 recorded behind its pack kernel has completed, in the worker thread, so the event loop keeps
@@ -39,12 +39,13 @@ from pdmesh.worker.transfer.state import TransferStatus
 EMPTY = torch.empty(0, dtype=torch.uint8)
 # A chunk of direct messages only, in a CPU pool and of at most this many bytes, is checksummed on
 # the event loop with no worker thread, one message at a time as each completes (`MessageSums`):
-# on the sender once it has been sent (the kernel's or UCX's copy has just read its bytes into
-# the cache), on the receiver once it has landed (UCX has just written them through the cache);
-# a compiled loop sums 1 MiB there in ~12-17 us. Summed per chunk instead, the bytes came from
-# memory (~6 ms a side per 64 MiB over tcp, a third of the transfer; README, transfer benchmark,
-# fifth pass), and in a worker thread behind a hand-off before that (fourth pass). Larger chunks
-# (a longer stall of the loop) and chunks with packed pages keep the worker thread.
+# on the sender once it has been sent (the kernel's or UCX's copy has just read its bytes), on
+# the receiver once it has landed (UCX has just written them), as close to that copy as the loop
+# gets. A compiled loop sums 1 MiB in ~12-17 us where it is still in the cache; over tcp on 2
+# busy cores most of it has left L2 by then (~5.5 ms a side per 64 MiB), still faster than per
+# chunk (tcp 2.16 -> 2.37 GB/s at 64 MiB; README, transfer benchmark, fifth pass) or in a worker
+# thread (fourth pass; again per message: 2.18). Larger chunks (a longer stall of the loop) and
+# chunks with packed pages keep the worker thread.
 INLINE_SUM_MAX_BYTES = 16 << 20
 
 
@@ -80,9 +81,9 @@ def _sum_inline(side: PoolSide, msgs: tuple) -> bool:
 
 class MessageSums:
     """Checksum parts of one chunk's direct messages (`INLINE_SUM_MAX_BYTES`), each taken on the
-    event loop when its UCX request completes (`watch`), while its bytes are in the cache; `parts()`
-    takes any not taken yet (a request whose callback has not run) and returns them [k, 2] in
-    plan order. A failed request is not summed: its transfer fails."""
+    event loop when its UCX request completes (`watch`), right after the copy that moved its
+    bytes; `parts()` takes any not taken yet (a request whose callback has not run) and returns
+    them [k, 2] in plan order. A failed request is not summed: its transfer fails."""
 
     def __init__(self, side: PoolSide, msgs: tuple, status: TransferStatus) -> None:
         self.blocks, self.status = [side.block(m) for m in msgs], status
