@@ -49,7 +49,8 @@ def message_parts(data: torch.Tensor, out: np.ndarray, row: int) -> None:
     message just sent or just landed (streams.py)."""
     run = sum_numba.kernel()
     n = data.numel()
-    if run is None or data.is_cuda or not n or n % 8 or data.data_ptr() % 8:
+    if (run is None or data.is_cuda or not n or n % 8 or data.data_ptr() % 8
+            or data.storage_offset() % 8):  # word views need both aligned
         out[row] = parts(data).cpu().numpy().view(np.uint64)
         return
     run(data.view(torch.int64).numpy(), wire.BLOCK_WORDS, out, row)
