@@ -9,7 +9,8 @@ part once and folds them. It reads views of pool pages in place (a direct messag
 staging buffers: one vectorised read pass per side, no copy. A packed message's parts come from
 the pack (sender) or unpack (receiver) itself where a fused kernel exists (`pack_parts`,
 `unpack_parts`, through kv/pack.py's `summed`: worker/kv/pack_numba.py on the CPU, the Triton
-kernels' summed variants on a GPU): no second pass over its bytes.
+kernels' summed variants on a GPU): no second pass over its bytes. A message in place in a CPU
+pool is summed on its own as it completes (`message_parts`, kv/sum_numba.py).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def parts(data: torch.Tensor) -> torch.Tensor:
 def message_parts(data: torch.Tensor, out: np.ndarray, row: int) -> None:
     """`parts(data)` of one contiguous uint8 message on the CPU, written as uint64 into
     `out[row]` (`out`: [k, 2] uint64): one compiled pass (kv/sum_numba.py) where numba runs and
-    the message is whole, aligned 64-bit words, else `parts`. For bytes still in the cache: a
-    message just sent or just landed (streams.py)."""
+    the message is whole, aligned 64-bit words, else `parts`. For a message in place just sent
+    or just landed (streams.MessageSums): no op calls, and fast where its bytes are in cache."""
     run = sum_numba.kernel()
     n = data.numel()
     if (run is None or data.is_cuda or not n or n % 8 or data.data_ptr() % 8
