@@ -5,9 +5,10 @@ tool, not in `make bench`).
 
 `bench.gpu_ttft` found the first 512-token request of a warmed fresh mesh at 3.3x its steady TTFT,
 the prefill rank's compute 133 against 38 ms. For each variant (default; layer streaming off;
-same-host path off; CUDA loading every kernel at start-up, not on first use) this starts a fresh mesh (bootstrap, prefill and decode dp 1, bench-kv, CUDA)
-with its own empty Triton cache, sends one request, then `--steady` more, and prints TTFT and the
-prefill's compute / transfer ms of each, the Triton kernels compiled before the first request
+same-host path off; CUDA loading every kernel at start-up, not on first use) this starts a fresh
+mesh (bootstrap, prefill and decode dp 1, bench-kv, CUDA) with its own empty Triton cache,
+sends one request, then `--steady` more, and prints TTFT and the prefill's compute / transfer ms
+of each, the Triton kernels compiled before the first request
 (the warm-up's) and by it (any is a compilation on the request path), and the ranks' log lines
 about warm-up and compute.
 """
@@ -32,7 +33,8 @@ VARIANTS = (("default", {}), ("no streaming", {"PDMESH_LAYER_STREAMING": "0"}),
 
 def _kernels(cache: Path) -> set[str]:
     """Compiled kernels in a Triton cache: one folder per kernel and specialization."""
-    return {str(p.relative_to(cache)) for p in cache.rglob("*.json") if not p.name.startswith("__grp__")}
+    return {str(p.relative_to(cache)) for p in cache.rglob("*.json")
+            if not p.name.startswith("__grp__")}
 
 
 def one(label: str, extra: dict, tokens: int, steady: int, device: str) -> None:
@@ -59,7 +61,8 @@ def one(label: str, extra: dict, tokens: int, steady: int, device: str) -> None:
               f"transfer after compute {r.prefill.transfer_ms:.1f}")
     for proc in procs:
         for line in Path(proc.log_path).read_text().splitlines():
-            if any(k in line for k in ("warmed up", "prefill done", "linked", "same-host", "mapped")):
+            if any(k in line for k in ("warmed up", "prefill done", "linked", "same-host",
+                                       "mapped")):
                 print(f"  [{proc.name}] {line[:300]}")
 
 

@@ -177,9 +177,10 @@ def test_drain_stops_new_work_finishes_the_rest_deregisters_and_exits(mesh):
     room, token = secrets.randbits(63) or 1, secrets.token_bytes(16)
     prompt = worker_pb2.Prompt(text="held through the drain")
     sampling = common_pb2.SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
-    held = worker_pb2.PrefillRequest(bootstrap_room=room, prompt=prompt, sampling=sampling, transfer_token=token)
-    fetch = worker_pb2.DecodeRequest(bootstrap_room=room, prompt=prompt, sampling=sampling, transfer_token=token,
-                                     prefill_instance_id="pb",
+    held = worker_pb2.PrefillRequest(bootstrap_room=room, prompt=prompt, sampling=sampling,
+                                     transfer_token=token)
+    fetch = worker_pb2.DecodeRequest(bootstrap_room=room, prompt=prompt, sampling=sampling,
+                                     transfer_token=token, prefill_instance_id="pb",
                                      prefill_bootstrap_address=procs["bootstrap"].address)
 
     async def go():
@@ -192,7 +193,8 @@ def test_drain_stops_new_work_finishes_the_rest_deregisters_and_exits(mesh):
             first = [asyncio.create_task(request(client, f"drain {i}", max_new_tokens=MAX_NEW,
                                                  timeout=TIMEOUT_S)) for i in range(300)]
             stub = worker_pb2_grpc.InstanceServiceStub(channel)
-            for _ in range(200):  # until pb holds more than the held room (an event we can poll, bounded)
+            # until pb holds more than the held room (an event we can poll, bounded)
+            for _ in range(200):
                 status = await stub.GetInstanceStatus(worker_pb2.GetInstanceStatusRequest(), timeout=10)
                 if sum(r.active_requests for r in status.ranks) >= 10:  # busy, not at its last one
                     break
@@ -202,12 +204,14 @@ def test_drain_stops_new_work_finishes_the_rest_deregisters_and_exits(mesh):
                                                  timeout=TIMEOUT_S)) for i in range(100)]
             decode = worker_pb2_grpc.DecodeServiceStub(d_channel).Decode(fetch, timeout=TIMEOUT_S)
             tokens = [t async for m in decode for t in m.token_ids]
-            return reply, await held_call, tokens, await asyncio.gather(*first), await asyncio.gather(*later)
+            return (reply, await held_call, tokens, await asyncio.gather(*first),
+                    await asyncio.gather(*later))
     reply, held_reply, held_tokens, first, later = run(go())
     assert reply.active_requests > 0  # it had work when told to drain (the held room at least)
-    assert held_reply.prompt_tokens > 0 and len(held_tokens) == MAX_NEW  # pb finished what it held ...
+    assert held_reply.prompt_tokens > 0 and len(held_tokens) == MAX_NEW  # pb finished what it held
     for o in first + later:
         assert o.ok, o.error  # nothing is lost: pb finished its own, the router sent the rest to pa
+    assert any(o.prefill_instance == "pb" for o in first)  # pb finished what it held ...
     assert all(o.prefill_instance == "pa" for o in later)  # ... and took nothing new
     assert pb.proc.wait(30) == 0, pb.tail()  # it exited, cleanly
     assert wait_until(lambda: registered(procs["bootstrap"].address) == {"pa"}, 10)

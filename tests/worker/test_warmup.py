@@ -29,7 +29,8 @@ def engine():
 
 @pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize("num_pages", [2, 9, 64])
-def test_long_prompts_are_exactly_their_lengths_whatever_the_pool(engine, monkeypatch, decode, num_pages):
+def test_long_prompts_are_exactly_their_lengths_whatever_the_pool(engine, monkeypatch, decode,
+                                                                  num_pages):
     """Run as the warm-up runs it: on a thread without an event loop (the engine thread). Each
     prompt is exactly its warm-up length; it takes its pages (and the decode step's position)
     from the pool when the pool has them free, else a scratch pool of the same layout; every
@@ -41,7 +42,8 @@ def test_long_prompts_are_exactly_their_lengths_whatever_the_pool(engine, monkey
     real_prefill, real_decode = engine.prefill, engine.decode_step
 
     def prefill(ids, kv, page_ids, **kwargs):
-        prefills.append((len(ids), kv.data_ptr() == pages.kv.data_ptr(), len(page_ids), kv.shape[2]))
+        prefills.append((len(ids), kv.data_ptr() == pages.kv.data_ptr(), len(page_ids),
+                         kv.shape[2]))
         return real_prefill(ids, kv, page_ids, **kwargs)
 
     def decode_step(kv, batch):

@@ -100,7 +100,7 @@ def _long_prompt_once(engine, pages, decode: bool, streams: list) -> None:
     requests must not limit what the warm-up covers; the caching allocator keeps the block for
     later activations). Only a head start: if one fails (no memory for a long prompt's scratch
     pool or activations), the rank logs why and starts anyway."""
-    kv, page = pages.kv, engine.layout.page_size
+    kv = pages.kv
     for n in _gpu_prompt_lengths(engine):
         need = engine.layout.pages_for_tokens(n + 1)  # the decode step writes position n
         own = need <= pages.pool.num_free
@@ -111,7 +111,8 @@ def _long_prompt_once(engine, pages, decode: bool, streams: list) -> None:
                                                dtype=kv.dtype, device=kv.device)
             for stream in streams:  # a prefill runs on the default stream, or streamed on its own
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    first = engine.prefill(_prompt(engine, n), where, ids, on_layer=lambda layer: None)
+                    first = engine.prefill(_prompt(engine, n), where, ids,
+                                           on_layer=lambda layer: None)
             if decode:
                 engine.decode_step(where, [DecodeItem(first, n, ids)])
         except Exception as err:  # noqa: BLE001 - a warm-up step, not a request

@@ -154,7 +154,8 @@ async def warm(kv: torch.Tensor, pages: list[int], executor=None) -> int:
     them: Triton compiles a kernel per alignment of its pointers, and a view into one ids tensor
     is not aligned as a fresh one is) and the settle's reduction and read-back. Returns the
     checksum."""
-    plan = CopyPlan(torch.tensor(pages[:1], dtype=torch.int64), torch.tensor(pages[1:2], dtype=torch.int64))
+    plan = CopyPlan(torch.tensor(pages[:1], dtype=torch.int64),
+                    torch.tensor(pages[1:2], dtype=torch.int64))
     copier = make_copier(kv, kv, plan, executor, threads=1)
     layers = kv.shape[0]
     await copier.chunk(None, 0, layers, layers * 2 * kv[0, 0, 0].numel() * kv.element_size())
